@@ -1,0 +1,158 @@
+"""Triton kernels vs the plain-torch reference, run on CPU tensors by the Triton interpreter.
+
+A private copy of ``qvd.kernels.triton_kernels`` is loaded with ``TRITON_INTERPRET=1`` so that the
+dispatcher's own (compiled, CUDA) copy is untouched when these tests run on a GPU machine.
+Shapes are small and odd (not multiples of the tiles) to exercise every mask.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from qvd.kernels import reference as ref
+
+pytest.importorskip("triton")
+
+
+def _load_interpreted():
+    path = Path(__file__).resolve().parents[1] / "qvd" / "kernels" / "triton_kernels.py"
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        spec = importlib.util.spec_from_file_location("_qvd_triton_interpreted", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    assert mod.INTERPRET
+    return mod
+
+
+tk = _load_interpreted()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1e-2, 5e-2)}
+
+
+def _qparams(g, c, affine):
+    shift = torch.randn(c, generator=g) * 0.3 if affine else None
+    inv = torch.rand(c, generator=g) + 0.5 if affine else None
+    return shift, inv
+
+
+def _weights(g, n, *k):
+    w_q = torch.randint(-127, 128, (n, *k), generator=g, dtype=torch.int8)
+    w_scale = torch.rand(n, generator=g) * 0.01 + 1e-3
+    bias = torch.randn(n, generator=g)
+    return w_q, w_scale, bias
+
+
+@pytest.mark.parametrize("zp,qmin,qmax", [(0, -128, 127), (3, -128, 127), (-7, -127, 127)])
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_2d_exact(zp, qmin, qmax, affine, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(23, 37, generator=g) * 3).to(dtype)
+    # exact ties and saturating values
+    x[0, :6] = torch.tensor([0.25, 0.75, -0.25, -1.25, 1e4, -1e4]).to(dtype)
+    shift, inv = _qparams(g, 37, affine)
+    got = tk.quantize(x, 0.5 if not affine else 0.037, zp, qmin, qmax, shift, inv)
+    want = ref.quantize_activation(x, 0.5 if not affine else 0.037, zp, qmin, qmax, shift, inv)
+    assert got.dtype == torch.int8
+    assert torch.equal(got, want)
+
+
+def test_quantize_strided_and_tensor_scale():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(41, 19, generator=g).t()  # non-contiguous [19, 41]
+    scale = torch.tensor(0.021, dtype=torch.float64)
+    assert torch.equal(tk.quantize(x, scale, 1, -128, 127), ref.quantize_activation(x, scale, 1, -128, 127))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_quantize_nchw_to_nhwc(channels_last):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 13, 5, 7, generator=g)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    shift, inv = _qparams(g, 13, True)
+    got = tk.quantize(x, 0.02, -2, -128, 127, shift, inv)
+    want = ref.quantize_activation(x, 0.02, -2, -128, 127, shift, inv, channel_dim=1).permute(0, 2, 3, 1)
+    assert got.shape == (2, 5, 7, 13) and got.is_contiguous()
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_epilogue(dtype, with_bias):
+    g = torch.Generator().manual_seed(3)
+    m, k, n = 19, 45, 21
+    x_q = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    w_q, w_scale, bias = _weights(g, n, k)
+    bias = bias if with_bias else None
+    got = tk.linear(x_q, w_q.t(), w_scale, bias, 0.013, dtype)
+    want = ref.int8_linear(x_q, w_q, 0.013, w_scale, bias, dtype)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, atol=TOL[dtype][0] * 10, rtol=TOL[dtype][1])
+    # integer part exact: scale 1, no bias -> the int32 accumulator itself
+    acc = tk.linear(x_q, w_q.t(), torch.ones(n), None, 1.0, torch.float32)
+    assert torch.equal(acc.double(), x_q.double() @ w_q.double().t())
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_implicit_gemm(stride, dtype):
+    g = torch.Generator().manual_seed(4 + stride)
+    nb, c, h, w, n = 2, 11, 7, 6, 13
+    x = (torch.randn(nb, c, h, w, generator=g) * 2).to(dtype)
+    w_q, w_scale, bias = _weights(g, n, c, 3, 3)
+    shift, inv = _qparams(g, c, True)
+    zp = 5  # zero is not code 0: the padded pixels must carry per-channel codes
+    scale = 0.03
+    q = tk.quantize(x, scale, zp, -128, 127, shift, inv)
+    pad = ref.quantize_activation(torch.zeros(c), scale, zp, -128, 127, shift, inv)
+    w_mat = w_q.permute(2, 3, 1, 0).reshape(9 * c, n)
+    got = tk.conv2d(q, pad, w_mat, 3, 3, w_scale, bias, scale, stride, 1, dtype)
+    want = ref.conv2d_w8a8(x, w_q, w_scale, bias, scale, zp, -128, 127, shift, inv, stride, 1)
+    assert got.shape == want.shape and got.dtype == dtype
+    torch.testing.assert_close(got, want, atol=TOL[dtype][0] * 10, rtol=TOL[dtype][1])
+    # integer part exact
+    acc = tk.conv2d(q, pad, w_mat, 3, 3, torch.ones(n), None, 1.0, stride, 1, torch.float32)
+    xp = torch.nn.functional.pad(x.float(), (1,) * 4)
+    q_ref = ref.quantize_activation(xp, scale, zp, -128, 127, shift, inv, channel_dim=1)
+    assert torch.equal(acc.double(), torch.nn.functional.conv2d(q_ref.double(), w_q.double(), stride=stride))
+
+
+def test_conv_1x1_no_padding():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 9, 5, 5, generator=g)
+    w_q, w_scale, bias = _weights(g, 17, 9, 1, 1)
+    q = tk.quantize(x, 0.02, 0, -128, 127)
+    pad = torch.zeros(9, dtype=torch.int8)
+    got = tk.conv2d(q, pad, w_q.reshape(17, 9).t(), 1, 1, w_scale, bias, 0.02, 1, 0, torch.float32)
+    want = ref.conv2d_w8a8(x, w_q, w_scale, bias, 0.02, 0, -128, 127)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_levels", [1, 2, 17, 256])
+def test_hiditq_roundtrip(n_levels):
+    g = torch.Generator().manual_seed(8)
+    levels = torch.sort(torch.randn(n_levels, generator=g) * 2).values
+    x = torch.randn(3, 50, generator=g) * 2
+    if n_levels > 1:
+        x[0, :3] = (levels[1:4] + levels[:3]) * 0.5 if n_levels > 3 else levels[0]  # exact ties
+    codes = tk.hiditq_encode(x, levels)
+    want = ref.hiditq_encode(x, levels)
+    assert codes.dtype == torch.uint8 and torch.equal(codes, want)
+    assert torch.equal(tk.hiditq_decode(codes, levels), ref.hiditq_decode(codes, levels))
+
+
+def test_hiditq_too_many_levels():
+    with pytest.raises(ValueError, match="at most 256 levels"):
+        tk.hiditq_encode(torch.zeros(3), torch.arange(300.0))
