@@ -1,0 +1,184 @@
+"""Torch routes (CPU, and CUDA when Triton is unavailable); semantics: ``reference.py``.
+
+CPU routes, chosen by measurement (docs/benchmarks.md): oneDNN's int8 ops
+(``torch.ops.onednn.qlinear_pointwise`` / ``qconv2d_pointwise``: u8 activations x s8 weights, int32
+accumulate, ``acc * x_scale * w_scale + bias`` epilogue in the kernel) beat ``torch._int_mm`` plus a
+separate epilogue by 1.2-4x. Activations are quantized to the reference's int8 codes and stored
+offset by +128 as uint8 with oneDNN zero point 128, so the int32 accumulator is over the raw codes
+exactly as in the reference (the code zero point is folded into the effective bias). Weights
+are prepacked once per weight tensor (weakly cached). Before first use a probe checks that the oneDNN
+route is exact (no int16 saturation on CPUs without VNNI); otherwise ``torch._int_mm`` is used.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("qvd")
+
+_PACKED: dict[int, tuple] = {}  # id(w_q) -> (weakref to w_q, key, packed weight, float scales)
+_ONEDNN_OK: bool | None = None
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int8 [M, K] x int8 [K, N] -> int32 [M, N]."""
+    if a.device.type == "cuda" and (a.shape[0] <= 16 or a.shape[1] % 8 or b.shape[1] % 8):
+        # cuBLAS int8 GEMM needs M > 16 and K, N multiples of 8: pad with zeros (exact).
+        m, k = a.shape
+        n = b.shape[1]
+        mp, kp, np_ = max(17, m), -(-k // 8) * 8, -(-n // 8) * 8
+        a = F.pad(a, (0, kp - k, 0, mp - m))
+        b = F.pad(b, (0, np_ - n, 0, kp - k))
+        return torch._int_mm(a, b)[:m, :n]
+    return torch._int_mm(a, b)
+
+
+def quantize_into(out: torch.Tensor, x: torch.Tensor, act_scale, zero_point: int, qmin: int, qmax: int,
+                  shift=None, inv_smooth=None, offset: int = 0) -> torch.Tensor:
+    """Write ``reference.quantize_activation(x) + offset`` into ``out`` (int8 / uint8, any strides).
+
+    ``x`` has its channels last (any strides, any float dtype). Bit-exact with the reference: float32
+    math in the same order; ``clamp`` before ``round`` is equivalent for integer bounds, and saves a pass.
+    """
+    if x.shape != out.shape:
+        raise ValueError(f"quantize_into: out shape {tuple(out.shape)} != input shape {tuple(x.shape)}")
+    v = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    if shift is not None:
+        torch.sub(x, shift.float(), out=v)
+    else:
+        v.copy_(x)
+    if inv_smooth is not None:
+        v.mul_(inv_smooth.float())
+    v.div_(act_scale.float() if isinstance(act_scale, torch.Tensor) else act_scale)
+    v.clamp_(qmin - zero_point, qmax - zero_point).round_()
+    if zero_point + offset:
+        v.add_(zero_point + offset)
+    return out.copy_(v)
+
+
+def _epilogue(acc: torch.Tensor, act_scale, w_scale: torch.Tensor, bias, out_dtype: torch.dtype):
+    y = acc.float().mul_(w_scale * float(act_scale))
+    if bias is not None:
+        y.add_(bias)
+    return y.to(out_dtype)
+
+
+def _onednn_ok() -> bool:
+    """One-time probe: oneDNN int8 ops present and exact at the worst-case products."""
+    global _ONEDNN_OK
+    if _ONEDNN_OK is None:
+        try:
+            w = torch.full((16, 64), 127, dtype=torch.int8)
+            w[::2] = -128
+            x = torch.full((8, 64), 255, dtype=torch.uint8)
+            packed = torch.ops.onednn.qlinear_prepack(w, None)
+            y = torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, torch.ones(16), torch.zeros(16, dtype=torch.int32),
+                                                   None, 1.0, 0, torch.float32, "none", [], "")
+            _ONEDNN_OK = bool(torch.equal(y.double(), x.double() @ w.double().t()))
+            if not _ONEDNN_OK:
+                log.info("qvd: oneDNN int8 ops are inexact on this CPU; using torch._int_mm")
+        except (AttributeError, RuntimeError) as e:
+            log.info("qvd: oneDNN int8 ops unavailable (%s); using torch._int_mm", e)
+            _ONEDNN_OK = False
+    return _ONEDNN_OK
+
+
+def _packed(w_q: torch.Tensor, w_scale: torch.Tensor, stride: int | None):
+    """oneDNN-prepacked weight, cached per weight tensor (rebuilt if it or its scales change)."""
+    key = (w_q._version, w_scale.data_ptr(), w_scale._version, stride)
+    hit = _PACKED.get(id(w_q))
+    if hit is not None and hit[0]() is w_q and hit[1] == key:
+        return hit[2], hit[3]
+    ws = w_scale.detach().float().contiguous()
+    if stride is None:
+        packed = torch.ops.onednn.qlinear_prepack(w_q.detach(), None)
+    else:
+        packed = torch.ops.onednn.qconv_prepack(w_q.detach().contiguous(memory_format=torch.channels_last), ws,
+                                                1.0, 0, [stride] * 2, [0, 0], [1, 1], 1, None)
+    _PACKED[id(w_q)] = (weakref.ref(w_q, _forget), key, packed, ws)
+    return packed, ws
+
+
+def _forget(dead: weakref.ref):
+    """Drop a cache entry when its weight tensor is freed."""
+    for k, v in list(_PACKED.items()):
+        if v[0] is dead:
+            del _PACKED[k]
+
+
+def _onednn_dtype(out_dtype: torch.dtype, conv: bool) -> torch.dtype:
+    # oneDNN int8 conv has no fp16 destination: compute fp32 and cast.
+    return torch.float32 if (conv and out_dtype == torch.float16) else out_dtype
+
+
+def linear_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=None, inv_smooth=None,
+                w_q_t=None):
+    """W8A8 linear on ``x [..., K]`` (torch route)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    n = w_q.shape[0]
+    if x.device.type == "cpu" and _onednn_ok():
+        q = quantize_into(torch.empty(x2.shape, dtype=torch.uint8), x2, act_scale, zero_point, qmin, qmax,
+                          shift, inv_smooth, offset=128)
+        packed, ws = _packed(w_q, w_scale, None)
+        zeros = torch.zeros(n, dtype=torch.int32)
+        b = None if bias is None else bias.float()
+        y = torch.ops.onednn.qlinear_pointwise(q, float(act_scale), 128, packed, ws, zeros, b,
+                                               1.0, 0, x.dtype, "none", [], "")
+        return y.reshape(*lead, n)
+    q = quantize_into(torch.empty(x2.shape, dtype=torch.int8, device=x.device), x2, act_scale, zero_point,
+                      qmin, qmax, shift, inv_smooth)
+    acc = int_mm(q, w_q.t() if w_q_t is None else w_q_t)
+    return _epilogue(acc, act_scale, w_scale, bias, x.dtype).reshape(*lead, n)
+
+
+def quantize_padded_nhwc(x: torch.Tensor, act_scale, zero_point: int, qmin: int, qmax: int, shift, inv_smooth,
+                         padding: int, offset: int = 0, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """NCHW float ``x`` -> padded NHWC codes; the border holds each channel's code of 0.0."""
+    n, c, h, w = x.shape
+    out = torch.empty((n, h + 2 * padding, w + 2 * padding, c), dtype=dtype, device=x.device)
+    p = padding
+    quantize_into(out[:, p:p + h, p:p + w], x.permute(0, 2, 3, 1), act_scale, zero_point, qmin, qmax,
+                  shift, inv_smooth, offset)
+    if p:
+        pad = quantize_into(torch.empty(c, dtype=dtype, device=x.device), torch.zeros(c, device=x.device),
+                            act_scale, zero_point, qmin, qmax, shift, inv_smooth, offset)
+        out[:, :p] = pad
+        out[:, h + p:] = pad
+        out[:, :, :p] = pad
+        out[:, :, w + p:] = pad
+    return out
+
+
+def conv2d_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=None, inv_smooth=None,
+                stride: int = 1, padding: int = 0, w_mat=None):
+    """W8A8 conv2d on NCHW ``x`` (torch route); output NCHW-shaped, stored channels-last."""
+    n, c, h, w = x.shape
+    cout, _, kh, kw = w_q.shape
+    if x.device.type == "cpu" and _onednn_ok():
+        q = quantize_padded_nhwc(x, act_scale, zero_point, qmin, qmax, shift, inv_smooth, padding,
+                                 offset=128, dtype=torch.uint8)
+        packed, ws = _packed(w_q, w_scale, stride)
+        zeros = torch.zeros(cout, dtype=torch.int32)
+        b = None if bias is None else bias.float()
+        y = torch.ops.onednn.qconv2d_pointwise(q.permute(0, 3, 1, 2), float(act_scale), 128, packed,
+                                               ws, zeros, b, [stride] * 2, [0, 0], [1, 1], 1, 1.0, 0,
+                                               _onednn_dtype(x.dtype, True), "none", [], "")
+        return y.to(x.dtype)
+    q = quantize_padded_nhwc(x, act_scale, zero_point, qmin, qmax, shift, inv_smooth, padding)
+    hp, wp = h + 2 * padding, w + 2 * padding
+    oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
+    if kh == 1 and kw == 1:
+        cols = q[:, ::stride, ::stride, :].reshape(-1, c)
+    else:
+        sn, sh, sw, sc = q.stride()
+        cols = q.as_strided((n, oh, ow, kh, kw, c), (sn, sh * stride, sw * stride, sh, sw, sc))
+        cols = cols.reshape(n * oh * ow, kh * kw * c)
+    if w_mat is None:
+        w_mat = w_q.permute(2, 3, 1, 0).reshape(kh * kw * c, cout)
+    acc = int_mm(cols, w_mat)
+    y = _epilogue(acc, act_scale, w_scale, bias, x.dtype)
+    return y.view(n, oh, ow, cout).permute(0, 3, 1, 2)

@@ -1,0 +1,151 @@
+"""CPU dispatch (qvd.kernels) vs the plain-torch reference: exact integer codes, float outputs within
+dtype tolerance, on both CPU routes (oneDNN int8 ops and the torch._int_mm fallback)."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+import torch
+
+import qvd.kernels as K
+from qvd.kernels import cpu
+from qvd.kernels import reference as ref
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=5e-2, rtol=2e-2),
+       torch.float16: dict(atol=1e-2, rtol=2e-3)}
+
+
+@pytest.fixture(params=["onednn", "int_mm"])
+def route(request, monkeypatch):
+    if request.param == "onednn" and not cpu._onednn_ok():
+        pytest.skip("oneDNN int8 ops unavailable or inexact on this CPU")
+    monkeypatch.setattr(cpu, "_ONEDNN_OK", request.param == "onednn")
+    return request.param
+
+
+def _layer(g, n, *k, affine=True):
+    w_q = torch.randint(-127, 128, (n, *k), generator=g, dtype=torch.int8)
+    w_scale = torch.rand(n, generator=g) * 0.01 + 1e-3
+    bias = torch.randn(n, generator=g)
+    c = k[0]
+    shift = torch.randn(c, generator=g) * 0.2 if affine else None
+    inv = torch.rand(c, generator=g) + 0.5 if affine else None
+    return w_q, w_scale, bias, shift, inv
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("zp,qmin,qmax", [(0, -128, 127), (5, -128, 127), (-3, -127, 127)])
+@pytest.mark.parametrize("scale", [0.25, 0.0173, torch.tensor(0.031, dtype=torch.float64)])
+def test_quantize_exact(dtype, zp, qmin, qmax, scale):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 33, generator=g) * 4).to(dtype)
+    x[0, :8] = torch.tensor([0.125, 0.375, -0.125, -0.625, 1e5, -1e5, 0.0, 2.5]).to(dtype)  # ties, saturation
+    shift, inv = torch.randn(33, generator=g), torch.rand(33, generator=g) + 0.5
+    for s, i in [(None, None), (shift, None), (None, inv), (shift, inv)]:
+        assert torch.equal(K.quantize_activation(x, scale, zp, qmin, qmax, s, i),
+                           ref.quantize_activation(x, scale, zp, qmin, qmax, s, i))
+    x4 = x.reshape(4, 16, 33).permute(0, 2, 1).reshape(4, 33, 4, 4)
+    assert torch.equal(K.quantize_activation(x4, scale, zp, qmin, qmax, shift, inv, channel_dim=1),
+                       ref.quantize_activation(x4, scale, zp, qmin, qmax, shift, inv, channel_dim=1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine,zp,bias", [(True, 3, True), (False, 0, False)])
+def test_linear(route, dtype, affine, zp, bias):
+    g = torch.Generator().manual_seed(1)
+    w_q, w_scale, b, shift, inv = _layer(g, 37, 53, affine=affine)
+    b = b if bias else None
+    x = torch.randn(3, 7, 53, generator=g).to(dtype)
+    want = ref.linear_w8a8(x, w_q, w_scale, b, 0.02, zp, -128, 127, shift, inv)
+    got = K.linear_w8a8(x, w_q, w_scale, b, 0.02, zp, -128, 127, shift, inv, w_q_t=w_q.t())
+    assert got.shape == want.shape and got.dtype == dtype
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+def test_linear_integer_part_exact(route):
+    """Unit scales, no bias: the output is the int32 accumulator (saturating inputs included)."""
+    g = torch.Generator().manual_seed(2)
+    w_q = torch.randint(-128, 128, (24, 200), generator=g, dtype=torch.int8)
+    w_q[0] = 127
+    x = torch.randint(-128, 128, (17, 200), generator=g).float()
+    x[0] = 127.0
+    got = K.linear_w8a8(x, w_q, torch.ones(24), None, 1.0, 0, -128, 127)
+    assert torch.equal(got.double(), x.double() @ w_q.double().t())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0)])
+def test_conv(route, dtype, k, stride, padding):
+    g = torch.Generator().manual_seed(3)
+    w_q, w_scale, b, shift, inv = _layer(g, 19, 13, k, k)
+    x = (torch.randn(2, 13, 9, 7, generator=g) * 2).to(dtype)
+    want = ref.conv2d_w8a8(x, w_q, w_scale, b, 0.03, 4, -128, 127, shift, inv, stride, padding)
+    got = K.conv2d_w8a8(x, w_q, w_scale, b, 0.03, 4, -128, 127, shift, inv, stride, padding)
+    assert got.shape == want.shape and got.dtype == dtype
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+def test_conv_integer_part_exact_with_pad_codes(route):
+    """zp != 0 and a SCRI shift: padded pixels must carry each channel's code of 0.0."""
+    g = torch.Generator().manual_seed(4)
+    w_q, _, _, shift, _ = _layer(g, 8, 6, 3, 3)
+    x = torch.randn(1, 6, 5, 5, generator=g)
+    got = K.conv2d_w8a8(x, w_q, torch.ones(8), None, 0.05, -9, -128, 127, shift, None, 1, 1)
+    q = ref.quantize_activation(torch.nn.functional.pad(x, (1,) * 4), 0.05, -9, -128, 127, shift, None, channel_dim=1)
+    want = torch.nn.functional.conv2d(q.double(), w_q.double()) * 0.05
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
+    assert torch.equal(torch.round(got.double() / 0.05), torch.nn.functional.conv2d(q.double(), w_q.double()))
+
+
+def test_prepacked_weight_cache_follows_weight_changes(route):
+    g = torch.Generator().manual_seed(5)
+    w_q, w_scale, b, _, _ = _layer(g, 16, 32, affine=False)
+    x = torch.randn(5, 32, generator=g)
+    K.linear_w8a8(x, w_q, w_scale, b, 0.02, 0, -128, 127)
+    w_q.neg_()  # in-place update (e.g. a re-quantized LoRA merge) must not reuse the old packing
+    torch.testing.assert_close(K.linear_w8a8(x, w_q, w_scale, b, 0.02, 0, -128, 127),
+                               ref.linear_w8a8(x, w_q, w_scale, b, 0.02, 0, -128, 127), **TOL[torch.float32])
+
+
+def test_hiditq():
+    levels = torch.tensor([-2.0, -0.5, 0.0, 0.25, 3.0])
+    x = torch.tensor([[-5.0, -1.25, -0.25, 0.125, 1.0, 9.0, 1.625]])
+    codes = K.hiditq_encode(x, levels)
+    assert torch.equal(codes, ref.hiditq_encode(x, levels))
+    assert codes.tolist() == [[0, 0, 1, 2, 3, 4, 3]]  # ties go to the lower level
+    assert torch.equal(K.hiditq_decode(codes, levels), levels[codes.long()])
+    with pytest.raises(ValueError, match="1..256 levels"):
+        K.hiditq_encode(x, torch.arange(300.0))
+
+
+def test_bad_inputs_are_named():
+    w_q = torch.zeros(4, 8, dtype=torch.int8)
+    with pytest.raises(ValueError, match="8"):
+        K.linear_w8a8(torch.randn(2, 7), w_q, torch.ones(4), None, 1.0, 0, -128, 127)
+    with pytest.raises(TypeError, match="int8"):
+        K.linear_w8a8(torch.randn(2, 8), w_q.float(), torch.ones(4), None, 1.0, 0, -128, 127)
+    with pytest.raises(ValueError, match="4-D"):
+        K.conv2d_w8a8(torch.randn(2, 8), torch.zeros(4, 8, 3, 3, dtype=torch.int8), torch.ones(4), None,
+                      1.0, 0, -128, 127)
+
+
+def test_missing_triton_logs_once(monkeypatch, caplog):
+    monkeypatch.setattr(K, "_TRITON", None)
+    monkeypatch.setitem(sys.modules, "qvd.kernels.triton_kernels", None)  # import now raises ImportError
+    with caplog.at_level(logging.WARNING, logger="qvd"):
+        assert not K.triton_available()
+        assert not K.triton_available()
+    assert len([r for r in caplog.records if "Triton kernels unavailable" in r.message]) == 1
+
+
+def test_prepacked_weight_cache_released_with_weight(route):
+    if route != "onednn":
+        pytest.skip("only the oneDNN route prepacks")
+    w_q = torch.randint(-127, 128, (8, 16), dtype=torch.int8)
+    K.linear_w8a8(torch.randn(2, 16), w_q, torch.ones(8), None, 0.1, 0, -128, 127)
+    wid = id(w_q)
+    assert wid in cpu._PACKED
+    del w_q
+    assert wid not in cpu._PACKED
