@@ -1,0 +1,138 @@
+"""Seeded synthetic test models with real shapes, written as safetensors files.
+
+- ``build_sd15_checkpoint``: a full SD1.5 checkpoint (UNet + CLIP-L + VAE, fp16) built from ComfyUI's own
+  classes, so ComfyUI's ``CheckpointLoaderSimple`` detects it as SD1.5. Needs ComfyUI importable.
+- ``build_motion_model``: an AnimateDiff ``mm_sd_v15_v2``-format motion model (plain torch, 588 keys).
+
+ComfyUI builds layers uninitialised, so every parameter is filled explicitly from one seeded generator:
+norm weights 1 / biases 0, other weights N(0, 0.02), other biases N(0, 0.01).
+Run as a script to write a file: ``python synthetic_models.py {sd15,motion} OUT.safetensors``
+(for ``sd15`` with ComfyUI on ``sys.path``, e.g. from the ComfyUI directory).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+
+import torch
+from torch import nn
+
+SEED = 20240715
+
+# The full SD1.5 UNet config (ComfyUI's model_detection table for diffusers SD15).
+SD15_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+    "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+SD15_VAE_CONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                   "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [],
+                   "dropout": 0.0}
+_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)
+
+
+def init_seeded_(modules: list[nn.Module], seed: int = SEED) -> None:
+    """Fill every parameter of ``modules`` (in order, by sorted name) from one seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    for root in modules:
+        owners = {f"{m}.{p}" if m else p: mod for m, mod in root.named_modules()
+                  for p, _ in mod.named_parameters(recurse=False)}
+        params = dict(root.named_parameters())
+        with torch.no_grad():
+            for name in sorted(params):
+                p, owner = params[name], owners[name]
+                if isinstance(owner, _NORMS):
+                    p.fill_(1.0 if name.endswith("weight") else 0.0)
+                else:
+                    std = 0.02 if p.ndim > 1 or "embedding" in name else 0.01
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def build_sd15_checkpoint(path: str, seed: int = SEED) -> None:
+    """Write a seeded fp16 SD1.5 checkpoint (ComfyUI / LDM key layout) to ``path``."""
+    from comfy.cli_args import args
+    args.cpu = True
+    import comfy.model_detection
+    import comfy.sd1_clip
+    import comfy.utils
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    model_config = comfy.model_detection.model_config_from_unet_config(dict(SD15_UNET_CONFIG))
+    if type(model_config).__name__ != "SD15":
+        raise RuntimeError(f"ComfyUI detected {type(model_config).__name__} for the SD1.5 config")
+    model_config.set_inference_dtype(torch.float16, None)
+    model = model_config.get_model({}, device="cpu")
+    clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float16)
+    vae = AutoencoderKL(ddconfig=dict(SD15_VAE_CONFIG), embed_dim=4)
+    init_seeded_([model.diffusion_model, clip, vae], seed)
+    clip_sd = {f"clip_l.{k}": v for k, v in clip.state_dict().items()}
+    sd = model.state_dict_for_saving(clip_sd, vae.state_dict())
+    sd = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in sd.items()}
+    _save_atomic(sd, path, {"qvd_synthetic": f"sd15 seed={seed}"})
+
+
+def motion_module_shapes() -> dict[str, tuple[int, ...]]:
+    """Key -> shape of an AnimateDiff mm_sd_v15_v2 motion model (21 modules, 588 keys)."""
+    blocks = [(f"down_blocks.{i}", c, 2) for i, c in enumerate((320, 640, 1280, 1280))]
+    blocks += [(f"up_blocks.{i}", c, 3) for i, c in enumerate((1280, 1280, 640, 320))]
+    blocks += [("mid_block", 1280, 1)]
+    shapes = {}
+    for block, c, n in blocks:
+        for j in range(n):
+            t = f"{block}.motion_modules.{j}.temporal_transformer."
+            b = t + "transformer_blocks.0."
+            shapes.update({t + "norm.weight": (c,), t + "norm.bias": (c,),
+                           t + "proj_in.weight": (c, c), t + "proj_in.bias": (c,),
+                           t + "proj_out.weight": (c, c), t + "proj_out.bias": (c,),
+                           b + "ff.net.0.proj.weight": (8 * c, c), b + "ff.net.0.proj.bias": (8 * c,),
+                           b + "ff.net.2.weight": (c, 4 * c), b + "ff.net.2.bias": (c,),
+                           b + "ff_norm.weight": (c,), b + "ff_norm.bias": (c,)})
+            for a in range(2):
+                ab = f"{b}attention_blocks.{a}."
+                shapes.update({ab + "to_q.weight": (c, c), ab + "to_k.weight": (c, c),
+                               ab + "to_v.weight": (c, c), ab + "to_out.0.weight": (c, c),
+                               ab + "to_out.0.bias": (c,), ab + "pos_encoder.pe": (1, 32, c),
+                               f"{b}norms.{a}.weight": (c,), f"{b}norms.{a}.bias": (c,)})
+    return shapes
+
+
+def _sinusoid(length: int, dim: int) -> torch.Tensor:
+    position = torch.arange(length).unsqueeze(1)
+    div_term = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(1, length, dim)
+    pe[0, :, 0::2] = torch.sin(position * div_term)
+    pe[0, :, 1::2] = torch.cos(position * div_term)
+    return pe
+
+
+def build_motion_model(path: str, seed: int = SEED) -> None:
+    """Write a seeded fp16 mm_sd_v15_v2-format motion model to ``path``."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in sorted(motion_module_shapes().items()):
+        if key.endswith("pos_encoder.pe"):
+            t = _sinusoid(shape[1], shape[2])
+        elif re.search(r"\.(norm|norms\.\d|ff_norm)\.(weight|bias)$", key):
+            t = torch.ones(shape) if key.endswith("weight") else torch.zeros(shape)
+        else:
+            t = torch.randn(shape, generator=gen) * (0.02 if len(shape) > 1 else 0.01)
+        sd[key] = t.to(torch.float16)
+    _save_atomic(sd, path, {"qvd_synthetic": f"mm_sd_v15_v2 seed={seed}"})
+
+
+def _save_atomic(sd: dict, path: str, metadata: dict) -> None:
+    from safetensors.torch import save_file
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    kind, out = sys.argv[1], sys.argv[2]
+    {"sd15": build_sd15_checkpoint, "motion": build_motion_model}[kind](out)
