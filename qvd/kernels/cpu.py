@@ -3,9 +3,9 @@
 CPU routes, chosen by measurement (docs/benchmarks.md): oneDNN's int8 ops
 (``torch.ops.onednn.qlinear_pointwise`` / ``qconv2d_pointwise``: u8 activations x s8 weights, int32
 accumulate, ``acc * x_scale * w_scale + bias`` epilogue in the kernel) beat ``torch._int_mm`` plus a
-separate epilogue by 1.2-4x. Activations are quantized to the reference's int8 codes and stored
-offset by +128 as uint8 with oneDNN zero point 128, so the int32 accumulator is over the raw codes
-exactly as in the reference (the code zero point is folded into the effective bias). Weights
+separate epilogue by 1.2-4x. The linear takes the reference's int8 codes with oneDNN zero point 0, so
+the int32 accumulator is over the raw codes exactly as in the reference (the code zero point is folded
+into the effective bias); the conv takes uint8 only, so its codes are stored +128 with zero point 128. Weights
 are prepacked once per weight tensor (weakly cached). Before first use a probe checks that the oneDNN
 route is exact (no int16 saturation on CPUs without VNNI); otherwise ``torch._int_mm`` is used.
 """
@@ -46,13 +46,17 @@ def quantize_into(out: torch.Tensor, x: torch.Tensor, act_scale, zero_point: int
     if x.shape != out.shape:
         raise ValueError(f"quantize_into: out shape {tuple(out.shape)} != input shape {tuple(x.shape)}")
     v = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    src = x  # the first op reads x (any strides / dtype) and writes v: no separate copy pass
     if shift is not None:
-        torch.sub(x, shift.float(), out=v)
-    else:
-        v.copy_(x)
+        torch.sub(src, shift.float(), out=v)
+        src = v
     if inv_smooth is not None:
-        v.mul_(inv_smooth.float())
-    v.div_(act_scale.float() if isinstance(act_scale, torch.Tensor) else act_scale)
+        torch.mul(src, inv_smooth.float(), out=v)
+        src = v
+    # a 1-element fp32 tensor (not a scalar) makes a bf16 / fp16 x divide in fp32, like the reference
+    scale = (act_scale.detach().float() if isinstance(act_scale, torch.Tensor)
+             else torch.tensor(float(act_scale))).reshape(1).to(x.device)
+    torch.div(src, scale, out=v)
     v.clamp_(qmin - zero_point, qmax - zero_point).round_()
     if zero_point + offset:
         v.add_(zero_point + offset)
@@ -121,12 +125,12 @@ def linear_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=
     x2 = x.reshape(-1, k)
     n = w_q.shape[0]
     if x.device.type == "cpu" and _onednn_ok():
-        q = quantize_into(torch.empty(x2.shape, dtype=torch.uint8), x2, act_scale, zero_point, qmin, qmax,
-                          shift, inv_smooth, offset=128)
+        q = quantize_into(torch.empty(x2.shape, dtype=torch.int8), x2, act_scale, zero_point, qmin, qmax,
+                          shift, inv_smooth)
         packed, ws = _packed(w_q, w_scale, None)
         zeros = torch.zeros(n, dtype=torch.int32)
         b = None if bias is None else bias.float()
-        y = torch.ops.onednn.qlinear_pointwise(q, float(act_scale), 128, packed, ws, zeros, b,
+        y = torch.ops.onednn.qlinear_pointwise(q, float(act_scale), 0, packed, ws, zeros, b,
                                                1.0, 0, x.dtype, "none", [], "")
         return y.reshape(*lead, n)
     q = quantize_into(torch.empty(x2.shape, dtype=torch.int8, device=x.device), x2, act_scale, zero_point,
