@@ -1,1 +1,22 @@
-"""QVD: post-training quantization for video diffusion models (plain torch, no ComfyUI import)."""
+"""QVD: post-training quantization for video diffusion models (plain torch, no ComfyUI import).
+
+    with Calibrator(unet, cfg) as cal:       # hooks every Linear / Conv2d
+        run_sampler(unet)                     # the user's own prompts, frames, steps
+    result = quantize_model(unet, cal.result(), cfg)
+    save_quantized("model.qvd.safetensors", unet_fp, result)
+
+Where things are: quantizers.py (uniform weight / activation quantizers), htdq.py (HiDi-TQ + TDScore),
+scri.py (channel range integration), calibrate.py, modules.py (QLinear / QConv2d / HiDiTQLinear),
+quantize.py (the entry point), io.py (file format), kernels/ (reference + CPU + Triton kernels).
+"""
+from .calibrate import Calibration, Calibrator
+from .config import QVDConfig
+from .errors import (CalibrationError, ModelMismatchError, NonFiniteActivationError, QuantizedFileError,
+                     QVDError)
+from .io import load_quantized, save_quantized
+from .modules import HiDiTQLinear, QConv2d, QLinear, set_mode
+from .quantize import QuantizeResult, quantize_model
+
+__all__ = ["Calibration", "Calibrator", "QVDConfig", "QVDError", "CalibrationError", "ModelMismatchError",
+           "NonFiniteActivationError", "QuantizedFileError", "load_quantized", "save_quantized", "HiDiTQLinear",
+           "QConv2d", "QLinear", "set_mode", "QuantizeResult", "quantize_model"]

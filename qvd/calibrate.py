@@ -1,0 +1,282 @@
+"""Calibration: hook every Linear / Conv2d of a module tree and keep bounded statistics.
+
+Per layer, over every timestep and frame: per-input-channel min / max (SCRI), and a weighted reservoir
+of ``calib_rows`` input rows (tokens for a Linear, receptive-field patches of the zero-padded input for a
+conv, laid out ``(kh, kw, C)`` like the int8 im2col) used for range search and output-error measurement.
+Temporal layers also keep their input vector at each timestep (HTDQ needs the per-step features).
+LayerNorm / GroupNorm outputs fed unchanged to layers are recorded, so SCRI can fold into the norm.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import inspect
+import json
+
+import torch
+from torch import nn
+
+from .config import QVDConfig, matches
+from .errors import CalibrationError, ModelMismatchError, NonFiniteActivationError
+
+CALIBRATION_FORMAT = "qvd-calibration"
+CALIBRATION_VERSION = 1
+
+
+def is_quantizable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Conv2d)) and not getattr(module, "qvd_quantized", False)
+
+
+def find_layers(root: nn.Module, cfg: QVDConfig) -> dict[str, nn.Module]:
+    """Linear / Conv2d layers under ``root`` that QVD quantizes (``cfg.skip`` excluded)."""
+    return {n: m for n, m in root.named_modules() if n and is_quantizable(m) and not matches(n, cfg.skip)}
+
+
+def layer_signature(module: nn.Module) -> list:
+    """What must match between calibration, quantized file and model: type and weight shape."""
+    kind = "linear" if isinstance(module, nn.Linear) else "conv"
+    return [kind, list(module.weight.shape)]
+
+
+def fingerprint(layers: dict[str, list]) -> str:
+    return hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_layers(expected: dict[str, list], model_layers: dict[str, list], what: str) -> None:
+    """Raise ModelMismatchError naming the first differences between two name -> signature maps."""
+    missing = sorted(set(expected) - set(model_layers))
+    wrong = sorted(n for n in set(expected) & set(model_layers) if expected[n] != model_layers[n])
+    if missing or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} layer(s) absent from the model, e.g. {missing[:3]}")
+        if wrong:
+            n = wrong[0]
+            parts.append(f"{len(wrong)} layer(s) with other shapes, e.g. {n}: {expected[n]} vs {model_layers[n]}")
+        raise ModelMismatchError(f"{what} was made from a different model ({'; '.join(parts)}). "
+                                 f"Use the model it was made from, or calibrate / quantize this model anew.")
+
+
+def _channel_range(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-input-channel (min, max) of one call."""
+    if isinstance(module, nn.Linear):
+        x2 = x.reshape(-1, x.shape[-1])
+        return x2.amin(0), x2.amax(0)
+    mn, mx = x.amin((0, 2, 3)), x.amax((0, 2, 3))
+    if isinstance(module.padding, tuple) and module.padding[0]:
+        mn, mx = mn.clamp(max=0), mx.clamp(min=0)  # padded zeros are quantized too
+    return mn, mx
+
+
+def _sample_rows(module: nn.Module, x: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    """``k`` random input rows (tokens or conv patches) and the total number of rows."""
+    if isinstance(module, nn.Linear):
+        x2 = x.reshape(-1, x.shape[-1])
+        idx = torch.randint(0, x2.shape[0], (k,), generator=gen).to(x.device)
+        return x2[idx].float(), x2.shape[0]
+    kh, kw = module.kernel_size
+    sh, sw = module.stride
+    p = module.padding[0]
+    xp = nn.functional.pad(x, (p, p, p, p)) if p else x
+    n, c, h, w = xp.shape
+    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+    total = n * oh * ow
+    flat = torch.randint(0, total, (k,), generator=gen)
+    bi, rem = flat // (oh * ow), flat % (oh * ow)
+    yi, xi = (rem // ow) * sh, (rem % ow) * sw
+    dy, dx = torch.meshgrid(torch.arange(kh), torch.arange(kw), indexing="ij")
+    ys, xs = yi[:, None, None] + dy, xi[:, None, None] + dx  # [k, kh, kw]
+    dev = x.device
+    patches = xp.permute(0, 2, 3, 1)[bi[:, None, None].to(dev), ys.to(dev), xs.to(dev)]  # [k, kh, kw, C]
+    return patches.reshape(k, kh * kw * c).float(), total
+
+
+class LayerStats:
+    """Bounded statistics of one layer's input."""
+
+    def __init__(self, name: str, module: nn.Module, temporal: bool, rows: int):
+        self.name = name
+        self.signature = layer_signature(module)
+        self.temporal = temporal
+        self.capacity = rows
+        self.ch_min = self.ch_max = None
+        self.rows = None  # [R, D] fp32
+        self.keys = None  # [R] log-keys of the weighted reservoir
+        self.calls = 0
+        self.temporal_vectors: dict[float, torch.Tensor] = {}
+        self.norm_sources: set = set()
+
+    def update(self, module: nn.Module, x: torch.Tensor, timestep, gen: torch.Generator, source) -> None:
+        x = x.detach()
+        mn, mx = (t.float() for t in _channel_range(module, x))
+        self.ch_min = mn if self.ch_min is None else torch.minimum(self.ch_min, mn)
+        self.ch_max = mx if self.ch_max is None else torch.maximum(self.ch_max, mx)
+        self.norm_sources.add(source)
+        self.calls += 1
+        rows, total = _sample_rows(module, x, self.capacity, gen)
+        # Weighted reservoir (Efraimidis-Spirakis): each sampled row stands for total / k rows.
+        u = torch.rand(rows.shape[0], generator=gen).clamp_min(1e-12).to(rows.device)
+        keys = u.log() / (total / rows.shape[0])
+        if self.rows is not None:
+            rows, keys = torch.cat([self.rows, rows]), torch.cat([self.keys, keys])
+        keep = keys.topk(min(self.capacity, keys.numel())).indices
+        self.rows, self.keys = rows[keep], keys[keep]
+        if self.temporal and timestep is not None:
+            self.temporal_vectors[timestep] = x.reshape(-1, x.shape[-1])[0].float().cpu()
+
+    def check_finite(self) -> bool:
+        return bool(torch.isfinite(self.ch_min).all() and torch.isfinite(self.ch_max).all())
+
+
+class Calibration:
+    """Result of calibration: per-layer statistics, temporal features and the timesteps seen."""
+
+    def __init__(self, layers: dict[str, LayerStats], timesteps: list[float], norm_groups: dict[str, list[str]],
+                 config: dict):
+        self.layers = layers
+        self.timesteps = timesteps
+        self.norm_groups = norm_groups
+        self.config = config
+
+    @property
+    def signatures(self) -> dict[str, list]:
+        return {n: s.signature for n, s in self.layers.items()}
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.signatures)
+
+    def temporal_features(self, name: str) -> torch.Tensor:
+        """Features of a temporal layer, one row per timestep in sampling order (t descending)."""
+        vec = self.layers[name].temporal_vectors
+        return torch.stack([vec[t] for t in sorted(vec, reverse=True)])
+
+    def save(self, path: str, overwrite: bool = False) -> None:
+        tensors, layers = {}, {}
+        for n, s in self.layers.items():
+            tensors[f"{n}::ch_min"], tensors[f"{n}::ch_max"] = s.ch_min.cpu(), s.ch_max.cpu()
+            tensors[f"{n}::rows"] = s.rows.cpu().contiguous()
+            ts = sorted(s.temporal_vectors)
+            if ts:
+                tensors[f"{n}::temporal"] = torch.stack([s.temporal_vectors[t] for t in ts])
+            layers[n] = {"signature": s.signature, "temporal": s.temporal, "calls": s.calls,
+                         "temporal_timesteps": ts}
+        meta = {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, "layers": layers,
+                "timesteps": self.timesteps, "norm_groups": self.norm_groups, "config": self.config,
+                "fingerprint": self.fingerprint}
+        from .io import atomic_save  # io imports this module
+        atomic_save(tensors, {"qvd_calibration": json.dumps(meta, sort_keys=True)}, path, overwrite)
+
+    @classmethod
+    def load(cls, path: str) -> "Calibration":
+        from .io import read_safetensors
+        tensors, metadata = read_safetensors(path)
+        try:
+            meta = json.loads(metadata["qvd_calibration"])
+        except (KeyError, ValueError):
+            raise CalibrationError(f"{path} is not a QVD calibration file (no calibration header)") from None
+        if meta.get("version") != CALIBRATION_VERSION:
+            raise CalibrationError(f"{path}: calibration format version {meta.get('version')}, this QVD reads "
+                                   f"{CALIBRATION_VERSION}; calibrate again")
+        layers = {}
+        for n, info in meta["layers"].items():
+            s = LayerStats.__new__(LayerStats)
+            s.name, s.signature, s.temporal, s.calls = n, info["signature"], info["temporal"], info["calls"]
+            s.ch_min, s.ch_max, s.rows = tensors[f"{n}::ch_min"], tensors[f"{n}::ch_max"], tensors[f"{n}::rows"]
+            s.capacity, s.keys, s.norm_sources = s.rows.shape[0], None, set()
+            s.temporal_vectors = {t: v for t, v in zip(info["temporal_timesteps"], tensors.get(f"{n}::temporal", []))}
+            layers[n] = s
+        return cls(layers, meta["timesteps"], meta["norm_groups"], meta["config"])
+
+
+class Calibrator:
+    """Context manager hooking every quantizable layer under ``root``; forwards run inside it.
+
+    Call ``set_timestep(t)`` before each forward, unless ``root``'s forward takes a ``timestep`` /
+    ``timesteps`` argument (diffusers / ComfyUI UNets), which is recorded automatically.
+    """
+
+    def __init__(self, root: nn.Module, config: QVDConfig | None = None):
+        self.root = root
+        self.config = config or QVDConfig()
+        self.layers = find_layers(root, self.config)
+        if not self.layers:
+            raise CalibrationError(f"{type(root).__name__} has no Linear / Conv2d layers to calibrate: "
+                                   f"pass the diffusion model (UNet) or a tree containing it")
+        self.stats = {n: LayerStats(n, m, self.config.is_temporal(n), self.config.calib_rows)
+                      for n, m in self.layers.items()}
+        self.timestep = None
+        self.timesteps: set[float] = set()
+        self._gen = torch.Generator().manual_seed(self.config.seed)
+        self._handles = []
+        self._recent_norm_outputs = collections.deque(maxlen=4)
+        self._norm_name = {}
+
+    def set_timestep(self, t) -> None:
+        if torch.is_tensor(t):
+            t = t.flatten()[0]
+        self.timestep = round(float(t), 4)
+        self.timesteps.add(self.timestep)
+
+    def __enter__(self) -> "Calibrator":
+        for name, module in self.layers.items():
+            self._handles.append(module.register_forward_pre_hook(self._layer_hook(name), with_kwargs=True))
+        for name, module in self.root.named_modules():
+            if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+                self._norm_name[id(module)] = name
+                self._handles.append(module.register_forward_hook(self._norm_hook))
+        self._hook_timestep_argument()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._recent_norm_outputs.clear()
+
+    def _hook_timestep_argument(self) -> None:
+        try:
+            params = list(inspect.signature(self.root.forward).parameters)
+        except (TypeError, ValueError):
+            return
+        arg = next((p for p in ("timestep", "timesteps") if p in params), None)
+        if arg is None:
+            return
+        pos = params.index(arg)
+
+        def pre(_module, args, kwargs):
+            t = kwargs.get(arg, args[pos] if len(args) > pos else None)
+            if t is not None:
+                self.set_timestep(t)
+
+        self._handles.append(self.root.register_forward_pre_hook(pre, with_kwargs=True))
+
+    def _norm_hook(self, module, _inp, out):
+        if torch.is_tensor(out):
+            self._recent_norm_outputs.append((self._norm_name[id(module)], out))
+
+    def _layer_hook(self, name):
+        stats = self.stats[name]
+
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["input"]
+            source = next((n for n, t in self._recent_norm_outputs if t is x), None)
+            stats.update(module, x, self.timestep, self._gen, source)
+        return hook
+
+    def result(self) -> Calibration:
+        """Finished statistics; raises if nothing ran or a layer saw NaN / Inf."""
+        seen = {n: s for n, s in self.stats.items() if s.calls}
+        if not seen:
+            raise CalibrationError("no calibration forward pass reached the model's layers: run the sampler "
+                                   "(or the model) inside the Calibrator context")
+        bad = [n for n, s in seen.items() if not s.check_finite()]
+        if bad:
+            raise NonFiniteActivationError(
+                f"non-finite (NaN/Inf) activations in {len(bad)} layer(s), e.g. {bad[:3]}: the model produces "
+                f"NaN/Inf at this precision or with these inputs; fix the model / dtype (try fp32) and calibrate again")
+        groups = collections.defaultdict(list)
+        for n, s in seen.items():
+            if len(s.norm_sources) == 1 and None not in s.norm_sources:
+                groups[next(iter(s.norm_sources))].append(n)
+        return Calibration(seen, sorted(self.timesteps, reverse=True), dict(groups), self.config.to_dict())

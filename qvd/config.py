@@ -1,0 +1,84 @@
+"""`QVDConfig`: every knob of the quantizer in one place."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from fnmatch import fnmatch
+
+from .errors import QVDError
+
+ACT_RANGES = ("minmax", "percentile", "mse")
+WEIGHT_CLIPS = ("minmax", "mse")
+
+# Names of the timestep-embedding ("temporal") layers: diffusers and ComfyUI UNets.
+TEMPORAL_PATTERNS = ("time_emb_proj", "time_embedding.*", "emb_layers.*", "time_embed.*")
+# First and last convolutions, kept at W8A8 whatever the bit widths (as the paper's port does).
+FIRST_LAST_PATTERNS = ("conv_in", "conv_out", "input_blocks.0.0", "out.2")
+
+
+def matches(name: str, patterns) -> bool:
+    """True if the dotted layer ``name`` matches a pattern, anywhere as a suffix (fnmatch syntax)."""
+    return any(fnmatch(name, p) or fnmatch(name, "*." + p) for p in patterns)
+
+
+@dataclass(frozen=True)
+class QVDConfig:
+    """Quantization settings.
+
+    w_bits / a_bits: weight (4-8) and activation (6-8) bit widths; codes are stored as int8.
+    weight_clip: per-output-channel symmetric weight range, "minmax" or "mse" (searched clip).
+    act_range: static per-tensor activation range search, "minmax" | "percentile" | "mse".
+    htdq: quantize temporal features with HiDi-TQ searched by K = L2 + htdq_lambda * (1 - TDScore).
+    scri: per-channel shift + scale of activations (Scattered Channel Range Integration), alpha searched
+      per layer over ``scri_alphas``; folded into the preceding LayerNorm/GroupNorm where exact.
+    skip: layer-name patterns kept in full precision. keep_8bit: patterns forced to W8A8.
+    calib_rows: input rows (tokens / conv patches) kept per layer during calibration.
+    """
+    w_bits: int = 8
+    a_bits: int = 8
+    weight_clip: str = "minmax"
+    act_range: str = "mse"
+    percentile: float = 99.99
+    htdq: bool = True
+    htdq_lambda: float = 1.0
+    htdq_window: int = 1
+    scri: bool = True
+    scri_alphas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
+    scri_fold_norm: bool = True
+    skip: tuple = ()
+    keep_8bit: tuple = FIRST_LAST_PATTERNS
+    temporal: tuple = TEMPORAL_PATTERNS
+    calib_rows: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 4 <= self.w_bits <= 8:
+            raise QVDError(f"w_bits={self.w_bits} is not supported: use 4 to 8")
+        if not 6 <= self.a_bits <= 8:
+            raise QVDError(f"a_bits={self.a_bits} is not supported: use 6 to 8")
+        if self.act_range not in ACT_RANGES:
+            raise QVDError(f"act_range={self.act_range!r}: use one of {ACT_RANGES}")
+        if self.weight_clip not in WEIGHT_CLIPS:
+            raise QVDError(f"weight_clip={self.weight_clip!r}: use one of {WEIGHT_CLIPS}")
+        if self.calib_rows < 16:
+            raise QVDError(f"calib_rows={self.calib_rows} is too small: use at least 16")
+        for f in ("scri_alphas", "skip", "keep_8bit", "temporal"):
+            object.__setattr__(self, f, tuple(getattr(self, f)))
+
+    def is_temporal(self, name: str) -> bool:
+        return matches(name, self.temporal)
+
+    def layer_bits(self, name: str) -> tuple[int, int]:
+        """(w_bits, a_bits) for a layer: first/last layers stay at 8 bit."""
+        return (8, 8) if matches(name, self.keep_8bit) else (self.w_bits, self.a_bits)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QVDConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise QVDError(f"unknown QVDConfig fields {sorted(unknown)}: made by a newer QVD? Upgrade the pack")
+        return cls(**d)

@@ -1,0 +1,84 @@
+"""Uniform quantizers: per-output-channel symmetric weights and static per-tensor activations.
+
+Weights: ``s_w[n] = clip[n] * max|W[n, :]| / (2^(b-1) - 1)``, ``W_q = clamp(round(W / s_w), -qmax, qmax)``
+(conv weights flattened to rows ``[n, c*kh*kw]``); ``clip`` is 1 (min-max) or searched per channel (MSE).
+Activations: asymmetric ``q = clamp(round(x / s) + zp, -2^(b-1), 2^(b-1) - 1)`` with one static (s, zp)
+per tensor, the range found by min-max, percentiles or an MSE search over calibration values.
+"""
+from __future__ import annotations
+
+import torch
+
+_MSE_GRID = torch.linspace(0.3, 1.0, 36)
+_MAX_SEARCH_VALUES = 1 << 15
+
+
+def weight_qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def act_qrange(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def quantize_weight(w: torch.Tensor, bits: int, clip: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric quantization of ``w [N, ...]`` -> (int8 codes, fp32 scale [N])."""
+    qmax = weight_qmax(bits)
+    w2 = w.detach().float().reshape(w.shape[0], -1)
+    amax = w2.abs().amax(1).clamp_min(1e-12)
+    if clip == "mse":
+        best_err = torch.full_like(amax, float("inf"))
+        best = amax.clone()
+        for c in _MSE_GRID.tolist():
+            s = (amax * c / qmax)[:, None]
+            err = ((w2 / s).round().clamp(-qmax, qmax) * s - w2).pow(2).sum(1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, amax * c, best)
+        amax = best
+    scale = amax / qmax
+    q = (w2 / scale[:, None]).round().clamp(-qmax, qmax).to(torch.int8)
+    return q.reshape(w.shape), scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.view(-1, *([1] * (q.dim() - 1)))
+
+
+def _affine_params(lo: float, hi: float, bits: int) -> tuple[float, int]:
+    """Scale and zero point mapping ``[lo, hi]`` (which must contain 0) onto the int code range."""
+    qmin, qmax = act_qrange(bits)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max(hi - lo, 1e-8) / (qmax - qmin)
+    zp = int(round(qmin - lo / scale))
+    return scale, max(qmin, min(qmax, zp))
+
+
+def fake_quant(x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
+    """Quantize-dequantize with a static affine quantizer (float in, float out)."""
+    qmin, qmax = act_qrange(bits)
+    return ((x / scale).round() + zero_point).clamp(qmin, qmax).sub(zero_point).mul(scale)
+
+
+def activation_qparams(values: torch.Tensor, bits: int, method: str, lo: float, hi: float,
+                       percentile: float = 99.99) -> tuple[float, int]:
+    """Static (scale, zero point) for one tensor.
+
+    ``lo`` / ``hi`` are the exact calibration extremes; ``values`` a representative sample used by the
+    percentile and MSE searches (the MSE search shrinks ``[lo, hi]`` by a common factor).
+    """
+    if method == "minmax" or values.numel() == 0:
+        return _affine_params(lo, hi, bits)
+    v = values.detach().float().flatten()
+    if v.numel() > _MAX_SEARCH_VALUES:
+        idx = torch.randint(0, v.numel(), (_MAX_SEARCH_VALUES,), generator=torch.Generator().manual_seed(0))
+        v = v[idx]
+    if method == "percentile":
+        q = torch.quantile(v.double(), torch.tensor([1 - percentile / 100, percentile / 100], dtype=torch.float64))
+        return _affine_params(float(q[0]), float(q[1]), bits)
+    cands = [_affine_params(lo * c, hi * c, bits) for c in _MSE_GRID.tolist()]
+    scale = torch.tensor([c[0] for c in cands])[:, None]
+    zp = torch.tensor([float(c[1]) for c in cands])[:, None]
+    qmin, qmax = act_qrange(bits)
+    err = (((v[None] / scale).round_().add_(zp).clamp_(qmin, qmax).sub_(zp).mul_(scale) - v[None]) ** 2).mean(1)
+    return cands[int(err.argmin())]
