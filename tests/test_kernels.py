@@ -149,3 +149,45 @@ def test_prepacked_weight_cache_released_with_weight(route):
     assert wid in cpu._PACKED
     del w_q
     assert wid not in cpu._PACKED
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels compiled)")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 37, 300])
+def test_cuda_triton_linear(dtype, m):
+    g = torch.Generator().manual_seed(10)
+    w_q, w_scale, b, shift, inv = _layer(g, 200, 96)
+    x = torch.randn(m, 96, generator=g).to(dtype)
+    want = ref.linear_w8a8(x, w_q, w_scale, b, 0.02, 3, -128, 127, shift, inv)
+    args = [t.cuda() for t in (x, w_q, w_scale, b)]
+    got = K.linear_w8a8(*args, 0.02, 3, -128, 127, shift.cuda(), inv.cuda())
+    assert K.triton_available(), "Triton fell back to the torch route on this GPU"
+    torch.testing.assert_close(got.cpu(), want, **TOL[dtype])
+    q = K._TRITON.quantize(args[0], 0.02, 3, -128, 127, shift.cuda(), inv.cuda())
+    assert torch.equal(q.cpu(), ref.quantize_activation(x, 0.02, 3, -128, 127, shift, inv))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cuda_triton_conv(dtype, stride):
+    g = torch.Generator().manual_seed(11)
+    w_q, w_scale, b, shift, inv = _layer(g, 96, 72, 3, 3)
+    x = (torch.randn(2, 72, 13, 11, generator=g) * 2).to(dtype)
+    want = ref.conv2d_w8a8(x, w_q, w_scale, b, 0.03, 4, -128, 127, shift, inv, stride, 1)
+    got = K.conv2d_w8a8(x.cuda(), w_q.cuda(), w_scale.cuda(), b.cuda(), torch.tensor(0.03).cuda(), 4, -128, 127,
+                        shift.cuda(), inv.cuda(), stride, 1)
+    assert K.triton_available(), "Triton fell back to the torch route on this GPU"
+    torch.testing.assert_close(got.cpu(), want, **TOL[dtype])
+
+
+@cuda
+def test_cuda_triton_hiditq():
+    levels = torch.sort(torch.randn(33)).values
+    x = torch.randn(4, 1000)
+    codes = K.hiditq_encode(x.cuda(), levels.cuda())
+    assert torch.equal(codes.cpu(), ref.hiditq_encode(x, levels))
+    assert torch.equal(K.hiditq_decode(codes, levels.cuda()).cpu(), ref.hiditq_decode(codes.cpu(), levels))
