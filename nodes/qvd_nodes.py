@@ -1,0 +1,210 @@
+"""The QVD nodes (category ``QVD``): thin translations of ComfyUI types into ``qvd`` calls.
+
+ComfyUI modules are imported inside the node methods, so this file imports outside ComfyUI too.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+from ..qvd import QVDConfig, QVDError, load_quantized, quantize_model, save_quantized
+from . import patching
+
+MODEL_FOLDER = "qvd"
+EXTENSION = ".safetensors"
+CALIBRATION_SUFFIX = ".calibration" + EXTENSION
+
+
+def register_model_folder() -> None:
+    """Register ``models/qvd`` with ComfyUI's folder_paths (no-op outside ComfyUI)."""
+    try:
+        import folder_paths
+    except ImportError:
+        return
+    path = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
+    folder_paths.add_model_folder_path(MODEL_FOLDER, path)
+    paths, _ = folder_paths.folder_names_and_paths[MODEL_FOLDER]
+    folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, {EXTENSION})
+
+
+def _new_file(name: str, suffix: str, what: str) -> str:
+    """Path of a new file under models/qvd; a clear error for bad or taken names."""
+    import folder_paths
+
+    name = name.strip()
+    if name.endswith(suffix):
+        name = name[: -len(suffix)]
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._ -]*", name or ""):
+        raise QVDError(f"{what} name {name!r} is not a plain file name: use letters, digits, '.', '_', '-'")
+    folder = folder_paths.get_folder_paths(MODEL_FOLDER)[0]
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name + suffix)
+    if os.path.exists(path):
+        raise QVDError(f"{path} already exists and is never overwritten: choose another {what} name")
+    return path
+
+
+def _skip_patterns(text: str) -> tuple[str, ...]:
+    return tuple(p for p in re.split(r"[\s,]+", text) if p)
+
+
+class QVDCalibrate:
+    """Sample the model on the given prompts and record the activation statistics QVD needs."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import comfy.samplers
+
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model to calibrate (with its AnimateDiff motion models)."}),
+                "positive": ("CONDITIONING",),
+                "negative": ("CONDITIONING",),
+                "latent_image": ("LATENT", {"tooltip": "Latent batch (frames) sampled during calibration."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+                "steps": ("INT", {"default": 10, "min": 1, "max": 1000}),
+                "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+                "sampler_name": (comfy.samplers.KSampler.SAMPLERS,),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS,),
+                "calibration_seeds": ("INT", {"default": 1, "min": 1, "max": 64,
+                                              "tooltip": "Number of sampling runs (seed, seed+1, ...)."}),
+            },
+            "optional": {
+                "save_name": ("STRING", {"default": "", "tooltip": "If set, also save the calibration as "
+                                         "models/qvd/<name>.calibration.safetensors (never overwritten)."}),
+            },
+        }
+
+    RETURN_TYPES = ("QVD_CALIBRATION",)
+    RETURN_NAMES = ("calibration",)
+    FUNCTION = "calibrate"
+    OUTPUT_NODE = True
+    CATEGORY = "QVD"
+    DESCRIPTION = "Runs real sampling with QVD observers on the UNet and motion models; outputs the statistics."
+
+    def calibrate(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
+                  calibration_seeds, save_name=""):
+        import comfy.sample
+        import comfy.utils
+
+        path = _new_file(save_name, CALIBRATION_SUFFIX, "calibration") if save_name.strip() else None
+        latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+        pbar = comfy.utils.ProgressBar(steps * calibration_seeds)
+
+        def sample(clone, s):
+            noise = comfy.sample.prepare_noise(latent, s, latent_image.get("batch_index"))
+            comfy.sample.sample(clone, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                                noise_mask=latent_image.get("noise_mask"), seed=s, disable_pbar=True,
+                                callback=lambda *_: pbar.update(1))
+
+        calibration = patching.calibrate(model, QVDConfig(), range(seed, seed + calibration_seeds), sample)
+        if path is not None:
+            calibration.save(path)
+        text = f"{len(calibration.layers)} layers, {len(calibration.timesteps)} timesteps"
+        return {"ui": {"text": [text + (f", saved {os.path.basename(path)}" if path else "")]},
+                "result": (calibration,)}
+
+
+class QVDQuantizeModel:
+    """Quantize the model (UNet + motion models) to integer weights and activations with QVD."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "calibration": ("QVD_CALIBRATION",),
+                "weight_bits": ("INT", {"default": 8, "min": 4, "max": 8}),
+                "activation_bits": ("INT", {"default": 8, "min": 6, "max": 8}),
+                "htdq": ("BOOLEAN", {"default": True, "tooltip": "HiDi-TQ quantizer for timestep-embedding layers."}),
+                "scri": ("BOOLEAN", {"default": True, "tooltip": "Per-channel shift/scale of activations (SCRI)."}),
+                "skip": ("STRING", {"default": "", "multiline": True,
+                                    "tooltip": "Layer-name patterns kept in full precision (fnmatch, comma or "
+                                               "newline separated), e.g. *.attn1.to_q"}),
+            },
+        }
+
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "report")
+    FUNCTION = "quantize"
+    CATEGORY = "QVD"
+    DESCRIPTION = "Returns a quantized copy of the MODEL; the input MODEL is left unchanged."
+
+    def quantize(self, model, calibration, weight_bits, activation_bits, htdq, scri, skip):
+        config = QVDConfig(w_bits=weight_bits, a_bits=activation_bits, htdq=htdq, scri=scri,
+                           skip=_skip_patterns(skip))
+        clone, result = patching.quantize(model, lambda tree: quantize_model(tree, calibration, config, apply=False))
+        return clone, summarize(result.report)
+
+
+class QVDSaveQuantized:
+    """Save the quantized layers of a QVD-quantized MODEL to models/qvd."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "filename": ("STRING", {"default": "qvd_w8a8"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = "QVD"
+
+    def save(self, model, filename):
+        result = patching.attached_result(model)
+        path = _new_file(filename, EXTENSION, "file")
+        with patching.ejected(model):
+            save_quantized(path, patching.model_tree(model), result)
+        return {"ui": {"text": [f"saved {os.path.basename(path)}"]}}
+
+
+class QVDLoadQuantized:
+    """Apply a saved QVD file to the MODEL it was made from (and its motion models)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+
+        names = [n for n in folder_paths.get_filename_list(MODEL_FOLDER) if not n.endswith(CALIBRATION_SUFFIX)]
+        return {"required": {"model": ("MODEL",), "qvd_name": (names,)}}
+
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "report")
+    FUNCTION = "load"
+    CATEGORY = "QVD"
+
+    def load(self, model, qvd_name):
+        import folder_paths
+
+        path = folder_paths.get_full_path(MODEL_FOLDER, qvd_name)
+        if path is None:
+            raise QVDError(f"{qvd_name} is not in models/{MODEL_FOLDER}: refresh the node list or pick another file")
+        clone, result = patching.quantize(model, lambda tree: load_quantized(path, tree, apply=False))
+        return clone, summarize(result.report)
+
+
+def summarize(report: list[dict]) -> str:
+    """One line per layer kind: count, bit widths and mean output error."""
+    groups: dict[tuple, list] = {}
+    for r in report:
+        key = (r["kind"], r["w_bits"], r["a_bits"], "skipped" if "skipped" in r else "")
+        groups.setdefault(key, []).append(r.get("out_rel_err"))
+    lines = []
+    for (kind, wb, ab, skipped), errs in sorted(groups.items()):
+        known = [e for e in errs if e is not None]
+        err = f", mean rel. output error {sum(known) / len(known):.2e}" if known else ""
+        lines.append(f"{kind}: {len(errs)} x {'skipped' if skipped else f'W{wb}A{ab}'}{err}")
+    return "\n".join(lines)
+
+
+NODE_CLASS_MAPPINGS = {
+    "QVDCalibrate": QVDCalibrate,
+    "QVDQuantizeModel": QVDQuantizeModel,
+    "QVDSaveQuantized": QVDSaveQuantized,
+    "QVDLoadQuantized": QVDLoadQuantized,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "QVDCalibrate": "QVD Calibrate",
+    "QVDQuantizeModel": "QVD Quantize Model",
+    "QVDSaveQuantized": "QVD Save Quantized",
+    "QVDLoadQuantized": "QVD Load Quantized",
+}

@@ -1,0 +1,157 @@
+"""Write the example workflows: UI format (what users drag into ComfyUI) in workflows/ and the API format
+twin (for POST /prompt) in workflows/api/, both from one graph spec per workflow.
+
+    .venv/bin/python scripts/make_workflows.py
+
+tests/host/test_host_workflows.py converts each UI file with the server's /object_info and checks it
+against its API twin, and the browser test loads each UI file in the ComfyUI frontend.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Sockets and widgets of the node types used (widget order as ComfyUI's /object_info lists them;
+# "control_after_generate" is the frontend's extra widget after a seed).
+NODE_TYPES = {
+    "CheckpointLoaderSimple": ([], ["ckpt_name"], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "CLIPTextEncode": ([("clip", "CLIP")], ["text"], [("CONDITIONING", "CONDITIONING")]),
+    "EmptyLatentImage": ([], ["width", "height", "batch_size"], [("LATENT", "LATENT")]),
+    "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                  ("latent_image", "LATENT")],
+                 ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+                 [("LATENT", "LATENT")]),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [], [("IMAGE", "IMAGE")]),
+    "SaveAnimatedWEBP": ([("images", "IMAGE")], ["filename_prefix", "fps", "lossless", "quality", "method"], []),
+    "QVDCalibrate": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                      ("latent_image", "LATENT")],
+                     ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler",
+                      "calibration_seeds", "save_name"], [("calibration", "QVD_CALIBRATION")]),
+    "QVDQuantizeModel": ([("model", "MODEL"), ("calibration", "QVD_CALIBRATION")],
+                         ["weight_bits", "activation_bits", "htdq", "scri", "skip"],
+                         [("model", "MODEL"), ("report", "STRING")]),
+    "QVDSaveQuantized": ([("model", "MODEL")], ["filename"], []),
+    "QVDLoadQuantized": ([("model", "MODEL")], ["qvd_name"], [("model", "MODEL"), ("report", "STRING")]),
+    "ADE_LoadAnimateDiffModel": ([("ad_settings", "AD_SETTINGS")], ["model_name"],
+                                 [("MOTION_MODEL", "MOTION_MODEL_ADE")]),
+    "ADE_ApplyAnimateDiffModelSimple": ([("motion_model", "MOTION_MODEL_ADE"), ("motion_lora", "MOTION_LORA"),
+                                         ("scale_multival", "MULTIVAL"), ("effect_multival", "MULTIVAL"),
+                                         ("ad_keyframes", "AD_KEYFRAMES"), ("per_block", "PER_BLOCK")], [],
+                                        [("M_MODELS", "M_MODELS")]),
+    "ADE_UseEvolvedSampling": ([("model", "MODEL"), ("m_models", "M_MODELS"), ("context_options", "CONTEXT_OPTIONS"),
+                                ("sample_settings", "SAMPLE_SETTINGS")], ["beta_schedule"], [("MODEL", "MODEL")]),
+}
+
+POSITIVE = "a red fox running through fresh snow, forest, cinematic"
+NEGATIVE = "blurry, low quality, watermark"
+SAMPLING = {"steps": 20, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal"}
+
+
+def _base(model_ref, frames=16):
+    """Checkpoint, prompts and latent; node 1 is the checkpoint loader."""
+    return {
+        1: ("CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+        2: ("CLIPTextEncode", {"clip": (1, 1), "text": POSITIVE}),
+        3: ("CLIPTextEncode", {"clip": (1, 1), "text": NEGATIVE}),
+        4: ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": frames}),
+        20: ("KSampler", {"model": model_ref, "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0),
+                          "seed": 42, "control_after_generate": "fixed", **SAMPLING, "denoise": 1.0}),
+        21: ("VAEDecode", {"samples": (20, 0), "vae": (1, 2)}),
+        22: ("SaveAnimatedWEBP", {"images": (21, 0), "filename_prefix": "qvd/txt2vid", "fps": 8.0,
+                                  "lossless": False, "quality": 90, "method": "default"}),
+    }
+
+
+def _ade(model_ref):
+    return {
+        5: ("ADE_LoadAnimateDiffModel", {"model_name": "mm_sd_v15_v2.ckpt"}),
+        6: ("ADE_ApplyAnimateDiffModelSimple", {"motion_model": (5, 0)}),
+        7: ("ADE_UseEvolvedSampling", {"model": model_ref, "m_models": (6, 0), "beta_schedule": "autoselect"}),
+    }
+
+
+def _calibrate_quantize(model_ref):
+    return {
+        10: ("QVDCalibrate", {"model": model_ref, "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0),
+                              "seed": 0, "control_after_generate": "fixed", **SAMPLING, "calibration_seeds": 2,
+                              "save_name": ""}),
+        11: ("QVDQuantizeModel", {"model": model_ref, "calibration": (10, 0), "weight_bits": 8,
+                                  "activation_bits": 8, "htdq": True, "scri": True, "skip": ""}),
+        12: ("QVDSaveQuantized", {"model": (11, 0), "filename": "qvd_w8a8"}),
+    }
+
+
+WORKFLOWS = {
+    # (a) AnimateDiff-Evolved txt2vid, calibrated and quantized in the graph.
+    "qvd_ade_txt2vid_calibrate_quantize": {**_base((11, 0)), **_ade((1, 0)), **_calibrate_quantize((7, 0))},
+    # (b) the same with a saved QVD file.
+    "qvd_ade_txt2vid_load_quantized": {
+        **_base((13, 0)), **_ade((1, 0)),
+        13: ("QVDLoadQuantized", {"model": (7, 0), "qvd_name": "qvd_w8a8.safetensors"})},
+    # (c) core nodes only (no AnimateDiff): the frames are a plain image batch.
+    "qvd_core_txt2vid_calibrate_quantize": {**_base((11, 0), frames=8), **_calibrate_quantize((1, 0))},
+}
+
+
+def to_api(spec: dict) -> dict:
+    """API format: {id: {class_type, inputs}} with links as [source id, output slot]."""
+    api = {}
+    for nid, (ctype, values) in sorted(spec.items()):
+        inputs = {k: [str(v[0]), v[1]] if isinstance(v, tuple) else v
+                  for k, v in values.items() if k != "control_after_generate"}
+        api[str(nid)] = {"class_type": ctype, "inputs": inputs}
+    return api
+
+
+def to_ui(spec: dict) -> dict:
+    """UI (litegraph) format: nodes with sockets and widgets_values, links, laid out by graph depth."""
+    links, nodes, depth = [], [], {}
+
+    def node_depth(nid):
+        if nid not in depth:
+            srcs = [v[0] for v in spec[nid][1].values() if isinstance(v, tuple)]
+            depth[nid] = 1 + max((node_depth(s) for s in srcs), default=-1)
+        return depth[nid]
+
+    out_links: dict[tuple, list] = {}
+    for nid, (ctype, values) in sorted(spec.items()):
+        for slot, (name, typ) in enumerate(NODE_TYPES[ctype][0]):
+            if name in values:
+                src, src_slot = values[name]
+                link_id = len(links) + 1
+                links.append([link_id, src, src_slot, nid, slot, NODE_TYPES[spec[src][0]][2][src_slot][1]])
+                out_links.setdefault((src, src_slot), []).append(link_id)
+    rows: dict[int, int] = {}
+    link_of = {(l[3], l[4]): l[0] for l in links}
+    for nid, (ctype, values) in sorted(spec.items()):
+        sockets, widgets, outputs = NODE_TYPES[ctype]
+        col = node_depth(nid)
+        row = rows.get(col, 0)
+        rows[col] = row + 1
+        nodes.append({
+            "id": nid, "type": ctype, "pos": [40 + 360 * col, 40 + 260 * row], "size": [320, 200], "flags": {},
+            "order": 0, "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": link_of.get((nid, i))} for i, (n, t) in enumerate(sockets)],
+            "outputs": [{"name": n, "type": t, "links": out_links.get((nid, i), []), "slot_index": i}
+                        for i, (n, t) in enumerate(outputs)],
+            "properties": {"Node name for S&R": ctype},
+            "widgets_values": [values[w] for w in widgets],
+        })
+    order = sorted(spec, key=node_depth)
+    for n in nodes:
+        n["order"] = order.index(n["id"])
+    return {"last_node_id": max(spec), "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def main() -> None:
+    (ROOT / "workflows" / "api").mkdir(parents=True, exist_ok=True)
+    for name, spec in WORKFLOWS.items():
+        (ROOT / "workflows" / f"{name}.json").write_text(json.dumps(to_ui(spec), indent=1) + "\n")
+        (ROOT / "workflows" / "api" / f"{name}.json").write_text(json.dumps(to_api(spec), indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
