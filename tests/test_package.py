@@ -1,0 +1,57 @@
+"""The pack imports outside ComfyUI, registers its nodes, and its workflow files match their spec."""
+import importlib.util
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pack():
+    """The repository root imported as ComfyUI imports a custom-node folder (a package)."""
+    spec = importlib.util.spec_from_file_location("comfyui_qvd_pack", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        for name in [n for n in sys.modules if n == spec.name or n.startswith(spec.name + ".")]:
+            del sys.modules[name]
+
+
+def test_imports_without_comfyui(pack):
+    assert "comfy" not in sys.modules and "folder_paths" not in sys.modules
+    assert set(pack.NODE_CLASS_MAPPINGS) == {"QVDCalibrate", "QVDQuantizeModel", "QVDSaveQuantized",
+                                             "QVDLoadQuantized"}
+    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(pack.NODE_CLASS_MAPPINGS)
+
+
+def test_node_classes_follow_the_v1_node_api(pack):
+    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+        assert cls.CATEGORY == "QVD", name
+        assert callable(getattr(cls, cls.FUNCTION)), name
+        assert isinstance(cls.RETURN_TYPES, tuple), name
+    assert pack.NODE_CLASS_MAPPINGS["QVDCalibrate"].RETURN_TYPES == ("QVD_CALIBRATION",)
+    assert pack.NODE_CLASS_MAPPINGS["QVDCalibrate"].OUTPUT_NODE
+    assert pack.NODE_CLASS_MAPPINGS["QVDSaveQuantized"].OUTPUT_NODE
+    assert pack.NODE_CLASS_MAPPINGS["QVDQuantizeModel"].RETURN_TYPES[0] == "MODEL"
+
+
+def test_workflow_files_are_generated_from_their_spec():
+    gen = runpy.run_path(str(ROOT / "scripts" / "make_workflows.py"))
+    assert len(gen["WORKFLOWS"]) == 3
+    for name, spec in gen["WORKFLOWS"].items():
+        ui = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+        api = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+        assert ui == gen["to_ui"](spec), f"{name}.json is stale: run scripts/make_workflows.py"
+        assert api == gen["to_api"](spec), f"api/{name}.json is stale: run scripts/make_workflows.py"
+        linked = {(l[3], l[4]) for l in ui["links"]}
+        for node in ui["nodes"]:
+            for slot, inp in enumerate(node["inputs"]):
+                assert (inp["link"] is not None) == ((node["id"], slot) in linked)
