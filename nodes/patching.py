@@ -12,6 +12,7 @@ import contextlib
 import uuid
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..qvd import Calibrator, QuantizeResult, QVDConfig, QVDError
@@ -102,9 +103,24 @@ def quantize(model, quantize_fn) -> tuple:
     return clone, result
 
 
+def _normal_tensors(module: nn.Module) -> None:
+    """Replace inference-mode tensors (ComfyUI runs nodes under ``torch.inference_mode``) by ordinary
+    ones: the qvd layers key their caches on ``tensor._version``, which inference tensors lack."""
+    with torch.inference_mode(False):
+        for m in module.modules():
+            for name, p in m._parameters.items():
+                if p is not None and p.is_inference():
+                    m._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
+            for name, b in m._buffers.items():
+                if b is not None and b.is_inference():
+                    m._buffers[name] = b.clone()
+
+
 def install(clone, result: QuantizeResult) -> None:
     """Object-patch ``result.modules`` onto ``clone`` and its (cloned) motion patchers."""
     names = list(result.modules)
+    for module in result.modules.values():
+        _normal_tensors(module)
     for key in bake_weight_patches(clone, names):
         clone.patches.pop(key)
     motions = motion_patchers(clone)

@@ -4,10 +4,13 @@ ComfyUI modules are imported inside the node methods, so this file imports outsi
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
+import time
 
-from ..qvd import QVDConfig, QVDError, load_quantized, quantize_model, save_quantized
+from ..qvd import Calibration, QVDConfig, QVDError, load_quantized, quantize_model, save_quantized
+from ..qvd.config import matches
 from . import patching
 
 MODEL_FOLDER = "qvd"
@@ -46,6 +49,14 @@ def _new_file(name: str, suffix: str, what: str) -> str:
 
 def _skip_patterns(text: str) -> tuple[str, ...]:
     return tuple(p for p in re.split(r"[\s,]+", text) if p)
+
+
+def _without_skipped(calibration: Calibration, skip: tuple[str, ...]) -> Calibration:
+    """The calibration less the layers the user keeps in full precision (so they are not expected)."""
+    if not skip:
+        return calibration
+    layers = {n: s for n, s in calibration.layers.items() if not matches(n, skip)}
+    return Calibration(layers, calibration.timesteps, calibration.norm_groups, calibration.config)
 
 
 class QVDCalibrate:
@@ -92,12 +103,15 @@ class QVDCalibrate:
         pbar = comfy.utils.ProgressBar(steps * calibration_seeds)
 
         def sample(clone, s):
+            logging.info("QVD Calibrate: sampling seed %d (%d steps)", s, steps)
             noise = comfy.sample.prepare_noise(latent, s, latent_image.get("batch_index"))
             comfy.sample.sample(clone, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                                 noise_mask=latent_image.get("noise_mask"), seed=s, disable_pbar=True,
                                 callback=lambda *_: pbar.update(1))
 
+        start = time.monotonic()
         calibration = patching.calibrate(model, QVDConfig(), range(seed, seed + calibration_seeds), sample)
+        logging.info("QVD Calibrate: %d layers in %.1f s", len(calibration.layers), time.monotonic() - start)
         if path is not None:
             calibration.save(path)
         text = f"{len(calibration.layers)} layers, {len(calibration.timesteps)} timesteps"
@@ -131,10 +145,16 @@ class QVDQuantizeModel:
     DESCRIPTION = "Returns a quantized copy of the MODEL; the input MODEL is left unchanged."
 
     def quantize(self, model, calibration, weight_bits, activation_bits, htdq, scri, skip):
+        if not isinstance(calibration, Calibration):
+            raise QVDError("calibration input is not a QVD calibration: connect QVD Calibrate's output")
         config = QVDConfig(w_bits=weight_bits, a_bits=activation_bits, htdq=htdq, scri=scri,
                            skip=_skip_patterns(skip))
+        calibration = _without_skipped(calibration, config.skip)
+        start = time.monotonic()
         clone, result = patching.quantize(model, lambda tree: quantize_model(tree, calibration, config, apply=False))
-        return clone, summarize(result.report)
+        report = summarize(result.report)
+        logging.info("QVD Quantize Model: %d modules in %.1f s\n%s", len(result.modules), time.monotonic() - start, report)
+        return {"ui": {"text": [report]}, "result": (clone, report)}
 
 
 class QVDSaveQuantized:
@@ -179,20 +199,22 @@ class QVDLoadQuantized:
         if path is None:
             raise QVDError(f"{qvd_name} is not in models/{MODEL_FOLDER}: refresh the node list or pick another file")
         clone, result = patching.quantize(model, lambda tree: load_quantized(path, tree, apply=False))
-        return clone, summarize(result.report)
+        report = summarize(result.report)
+        return {"ui": {"text": [report]}, "result": (clone, report)}
 
 
 def summarize(report: list[dict]) -> str:
-    """One line per layer kind: count, bit widths and mean output error."""
+    """One line per (model, layer kind, bit widths): layer count and mean relative output error."""
     groups: dict[tuple, list] = {}
     for r in report:
-        key = (r["kind"], r["w_bits"], r["a_bits"], "skipped" if "skipped" in r else "")
-        groups.setdefault(key, []).append(r.get("out_rel_err"))
+        tree = "unet" if r["name"].startswith(patching.UNET + ".") else "motion"
+        bits = "fp (skipped)" if "skipped" in r else f"W{r['w_bits']}A{r['a_bits']}"
+        groups.setdefault((tree, r["kind"], bits), []).append(r.get("out_rel_err"))
     lines = []
-    for (kind, wb, ab, skipped), errs in sorted(groups.items()):
+    for (tree, kind, bits), errs in sorted(groups.items()):
         known = [e for e in errs if e is not None]
         err = f", mean rel. output error {sum(known) / len(known):.2e}" if known else ""
-        lines.append(f"{kind}: {len(errs)} x {'skipped' if skipped else f'W{wb}A{ab}'}{err}")
+        lines.append(f"{tree} {kind}: {len(errs)} x {bits}{err}")
     return "\n".join(lines)
 
 
