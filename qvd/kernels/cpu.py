@@ -3,9 +3,9 @@
 CPU routes, chosen by measurement (docs/benchmarks.md): oneDNN's int8 ops
 (``torch.ops.onednn.qlinear_pointwise`` / ``qconv2d_pointwise``: u8 activations x s8 weights, int32
 accumulate, ``acc * x_scale * w_scale + bias`` epilogue in the kernel) beat ``torch._int_mm`` plus a
-separate epilogue by 1.2-4x. The linear takes the reference's int8 codes with oneDNN zero point 0, so
-the int32 accumulator is over the raw codes exactly as in the reference (the code zero point is folded
-into the effective bias); the conv takes uint8 only, so its codes are stored +128 with zero point 128. Weights
+separate epilogue by 1.2-4x. Codes are stored +128 as uint8 with oneDNN zero point 128, so the int32
+accumulator is over the raw codes exactly as in the reference (the code zero point is folded into the
+effective bias). int8 (s8) activations are avoided: oneDNN runs them on a reference path, 10-1000x slower. Weights
 are prepacked once per weight tensor (weakly cached). Before first use a probe checks that the oneDNN
 route is exact (no int16 saturation on CPUs without VNNI); otherwise ``torch._int_mm`` is used.
 """
@@ -125,12 +125,12 @@ def linear_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=
     x2 = x.reshape(-1, k)
     n = w_q.shape[0]
     if x.device.type == "cpu" and _onednn_ok():
-        q = quantize_into(torch.empty(x2.shape, dtype=torch.int8), x2, act_scale, zero_point, qmin, qmax,
-                          shift, inv_smooth)
+        q = quantize_into(torch.empty(x2.shape, dtype=torch.uint8), x2, act_scale, zero_point, qmin, qmax,
+                          shift, inv_smooth, offset=128)
         packed, ws = _packed(w_q, w_scale, None)
         zeros = torch.zeros(n, dtype=torch.int32)
         b = None if bias is None else bias.float()
-        y = torch.ops.onednn.qlinear_pointwise(q, float(act_scale), 0, packed, ws, zeros, b,
+        y = torch.ops.onednn.qlinear_pointwise(q, float(act_scale), 128, packed, ws, zeros, b,
                                                1.0, 0, x.dtype, "none", [], "")
         return y.reshape(*lead, n)
     q = quantize_into(torch.empty(x2.shape, dtype=torch.int8, device=x.device), x2, act_scale, zero_point,
