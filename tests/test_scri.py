@@ -1,0 +1,85 @@
+"""SCRI: the fold is exact before rounding, and integrating scattered channel ranges cuts W8A8 error."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qvd import Calibrator, QVDConfig, quantize_model
+from qvd.scri import fold_into_norm, fold_into_weight, scri_params
+
+
+
+def scattered(n: int, c: int, seed: int = 0) -> torch.Tensor:
+    """Activations whose channels have scattered, asymmetric ranges (offsets and widths over 3 decades)."""
+    g = torch.Generator().manual_seed(seed)
+    width = torch.logspace(-1.5, 1.5, c)[torch.randperm(c, generator=g)]
+    offset = torch.randn(c, generator=g) * 4
+    return torch.randn(n, c, generator=g).abs() * width + offset
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_linear_fold_is_exact(alpha):
+    x = scattered(64, 48).double()
+    lin = nn.Linear(48, 24).double()
+    z, s = scri_params(x.amin(0).float(), x.amax(0).float(), alpha)
+    w2, b2 = fold_into_weight(lin.weight.double(), lin.bias.double(), z.double(), s.double())
+    y2 = ((x - z.double()) / s.double()) @ w2.t().double() + b2.double()
+    assert torch.allclose(y2, lin(x), atol=1e-10, rtol=1e-10)
+
+
+def test_padded_conv_fold_is_exact_at_the_borders():
+    x = scattered(2 * 9 * 9, 6).view(2, 9, 9, 6).permute(0, 3, 1, 2).double()
+    conv = nn.Conv2d(6, 5, 3, padding=1).double()
+    z, s = scri_params(x.amin((0, 2, 3)).float(), x.amax((0, 2, 3)).float(), 0.75)
+    w2, b2 = fold_into_weight(conv.weight.double(), conv.bias.double(), z.double(), s.double())
+    xp = F.pad(x, (1, 1, 1, 1))  # real-domain zero padding first, then the transform
+    xt = (xp - z.double().view(1, -1, 1, 1)) / s.double().view(1, -1, 1, 1)
+    assert torch.allclose(F.conv2d(xt, w2.double(), b2.double()), conv(x), atol=1e-10)
+
+
+def test_norm_fold_is_exact():
+    ln = nn.LayerNorm(32)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 2)
+        ln.bias.normal_()
+    x = torch.randn(10, 32)
+    z, s = torch.randn(32), torch.rand(32) + 0.1
+    assert torch.allclose(fold_into_norm(ln, z, s)(x), (ln(x) - z) / s, atol=1e-5)
+
+
+def test_scri_reduces_w8a8_error_on_scattered_channels():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64))
+    x = scattered(4096, 64)
+    with Calibrator(model, QVDConfig(calib_rows=512)) as cal:
+        model(x)
+    calib = cal.result()
+    errs = {}
+    for scri in (False, True):
+        q = copy.deepcopy(model)
+        res = quantize_model(q, calib, QVDConfig(scri=scri))
+        with torch.no_grad():
+            errs[scri] = float((q(x) - model(x)).pow(2).sum() / model(x).pow(2).sum())
+        assert (res.report[0]["scri_alpha"] is not None) == scri
+    assert errs[True] < 0.5 * errs[False], errs
+
+
+def test_transformer_block_norm_fold_keeps_output_exact(unet, calibration):
+    """Folding SCRI into a diffusers LayerNorm feeding to_q/to_k/to_v changes nothing before rounding."""
+    block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    prefix = "down_blocks.0.attentions.0.transformer_blocks.0."
+    consumers = calibration.norm_groups[prefix + "norm1"]
+    assert sorted(consumers) == sorted(prefix + f"attn1.to_{p}" for p in "qkv")
+    st = calibration.layers[consumers[0]]
+    z, s = scri_params(st.ch_min, st.ch_max, 1.0)
+    folded = copy.deepcopy(block)
+    folded.norm1 = fold_into_norm(block.norm1, z, s)
+    for p in "qkv":
+        lin = getattr(folded.attn1, f"to_{p}")
+        w, b = fold_into_weight(lin.weight, lin.bias, z, s)
+        lin.weight.data, lin.bias = w, nn.Parameter(b)
+    x, ctx = torch.randn(8, 64, 32), torch.randn(8, 7, 32)
+    with torch.no_grad():
+        assert torch.allclose(folded(x, encoder_hidden_states=ctx), block(x, encoder_hidden_states=ctx), atol=1e-4)
