@@ -39,13 +39,14 @@ def _magnitudes(top: float, n: int, tau: float) -> torch.Tensor:
 
 def hiditq_levels(neg_max: float, pos_max: float, bits: int, clip: float, tau: float,
                   neg_share: float = 0.5) -> torch.Tensor:
-    """Sorted decode table (``2^b - 1`` entries): negative magnitudes, 0, positive magnitudes."""
+    """Sorted decode table: negative magnitudes, 0, positive magnitudes (at most ``2^b - 1`` entries;
+    levels that coincide in fp32, e.g. powers of two below its range, are merged)."""
     codes = 2 ** bits - 2
     n_neg = int(round(codes * neg_share)) if neg_max > 0 else 0
     n_neg = min(max(n_neg, 1 if neg_max > 0 else 0), codes - 1)
     neg = _magnitudes(clip * neg_max, n_neg, tau) if n_neg else torch.zeros(0, dtype=torch.float64)
     pos = _magnitudes(clip * pos_max, codes - n_neg, tau)
-    return torch.cat([-neg.flip(0), torch.zeros(1, dtype=torch.float64), pos]).float()
+    return torch.cat([-neg.flip(0), torch.zeros(1, dtype=torch.float64), pos]).float().unique()
 
 
 def hiditq_quantize(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
