@@ -1,0 +1,100 @@
+"""Shared helpers for the benchmarks: timing (medians), machine facts, W8A8 layer construction, tables."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+import qvd.kernels as K
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def median_ms(fn, device: torch.device, samples: int = 5, min_sample_s: float = 0.2) -> float:
+    """Median over ``samples`` of the mean time of a batch of calls lasting >= ``min_sample_s``.
+
+    Batching calls makes each sample long enough for a coarse or time-sliced clock (shared CPUs).
+    """
+    fn()
+    sync(device)
+    reps = 1
+    if min_sample_s > 0:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        reps = max(1, int(min_sample_s / max(time.perf_counter() - t0, 1e-6)))
+    out = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync(device)
+        out.append((time.perf_counter() - t0) / reps)
+    return statistics.median(out) * 1e3
+
+
+def machine() -> str:
+    """One line naming the machine, torch, threads, allocator setting and current load."""
+    if torch.cuda.is_available():
+        dev = torch.cuda.get_device_name(0)
+    else:
+        try:
+            lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
+            dev = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Model name"))
+        except (OSError, subprocess.CalledProcessError, StopIteration):
+            dev = platform.processor() or "unknown CPU"
+        dev += f", {os.cpu_count()} cores"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{dev}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+            f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}; load {load:.2f}")
+
+
+def quantize_weight(w: torch.Tensor):
+    """Symmetric per-output-channel int8 weight codes and scales."""
+    flat = w.detach().flatten(1).float()
+    scale = flat.abs().amax(1).clamp_min(1e-8) / 127.0
+    q = torch.round(flat / scale[:, None]).clamp_(-127, 127).to(torch.int8).view_as(w)
+    return q, scale
+
+
+class W8A8(torch.nn.Module):
+    """A Linear / Conv2d on ``qvd.kernels`` with a static per-tensor activation scale (zero point 0).
+
+    Used by the benchmarks when the qvd core (``qvd.quantize_model``) is not available.
+    """
+
+    def __init__(self, layer: torch.nn.Module, act_absmax: float):
+        super().__init__()
+        self.conv = isinstance(layer, torch.nn.Conv2d)
+        q, s = quantize_weight(layer.weight)
+        self.register_buffer("w_q", q)
+        self.register_buffer("w_scale", s)
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
+        self.act_scale = max(act_absmax, 1e-8) / 127.0
+        if self.conv:
+            self.stride, self.padding = layer.stride[0], layer.padding[0]
+            n, c, kh, kw = q.shape
+            self.register_buffer("w_mat", q.permute(2, 3, 1, 0).reshape(kh * kw * c, n).contiguous())
+        else:
+            self.register_buffer("w_q_t", q.t())
+
+    def forward(self, x):
+        if self.conv:
+            return K.conv2d_w8a8(x, self.w_q, self.w_scale, self.bias, self.act_scale, 0, -128, 127,
+                                 stride=self.stride, padding=self.padding, w_mat=self.w_mat)
+        return K.linear_w8a8(x, self.w_q, self.w_scale, self.bias, self.act_scale, 0, -128, 127, w_q_t=self.w_q_t)
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A GitHub markdown table."""
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
