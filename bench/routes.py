@@ -1,5 +1,6 @@
-"""CPU route choice: oneDNN int8 ops vs NHWC im2col / plain ``torch._int_mm`` (both with quantize and
-epilogue, through ``qvd.kernels``), on SD1.5 shapes at latent 16x16, batch 16. Prints a markdown table.
+"""CPU routes pinned one at a time: oneDNN int8 ops vs NHWC im2col / plain ``torch._int_mm`` (both with
+quantize and epilogue, through ``qvd.kernels``), on SD1.5 shapes at latent 16x16, batch 16. The
+default route (``QVD_CPU_ROUTE=auto``) makes this choice per shape at run time. Prints a markdown table.
 
     python -m bench.routes [--threads N]
 """
@@ -35,20 +36,20 @@ def main():
     dev = torch.device("cpu")
     print(f"machine: {machine()}\n")
     rows = []
-    saved = cpu._onednn_ok()
+    saved = cpu.ROUTE
     try:
         with torch.no_grad():
             for name, kind, args in CASES:
                 layer, x = build(kind, args, dev)
                 ours = W8A8(layer, x.abs().max().item())
                 times = []
-                for onednn in (True, False):
-                    cpu._ONEDNN_OK = onednn and saved
+                for route in ("onednn", "int_mm"):
+                    cpu.ROUTE = route
                     times.append(median_ms(lambda: ours(x), dev))
                 rows.append([name, f"{times[0]:.2f}", f"{times[1]:.2f}", f"{times[1] / times[0]:.2f}x"])
                 print(f"  {name}: oneDNN {times[0]:.2f} ms, im2col/_int_mm {times[1]:.2f} ms", flush=True)
     finally:
-        cpu._ONEDNN_OK = saved
+        cpu.ROUTE = saved
     print()
     print(table(["layer (quantize + int8 op + epilogue)", "oneDNN ms", "NHWC im2col / _int_mm ms", "oneDNN speed-up"],
                 rows))

@@ -93,8 +93,13 @@ def torchao_linear(unet):
 
 
 def weight_mib(model) -> float:
-    seen = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    return sum(t.numel() * t.element_size() for t in seen.values()) / 2**20
+    """Bytes of the model's tensors as stored (unique storages), without derived runtime layouts
+    (the W8A8 ``w_mat`` / ``w_q_t`` GEMM views and oneDNN's packed copies)."""
+    seen = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.rsplit(".", 1)[-1] not in ("w_mat", "w_q_t"):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values()) / 2**20
 
 
 def run(device, latent, batch, runs, route, peers=True):

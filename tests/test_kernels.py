@@ -21,7 +21,7 @@ TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=5e-2
 def route(request, monkeypatch):
     if request.param == "onednn" and not cpu._onednn_ok():
         pytest.skip("oneDNN int8 ops unavailable or inexact on this CPU")
-    monkeypatch.setattr(cpu, "_ONEDNN_OK", request.param == "onednn")
+    monkeypatch.setattr(cpu, "ROUTE", request.param)
     return request.param
 
 
@@ -191,3 +191,22 @@ def test_cuda_triton_hiditq():
     codes = K.hiditq_encode(x.cuda(), levels.cuda())
     assert torch.equal(codes.cpu(), ref.hiditq_encode(x, levels))
     assert torch.equal(K.hiditq_decode(codes, levels.cuda()).cpu(), ref.hiditq_decode(codes.cpu(), levels))
+
+
+def test_auto_route_times_both_once_and_stays_exact(monkeypatch):
+    monkeypatch.setattr(cpu, "ROUTE", "auto")
+    monkeypatch.setattr(cpu, "_CHOICE", {})
+    g = torch.Generator().manual_seed(12)
+    w_q, w_scale, b, shift, inv = _layer(g, 24, 40)
+    x = torch.randn(9, 40, generator=g)
+    want = ref.linear_w8a8(x, w_q, w_scale, b, 0.02, 1, -128, 127, shift, inv)
+    for _ in range(2):
+        torch.testing.assert_close(K.linear_w8a8(x, w_q, w_scale, b, 0.02, 1, -128, 127, shift, inv), want,
+                                   **TOL[torch.float32])
+    assert list(cpu._CHOICE) == [("linear", 9, 40, 24, torch.float32)] or not cpu._onednn_ok()
+
+
+def test_bad_route_is_named(monkeypatch):
+    monkeypatch.setattr(cpu, "ROUTE", "fast")
+    with pytest.raises(ValueError, match="QVD_CPU_ROUTE"):
+        K.linear_w8a8(torch.randn(2, 8), torch.zeros(4, 8, dtype=torch.int8), torch.ones(4), None, 1.0, 0, -128, 127)

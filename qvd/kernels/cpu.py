@@ -1,9 +1,11 @@
 """Torch routes (CPU, and CUDA when Triton is unavailable); semantics: ``reference.py``.
 
-CPU routes, chosen by measurement (docs/benchmarks.md): oneDNN's int8 ops
-(``torch.ops.onednn.qlinear_pointwise`` / ``qconv2d_pointwise``: u8 activations x s8 weights, int32
-accumulate, ``acc * x_scale * w_scale + bias`` epilogue in the kernel) beat ``torch._int_mm`` plus a
-separate epilogue by 1.2-4x. Codes are stored +128 as uint8 with oneDNN zero point 128, so the int32
+CPU routes: oneDNN's int8 ops (``torch.ops.onednn.qlinear_pointwise`` / ``qconv2d_pointwise``: u8
+activations x s8 weights, int32 accumulate, ``acc * x_scale * w_scale + bias`` epilogue in the kernel)
+and ``torch._int_mm`` (conv: NHWC int8 im2col from strided views) plus a separate epilogue. Neither
+wins everywhere (docs/benchmarks.md: oneDNN is ahead on large-N GEMMs, ``_int_mm`` on weight-bound
+convs), so by default (``QVD_CPU_ROUTE=auto``) the first call of each shape times both and keeps the
+faster; ``QVD_CPU_ROUTE=onednn`` / ``int_mm`` pins one. Codes are stored +128 as uint8 with oneDNN zero point 128, so the int32
 accumulator is over the raw codes exactly as in the reference (the code zero point is folded into the
 effective bias). int8 (s8) activations are avoided: oneDNN runs them on a reference path, 10-1000x slower. Weights
 are prepacked once per weight tensor (weakly cached). Before first use a probe checks that the oneDNN
@@ -12,6 +14,8 @@ route is exact (no int16 saturation on CPUs without VNNI); otherwise ``torch._in
 from __future__ import annotations
 
 import logging
+import os
+import time
 import weakref
 
 import torch
@@ -21,6 +25,29 @@ log = logging.getLogger("qvd")
 
 _PACKED: dict[int, tuple] = {}  # id(w_q) -> (weakref to w_q, key, packed weight, float scales)
 _ONEDNN_OK: bool | None = None
+ROUTES = ("auto", "onednn", "int_mm")
+ROUTE = os.environ.get("QVD_CPU_ROUTE", "auto")
+_CHOICE: dict[tuple, bool] = {}  # shape key -> oneDNN was faster
+
+
+def _run(key: tuple, onednn_fn, int_mm_fn):
+    """Run the pinned route, or (auto) the faster one for this shape, timing both on first sight."""
+    if ROUTE not in ROUTES:
+        raise ValueError(f"QVD_CPU_ROUTE={ROUTE!r}: use one of {ROUTES}")
+    if not _onednn_ok() or ROUTE == "int_mm":
+        return int_mm_fn()
+    if ROUTE == "onednn":
+        return onednn_fn()
+    if key in _CHOICE:
+        return (onednn_fn if _CHOICE[key] else int_mm_fn)()
+    times, outs = [], []
+    for fn in (onednn_fn, int_mm_fn):
+        fn()  # warm-up: oneDNN packs weights and creates primitives on first use
+        t0 = time.perf_counter()
+        outs.append(fn())
+        times.append(time.perf_counter() - t0)
+    _CHOICE[key] = times[0] <= times[1]
+    return outs[0] if _CHOICE[key] else outs[1]
 
 
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -124,19 +151,27 @@ def linear_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     n = w_q.shape[0]
-    if x.device.type == "cpu" and _onednn_ok():
+
+    def onednn():
         q = quantize_into(torch.empty(x2.shape, dtype=torch.uint8), x2, act_scale, zero_point, qmin, qmax,
                           shift, inv_smooth, offset=128)
         packed, ws = _packed(w_q, w_scale, None)
         zeros = torch.zeros(n, dtype=torch.int32)
         b = None if bias is None else bias.float()
-        y = torch.ops.onednn.qlinear_pointwise(q, float(act_scale), 128, packed, ws, zeros, b,
-                                               1.0, 0, x.dtype, "none", [], "")
-        return y.reshape(*lead, n)
-    q = quantize_into(torch.empty(x2.shape, dtype=torch.int8, device=x.device), x2, act_scale, zero_point,
-                      qmin, qmax, shift, inv_smooth)
-    acc = int_mm(q, w_q.t() if w_q_t is None else w_q_t)
-    return _epilogue(acc, act_scale, w_scale, bias, x.dtype).reshape(*lead, n)
+        return torch.ops.onednn.qlinear_pointwise(q, float(act_scale), 128, packed, ws, zeros, b,
+                                                  1.0, 0, x.dtype, "none", [], "")
+
+    def int_mm_route():
+        q = quantize_into(torch.empty(x2.shape, dtype=torch.int8, device=x.device), x2, act_scale, zero_point,
+                          qmin, qmax, shift, inv_smooth)
+        acc = int_mm(q, w_q.t() if w_q_t is None else w_q_t)
+        return _epilogue(acc, act_scale, w_scale, bias, x.dtype)
+
+    if x.device.type == "cpu":
+        y = _run(("linear", x2.shape[0], k, n, x.dtype), onednn, int_mm_route)
+    else:
+        y = int_mm_route()
+    return y.reshape(*lead, n)
 
 
 def quantize_padded_nhwc(x: torch.Tensor, act_scale, zero_point: int, qmin: int, qmax: int, shift, inv_smooth,
@@ -162,7 +197,8 @@ def conv2d_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=
     """W8A8 conv2d on NCHW ``x`` (torch route); output NCHW-shaped, stored channels-last."""
     n, c, h, w = x.shape
     cout, _, kh, kw = w_q.shape
-    if x.device.type == "cpu" and _onednn_ok():
+
+    def onednn():
         q = quantize_padded_nhwc(x, act_scale, zero_point, qmin, qmax, shift, inv_smooth, padding,
                                  offset=128, dtype=torch.uint8)
         packed, ws = _packed(w_q, w_scale, stride)
@@ -172,17 +208,22 @@ def conv2d_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=
                                                ws, zeros, b, [stride] * 2, [0, 0], [1, 1], 1, 1.0, 0,
                                                _onednn_dtype(x.dtype, True), "none", [], "")
         return y.to(x.dtype)
-    q = quantize_padded_nhwc(x, act_scale, zero_point, qmin, qmax, shift, inv_smooth, padding)
-    hp, wp = h + 2 * padding, w + 2 * padding
-    oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
-    if kh == 1 and kw == 1:
-        cols = q[:, ::stride, ::stride, :].reshape(-1, c)
-    else:
-        sn, sh, sw, sc = q.stride()
-        cols = q.as_strided((n, oh, ow, kh, kw, c), (sn, sh * stride, sw * stride, sh, sw, sc))
-        cols = cols.reshape(n * oh * ow, kh * kw * c)
-    if w_mat is None:
-        w_mat = w_q.permute(2, 3, 1, 0).reshape(kh * kw * c, cout)
-    acc = int_mm(cols, w_mat)
-    y = _epilogue(acc, act_scale, w_scale, bias, x.dtype)
-    return y.view(n, oh, ow, cout).permute(0, 3, 1, 2)
+
+    def int_mm_route():
+        q = quantize_padded_nhwc(x, act_scale, zero_point, qmin, qmax, shift, inv_smooth, padding)
+        hp, wp = h + 2 * padding, w + 2 * padding
+        oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
+        if kh == 1 and kw == 1:
+            cols = q[:, ::stride, ::stride, :].reshape(-1, c)
+        else:
+            sn, sh, sw, sc = q.stride()
+            cols = q.as_strided((n, oh, ow, kh, kw, c), (sn, sh * stride, sw * stride, sh, sw, sc))
+            cols = cols.reshape(n * oh * ow, kh * kw * c)
+        wm = w_q.permute(2, 3, 1, 0).reshape(kh * kw * c, cout) if w_mat is None else w_mat
+        acc = int_mm(cols, wm)
+        y = _epilogue(acc, act_scale, w_scale, bias, x.dtype)
+        return y.view(n, oh, ow, cout).permute(0, 3, 1, 2)
+
+    if x.device.type == "cpu":
+        return _run(("conv", tuple(x.shape), tuple(w_q.shape), stride, padding, x.dtype), onednn, int_mm_route)
+    return int_mm_route()
