@@ -1,0 +1,190 @@
+"""The QVD nodes inside a real ComfyUI 0.3.75 server, driven over its HTTP API like the frontend does."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import pytest
+import torch
+
+from comfy_host import CKPT_NAME, WORKFLOWS, execution_error, load_api, read_latent, tiny, with_latent_output, without
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+QVD_INPUTS = {
+    "QVDCalibrate": {"model", "positive", "negative", "latent_image", "seed", "steps", "cfg", "sampler_name",
+                     "scheduler", "calibration_seeds", "save_name"},
+    "QVDQuantizeModel": {"model", "calibration", "weight_bits", "activation_bits", "htdq", "scri", "skip"},
+    "QVDSaveQuantized": {"model", "filename"},
+    "QVDLoadQuantized": {"model", "qvd_name"},
+}
+
+def ui_to_api(ui: dict, object_info: dict) -> dict:
+    """Convert a UI-format workflow to the API format with the server's node definitions (as the
+    frontend's graphToPrompt does for plain widgets and links)."""
+    links = {l[0]: l for l in ui["links"]}
+    api = {}
+    for node in ui["nodes"]:
+        info = object_info[node["type"]]["input"]
+        inputs = {i["name"]: [str(links[i["link"]][1]), links[i["link"]][2]]
+                  for i in node["inputs"] if i["link"] is not None}
+        values = list(node["widgets_values"])
+        for section in ("required", "optional"):
+            for name, spec in info.get(section, {}).items():
+                if name in inputs or not (isinstance(spec[0], list) or spec[0] in WIDGET_TYPES):
+                    continue
+                inputs[name] = values.pop(0)
+                if len(spec) > 1 and spec[1].get("control_after_generate"):
+                    values.pop(0)
+        assert not values, f"node {node['id']} ({node['type']}) has unused widget values {values}"
+        api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return api
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server):
+    return comfy_server.get("/object_info")
+
+
+def test_object_info_lists_every_qvd_node_with_its_inputs(object_info):
+    for name, expected in QVD_INPUTS.items():
+        info = object_info[name]
+        assert info["category"] == "QVD"
+        declared = set(info["input"]["required"]) | set(info["input"].get("optional", {}))
+        assert declared == expected, name
+    assert object_info["QVDCalibrate"]["output"] == ["QVD_CALIBRATION"]
+    assert object_info["QVDQuantizeModel"]["input"]["required"]["calibration"][0] == "QVD_CALIBRATION"
+    assert object_info["QVDCalibrate"]["output_node"] and object_info["QVDSaveQuantized"]["output_node"]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in WORKFLOWS.glob("*.json")))
+def test_ui_workflow_matches_its_api_twin(object_info, name):
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    missing = sorted({n["type"] for n in ui["nodes"]} - set(object_info))
+    if missing:
+        assert all(t.startswith("ADE_") for t in missing), missing
+        pytest.skip(f"AnimateDiff-Evolved is not installed in this ComfyUI (missing {missing})")
+    assert ui_to_api(ui, object_info) == load_api(name)
+
+
+@pytest.fixture(scope="module")
+def core_runs(comfy_server):
+    """Workflow (c) at TINY size: FP, quantized (+ save), FP again, and loaded from the saved file."""
+    wf = tiny(load_api("qvd_core_txt2vid_calibrate_quantize"))
+    wf["12"]["inputs"]["filename"] = "core_w8a8"
+    wf["10"]["inputs"]["seed"] = wf["20"]["inputs"]["seed"]  # calibrate on the trajectory that is sampled
+    fp_prompt = with_latent_output(without(copy.deepcopy(wf), "10", "11", "12"), "20", "fp")
+    fp_prompt["20"]["inputs"]["model"] = ["1", 0]
+    latents = {"fp": read_latent(comfy_server, comfy_server.run(fp_prompt), "save_fp")}
+    entry = comfy_server.run(with_latent_output(copy.deepcopy(wf), "20", "quantized"))
+    latents["quantized"] = read_latent(comfy_server, entry, "save_quantized")
+    latents["fp_again"] = read_latent(comfy_server, comfy_server.run(fp_prompt), "save_fp")
+    load_prompt = with_latent_output(without(copy.deepcopy(wf), "10", "11", "12"), "20", "loaded")
+    load_prompt["13"] = {"class_type": "QVDLoadQuantized",
+                         "inputs": {"model": ["1", 0], "qvd_name": "core_w8a8.safetensors"}}
+    load_prompt["20"]["inputs"]["model"] = ["13", 0]
+    latents["loaded"] = read_latent(comfy_server, comfy_server.run(load_prompt), "save_loaded")
+    return latents
+
+
+@pytest.mark.slow
+def test_quantized_workflow_runs_and_stays_close_to_fp(core_runs):
+    fp, q = core_runs["fp"], core_runs["quantized"]
+    assert torch.isfinite(q).all()
+    rel = float((q - fp).norm() / fp.norm())
+    # Measured 0.094 (100 W8A8 layers, each ~1% relative output error). > 0: the int8 layers really ran.
+    assert 0 < rel < 0.2, rel
+
+
+@pytest.mark.slow
+def test_input_model_is_untouched_by_quantization(core_runs):
+    assert torch.equal(core_runs["fp_again"], core_runs["fp"])
+
+
+@pytest.mark.slow
+def test_save_then_load_reproduces_the_quantized_output(core_runs, comfy_server):
+    assert (comfy_server.base / "models" / "qvd" / "core_w8a8.safetensors").is_file()
+    assert torch.equal(core_runs["loaded"], core_runs["quantized"])
+
+
+def _failing(server, prompt: dict) -> dict:
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "error"
+    return execution_error(entry)
+
+
+@pytest.mark.slow
+def test_saving_never_overwrites_a_file(core_runs, comfy_server):
+    (comfy_server.base / "models" / "qvd" / "taken.calibration.safetensors").write_bytes(b"keep me")
+    calibrate = tiny(load_api("qvd_core_txt2vid_calibrate_quantize"))
+    calibrate["10"]["inputs"]["save_name"] = "taken"
+    err = _failing(comfy_server, without(calibrate, "11", "12", "20", "21", "22"))
+    assert err["node_type"] == "QVDCalibrate" and "taken.calibration.safetensors" in err["exception_message"]
+    assert "already exists" in err["exception_message"]
+    resave = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}},
+              "13": {"class_type": "QVDLoadQuantized", "inputs": {"model": ["1", 0], "qvd_name": "core_w8a8.safetensors"}},
+              "30": {"class_type": "QVDSaveQuantized", "inputs": {"model": ["13", 0], "filename": "core_w8a8"}}}
+    err = _failing(comfy_server, resave)
+    assert err["node_type"] == "QVDSaveQuantized" and "core_w8a8.safetensors already exists" in err["exception_message"]
+    assert (comfy_server.base / "models" / "qvd" / "taken.calibration.safetensors").read_bytes() == b"keep me"
+
+
+@pytest.mark.slow
+def test_load_rejects_a_corrupt_or_truncated_file(core_runs, comfy_server):
+    folder = comfy_server.base / "models" / "qvd"
+    good = (folder / "core_w8a8.safetensors").read_bytes()
+    (folder / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    (folder / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    for name in ("truncated.safetensors", "garbage.safetensors"):
+        prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}},
+                  "13": {"class_type": "QVDLoadQuantized", "inputs": {"model": ["1", 0], "qvd_name": name}},
+                  "30": {"class_type": "QVDSaveQuantized", "inputs": {"model": ["13", 0], "filename": "never"}}}
+        err = _failing(comfy_server, prompt)
+        assert err["node_type"] == "QVDLoadQuantized", err
+        assert name in err["exception_message"], err["exception_message"]
+
+
+def test_quantize_without_calibration_is_rejected(comfy_server):
+    prompt = tiny(load_api("qvd_core_txt2vid_calibrate_quantize"))
+    del prompt["11"]["inputs"]["calibration"]
+    with pytest.raises(AssertionError, match="calibration"):
+        comfy_server.queue(without(prompt, "10"))
+
+
+@pytest.mark.slow
+def test_load_rejects_a_file_made_from_another_model(comfy_server):
+    from qvd import Calibrator, QVDConfig, quantize_model, save_quantized
+
+    other = torch.nn.ModuleDict({"diffusion_model": torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))})
+    with Calibrator(other, QVDConfig()) as cal:
+        other["diffusion_model"](torch.randn(32, 8))
+    result = quantize_model(other, cal.result(), QVDConfig(), apply=False)
+    save_quantized(str(comfy_server.base / "models" / "qvd" / "other_model.safetensors"), other, result)
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}},
+              "13": {"class_type": "QVDLoadQuantized", "inputs": {"model": ["1", 0], "qvd_name": "other_model.safetensors"}},
+              "30": {"class_type": "QVDSaveQuantized", "inputs": {"model": ["13", 0], "filename": "never"}}}
+    err = _failing(comfy_server, prompt)
+    assert err["node_type"] == "QVDLoadQuantized" and err["exception_type"].endswith("ModelMismatchError"), err
+    assert "different model" in err["exception_message"]
+
+
+@pytest.mark.slow
+def test_cancelled_calibration_leaves_the_model_untouched(comfy_server):
+    wf = tiny(load_api("qvd_core_txt2vid_calibrate_quantize"))
+    fp_prompt = with_latent_output(without(copy.deepcopy(wf), "10", "11", "12"), "20", "fp_cancel")
+    fp_prompt["20"]["inputs"]["model"] = ["1", 0]
+    before = read_latent(comfy_server, comfy_server.run(fp_prompt), "save_fp_cancel")
+    calibrate = without(tiny(wf, steps=8), "11", "12", "20", "21", "22")
+    log_start = len(comfy_server.log_path.read_bytes())
+    prompt_id = comfy_server.queue(calibrate)
+    deadline = time.monotonic() + 300
+    while b"QVD Calibrate: sampling seed" not in comfy_server.log_path.read_bytes()[log_start:]:
+        assert time.monotonic() < deadline, "calibration never started"
+        time.sleep(0.5)
+    time.sleep(2)
+    comfy_server.post("/interrupt", {})
+    entry = comfy_server.wait(prompt_id)
+    kinds = [m[0] for m in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds and "10" not in entry["outputs"], kinds
+    after = read_latent(comfy_server, comfy_server.run(fp_prompt), "save_fp_cancel")
+    assert torch.equal(after, before)  # the observers are gone: the shared UNet computes exactly as before
