@@ -92,13 +92,22 @@ def torchao_linear(unet):
     return True
 
 
+def _plain(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors behind a tensor subclass (e.g. torchao's quantized weights)."""
+    if hasattr(t, "__tensor_flatten__"):
+        inner = [getattr(t, n) for n in t.__tensor_flatten__()[0]]
+        return [p for x in inner if isinstance(x, torch.Tensor) for p in _plain(x)]
+    return [t]
+
+
 def weight_mib(model) -> float:
-    """Bytes of the model's tensors as stored (unique storages), without derived runtime layouts
+    """Bytes of the model's tensors (shared ones once), without derived runtime layouts
     (the W8A8 ``w_mat`` / ``w_q_t`` GEMM views and oneDNN's packed copies)."""
     seen = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if name.rsplit(".", 1)[-1] not in ("w_mat", "w_q_t"):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            for p in _plain(t):
+                seen[(p.data_ptr(), p.dtype)] = p.numel() * p.element_size()
     return sum(seen.values()) / 2**20
 
 
