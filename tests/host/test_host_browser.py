@@ -32,7 +32,7 @@ def test_frontend_loads_every_workflow_without_missing_nodes(comfy_server):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1600, "height": 900})
+            page = browser.new_page(viewport={"width": 1920, "height": 1000})
             page_errors = []
             page.on("pageerror", lambda e: page_errors.append(str(e)))
             page.goto(comfy_server.url, timeout=120_000)
@@ -55,8 +55,8 @@ def test_frontend_loads_every_workflow_without_missing_nodes(comfy_server):
                     for _ in range(3):  # close the first-run templates and missing-node dialogs
                         page.keyboard.press("Escape")
                     page.evaluate("() => document.querySelectorAll('.p-dialog-mask').forEach(e => e.remove())")
-                    page.mouse.click(800, 450)
-                    page.keyboard.press(".")  # fit the graph to the view
+                    page.evaluate("() => { const ds = window.app.canvas.ds; ds.scale = 0.7; ds.offset = [40, 220];"
+                                  " window.app.canvas.setDirty(true, true); }")
                     page.wait_for_timeout(1000)
                     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
                     page.screenshot(path=str(SCREENSHOT))
