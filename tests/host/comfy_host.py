@@ -71,7 +71,7 @@ class ComfyServer:
         self.client_id = uuid.uuid4().hex
         self._log = open(self.log_path, "wb")
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:",
+               "--base-directory", str(base), "--disable-auto-launch", "--database-url", f"sqlite:///{base / 'comfyui.db'}",
                *extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
         self.proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=self._log, stderr=subprocess.STDOUT, env=env,
