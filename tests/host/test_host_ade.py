@@ -1,0 +1,61 @@
+"""Workflow (a): AnimateDiff-Evolved txt2vid with QVD Calibrate -> Quantize -> KSampler, in ComfyUI.
+
+Needs ComfyUI-AnimateDiff-Evolved: $ADE_PATH, ComfyUI's custom_nodes, or .cache/ComfyUI-AnimateDiff-Evolved.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from comfy_host import (MOTION_NAME, TINY, ComfyServer, ade_path, build_model, execution_error, load_api, make_base_dir,
+                        read_latent, tiny, with_latent_output, without)
+
+pytestmark = [pytest.mark.slow, pytest.mark.ade]
+
+
+@pytest.fixture(scope="module")
+def ade_server(tmp_path_factory, sd15_checkpoint):
+    ade = ade_path()
+    if ade is None:
+        pytest.skip("ComfyUI-AnimateDiff-Evolved not found: set ADE_PATH or check it out under "
+                    ".cache/ComfyUI-AnimateDiff-Evolved")
+    motion = build_model("motion", MOTION_NAME)
+    base = make_base_dir(tmp_path_factory.mktemp("comfy_ade"), sd15_checkpoint, motion, ade)
+    server = ComfyServer(base, ("--cache-none",))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_ade_workflow_quantizes_unet_and_motion_model(ade_server):
+    # Motion modules of the first down / last up block and the middle block are quantized, the rest skipped.
+    skip = TINY["skip"] + ", down_blocks.[1-3].*, up_blocks.[0-2].*"
+    wf = tiny(load_api("qvd_ade_txt2vid_calibrate_quantize"), model_name=MOTION_NAME, skip=skip)
+    wf["12"]["inputs"]["filename"] = "ade_w8a8"
+    wf["10"]["inputs"]["seed"] = wf["20"]["inputs"]["seed"]
+    fp_prompt = with_latent_output(without(copy.deepcopy(wf), "10", "11", "12"), "20", "fp")
+    fp_prompt["20"]["inputs"]["model"] = ["7", 0]
+    fp = read_latent(ade_server, ade_server.run(fp_prompt), "save_fp")
+    entry = ade_server.run(with_latent_output(wf, "20", "q"))
+    q = read_latent(ade_server, entry, "save_q")
+    report = entry["outputs"]["11"]["text"][0]
+    assert "motion linear" in report and "unet conv" in report, report
+    rel = float((q - fp).norm() / fp.norm())
+    assert 0 < rel < 0.2, rel
+    assert torch.isfinite(q).all()
+    loaded = load_api("qvd_ade_txt2vid_load_quantized")
+    loaded = tiny(loaded, model_name=MOTION_NAME, qvd_name="ade_w8a8.safetensors")
+    again = read_latent(ade_server, ade_server.run(with_latent_output(loaded, "20", "loaded")), "save_loaded")
+    assert torch.equal(again, q)
+
+
+def test_calibration_of_the_ade_model_does_not_fit_the_plain_model(ade_server):
+    wf = tiny(load_api("qvd_ade_txt2vid_calibrate_quantize"), model_name=MOTION_NAME)
+    wf["11"]["inputs"]["model"] = ["1", 0]  # quantize the checkpoint's MODEL with the ADE model's calibration
+    entry = ade_server.wait(ade_server.queue(without(wf, "12", "20", "21", "22") | {
+        "30": {"class_type": "QVDSaveQuantized", "inputs": {"model": ["11", 0], "filename": "never"}}}))
+    err = execution_error(entry)
+    assert err["node_type"] == "QVDQuantizeModel" and "different model" in err["exception_message"], err
