@@ -31,6 +31,9 @@ class QVDConfig:
     htdq: quantize temporal features with HiDi-TQ searched by K = L2 + htdq_lambda * (1 - TDScore).
     scri: per-channel shift + scale of activations (Scattered Channel Range Integration), alpha searched
       per layer over ``scri_alphas``; folded into the preceding LayerNorm/GroupNorm where exact.
+    scri_max_gain: cap on a channel's SCRI gain ``1 / s_j`` (robustness to inputs unlike calibration's).
+    scri_skip: layers without SCRI. Default: cross-attention keys / values, which read the prompt
+      embedding; its per-channel ranges seen on a few calibration prompts do not cover other prompts.
     skip: layer-name patterns kept in full precision. keep_8bit: patterns forced to W8A8.
     calib_rows: input rows (tokens / conv patches) kept per layer during calibration.
     """
@@ -45,6 +48,8 @@ class QVDConfig:
     scri: bool = True
     scri_alphas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     scri_fold_norm: bool = True
+    scri_max_gain: float = 4.0
+    scri_skip: tuple = ("attn2.to_k", "attn2.to_v")
     skip: tuple = ()
     keep_8bit: tuple = FIRST_LAST_PATTERNS
     temporal: tuple = TEMPORAL_PATTERNS
@@ -62,7 +67,7 @@ class QVDConfig:
             raise QVDError(f"weight_clip={self.weight_clip!r}: use one of {WEIGHT_CLIPS}")
         if self.calib_rows < 16:
             raise QVDError(f"calib_rows={self.calib_rows} is too small: use at least 16")
-        for f in ("scri_alphas", "skip", "keep_8bit", "temporal"):
+        for f in ("scri_alphas", "scri_skip", "skip", "keep_8bit", "temporal"):
             object.__setattr__(self, f, tuple(getattr(self, f)))
 
     def is_temporal(self, name: str) -> bool:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .calibrate import Calibration, check_layers, find_layers, fingerprint, layer_signature
-from .config import QVDConfig
+from .config import QVDConfig, matches
 from .errors import CalibrationError
 from .htdq import k_metric, search_hiditq
 from .modules import HiDiTQLinear, QConv2d, QLinear
@@ -64,7 +64,7 @@ def _fit(module: nn.Module, stats, cfg: QVDConfig, w_bits: int, a_bits: int, alp
         z, s, wt, bt, xt = None, None, w, b, rows
         lo, hi = float(stats.ch_min.min()), float(stats.ch_max.max())
     else:
-        z, s = scri_params(stats.ch_min.float().cpu(), stats.ch_max.float().cpu(), alpha)
+        z, s = scri_params(stats.ch_min.float().cpu(), stats.ch_max.float().cpu(), alpha, cfg.scri_max_gain)
         wt, bt = fold_into_weight(w, b, z, s)
         xt = (rows - z[ch]) / s[ch]
         lo = float(((stats.ch_min.cpu() - z) / s).min())
@@ -79,8 +79,10 @@ def _fit(module: nn.Module, stats, cfg: QVDConfig, w_bits: int, a_bits: int, alp
     return _Fit(err, alpha, z, s, wq, ws, bt, act_scale, zp, w_err)
 
 
-def _candidates(cfg: QVDConfig) -> list:
-    return [None] + (list(cfg.scri_alphas) if cfg.scri else [])
+def _candidates(cfg: QVDConfig, names: list[str]) -> list:
+    """SCRI alphas to try for layers sharing one input (None = no SCRI)."""
+    allowed = cfg.scri and not any(matches(n, cfg.scri_skip) for n in names)
+    return [None] + (list(cfg.scri_alphas) if allowed else [])
 
 
 def _build(name: str, module: nn.Module, fit: _Fit, w_bits: int, a_bits: int, runtime_scri: bool) -> nn.Module:
@@ -177,7 +179,7 @@ def quantize_model(root: nn.Module, calibration: Calibration, config: QVDConfig 
                 continue
             bits = [cfg.layer_bits(n) for n in group]
             best = None
-            for alpha in _candidates(cfg):
+            for alpha in _candidates(cfg, group):
                 fits = [_fit(m, calibration.layers[n], cfg, *bw, alpha) for n, m, bw in zip(group, mods, bits)]
                 total = sum(f.err for f in fits)
                 if best is None or total < best[0]:
@@ -209,7 +211,7 @@ def quantize_model(root: nn.Module, calibration: Calibration, config: QVDConfig 
             report.append(entry)
             continue
         bw = cfg.layer_bits(name)
-        fit = min((_fit(module, stats, cfg, *bw, a) for a in _candidates(cfg)), key=lambda f: f.err)
+        fit = min((_fit(module, stats, cfg, *bw, a) for a in _candidates(cfg, [name])), key=lambda f: f.err)
         modules[name] = _build(name, module, fit, *bw, runtime_scri=True)
         extra = {}
         if cfg.is_temporal(name):

@@ -2,7 +2,8 @@
 
 For the input ``X`` of a Linear / conv layer with calibrated per-channel extremes ``m_j, M_j``:
 centre ``z_j = (M_j + m_j) / 2``, half range ``r_j = (M_j - m_j) / 2``, common half range ``R = max_j r_j``,
-scale ``s_j = (r_j / R) ** alpha`` (alpha in [0, 1]: 0 = centring only, 1 = every channel spans R).
+scale ``s_j = max((r_j / R) ** alpha, 1 / max_gain)`` (alpha in [0, 1]: 0 = centring only, 1 = every
+channel spans R; the gain cap keeps channels that were narrow in calibration from clipping on new prompts).
 The layer sees ``x'_j = (x_j - z_j) / s_j`` and compensates exactly with ``W'[:, j] = W[:, j] * s_j`` and
 ``b' = b + W z``, so ``W x + b = W' x' + b'`` before rounding. ``x'`` is produced either by the preceding
 LayerNorm / GroupNorm (affine folded: ``gamma' = gamma / s``, ``beta' = (beta - z) / s``) or by the fused
@@ -17,12 +18,14 @@ import torch
 from torch import nn
 
 
-def scri_params(ch_min: torch.Tensor, ch_max: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel shift ``z`` and scale ``s`` (both [C], fp32)."""
+def scri_params(ch_min: torch.Tensor, ch_max: torch.Tensor, alpha: float,
+                max_gain: float = float("inf")) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel shift ``z`` and scale ``s`` (both [C], fp32); ``1 / s`` (a channel's gain) is capped at
+    ``max_gain`` so that a channel that was narrow during calibration keeps head-room for other inputs."""
     z = (ch_max + ch_min) * 0.5
     r = ((ch_max - ch_min) * 0.5).clamp_min(0)
     big = r.max().clamp_min(1e-12)
-    s = (r / big).clamp_min(1e-4).pow(alpha)  # floor keeps dead channels from blowing up 1/s
+    s = (r / big).clamp_min(1e-4).pow(alpha).clamp_min(1.0 / max_gain)
     return z.float(), s.float()
 
 
