@@ -32,7 +32,7 @@ class QVDConfig:
     scri: per-channel shift + scale of activations (Scattered Channel Range Integration), alpha searched
       per layer over ``scri_alphas``; folded into the preceding LayerNorm/GroupNorm where exact.
     scri_max_gain: cap on a channel's SCRI gain ``1 / s_j`` (robustness to inputs unlike calibration's).
-    scri_skip: layers without SCRI. Default: cross-attention keys / values, which read the prompt
+    scri_skip: layers without SCRI. Default: cross-attention keys / values / output, which read the prompt
       embedding; its per-channel ranges seen on a few calibration prompts do not cover other prompts.
     skip: layer-name patterns kept in full precision. keep_8bit: patterns forced to W8A8.
     calib_rows: input rows (tokens / conv patches) kept per layer during calibration.
@@ -49,7 +49,7 @@ class QVDConfig:
     scri_alphas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     scri_fold_norm: bool = True
     scri_max_gain: float = 4.0
-    scri_skip: tuple = ("attn2.to_k", "attn2.to_v")
+    scri_skip: tuple = ("attn2.to_k", "attn2.to_v", "attn2.to_out.0")
     skip: tuple = ()
     keep_8bit: tuple = FIRST_LAST_PATTERNS
     temporal: tuple = TEMPORAL_PATTERNS

@@ -151,7 +151,9 @@ def quantize_model(root: nn.Module, calibration: Calibration, config: QVDConfig 
                    apply: bool = True) -> QuantizeResult:
     """Quantize every calibrated Linear / Conv2d under ``root``.
 
-    Returns the replacement modules (including folded norm copies) and a per-layer report. With
+    Returns the replacement modules (including folded norm copies) and a per-layer report (``out_rel_err``
+    and ``w_rel_err``: ``||y_q - y||^2 / ||y||^2`` of the layer output on its calibration rows, and the
+    relative L2 error of the weights; ``tdscore`` for temporal layers). With
     ``apply=True`` they are installed in ``root``; with ``apply=False`` ``root`` is left untouched (hosts
     such as ComfyUI install them as object patches).
     """
@@ -159,7 +161,8 @@ def quantize_model(root: nn.Module, calibration: Calibration, config: QVDConfig 
     if not isinstance(calibration, Calibration):
         raise CalibrationError("quantize_model needs a Calibration (run a Calibrator over the model first)")
     layers = find_layers(root, cfg)
-    check_layers(calibration.signatures, {n: layer_signature(m) for n, m in layers.items()}, "the calibration")
+    every_layer = find_layers(root, QVDConfig())  # skipped layers still count as the model's own
+    check_layers(calibration.signatures, {n: layer_signature(m) for n, m in every_layer.items()}, "the calibration")
     named = dict(root.named_modules())
     modules, report, done = {}, [], set()
 

@@ -92,6 +92,13 @@ def test_fake_quant_mode_matches_integer_kernels_per_layer(inputs, quantized):
             assert rel_err(y_int, y_fake) < 1e-5, n
 
 
+def test_skip_list_keeps_calibrated_layers_in_float(unet, calibration):
+    q = copy.deepcopy(unet)
+    res = quantize_model(q, calibration, QVDConfig(skip=("conv_out", "*.motion_modules.*")))
+    assert type(q.conv_out) is torch.nn.Conv2d and type(q.conv_in) is QConv2d
+    assert not any("motion_modules" in n for n in res.modules)
+
+
 def test_apply_false_leaves_the_model_untouched(unet, inputs, calibration):
     before = inputs.run(unet, 200)
     res = quantize_model(unet, calibration, QVDConfig(), apply=False)
