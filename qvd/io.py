@@ -1,7 +1,8 @@
 """The QVD file format: one ``.safetensors`` file per quantized model.
 
-Tensors, per quantized layer ``<name>``: ``<name>.weight`` (int8), ``.weight_scale``, ``.bias``,
-``.act_scale``, optional ``.scri_shift`` / ``.scri_inv_scale`` (W8A8 layers) or ``.levels`` (HiDi-TQ
+Tensors, per quantized layer ``<name>``: ``<name>.weight`` (int8 codes of ``W * s``), ``.weight_scale``,
+``.bias`` (the layer's own), ``.act_scale``, optional ``.scri_shift`` / ``.scri_inv_scale`` (W8A8 layers;
+applied by the quantize kernel, or by the preceding norm when ``scri_in_norm``) or ``.levels`` (HiDi-TQ
 temporal layers); per norm that absorbed SCRI: ``<name>.weight`` / ``<name>.bias``.
 Metadata: a single key ``"qvd"`` holding sorted JSON: ``format``, ``format_version``, ``config``, the
 source model's ``fingerprint`` and layer signatures, the ``layers`` map (kind, shapes, bits, zero point,
@@ -29,7 +30,7 @@ from .modules import HiDiTQLinear, QConv2d, QLinear
 from .quantize import QuantizeResult, install
 
 FORMAT = "qvd-w8a8"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # bump when the layout above changes
 _TENSOR_FIELDS = ("weight", "weight_scale", "bias", "act_scale", "scri_shift", "scri_inv_scale", "levels")
 
 
@@ -78,7 +79,8 @@ def _checksum(tensors: dict) -> str:
 def _layer_meta(module: nn.Module) -> dict:
     if isinstance(module, HiDiTQLinear):
         return {"kind": "temporal", "in": module.in_features, "out": module.out_features, "w_bits": module.w_bits}
-    meta = {"w_bits": module.w_bits, "a_bits": module.a_bits, "zero_point": module.act_zero_point}
+    meta = {"w_bits": module.w_bits, "a_bits": module.a_bits, "zero_point": module.act_zero_point,
+            "scri_in_norm": module.scri_in_norm}
     if isinstance(module, QLinear):
         return {"kind": "linear", "in": module.in_features, "out": module.out_features, **meta}
     return {"kind": "conv", "in": module.in_channels, "out": module.out_channels, "kernel": list(module.kernel_size),
@@ -112,7 +114,7 @@ def _verify_weights(name: str, fp_module: nn.Module, q: nn.Module, recorded: flo
     w = fp_module.weight.detach().float().cpu()
     deq = q.weight.float().cpu() * q.weight_scale.float().cpu().view(-1, *([1] * (w.dim() - 1)))
     inv = getattr(q, "scri_inv_scale", None)
-    if inv is not None:  # runtime SCRI: the stored weight is W * s
+    if inv is not None:  # SCRI: the stored weight is W * s
         deq = deq * inv.float().cpu().view(1, -1, *([1] * (w.dim() - 2)))
     err = float((deq - w).norm() / w.norm().clamp_min(1e-30))
     if err > 2 * recorded + 2e-3:
@@ -141,7 +143,6 @@ def load_quantized(path: str, root: nn.Module, apply: bool = True, verify_weight
         raise QuantizedFileError("this model is already quantized: load the file onto the full-precision model")
     model_sigs = {n: layer_signature(m) for n, m in named.items() if isinstance(m, (nn.Linear, nn.Conv2d))}
     check_layers(meta["signatures"], model_sigs, f"the quantized file {os.path.basename(path)}")
-    folded = {r["name"] for r in meta["report"] if str(r.get("scri_fold") or "").startswith("norm:")}
     modules = {}
     for name, info in meta["layers"].items():
         t = {f: tensors.get(f"{name}.{f}") for f in _TENSOR_FIELDS}
@@ -151,12 +152,13 @@ def load_quantized(path: str, root: nn.Module, apply: bool = True, verify_weight
         else:
             kw = dict(weight_q=t["weight"], weight_scale=t["weight_scale"], bias=t["bias"],
                       act_scale=float(t["act_scale"]), act_zero_point=info["zero_point"], w_bits=info["w_bits"],
-                      a_bits=info["a_bits"], scri_shift=t["scri_shift"], scri_inv_scale=t["scri_inv_scale"])
+                      a_bits=info["a_bits"], scri_shift=t["scri_shift"], scri_inv_scale=t["scri_inv_scale"],
+                      scri_in_norm=info["scri_in_norm"])
             if info["kind"] == "linear":
                 q = QLinear(info["in"], info["out"], **kw)
             else:
                 q = QConv2d(info["in"], info["out"], info["kernel"], info["stride"], info["padding"], **kw)
-        if verify_weights and name not in folded:  # folded layers hold W * s with s inside the norm
+        if verify_weights:
             _verify_weights(name, named[name], q, info.get("w_rel_err"))
         modules[name] = q.to(named[name].weight.device)
     for name in meta["norms"]:

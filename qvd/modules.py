@@ -4,7 +4,9 @@
 quantizer (scale, zero point) and optional SCRI input shift / scale. ``mode = "int"`` (default) runs the
 integer kernels from ``qvd.kernels``; ``mode = "fake"`` simulates the same rounding in floating point.
 ``HiDiTQLinear``: the time-projection layers; HiDi-TQ look-up-table activations, int8 weights.
-All tensors are ``nn.Parameter(requires_grad=False)`` so hosts that move / offload parameters see them.
+All tensors are ``nn.Parameter(requires_grad=False)`` so hosts that move / offload parameters see them;
+``forward`` brings them to the input's device when a host left them elsewhere (low-VRAM offloading), and
+``convert_weight`` / ``set_weight`` let a host patch the weights (ComfyUI LoRA).
 ``forward`` takes ``input`` like ``nn.Linear`` / ``nn.Conv2d`` (callers such as diffusers pass it by name).
 """
 from __future__ import annotations
@@ -21,13 +23,27 @@ def _param(t: torch.Tensor | None):
     return None if t is None else nn.Parameter(t, requires_grad=False)
 
 
+def _key(t: torch.Tensor | None, device) -> tuple:
+    """Cache key that changes when a tensor is replaced or modified in place (inference tensors have no
+    version counter; ComfyUI replaces them rather than writing into them)."""
+    if t is None:
+        return (None,)
+    return id(t), t.data_ptr(), str(device), -1 if t.is_inference() else t._version
+
+
 class _QuantizedBase(nn.Module):
-    """Shared state of W8A8 layers (see module docstring)."""
+    """Shared state of W8A8 layers (see module docstring).
+
+    ``weight`` holds int8 codes of ``W * s`` (``s`` the SCRI scale per input channel, 1 without SCRI) and
+    ``bias`` the layer's own bias; the SCRI correction ``W z`` and the zero-point correction are derived from
+    the current weight in ``effective_bias``, so weights patched later (a LoRA) stay consistent.
+    ``scri_in_norm``: the SCRI transform is done by the preceding norm, not by the quantize kernel.
+    """
 
     qvd_quantized = True
 
     def __init__(self, weight_q, weight_scale, bias, act_scale, act_zero_point, w_bits, a_bits,
-                 scri_shift=None, scri_inv_scale=None):
+                 scri_shift=None, scri_inv_scale=None, scri_in_norm=False):
         super().__init__()
         self.weight = _param(weight_q.to(torch.int8))
         self.weight_scale = _param(weight_scale.float())
@@ -35,36 +51,93 @@ class _QuantizedBase(nn.Module):
         self.act_scale = _param(torch.tensor(float(act_scale)))
         self.scri_shift = _param(None if scri_shift is None else scri_shift.float())
         self.scri_inv_scale = _param(None if scri_inv_scale is None else scri_inv_scale.float())
+        self.scri_in_norm = bool(scri_in_norm)
         self.act_zero_point = int(act_zero_point)
         self.w_bits, self.a_bits = int(w_bits), int(a_bits)
         self.qmin, self.qmax = act_qrange(self.a_bits)
         self.mode = "int"
         self._cache = {}
 
-    def effective_bias(self) -> torch.Tensor:
-        """Bias with the zero-point correction ``- s_x * s_w * zp * sum_k W_q`` folded in (cached)."""
-        key = ("bias", self.weight.device, self.weight._version, self.act_scale._version,
-               None if self.bias is None else self.bias._version)
-        if key not in self._cache:
-            rowsum = self.weight.flatten(1).sum(1, dtype=torch.int32).float()
-            corr = self.act_scale.float() * self.weight_scale * (self.act_zero_point * rowsum)
-            b = -corr if self.bias is None else self.bias - corr
-            self._cache = {k: v for k, v in self._cache.items() if k[0] != "bias"}
-            self._cache[key] = b.detach()
-        return self._cache[key]
+    def _cached(self, kind: str, device, deps, build):
+        key = (kind, str(device)) + tuple(k for t in deps for k in _key(t, device))
+        hit = self._cache.get(kind)
+        if hit is None or hit[0] != key:
+            hit = (key, build())
+            if device == self.weight.device:  # never keep copies made for another device (offloading)
+                self._cache[kind] = hit
+        return hit[1]
+
+    def _view(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-input-channel vector shaped to broadcast against the weight."""
+        return t.view(1, -1, *([1] * (self.weight.dim() - 2)))
 
     def dequantized_weight(self) -> torch.Tensor:
         """fp32 weight acting on the SCRI-transformed input."""
         return dequantize_weight(self.weight, self.weight_scale)
 
+    def folded_bias(self, device=None) -> torch.Tensor:
+        """``b + W z`` with ``W = dequant(weight) / s``: the bias seen by the SCRI-transformed input."""
+        device = self.weight.device if device is None else device
+
+        def build():
+            b = torch.zeros(self.weight.shape[0], device=device) if self.bias is None else self.bias.to(device)
+            if self.scri_shift is not None:
+                zs = self._view((self.scri_shift * self.scri_inv_scale).to(device))
+                wz = (self.weight.to(device).float() * zs).flatten(1).sum(1) * self.weight_scale.to(device)
+                b = b + wz
+            return b.detach()
+        return self._cached("folded_bias", device, (self.weight, self.weight_scale, self.bias, self.scri_shift), build)
+
+    def effective_bias(self, device=None) -> torch.Tensor:
+        """``folded_bias - s_x s_w zp sum_k W_q``: the integer kernels' epilogue bias (cached)."""
+        device = self.weight.device if device is None else device
+
+        def build():
+            rowsum = self.weight.to(device).flatten(1).sum(1, dtype=torch.int32).float()
+            corr = self.act_scale.to(device).float() * self.weight_scale.to(device) * (self.act_zero_point * rowsum)
+            return (self.folded_bias(device) - corr).detach()
+        return self._cached("bias", device, (self.weight, self.weight_scale, self.bias, self.act_scale,
+                                             self.scri_shift), build)
+
+    def _kernel_scri(self, device):
+        if self.scri_shift is None or self.scri_in_norm:
+            return None, None
+        return self.scri_shift.to(device), self.scri_inv_scale.to(device)
+
     def _fake_input(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
-        q = kernels.reference.quantize_activation(x, self.act_scale, self.act_zero_point, self.qmin, self.qmax,
-                                                  self.scri_shift, self.scri_inv_scale, channel_dim)
-        return (q.float() - self.act_zero_point) * self.act_scale.float()
+        shift, inv = self._kernel_scri(x.device)
+        q = kernels.reference.quantize_activation(x, self.act_scale.to(x.device), self.act_zero_point, self.qmin,
+                                                  self.qmax, shift, inv, channel_dim)
+        return (q.float() - self.act_zero_point) * self.act_scale.to(x.device).float()
+
+    def _fake_forward(self, x: torch.Tensor, op) -> torch.Tensor:
+        """Simulated rounding in float: the same codes, then a float op with the dequantized weight."""
+        return op(self.dequantized_weight().to(x.device), self.folded_bias(x.device)).to(x.dtype)
+
+    # ComfyUI's weight-patch protocol (LoRA on a quantized model): ``convert_weight`` gives the float
+    # weight in the layer's own input domain, ``set_weight`` requantizes a patched one onto the existing
+    # per-channel scales (ComfyUI restores only ``weight`` when it unpatches).
+    def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **_) -> torch.Tensor:
+        w = weight.float() * self.weight_scale.to(weight.device).view(-1, *([1] * (weight.dim() - 1)))
+        if self.scri_inv_scale is not None:
+            w = w * self._view(self.scri_inv_scale.to(weight.device))
+        return w
+
+    def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, **_) -> None:
+        w = weight.float()
+        if self.scri_inv_scale is not None:
+            w = w / self._view(self.scri_inv_scale.to(w.device))
+        qmax = 2 ** (self.w_bits - 1) - 1
+        scale = self.weight_scale.to(w.device).view(-1, *([1] * (w.dim() - 1)))
+        codes = (w / scale).round_().clamp_(-qmax, qmax).to(torch.int8)
+        if inplace_update:
+            self.weight.data.copy_(codes)
+        else:
+            self.weight = _param(codes.to(self.weight.device))
 
     def extra_repr(self) -> str:
-        return (f"w_bits={self.w_bits}, a_bits={self.a_bits}, scri={self.scri_shift is not None}, "
-                f"mode={self.mode}")
+        scri = "norm" if self.scri_in_norm else self.scri_shift is not None
+        return f"w_bits={self.w_bits}, a_bits={self.a_bits}, scri={scri}, mode={self.mode}"
 
 
 class QLinear(_QuantizedBase):
@@ -73,13 +146,12 @@ class QLinear(_QuantizedBase):
         self.in_features, self.out_features = in_features, out_features
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        x = input
+        x, dev = input, input.device
         if self.mode == "fake":
-            y = F.linear(self._fake_input(x, -1), self.dequantized_weight(), self.bias)
-            return y.to(x.dtype)
-        return kernels.linear_w8a8(x, self.weight, self.weight_scale, self.effective_bias(), self.act_scale,
-                                   self.act_zero_point, self.qmin, self.qmax, self.scri_shift,
-                                   self.scri_inv_scale)
+            return self._fake_forward(x, lambda w, b: F.linear(self._fake_input(x, -1), w, b))
+        shift, inv = self._kernel_scri(dev)
+        return kernels.linear_w8a8(x, self.weight.to(dev), self.weight_scale.to(dev), self.effective_bias(dev),
+                                   self.act_scale.to(dev), self.act_zero_point, self.qmin, self.qmax, shift, inv)
 
 
 class QConv2d(_QuantizedBase):
@@ -88,24 +160,15 @@ class QConv2d(_QuantizedBase):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = tuple(kernel_size), int(stride), int(padding)
 
-    def _weight_matrix(self) -> torch.Tensor:
-        """Weight as the [kh*kw*C, N] int8 matrix of the NHWC im2col GEMM (cached)."""
-        key = ("wmat", self.weight.device, self.weight._version)
-        if key not in self._cache:
-            n, c, kh, kw = self.weight.shape
-            self._cache = {k: v for k, v in self._cache.items() if k[0] != "wmat"}
-            self._cache[key] = self.weight.detach().permute(2, 3, 1, 0).reshape(kh * kw * c, n).contiguous()
-        return self._cache[key]
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        x = input
+        x, dev = input, input.device
         if self.mode == "fake":
             xp = F.pad(x, (self.padding,) * 4) if self.padding else x
-            y = F.conv2d(self._fake_input(xp, 1), self.dequantized_weight(), self.bias, self.stride)
-            return y.to(x.dtype)
-        return kernels.conv2d_w8a8(x, self.weight, self.weight_scale, self.effective_bias(), self.act_scale,
-                                   self.act_zero_point, self.qmin, self.qmax, self.scri_shift,
-                                   self.scri_inv_scale, self.stride, self.padding, w_mat=self._weight_matrix())
+            return self._fake_forward(x, lambda w, b: F.conv2d(self._fake_input(xp, 1), w, b, self.stride))
+        shift, inv = self._kernel_scri(dev)
+        return kernels.conv2d_w8a8(x, self.weight.to(dev), self.weight_scale.to(dev), self.effective_bias(dev),
+                                   self.act_scale.to(dev), self.act_zero_point, self.qmin, self.qmax, shift, inv,
+                                   self.stride, self.padding)
 
 
 class HiDiTQLinear(nn.Module):
@@ -123,13 +186,24 @@ class HiDiTQLinear(nn.Module):
         self.w_bits = int(w_bits)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        x = input
-        codes = kernels.hiditq_encode(x, self.levels)
-        xq = kernels.hiditq_decode(codes, self.levels)
-        y = (xq @ self.weight.t().float()) * self.weight_scale
+        x, dev = input, input.device
+        levels = self.levels.to(dev)
+        xq = kernels.hiditq_decode(kernels.hiditq_encode(x, levels), levels)
+        y = (xq @ self.weight.to(dev).t().float()) * self.weight_scale.to(dev)
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.to(dev)
         return y.to(x.dtype)
+
+    def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **_) -> torch.Tensor:
+        return weight.float() * self.weight_scale.to(weight.device)[:, None]
+
+    def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, **_) -> None:
+        qmax = 2 ** (self.w_bits - 1) - 1
+        codes = (weight.float() / self.weight_scale.to(weight.device)[:, None]).round_().clamp_(-qmax, qmax)
+        if inplace_update:
+            self.weight.data.copy_(codes.to(torch.int8))
+        else:
+            self.weight = _param(codes.to(torch.int8).to(self.weight.device))
 
     def extra_repr(self) -> str:
         return f"w_bits={self.w_bits}, levels={self.levels.numel()}"

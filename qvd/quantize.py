@@ -58,25 +58,31 @@ def _fit(module: nn.Module, stats, cfg: QVDConfig, w_bits: int, a_bits: int, alp
     w = module.weight.detach().float().cpu()
     b = None if module.bias is None else module.bias.detach().float().cpu()
     rows = stats.rows.float().cpu()
-    c = w.shape[1]
-    ch = torch.arange(rows.shape[1]) % c
+    ch = torch.arange(rows.shape[1]) % w.shape[1]
+    view = (1, -1) + (1,) * (w.dim() - 2)
     if alpha is None:
-        z, s, wt, bt, xt = None, None, w, b, rows
+        z, s, wt, xt = None, None, w, rows
         lo, hi = float(stats.ch_min.min()), float(stats.ch_max.max())
     else:
         z, s = scri_params(stats.ch_min.float().cpu(), stats.ch_max.float().cpu(), alpha, cfg.scri_max_gain)
-        wt, bt = fold_into_weight(w, b, z, s)
+        wt = fold_into_weight(w, b, z, s)[0]
         xt = (rows - z[ch]) / s[ch]
         lo = float(((stats.ch_min.cpu() - z) / s).min())
         hi = float(((stats.ch_max.cpu() - z) / s).max())
     wq, ws = quantize_weight(wt, w_bits, cfg.weight_clip)
+    w_hat = dequantize_weight(wq, ws)
+    # bias correction from the quantized weight (as QLinear / QConv2d compute it): y_q = W_hat x_hat + b
+    bt = b
+    if z is not None:
+        wz = ((w_hat / s.view(view)) * z.view(view)).flatten(1).sum(1)
+        bt = wz if b is None else b + wz
     act_scale, zp = activation_qparams(xt, a_bits, cfg.act_range, lo, hi, cfg.percentile)
     y = rows @ _rows_layout(w).t() + (0 if b is None else b)
-    yq = fake_quant(xt, act_scale, zp, a_bits) @ _rows_layout(dequantize_weight(wq, ws)).t() + (0 if bt is None else bt)
+    yq = fake_quant(xt, act_scale, zp, a_bits) @ _rows_layout(w_hat).t() + (0 if bt is None else bt)
     err = float((yq - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30))
-    w_back = dequantize_weight(wq, ws) / (1 if s is None else s.view(1, -1, *([1] * (w.dim() - 2))))
+    w_back = w_hat / (1 if s is None else s.view(view))
     w_err = float((w_back - w).norm() / w.norm().clamp_min(1e-30))
-    return _Fit(err, alpha, z, s, wq, ws, bt, act_scale, zp, w_err)
+    return _Fit(err, alpha, z, s, wq, ws, b, act_scale, zp, w_err)
 
 
 def _candidates(cfg: QVDConfig, names: list[str]) -> list:
@@ -85,19 +91,15 @@ def _candidates(cfg: QVDConfig, names: list[str]) -> list:
     return [None] + (list(cfg.scri_alphas) if allowed else [])
 
 
-def _build(name: str, module: nn.Module, fit: _Fit, w_bits: int, a_bits: int, runtime_scri: bool) -> nn.Module:
+def _build(name: str, module: nn.Module, fit: _Fit, w_bits: int, a_bits: int, scri_in_norm: bool) -> nn.Module:
     scri = {}
-    if fit.z is not None and runtime_scri:
-        scri = {"scri_shift": fit.z, "scri_inv_scale": 1.0 / fit.s}
+    if fit.z is not None:
+        scri = {"scri_shift": fit.z, "scri_inv_scale": 1.0 / fit.s, "scri_in_norm": scri_in_norm}
     kw = dict(weight_q=fit.weight_q, weight_scale=fit.weight_scale, bias=fit.bias, act_scale=fit.act_scale,
               act_zero_point=fit.zero_point, w_bits=w_bits, a_bits=a_bits, **scri)
     if isinstance(module, nn.Linear):
         q = QLinear(module.in_features, module.out_features, **kw)
     else:
-        if module.groups != 1 or module.dilation != (1, 1) or len(set(module.stride)) != 1 \
-                or not isinstance(module.padding, tuple) or len(set(module.padding)) != 1:
-            raise CalibrationError(f"{name}: conv with groups/dilation/asymmetric stride or padding is not supported; "
-                                   f"add it to QVDConfig.skip")
         q = QConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride[0],
                     module.padding[0], **kw)
     return q.to(module.weight.device)
@@ -189,7 +191,7 @@ def quantize_model(root: nn.Module, calibration: Calibration, config: QVDConfig 
                     best = (total, fits)
             fits = best[1]
             for n, m, bw, f in zip(group, mods, bits, fits):
-                modules[n] = _build(n, m, f, *bw, runtime_scri=False)
+                modules[n] = _build(n, m, f, *bw, scri_in_norm=True)
                 report.append(_report(n, "linear" if isinstance(m, nn.Linear) else "conv", *bw, cfg, f,
                                       fold=f"norm:{norm_name}"))
                 done.add(n)
@@ -215,7 +217,7 @@ def quantize_model(root: nn.Module, calibration: Calibration, config: QVDConfig 
             continue
         bw = cfg.layer_bits(name)
         fit = min((_fit(module, stats, cfg, *bw, a) for a in _candidates(cfg, [name])), key=lambda f: f.err)
-        modules[name] = _build(name, module, fit, *bw, runtime_scri=True)
+        modules[name] = _build(name, module, fit, *bw, scri_in_norm=False)
         extra = {}
         if cfg.is_temporal(name):
             extra["tdscore"] = _temporal_uniform_tdscore(calibration, name, fit, cfg)

@@ -147,3 +147,25 @@ def test_calibration_file_round_trip(unet, inputs, calibration, tmp_path):
     assert torch.equal(inputs.run(a, 800), inputs.run(b, 800))
     with pytest.raises(FileExistsError):
         calibration.save(path)
+
+
+def test_weight_patch_protocol_like_a_comfyui_lora(unet, quantized, calibration):
+    """convert_weight -> add a LoRA delta -> set_weight tracks the patched float layer; restoring the backed-up
+    int8 weight (what ComfyUI's unpatch does) restores the original output exactly, SCRI bias included."""
+    q, res = quantized
+    name = next(r["name"] for r in res.report if r.get("scri_fold") == "kernel" and r["kind"] == "linear")
+    layer, fp = copy.deepcopy(q.get_submodule(name)), unet.get_submodule(name)
+    assert layer.scri_shift is not None and not layer.scri_in_norm
+    x = calibration.layers[name].rows  # inputs inside the calibrated range
+    with torch.no_grad():
+        before = layer(x)
+        assert rel_err(before, fp(x)) < 0.02
+        w = layer.convert_weight(layer.weight.float(), inplace=True)
+        assert rel_err(w, fp.weight) < 0.02
+        delta = 0.2 * fp.weight.std() * torch.randn_like(w)
+        backup = layer.weight
+        layer.set_weight(w + delta, inplace_update=False, seed=0)
+        patched = torch.nn.functional.linear(x, fp.weight + delta, fp.bias)
+        assert rel_err(layer(x), patched) < 0.05 and rel_err(before, patched) > 0.1
+        layer.weight = backup
+        assert torch.equal(layer(x), before)
