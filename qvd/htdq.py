@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -52,6 +53,11 @@ def hiditq_levels(neg_max: float, pos_max: float, bits: int, clip: float, tau: f
 def hiditq_quantize(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Quantize-dequantize ``x`` onto ``levels``."""
     return hiditq_decode(hiditq_encode(x, levels), levels).to(x.dtype)
+
+
+def _nearest(x: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """``hiditq_quantize`` for the grid search: numpy, single-threaded, fast on small arrays."""
+    return levels[np.searchsorted((levels[1:] + levels[:-1]) * 0.5, x, side="left")]
 
 
 def discriminability(f: torch.Tensor, window: int = 1) -> torch.Tensor:
@@ -95,12 +101,12 @@ def search_hiditq(f: torch.Tensor, bits: int = 8, lam: float = 1.0, window: int 
     f = f.float()
     neg_max, pos_max = float((-f.min()).clamp_min(0)), float(f.max().clamp_min(1e-12))
     shares = sorted(set(neg_shares) | {round(neg_max / (neg_max + pos_max), 4)})
-    best = None
+    best, fn = None, f.numpy()
     for c in clips:
         for tau in taus:
             for share in shares:
                 levels = hiditq_levels(neg_max, pos_max, bits, c, tau, share)
-                k, l2, td = k_metric(f, hiditq_quantize(f, levels), lam, window)
+                k, l2, td = k_metric(f, torch.from_numpy(_nearest(fn, levels.numpy())), lam, window)
                 if best is None or k < best.k:
                     best = HiDiTQFit(levels, c, tau, share, k, l2, td)
     return best

@@ -48,41 +48,54 @@ class _Fit:
     w_err: float
 
 
-def _rows_layout(w: torch.Tensor) -> torch.Tensor:
-    """Weight as [N, D] in the calibration-row layout ((kh, kw, C) for convs)."""
-    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1) if w.dim() == 4 else w
+@dataclass
+class _Layer:
+    """One layer's float weight and calibration rows, in the rows layout ((kh, kw, C) for convs)."""
+    w: torch.Tensor          # [N, D]
+    b: torch.Tensor | None
+    rows: torch.Tensor       # [R, D]
+    ch: torch.Tensor         # [D] input channel of each column
+    y: torch.Tensor          # [R, N] float output on the rows
+    shape: tuple             # the module's weight shape
+
+    @classmethod
+    def of(cls, module: nn.Module, stats) -> "_Layer":
+        w = module.weight.detach().float().cpu()
+        w2 = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1) if w.dim() == 4 else w
+        b = None if module.bias is None else module.bias.detach().float().cpu()
+        rows = stats.rows.float().cpu()
+        y = rows @ w2.t() + (0 if b is None else b)
+        return cls(w2, b, rows, torch.arange(w2.shape[1]) % w.shape[1], y, tuple(w.shape))
+
+    def to_module_layout(self, w2: torch.Tensor) -> torch.Tensor:
+        if len(self.shape) == 2:
+            return w2
+        n, c, kh, kw = self.shape
+        return w2.view(n, kh, kw, c).permute(0, 3, 1, 2).contiguous()
 
 
-def _fit(module: nn.Module, stats, cfg: QVDConfig, w_bits: int, a_bits: int, alpha: float | None) -> _Fit:
+def _fit(layer: _Layer, stats, cfg: QVDConfig, w_bits: int, a_bits: int, alpha: float | None) -> _Fit:
     """Quantize one layer for one SCRI choice and measure its output error on the calibration rows."""
-    w = module.weight.detach().float().cpu()
-    b = None if module.bias is None else module.bias.detach().float().cpu()
-    rows = stats.rows.float().cpu()
-    ch = torch.arange(rows.shape[1]) % w.shape[1]
-    view = (1, -1) + (1,) * (w.dim() - 2)
     if alpha is None:
-        z, s, wt, xt = None, None, w, rows
+        z, s, wt, xt, s_d = None, None, layer.w, layer.rows, 1.0
         lo, hi = float(stats.ch_min.min()), float(stats.ch_max.max())
     else:
         z, s = scri_params(stats.ch_min.float().cpu(), stats.ch_max.float().cpu(), alpha, cfg.scri_max_gain)
-        wt = fold_into_weight(w, b, z, s)[0]
-        xt = (rows - z[ch]) / s[ch]
+        s_d, z_d = s[layer.ch], z[layer.ch]
+        wt = fold_into_weight(layer.w, None, z_d, s_d)[0]
+        xt = (layer.rows - z_d) / s_d
         lo = float(((stats.ch_min.cpu() - z) / s).min())
         hi = float(((stats.ch_max.cpu() - z) / s).max())
     wq, ws = quantize_weight(wt, w_bits, cfg.weight_clip)
     w_hat = dequantize_weight(wq, ws)
-    # bias correction from the quantized weight (as QLinear / QConv2d compute it): y_q = W_hat x_hat + b
-    bt = b
-    if z is not None:
-        wz = ((w_hat / s.view(view)) * z.view(view)).flatten(1).sum(1)
-        bt = wz if b is None else b + wz
+    bt = layer.b
+    if z is not None:  # bias correction from the quantized weight, as QLinear / QConv2d compute it
+        bt = fold_into_weight(w_hat / s_d, layer.b, z_d, torch.ones_like(s_d))[1]
     act_scale, zp = activation_qparams(xt, a_bits, cfg.act_range, lo, hi, cfg.percentile)
-    y = rows @ _rows_layout(w).t() + (0 if b is None else b)
-    yq = fake_quant(xt, act_scale, zp, a_bits) @ _rows_layout(w_hat).t() + (0 if bt is None else bt)
-    err = float((yq - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30))
-    w_back = w_hat / (1 if s is None else s.view(view))
-    w_err = float((w_back - w).norm() / w.norm().clamp_min(1e-30))
-    return _Fit(err, alpha, z, s, wq, ws, b, act_scale, zp, w_err)
+    yq = fake_quant(xt, act_scale, zp, a_bits) @ w_hat.t() + (0 if bt is None else bt)
+    err = float((yq - layer.y).pow(2).sum() / layer.y.pow(2).sum().clamp_min(1e-30))
+    w_err = float((w_hat / s_d - layer.w).norm() / layer.w.norm().clamp_min(1e-30))
+    return _Fit(err, alpha, z, s, layer.to_module_layout(wq), ws, layer.b, act_scale, zp, w_err)
 
 
 def _candidates(cfg: QVDConfig, names: list[str]) -> list:
@@ -184,8 +197,9 @@ def quantize_model(root: nn.Module, calibration: Calibration, config: QVDConfig 
                 continue
             bits = [cfg.layer_bits(n) for n in group]
             best = None
+            data = [_Layer.of(m, calibration.layers[n]) for n, m in zip(group, mods)]
             for alpha in _candidates(cfg, group):
-                fits = [_fit(m, calibration.layers[n], cfg, *bw, alpha) for n, m, bw in zip(group, mods, bits)]
+                fits = [_fit(d, calibration.layers[n], cfg, *bw, alpha) for n, d, bw in zip(group, data, bits)]
                 total = sum(f.err for f in fits)
                 if best is None or total < best[0]:
                     best = (total, fits)
@@ -216,7 +230,8 @@ def quantize_model(root: nn.Module, calibration: Calibration, config: QVDConfig 
             report.append(entry)
             continue
         bw = cfg.layer_bits(name)
-        fit = min((_fit(module, stats, cfg, *bw, a) for a in _candidates(cfg, [name])), key=lambda f: f.err)
+        data = _Layer.of(module, stats)
+        fit = min((_fit(data, stats, cfg, *bw, a) for a in _candidates(cfg, [name])), key=lambda f: f.err)
         modules[name] = _build(name, module, fit, *bw, scri_in_norm=False)
         extra = {}
         if cfg.is_temporal(name):
