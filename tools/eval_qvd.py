@@ -1,0 +1,47 @@
+"""Quantize the shipped TinyVDM with QVD and compare it with FP on clips from fixed seeds.
+
+    .venv/bin/python tools/eval_qvd.py --n 4 --steps 20 --w-bits 8 --a-bits 8 --gif out/eval.gif
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from qvd import Calibrator, QVDConfig, quantize_model  # noqa: E402
+from qvd import evaluate as E  # noqa: E402
+from qvd import tinyvdm as T  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--w-bits", type=int, default=8)
+    ap.add_argument("--a-bits", type=int, default=8)
+    ap.add_argument("--calib-clips", type=int, default=2)
+    ap.add_argument("--gif", type=Path, default=None)
+    args = ap.parse_args(argv)
+    fp = T.load_trained()
+    cfg = QVDConfig(w_bits=args.w_bits, a_bits=args.a_bits)
+    q = copy.deepcopy(fp)
+    with Calibrator(q, cfg) as cal:  # calibration prompts/seeds differ from the evaluation ones
+        for i in range(args.calib_clips):
+            T.sample(q, T.NULL_CLASS - 1 - i, seed=1000 + i, steps=args.steps)
+    quantize_model(q, cal.result(), cfg, apply=True)
+    res = E.evaluate(fp, q, n=args.n, steps=args.steps)
+    clips = res.pop("clips")
+    res["weight_bytes_fp16"] = E.weight_bytes(copy.deepcopy(fp).half())
+    res["weight_bytes_quant"] = E.weight_bytes(q)
+    print(json.dumps(res, indent=2))
+    if args.gif:
+        T.write_gif(args.gif, [torch.cat([a, b], 3) for a, b in zip(clips["fp"], clips["quant"])])
+
+
+if __name__ == "__main__":
+    main()
