@@ -6,11 +6,15 @@ centroid speed of the moving shape, compared with the procedural data.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 
 from . import tinyvdm as T
+from .calibrate import Calibration, Calibrator
+from .config import QVDConfig
+from .quantize import QuantizeResult, quantize_model
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
@@ -90,14 +94,42 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def sample_clips(model, conds, steps: int = 20, guidance: float = 3.0, embed=None, seed0: int = 0) -> list:
+    """One clip per class id in ``conds``, clip ``i`` from seed ``seed0 + i``."""
+    return [T.sample(model, c, seed0 + i, steps, guidance, embed=embed) for i, c in enumerate(conds)]
+
+
+def calibrate(model, config: QVDConfig, classes, steps: int = 20, guidance: float = 3.0,
+              seed0: int = 1000) -> Calibration:
+    """Calibrate ``model`` on one sampled clip per class id in ``classes`` (seeds ``seed0 + i``)."""
+    with Calibrator(model, config) as cal:
+        for i, c in enumerate(classes):
+            T.sample(model, c, seed=seed0 + i, steps=steps, guidance=guidance)
+    return cal.result()
+
+
+def quantized_copy(model, calibration: Calibration, config: QVDConfig) -> tuple[torch.nn.Module, QuantizeResult]:
+    """A deep copy of ``model`` quantized with ``config``, and its QuantizeResult (``model`` is untouched)."""
+    q = copy.deepcopy(model)
+    return q, quantize_model(q, calibration, config, apply=True)
+
+
 def evaluate(fp_model, q_model, n: int = 4, steps: int = 20, guidance: float = 3.0, embed=None,
-             seed0: int = 0) -> dict:
-    """Sample ``n`` clips from fixed seeds with both models; fidelity of quant to FP and quality of each."""
+             seed0: int = 0, conds=None, reference=None) -> dict:
+    """Sample ``n`` clips from fixed seeds with both models; fidelity of quant to FP and quality of each.
+
+    ``conds``: the ``n`` class ids (default ``i % NULL_CLASS``). ``reference``: the FP clips already sampled
+    with ``sample_clips(fp_model, conds, steps, guidance, embed, seed0)`` (saves resampling FP per config).
+    """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    conds = [i % T.NULL_CLASS for i in range(n)]
-    fp = [T.sample(fp_model, c, seed0 + i, steps, guidance, embed=embed) for i, c in enumerate(conds)]
-    qt = [T.sample(q_model, c, seed0 + i, steps, guidance, embed=embed or fp_model) for i, c in enumerate(conds)]
+    conds = [i % T.NULL_CLASS for i in range(n)] if conds is None else list(conds)
+    if len(conds) != n:
+        raise ValueError(f"conds has {len(conds)} class ids for n={n} clips: give one per clip")
+    fp = sample_clips(fp_model, conds, steps, guidance, embed, seed0) if reference is None else list(reference)
+    if len(fp) != n:
+        raise ValueError(f"reference has {len(fp)} clips for n={n}: sample it with the same conds")
+    qt = sample_clips(q_model, conds, steps, guidance, embed or fp_model, seed0)
     data = T.make_clips(conds, torch.Generator().manual_seed(seed0))
     mean = lambda f: sum(f(a, b) for a, b in zip(fp, qt)) / n
     return {

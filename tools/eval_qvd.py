@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from qvd import Calibrator, QVDConfig, quantize_model  # noqa: E402
+from qvd import QVDConfig  # noqa: E402
 from qvd import evaluate as E  # noqa: E402
 from qvd import tinyvdm as T  # noqa: E402
 
@@ -29,11 +29,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     fp = T.load_trained()
     cfg = QVDConfig(w_bits=args.w_bits, a_bits=args.a_bits)
-    q = copy.deepcopy(fp)
-    with Calibrator(q, cfg) as cal:  # calibration prompts/seeds differ from the evaluation ones
-        for i in range(args.calib_clips):
-            T.sample(q, T.NULL_CLASS - 1 - i, seed=1000 + i, steps=args.steps)
-    quantize_model(q, cal.result(), cfg, apply=True)
+    # calibration prompts/seeds differ from the evaluation ones
+    cal = E.calibrate(fp, cfg, [T.NULL_CLASS - 1 - i for i in range(args.calib_clips)], steps=args.steps)
+    q, _ = E.quantized_copy(fp, cal, cfg)
     res = E.evaluate(fp, q, n=args.n, steps=args.steps)
     clips = res.pop("clips")
     res["weight_bytes_fp16"] = E.weight_bytes(copy.deepcopy(fp).half())
