@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from qvd import ModelMismatchError, QuantizedFileError, load_quantized, save_quantized
 
-from .conftest import build_unet
+from unet_fixtures import build_unet
 
 
 @pytest.fixture(scope="module")

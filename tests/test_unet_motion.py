@@ -10,7 +10,7 @@ from qvd import (Calibration, CalibrationError, Calibrator, HiDiTQLinear, ModelM
                  NonFiniteActivationError, QConv2d, QLinear, QVDConfig, quantize_model, set_mode)
 from qvd.calibrate import find_layers
 
-from .conftest import FRAMES, TIMESTEPS, build_unet, rel_err
+from unet_fixtures import FRAMES, TIMESTEPS, build_unet, rel_err
 
 # Stated bound: W8A8 output of the whole UNet within 6% relative L2 of FP at every timestep
 # (random-weight model; measured ~3%).
