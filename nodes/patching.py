@@ -104,8 +104,8 @@ def quantize(model, quantize_fn) -> tuple:
 
 
 def _normal_tensors(module: nn.Module) -> None:
-    """Replace inference-mode tensors (ComfyUI runs nodes and weight patching under ``torch.inference_mode``)
-    by ordinary ones: the qvd CPU kernels key their caches on ``tensor._version``, which inference tensors lack."""
+    """Replace inference-mode tensors (ComfyUI runs nodes under ``torch.inference_mode``) by ordinary ones, so
+    the qvd caches see in-place weight writes (``tensor._version``, which inference tensors lack)."""
     with torch.inference_mode(False):
         for m in module.modules():
             for name, p in m._parameters.items():
@@ -118,17 +118,9 @@ def _normal_tensors(module: nn.Module) -> None:
 
 def install(clone, result: QuantizeResult) -> None:
     """Object-patch ``result.modules`` onto ``clone`` and its (cloned) motion patchers."""
-    import comfy.patcher_extension
-
     names = list(result.modules)
-    modules = list(result.modules.values())
-    for module in modules:
+    for module in result.modules.values():
         _normal_tensors(module)
-
-    def after_load(*_):
-        """Weights a LoRA patched in (``set_weight`` under inference mode) become ordinary tensors too."""
-        for module in modules:
-            _normal_tensors(module)
     for key in bake_weight_patches(clone, names):
         clone.patches.pop(key)
     motions = motion_patchers(clone)
@@ -142,8 +134,6 @@ def install(clone, result: QuantizeResult) -> None:
         else:
             raise QVDError(f"quantized layer {name!r} belongs to no model in this MODEL (motion models: "
                            f"{len(motions)}); use the MODEL the calibration / file was made from")
-    for p in (clone, *patched_motions):
-        p.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD, after_load)
     for p in patched_motions:
         p.patches_uuid = uuid.uuid4()
     if motions:

@@ -23,6 +23,16 @@ def _param(t: torch.Tensor | None):
     return None if t is None else nn.Parameter(t, requires_grad=False)
 
 
+def _assign_codes(module: nn.Module, w_over_scale: torch.Tensor, bits: int, inplace: bool) -> None:
+    """Round a patched weight (already divided by the per-channel scales) into ``module.weight``."""
+    qmax = 2 ** (bits - 1) - 1
+    codes = w_over_scale.round_().clamp_(-qmax, qmax).to(torch.int8)
+    if inplace:
+        module.weight.data.copy_(codes)
+    else:
+        module.weight = _param(codes.to(module.weight.device))
+
+
 def _key(t: torch.Tensor | None, device) -> tuple:
     """Cache key that changes when a tensor is replaced or modified in place (inference tensors have no
     version counter; ComfyUI replaces them rather than writing into them)."""
@@ -124,16 +134,12 @@ class _QuantizedBase(nn.Module):
         return w
 
     def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, **_) -> None:
-        w = weight.float()
-        if self.scri_inv_scale is not None:
-            w = w / self._view(self.scri_inv_scale.to(w.device))
-        qmax = 2 ** (self.w_bits - 1) - 1
-        scale = self.weight_scale.to(w.device).view(-1, *([1] * (w.dim() - 1)))
-        codes = (w / scale).round_().clamp_(-qmax, qmax).to(torch.int8)
-        if inplace_update:
-            self.weight.data.copy_(codes)
-        else:
-            self.weight = _param(codes.to(self.weight.device))
+        with torch.inference_mode(False):  # hosts patch under inference mode; keep ordinary tensors
+            w = weight.float().clone()
+            if self.scri_inv_scale is not None:
+                w = w / self._view(self.scri_inv_scale.to(w.device))
+            scale = self.weight_scale.to(w.device).view(-1, *([1] * (w.dim() - 1)))
+            _assign_codes(self, w / scale, self.w_bits, inplace_update)
 
     def extra_repr(self) -> str:
         scri = "norm" if self.scri_in_norm else self.scri_shift is not None
@@ -198,12 +204,9 @@ class HiDiTQLinear(nn.Module):
         return weight.float() * self.weight_scale.to(weight.device)[:, None]
 
     def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, **_) -> None:
-        qmax = 2 ** (self.w_bits - 1) - 1
-        codes = (weight.float() / self.weight_scale.to(weight.device)[:, None]).round_().clamp_(-qmax, qmax)
-        if inplace_update:
-            self.weight.data.copy_(codes.to(torch.int8))
-        else:
-            self.weight = _param(codes.to(torch.int8).to(self.weight.device))
+        with torch.inference_mode(False):
+            w = weight.float().clone()
+            _assign_codes(self, w / self.weight_scale.to(w.device)[:, None], self.w_bits, inplace_update)
 
     def extra_repr(self) -> str:
         return f"w_bits={self.w_bits}, levels={self.levels.numel()}"

@@ -117,9 +117,14 @@ def _onednn_ok() -> bool:
     return _ONEDNN_OK
 
 
+def _version(t: torch.Tensor) -> int:
+    """In-place write counter (inference-mode tensors have none; hosts replace rather than write them)."""
+    return -1 if t.is_inference() else t._version
+
+
 def _packed(w_q: torch.Tensor, w_scale: torch.Tensor, stride: int | None):
     """oneDNN-prepacked weight, cached per weight tensor (rebuilt if it or its scales change)."""
-    key = (w_q._version, w_scale.data_ptr(), w_scale._version, stride)
+    key = (_version(w_q), w_scale.data_ptr(), _version(w_scale), stride)
     hit = _PACKED.get(id(w_q))
     if hit is not None and hit[0]() is w_q and hit[1] == key:
         return hit[2], hit[3]
