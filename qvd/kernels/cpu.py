@@ -13,6 +13,7 @@ route is exact (no int16 saturation on CPUs without VNNI); otherwise ``torch._in
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 
 log = logging.getLogger("qvd")
 
-_PACKED: dict[int, tuple] = {}  # id(w_q) -> (weakref to w_q, key, packed weight, float scales)
+_PACKED: dict[int, tuple] = {}  # id(w_q) -> (weakref to w_q, key, (packed weight, float scales))
+_IM2COL: dict[int, tuple] = {}  # id(w_q) -> (weakref to w_q, key, [kh*kw*C, N] int8 matrix)
 _ONEDNN_OK: bool | None = None
 ROUTES = ("auto", "onednn", "int_mm")
 ROUTE = os.environ.get("QVD_CPU_ROUTE", "auto")
@@ -122,27 +124,38 @@ def _version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
+def _per_weight(cache: dict, w: torch.Tensor, key: tuple, build):
+    """A value derived from weight tensor ``w``, rebuilt when ``key`` changes, dropped when ``w`` is freed."""
+    hit = cache.get(id(w))
+    if hit is not None and hit[0]() is w and hit[1] == key:
+        return hit[2]
+    value = build()
+    cache[id(w)] = (weakref.ref(w, functools.partial(_forget, cache)), key, value)
+    return value
+
+
+def _forget(cache: dict, dead: weakref.ref):
+    for k, v in list(cache.items()):
+        if v[0] is dead:
+            del cache[k]
+
+
 def _packed(w_q: torch.Tensor, w_scale: torch.Tensor, stride: int | None):
     """oneDNN-prepacked weight, cached per weight tensor (rebuilt if it or its scales change)."""
-    key = (_version(w_q), w_scale.data_ptr(), _version(w_scale), stride)
-    hit = _PACKED.get(id(w_q))
-    if hit is not None and hit[0]() is w_q and hit[1] == key:
-        return hit[2], hit[3]
-    ws = w_scale.detach().float().contiguous()
-    if stride is None:
-        packed = torch.ops.onednn.qlinear_prepack(w_q.detach(), None)
-    else:
-        packed = torch.ops.onednn.qconv_prepack(w_q.detach().contiguous(memory_format=torch.channels_last), ws,
-                                                1.0, 0, [stride] * 2, [0, 0], [1, 1], 1, None)
-    _PACKED[id(w_q)] = (weakref.ref(w_q, _forget), key, packed, ws)
-    return packed, ws
+    def build():
+        ws = w_scale.detach().float().contiguous()
+        if stride is None:
+            return torch.ops.onednn.qlinear_prepack(w_q.detach(), None), ws
+        w_cl = w_q.detach().contiguous(memory_format=torch.channels_last)
+        return torch.ops.onednn.qconv_prepack(w_cl, ws, 1.0, 0, [stride] * 2, [0, 0], [1, 1], 1, None), ws
+    return _per_weight(_PACKED, w_q, (_version(w_q), w_scale.data_ptr(), _version(w_scale), stride), build)
 
 
-def _forget(dead: weakref.ref):
-    """Drop a cache entry when its weight tensor is freed."""
-    for k, v in list(_PACKED.items()):
-        if v[0] is dead:
-            del _PACKED[k]
+def _im2col_weight(w_q: torch.Tensor) -> torch.Tensor:
+    """The conv weight as the [kh*kw*C, N] int8 matrix of the NHWC im2col GEMM, cached per weight tensor."""
+    n, c, kh, kw = w_q.shape
+    return _per_weight(_IM2COL, w_q, (_version(w_q),),
+                       lambda: w_q.detach().permute(2, 3, 1, 0).reshape(kh * kw * c, n).contiguous())
 
 
 def _onednn_dtype(out_dtype: torch.dtype, conv: bool) -> torch.dtype:
@@ -224,7 +237,7 @@ def conv2d_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=
             sn, sh, sw, sc = q.stride()
             cols = q.as_strided((n, oh, ow, kh, kw, c), (sn, sh * stride, sw * stride, sh, sw, sc))
             cols = cols.reshape(n * oh * ow, kh * kw * c)
-        wm = w_q.permute(2, 3, 1, 0).reshape(kh * kw * c, cout) if w_mat is None else w_mat
+        wm = _im2col_weight(w_q) if w_mat is None else w_mat
         acc = int_mm(cols, wm)
         y = _epilogue(acc, act_scale, w_scale, bias, x.dtype)
         return y.view(n, oh, ow, cout).permute(0, 3, 1, 2)
