@@ -106,7 +106,7 @@ def conv2d_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=
         q = tk.quantize(x, act_scale, zero_point, qmin, qmax, shift, inv_smooth)
         pad = cpu.quantize_into(torch.empty(c, dtype=torch.int8, device=x.device), torch.zeros(c, device=x.device),
                                 act_scale, zero_point, qmin, qmax, shift, inv_smooth)
-        wm = w_q.permute(2, 3, 1, 0).reshape(kh * kw * c, cout) if w_mat is None else w_mat
+        wm = cpu._im2col_weight(w_q) if w_mat is None else w_mat
         return tk.conv2d(q, pad, wm, kh, kw, w_scale, bias, act_scale, stride, padding, x.dtype)
 
     y = _on_triton(x, run)
