@@ -159,7 +159,9 @@ def _temporal_uniform_tdscore(calibration, name, fit: _Fit, cfg) -> float | None
     if not calibration.layers[name].temporal_vectors:
         return None
     f = calibration.temporal_features(name)
-    return k_metric(f, fake_quant(f, fit.act_scale, fit.zero_point, cfg.a_bits), cfg.htdq_lambda, cfg.htdq_window)[2]
+    z, s = (0.0, 1.0) if fit.z is None else (fit.z, fit.s)  # the quantizer sees SCRI's (f - z) / s
+    f_hat = fake_quant((f - z) / s, fit.act_scale, fit.zero_point, cfg.a_bits) * s + z
+    return k_metric(f, f_hat, cfg.htdq_lambda, cfg.htdq_window)[2]
 
 
 def quantize_model(root: nn.Module, calibration: Calibration, config: QVDConfig | None = None,

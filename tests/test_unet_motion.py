@@ -169,3 +169,10 @@ def test_weight_patch_protocol_like_a_comfyui_lora(unet, quantized, calibration)
         assert rel_err(layer(x), patched) < 0.05 and rel_err(before, patched) > 0.1
         layer.weight = backup
         assert torch.equal(layer(x), before)
+
+
+def test_uniform_temporal_tdscore_is_reported_for_the_quantizer_actually_used(calibration, unet):
+    res = quantize_model(copy.deepcopy(unet), calibration, QVDConfig(htdq=False), apply=False)
+    temporal = [r for r in res.report if r.get("tdscore") is not None]
+    assert temporal and all(r["kind"] == "linear" for r in temporal)
+    assert min(r["tdscore"] for r in temporal) > 0.95  # 8-bit uniform keeps the steps distinguishable
