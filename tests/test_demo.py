@@ -8,7 +8,7 @@ from qvd import demo
 
 @pytest.mark.slow
 def test_demo_writes_clips_and_report(tmp_path):
-    report = demo.main(["--out", str(tmp_path), "--steps", "3", "--calib-clips", "1"])
+    report = demo.main(["--out", str(tmp_path), "--steps", "4"])  # calibrates on every colour and shape
     assert report["model"].endswith("tiny_vdm.safetensors")  # the shipped trained default
     for clip in report["clips"]:
         assert (tmp_path / clip["gif"]).stat().st_size > 1000
