@@ -14,7 +14,6 @@ import copy
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from bench._common import W8A8, machine, median_ms, table
 

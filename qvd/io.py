@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from .calibrate import check_layers, fingerprint, layer_signature
+from .calibrate import check_layers, layer_signature
 from .config import QVDConfig
 from .errors import ModelMismatchError, QuantizedFileError
 from .modules import HiDiTQLinear, QConv2d, QLinear
