@@ -125,9 +125,8 @@ def render_markdown(rows: dict, hist: dict, cover: dict, *, n: int, steps: int, 
         "Columns: PSNR / SSIM / temporal error (RMS of the difference of frame differences) of the quantized "
         "model's clips against FP's from the same seeds, mean over clips; MSE = 10^(-PSNR/10) relative to "
         "FP's data range squared; min TDScore over the temporal (`time_emb_proj`, `time_embedding.*`) layers "
-        "on the calibration features (HiDi-TQ where HTDQ is on, the uniform activation quantizer otherwise; "
-        "where SCRI but not HTDQ is on, `quantize_model`'s report measures that uniform quantizer without the "
-        "layer's SCRI shift / scale, so those entries are not the TDScore of the quantizer the model runs); "
+        "on the calibration features (HiDi-TQ where HTDQ is on, otherwise the uniform activation quantizer "
+        "the layer runs, through its SCRI shift / scale where SCRI is on); "
         "colour ok (fraction of clips whose foreground colour is the class's) and speed (centroid px/frame) "
         "are the quality statistic; weight bytes as stored (FP: fp16).",
         "",
