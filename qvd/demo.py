@@ -8,7 +8,6 @@ Uses the shipped TinyVDM (an AnimateDiff-architecture UNetMotionModel trained on
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import time
@@ -16,18 +15,12 @@ from pathlib import Path
 
 import torch
 
-from . import Calibrator, QVDConfig, quantize_model, save_quantized
-from . import tinyvdm
+from . import QVDConfig, save_quantized
+from . import evaluate, tinyvdm
 from .modules import HiDiTQLinear, QConv2d, QLinear
 
 CALIB_CLASSES = ("red square", "green circle", "blue triangle")
 DEMO_CLASSES = ("red circle", "blue square", "green triangle")
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of clips in [-1, 1]."""
-    mse = float((a - b).pow(2).mean())
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(4.0 / mse)).item()
 
 
 def weight_bytes(unet: torch.nn.Module) -> dict:
@@ -72,27 +65,22 @@ def main(argv=None) -> dict:
     cfg = QVDConfig()
 
     t0 = time.perf_counter()
-    with Calibrator(model.unet, cfg) as cal:
-        for i, cls in enumerate(CALIB_CLASSES[: max(1, args.calib_clips)]):
-            tinyvdm.sample(model, cls, seed=1000 + i, steps=args.steps)
-    calibration = cal.result()
+    calibration = evaluate.calibrate(model, cfg, CALIB_CLASSES[: max(1, args.calib_clips)], steps=args.steps)
     t_calib = time.perf_counter() - t0
-
-    qmodel = copy.deepcopy(model)
     t0 = time.perf_counter()
-    result = quantize_model(qmodel.unet, calibration, cfg)
+    qmodel, result = evaluate.quantized_copy(model, calibration, cfg)
     t_quant = time.perf_counter() - t0
     qfile = out / "tiny_vdm.qvd.safetensors"
     if qfile.exists():
         qfile.unlink()  # the demo's own output from a previous run
-    save_quantized(qfile, model.unet, result)
+    save_quantized(qfile, model, result)
 
     clips = []
     for i, cls in enumerate(DEMO_CLASSES):
         fp = tinyvdm.sample(model, cls, seed=i, steps=args.steps)
         q = tinyvdm.sample(qmodel, cls, seed=i, steps=args.steps)
         gif = tinyvdm.write_gif(out / f"clip{i}_{cls.replace(' ', '_')}_fp_vs_w8a8.gif", [fp, q])
-        clips.append({"class": cls, "seed": i, "psnr_db": psnr(q, fp), "gif": gif.name})
+        clips.append({"class": cls, "seed": i, "psnr_db": evaluate.psnr(q, fp), "gif": gif.name})
 
     ids = torch.tensor([tinyvdm.class_id(DEMO_CLASSES[0]), tinyvdm.NULL_CLASS])
     ctx = model.encode(ids)
