@@ -6,7 +6,9 @@ integer kernels from ``qvd.kernels``; ``mode = "fake"`` simulates the same round
 ``HiDiTQLinear``: the time-projection layers; HiDi-TQ look-up-table activations, int8 weights.
 All tensors are ``nn.Parameter(requires_grad=False)`` so hosts that move / offload parameters see them;
 ``forward`` brings them to the input's device when a host left them elsewhere (low-VRAM offloading), and
-``convert_weight`` / ``set_weight`` let a host patch the weights (ComfyUI LoRA).
+``convert_weight`` / ``set_weight`` let a host patch the weights (ComfyUI LoRA). A host that offloads a layer
+(ComfyUI's low-VRAM partial load) sets ``comfy_cast_weights`` and may queue weight patches in
+``weight_function`` / ``bias_function``: they are applied to the int8 codes / float bias at every call.
 ``forward`` takes ``input`` like ``nn.Linear`` / ``nn.Conv2d`` (callers such as diffusers pass it by name).
 """
 from __future__ import annotations
@@ -23,14 +25,45 @@ def _param(t: torch.Tensor | None):
     return None if t is None else nn.Parameter(t, requires_grad=False)
 
 
-def _assign_codes(module: nn.Module, w_over_scale: torch.Tensor, bits: int, inplace: bool) -> None:
-    """Round a patched weight (already divided by the per-channel scales) into ``module.weight``."""
+def _assign_codes(module: nn.Module, w_over_scale: torch.Tensor, bits: int, inplace: bool,
+                  return_weight: bool = False) -> torch.Tensor | None:
+    """Round a patched weight (already divided by the per-channel scales) into ``module.weight``, or return
+    the codes instead (``return_weight``: a host patching an offloaded layer at call time)."""
     qmax = 2 ** (bits - 1) - 1
     codes = w_over_scale.round_().clamp_(-qmax, qmax).to(torch.int8)
+    if return_weight:
+        return codes
     if inplace:
         module.weight.data.copy_(codes)
     else:
         module.weight = _param(codes.to(module.weight.device))
+    return None
+
+
+class _HostHooks(nn.Module):
+    """ComfyUI's low-VRAM protocol (the attributes of ``comfy.ops.CastWeightBiasOp``, without importing it)."""
+
+    comfy_cast_weights = False
+
+    def __init__(self):
+        super().__init__()
+        self.weight_function, self.bias_function = [], []
+
+    def _call_weights(self, device) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """(int8 codes, float bias, patched) for this call on ``device``; ``patched`` when the host's queued
+        patches changed them (then nothing derived from the stored weight may be reused)."""
+        w = self.weight.to(device)
+        b = None if self.bias is None else self.bias.to(device)
+        if not self.comfy_cast_weights or not (self.weight_function or self.bias_function):
+            return w, b, False
+        for f in self.weight_function:
+            w = f(w)
+        for f in self.bias_function:
+            b = f(b)
+        if w.dtype != torch.int8 or w.shape != self.weight.shape:
+            raise RuntimeError(f"a host weight patch returned {w.dtype} {tuple(w.shape)} for a quantized layer "
+                               f"(int8 {tuple(self.weight.shape)} expected): it must go through set_weight")
+        return w, b, True
 
 
 def _key(t: torch.Tensor | None, device) -> tuple:
@@ -41,7 +74,7 @@ def _key(t: torch.Tensor | None, device) -> tuple:
     return id(t), t.data_ptr(), str(device), -1 if t.is_inference() else t._version
 
 
-class _QuantizedBase(nn.Module):
+class _QuantizedBase(_HostHooks):
     """Shared state of W8A8 layers (see module docstring).
 
     ``weight`` holds int8 codes of ``W * s`` (``s`` the SCRI scale per input channel, 1 without SCRI) and
@@ -81,33 +114,40 @@ class _QuantizedBase(nn.Module):
         """Per-input-channel vector shaped to broadcast against the weight."""
         return t.view(1, -1, *([1] * (self.weight.dim() - 2)))
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """fp32 weight acting on the SCRI-transformed input."""
-        return dequantize_weight(self.weight, self.weight_scale)
+    def _fold(self, weight: torch.Tensor, bias: torch.Tensor | None, device) -> torch.Tensor:
+        """``b + W z`` for int8 codes ``weight`` and float ``bias``."""
+        b = torch.zeros(weight.shape[0], device=device) if bias is None else bias.to(device).float()
+        if self.scri_shift is not None:
+            zs = self._view((self.scri_shift * self.scri_inv_scale).to(device))
+            b = b + (weight.to(device).float() * zs).flatten(1).sum(1) * self.weight_scale.to(device)
+        return b.detach()
+
+    def _epilogue(self, weight: torch.Tensor, fold: torch.Tensor, device) -> torch.Tensor:
+        """``fold - s_x s_w zp sum_k W_q``: the integer kernels' epilogue bias."""
+        rowsum = weight.to(device).flatten(1).sum(1, dtype=torch.int32).float()
+        corr = self.act_scale.to(device).float() * self.weight_scale.to(device) * (self.act_zero_point * rowsum)
+        return (fold - corr).detach()
 
     def folded_bias(self, device=None) -> torch.Tensor:
-        """``b + W z`` with ``W = dequant(weight) / s``: the bias seen by the SCRI-transformed input."""
+        """``b + W z`` with ``W = dequant(weight) / s``: the bias seen by the SCRI-transformed input (cached)."""
         device = self.weight.device if device is None else device
-
-        def build():
-            b = torch.zeros(self.weight.shape[0], device=device) if self.bias is None else self.bias.to(device)
-            if self.scri_shift is not None:
-                zs = self._view((self.scri_shift * self.scri_inv_scale).to(device))
-                wz = (self.weight.to(device).float() * zs).flatten(1).sum(1) * self.weight_scale.to(device)
-                b = b + wz
-            return b.detach()
-        return self._cached("folded_bias", device, (self.weight, self.weight_scale, self.bias, self.scri_shift), build)
+        return self._cached("folded_bias", device, (self.weight, self.weight_scale, self.bias, self.scri_shift),
+                            lambda: self._fold(self.weight, self.bias, device))
 
     def effective_bias(self, device=None) -> torch.Tensor:
-        """``folded_bias - s_x s_w zp sum_k W_q``: the integer kernels' epilogue bias (cached)."""
+        """The integer kernels' epilogue bias for the stored weight (cached)."""
         device = self.weight.device if device is None else device
-
-        def build():
-            rowsum = self.weight.to(device).flatten(1).sum(1, dtype=torch.int32).float()
-            corr = self.act_scale.to(device).float() * self.weight_scale.to(device) * (self.act_zero_point * rowsum)
-            return (self.folded_bias(device) - corr).detach()
         return self._cached("bias", device, (self.weight, self.weight_scale, self.bias, self.act_scale,
-                                             self.scri_shift), build)
+                                             self.scri_shift),
+                            lambda: self._epilogue(self.weight, self.folded_bias(device), device))
+
+    def _operands(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(int8 codes, folded bias, epilogue bias) for this call: cached unless host patches apply now."""
+        w, b, patched = self._call_weights(device)
+        if not patched:
+            return w, self.folded_bias(device), self.effective_bias(device)
+        fold = self._fold(w, b, device)
+        return w, fold, self._epilogue(w, fold, device)
 
     def _kernel_scri(self, device):
         if self.scri_shift is None or self.scri_in_norm:
@@ -122,7 +162,8 @@ class _QuantizedBase(nn.Module):
 
     def _fake_forward(self, x: torch.Tensor, op) -> torch.Tensor:
         """Simulated rounding in float: the same codes, then a float op with the dequantized weight."""
-        return op(self.dequantized_weight().to(x.device), self.folded_bias(x.device)).to(x.dtype)
+        w, fold, _ = self._operands(x.device)
+        return op(dequantize_weight(w, self.weight_scale.to(x.device)), fold).to(x.dtype)
 
     # ComfyUI's weight-patch protocol (LoRA on a quantized model): ``convert_weight`` gives the float
     # weight in the layer's own input domain, ``set_weight`` requantizes a patched one onto the existing
@@ -133,13 +174,14 @@ class _QuantizedBase(nn.Module):
             w = w * self._view(self.scri_inv_scale.to(weight.device))
         return w
 
-    def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, **_) -> None:
+    def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, return_weight=False,
+                   **_) -> torch.Tensor | None:
         with torch.inference_mode(False):  # hosts patch under inference mode; keep ordinary tensors
             w = weight.float().clone()
             if self.scri_inv_scale is not None:
                 w = w / self._view(self.scri_inv_scale.to(w.device))
             scale = self.weight_scale.to(w.device).view(-1, *([1] * (w.dim() - 1)))
-            _assign_codes(self, w / scale, self.w_bits, inplace_update)
+            return _assign_codes(self, w / scale, self.w_bits, inplace_update, return_weight)
 
     def extra_repr(self) -> str:
         scri = "norm" if self.scri_in_norm else self.scri_shift is not None
@@ -156,8 +198,9 @@ class QLinear(_QuantizedBase):
         if self.mode == "fake":
             return self._fake_forward(x, lambda w, b: F.linear(self._fake_input(x, -1), w, b))
         shift, inv = self._kernel_scri(dev)
-        return kernels.linear_w8a8(x, self.weight.to(dev), self.weight_scale.to(dev), self.effective_bias(dev),
-                                   self.act_scale.to(dev), self.act_zero_point, self.qmin, self.qmax, shift, inv)
+        w, _, bias = self._operands(dev)
+        return kernels.linear_w8a8(x, w, self.weight_scale.to(dev), bias, self.act_scale.to(dev),
+                                   self.act_zero_point, self.qmin, self.qmax, shift, inv)
 
 
 class QConv2d(_QuantizedBase):
@@ -172,12 +215,12 @@ class QConv2d(_QuantizedBase):
             xp = F.pad(x, (self.padding,) * 4) if self.padding else x
             return self._fake_forward(x, lambda w, b: F.conv2d(self._fake_input(xp, 1), w, b, self.stride))
         shift, inv = self._kernel_scri(dev)
-        return kernels.conv2d_w8a8(x, self.weight.to(dev), self.weight_scale.to(dev), self.effective_bias(dev),
-                                   self.act_scale.to(dev), self.act_zero_point, self.qmin, self.qmax, shift, inv,
-                                   self.stride, self.padding)
+        w, _, bias = self._operands(dev)
+        return kernels.conv2d_w8a8(x, w, self.weight_scale.to(dev), bias, self.act_scale.to(dev),
+                                   self.act_zero_point, self.qmin, self.qmax, shift, inv, self.stride, self.padding)
 
 
-class HiDiTQLinear(nn.Module):
+class HiDiTQLinear(_HostHooks):
     """Time-projection Linear: HiDi-TQ activation codes (look-up table) x int8 per-channel weights."""
 
     qvd_quantized = True
@@ -194,19 +237,22 @@ class HiDiTQLinear(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         x, dev = input, input.device
         levels = self.levels.to(dev)
+        w, b, _ = self._call_weights(dev)
         xq = kernels.hiditq_decode(kernels.hiditq_encode(x, levels), levels)
-        y = (xq @ self.weight.to(dev).t().float()) * self.weight_scale.to(dev)
-        if self.bias is not None:
-            y = y + self.bias.to(dev)
+        y = (xq @ w.t().float()) * self.weight_scale.to(dev)
+        if b is not None:
+            y = y + b
         return y.to(x.dtype)
 
     def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **_) -> torch.Tensor:
         return weight.float() * self.weight_scale.to(weight.device)[:, None]
 
-    def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, **_) -> None:
+    def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, return_weight=False,
+                   **_) -> torch.Tensor | None:
         with torch.inference_mode(False):
             w = weight.float().clone()
-            _assign_codes(self, w / self.weight_scale.to(w.device)[:, None], self.w_bits, inplace_update)
+            return _assign_codes(self, w / self.weight_scale.to(w.device)[:, None], self.w_bits, inplace_update,
+                                 return_weight)
 
     def extra_repr(self) -> str:
         return f"w_bits={self.w_bits}, levels={self.levels.numel()}"

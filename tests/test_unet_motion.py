@@ -171,6 +171,49 @@ def test_weight_patch_protocol_like_a_comfyui_lora(unet, quantized, calibration)
         assert torch.equal(layer(x), before)
 
 
+def _lowvram_patch(layer, delta):
+    """What ComfyUI's LowVramPatch does with an offloaded layer's int8 weight at call time."""
+    return lambda w: layer.set_weight(layer.convert_weight(w, inplace=False) + delta, seed=0, return_weight=True)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "temporal"])
+@pytest.mark.parametrize("mode", ["int", "fake"])
+def test_offloaded_layer_applies_host_patches_at_call_time(quantized, calibration, kind, mode):
+    """ComfyUI's low-VRAM path: with ``comfy_cast_weights`` set, queued weight / bias patches are applied at
+    every call and give exactly what patching the stored weight gives; the stored weight stays untouched."""
+    q, res = quantized
+    name = next(r["name"] for r in res.report if r["kind"] == kind and q.get_submodule(r["name"]).bias is not None
+                and (kind == "temporal" or q.get_submodule(r["name"]).scri_shift is not None))  # SCRI fold too
+    layer = copy.deepcopy(q.get_submodule(name))
+    if kind != "temporal":
+        layer.mode = mode
+    x = calibration.layers[name].rows[:64]
+    if kind == "conv":
+        k = layer.kernel_size[0]
+        x = x[:, :layer.in_channels].reshape(-1, layer.in_channels, 1, 1).repeat(1, 1, k + 2, k + 2)
+    gen = torch.Generator().manual_seed(0)
+    w = layer.convert_weight(layer.weight, inplace=False)
+    delta = 0.2 * w.std() * torch.randn(w.shape, generator=gen)
+    bias_delta = 0.1 * torch.randn(layer.bias.shape, generator=gen)
+    stored = layer.weight.clone()
+    with torch.no_grad():
+        before = layer(x)
+        ref = copy.deepcopy(layer)
+        ref.set_weight(w + delta)
+        ref.bias.data += bias_delta
+        want = ref(x)
+        layer.weight_function = [_lowvram_patch(layer, delta)]
+        layer.bias_function = [lambda b: b + bias_delta]
+        assert torch.equal(layer(x), before)  # queued patches apply only once the host sets comfy_cast_weights
+        layer.comfy_cast_weights = True
+        got = layer(x)
+        assert torch.equal(got, want) and rel_err(got, before) > 0.05
+        assert torch.equal(layer.weight, stored)
+        layer.weight_function = [lambda w: w.float()]
+        with pytest.raises(RuntimeError, match="set_weight"):
+            layer(x)
+
+
 def test_uniform_temporal_tdscore_is_reported_for_the_quantizer_actually_used(calibration, unet):
     res = quantize_model(copy.deepcopy(unet), calibration, QVDConfig(htdq=False), apply=False)
     temporal = [r for r in res.report if r.get("tdscore") is not None]

@@ -11,39 +11,9 @@ import copy
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from comfy_host import load_api, read_latent, tiny, with_latent_output, without
-
-LORA_NAME = "qvd_synth_lora.safetensors"
-LORA_SEED = 1234
-RANK = 4
-LORA_STD = 0.06  # up / down entries: delta W entries ~ RANK**0.5 * 0.06**2 = 0.007, a third of W's 0.02
-# The spatial transformers of the blocks that TINY's skip list quantizes: their 1x1 conv projections and
-# the attention / feed-forward Linears (self- and cross-attention, with and without SCRI).
-LORA_BLOCKS = ("input_blocks.1.1", "input_blocks.2.1", "middle_block.1", "output_blocks.9.1",
-               "output_blocks.10.1", "output_blocks.11.1")
-LORA_LAYERS = ("proj_in", "proj_out") + tuple(f"transformer_blocks.0.{n}" for n in (
-    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_v", "ff.net.0.proj",
-    "ff.net.2"))
-
-
-def write_lora(checkpoint, path) -> list[str]:
-    """A seeded rank-4 LoRA in ComfyUI's ``lora_unet_<path>`` format for LORA_LAYERS in LORA_BLOCKS."""
-    gen = torch.Generator().manual_seed(LORA_SEED)
-    tensors = {}
-    with safe_open(str(checkpoint), "pt") as ckpt:
-        for block in LORA_BLOCKS:
-            for layer in LORA_LAYERS:
-                name = f"{block}.{layer}"
-                out_f, in_f, *kernel = ckpt.get_slice(f"model.diffusion_model.{name}.weight").get_shape()
-                key = "lora_unet_" + name.replace(".", "_")
-                tensors[f"{key}.lora_up.weight"] = torch.randn(out_f, RANK, *kernel, generator=gen) * LORA_STD
-                tensors[f"{key}.lora_down.weight"] = torch.randn(RANK, in_f, *kernel, generator=gen) * LORA_STD
-                tensors[f"{key}.alpha"] = torch.tensor(float(RANK))
-    save_file(tensors, str(path))
-    return sorted(k for k in tensors if k.endswith(".alpha"))
+from synthetic_models import LORA_BLOCKS, LORA_LAYERS, LORA_NAME, write_lora
 
 
 def _lora(model: list) -> dict:

@@ -1,0 +1,104 @@
+"""ComfyUI's low-VRAM (partial) load of a QVD-quantized MODEL with a LoRA, in-process in ComfyUI 0.3.75.
+
+A CPU server always loads models whole, so this script drives the same ModelPatcher calls ComfyUI makes
+when VRAM is short: ``patch_model(lowvram_model_memory=...)`` (partial load: layers left offloaded get
+``comfy_cast_weights`` and the LoRA as a call-time ``LowVramPatch``) and ``partially_unload`` (offloading
+loaded layers). It runs the pack's nodes the way the server does and prints one JSON line of results.
+
+    python lowvram_probe.py CHECKPOINT LORA PACK_DIR     (cwd = the ComfyUI directory, on PYTHONPATH)
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+# Tiny settings as in comfy_host.TINY: 8x8 latent, 2 frames, 1 step; the quantized blocks carry the LoRA.
+SKIP = "input_blocks.[3-9].*, input_blocks.1[01].*, output_blocks.[0-8].*"
+BUDGET = 64 << 20  # bytes "usable" for weights: most of the ~3.4 GB UNet stays offloaded
+
+
+def load_pack(pack_dir: Path):
+    spec = importlib.util.spec_from_file_location("qvd_pack_probe", pack_dir / "__init__.py",
+                                                  submodule_search_locations=[str(pack_dir)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.NODE_CLASS_MAPPINGS
+
+
+def main(checkpoint: str, lora: str, pack_dir: str) -> dict:
+    torch.set_num_threads(2)
+    from comfy.cli_args import args
+    args.cpu = True
+    import comfy.model_management as mm
+    import comfy.sd
+    import comfy.utils
+    import nodes
+
+    qvd = load_pack(Path(pack_dir))
+    model, clip, _ = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False)[:3]
+    positive = nodes.CLIPTextEncode().encode(clip, "a red fox running")[0]
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    latent = nodes.EmptyLatentImage().generate(64, 64, 2)[0]
+    calibration = qvd["QVDCalibrate"]().calibrate(model, positive, negative, latent, 0, 1, 5.0, "euler", "normal",
+                                                  1)["result"][0]
+    quantized = qvd["QVDQuantizeModel"]().quantize(model, calibration, 8, 8, True, True, SKIP)["result"][0]
+    with_lora = comfy.sd.load_lora_for_models(quantized, None, comfy.utils.load_torch_file(lora), 1.0, 0)[0]
+    mm.unload_all_models()
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    sigma = torch.full((2,), 3.0)
+    context = positive[0][0].repeat(2, 1, 1)
+    cpu = torch.device("cpu")
+
+    def output(patcher) -> torch.Tensor:
+        with torch.inference_mode():
+            return patcher.model.apply_model(x, sigma, c_crossattn=context).float().clone()
+
+    def quantized_layers(patcher) -> list:
+        return [m for m in patcher.model.diffusion_model.modules() if getattr(m, "qvd_quantized", False)]
+
+    out = {}
+    for name, patcher in (("q", quantized), ("q_lora", with_lora)):
+        patcher.patch_model(device_to=cpu, lowvram_model_memory=0)  # whole
+        out[name] = output(patcher)
+        patcher.unpatch_model(cpu)
+    with_lora.patch_model(device_to=cpu, lowvram_model_memory=BUDGET)  # partial
+    layers = quantized_layers(with_lora)
+    offloaded = [m for m in layers if m.comfy_cast_weights]
+    out["q_lora_lowvram"] = output(with_lora)
+    facts = {"quantized_layers": len(layers), "offloaded": len(offloaded),
+             "offloaded_with_lora": sum(bool(m.weight_function) for m in offloaded),
+             "model_lowvram": bool(with_lora.model.model_lowvram)}
+    with_lora.unpatch_model(cpu)
+    facts["flags_cleared"] = not any(m.comfy_cast_weights or m.weight_function for m in quantized_layers(with_lora))
+    with_lora.patch_model(device_to=cpu, lowvram_model_memory=0)  # whole, then offload loaded layers
+    facts["freed_bytes"] = with_lora.partially_unload(cpu, memory_to_free=1 << 40)
+    facts["offloaded_after_unload"] = sum(m.comfy_cast_weights for m in quantized_layers(with_lora))
+    out["q_lora_unloaded"] = output(with_lora)
+    with_lora.unpatch_model(cpu)
+    quantized.patch_model(device_to=cpu, lowvram_model_memory=0)  # the same layers, LoRA gone
+    out["q_after"] = output(quantized)
+    quantized.unpatch_model(cpu)
+
+    ref = out["q_lora"]
+    rel = lambda a, b: float((a - b).norm() / b.norm())
+    facts.update({
+        "lora_effect": rel(out["q_lora"], out["q"]),
+        "lowvram_vs_whole": rel(out["q_lora_lowvram"], ref),
+        "unloaded_vs_whole": rel(out["q_lora_unloaded"], ref),
+        "lowvram_equal": bool(torch.equal(out["q_lora_lowvram"], ref)),
+        "unloaded_equal": bool(torch.equal(out["q_lora_unloaded"], ref)),
+        "quantized_restored": bool(torch.equal(out["q_after"], out["q"])),
+        "finite": bool(all(torch.isfinite(t).all() for t in out.values())),
+    })
+    return facts
+
+
+if __name__ == "__main__":
+    print("QVD_PROBE " + json.dumps(main(*sys.argv[1:4])), flush=True)

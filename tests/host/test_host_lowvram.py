@@ -1,0 +1,48 @@
+"""Low-VRAM (partial) loading of a quantized MODEL with a LoRA, through ComfyUI 0.3.75's own ModelPatcher.
+
+A CPU server always loads whole, so ``lowvram_probe.py`` makes, in a ComfyUI process, the calls ComfyUI
+makes on a GPU short of VRAM: a partial load (quantized layers left offloaded, the LoRA queued as a
+call-time patch) and a partial unload of a loaded model. Both must give exactly the whole-load output.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from comfy_host import COMFYUI_PATH, REPO
+from synthetic_models import LORA_BLOCKS, LORA_LAYERS, write_lora
+
+
+@pytest.fixture(scope="module")
+def probe(sd15_checkpoint, tmp_path_factory):
+    lora = tmp_path_factory.mktemp("lowvram") / "lora.safetensors"
+    write_lora(sd15_checkpoint, lora)
+    env = dict(os.environ, PYTHONPATH=str(COMFYUI_PATH))
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("lowvram_probe.py")), str(sd15_checkpoint),
+                          str(lora), str(REPO)], cwd=COMFYUI_PATH, env=env, capture_output=True, text=True,
+                         timeout=900)
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("QVD_PROBE ")]
+    assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-6000:]
+    return json.loads(lines[-1].removeprefix("QVD_PROBE "))
+
+
+@pytest.mark.slow
+def test_partial_load_offloads_quantized_layers_and_queues_the_lora(probe):
+    assert probe["model_lowvram"] and probe["quantized_layers"] > 0
+    assert probe["offloaded"] == probe["quantized_layers"], probe
+    assert probe["offloaded_with_lora"] == len(LORA_BLOCKS) * len(LORA_LAYERS), probe
+    assert probe["flags_cleared"], "unpatching left low-VRAM flags or patches on the quantized layers"
+
+
+@pytest.mark.slow
+def test_offloaded_quantized_layers_give_the_whole_load_output_with_the_lora(probe):
+    assert probe["finite"] and probe["lora_effect"] > 0.05, probe
+    assert probe["lowvram_equal"], probe["lowvram_vs_whole"]
+    assert probe["freed_bytes"] > 0 and probe["offloaded_after_unload"] == probe["quantized_layers"], probe
+    assert probe["unloaded_equal"], probe["unloaded_vs_whole"]
+    assert probe["quantized_restored"], "the quantized MODEL without the LoRA changed after low-VRAM runs"
