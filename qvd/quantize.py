@@ -4,6 +4,7 @@ Per layer: weights per-output-channel symmetric; activations static per tensor (
 With SCRI, alpha is chosen per layer from ``cfg.scri_alphas`` (and "no SCRI") by the layer's W8A8 output
 error on its calibration rows; layers fed by the same LayerNorm / GroupNorm share one alpha, chosen by
 their summed error, and the transform is folded into that norm. Temporal layers use HiDi-TQ (HTDQ).
+The first and last convolutions stay in float (``cfg.keep_float``: ~0.01 % of the MACs, the most sensitive).
 """
 from __future__ import annotations
 
@@ -177,8 +178,8 @@ def quantize_model(root: nn.Module, calibration: Calibration, config: QVDConfig 
     cfg = config or QVDConfig()
     if not isinstance(calibration, Calibration):
         raise CalibrationError("quantize_model needs a Calibration (run a Calibrator over the model first)")
-    layers = find_layers(root, cfg)
     every_layer = find_layers(root, QVDConfig())  # skipped layers still count as the model's own
+    layers = {n: m for n, m in find_layers(root, cfg).items() if not matches(n, cfg.keep_float)}
     check_layers(calibration.signatures, {n: layer_signature(m) for n, m in every_layer.items()}, "the calibration")
     named = dict(root.named_modules())
     modules, report, done = {}, [], set()
@@ -215,6 +216,9 @@ def quantize_model(root: nn.Module, calibration: Calibration, config: QVDConfig 
                 modules[norm_name] = fold_into_norm(norm, fits[0].z.to(norm.weight.device),
                                                     fits[0].s.to(norm.weight.device))
 
+    report += [{"name": n, "kind": "linear" if isinstance(m, nn.Linear) else "conv", "w_bits": 32, "a_bits": 32,
+                "skipped": "first / last layer kept in float (keep_float)"}
+               for n, m in find_layers(root, cfg).items() if n not in layers]
     for name, module in layers.items():
         if name in done:
             continue

@@ -39,17 +39,28 @@ def test_w8a8_output_close_to_fp(unet, inputs, quantized):
 
 
 def test_every_layer_swapped_and_reported(unet, quantized):
+    """Every Linear / Conv2d but the first and last convolutions (kept in float by default) is swapped."""
     q, res = quantized
     kinds = {type(m) for m in q.modules()}
-    assert not any(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in q.modules())
+    left = {n for n, m in q.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    assert left == {"conv_in", "conv_out"}
     assert {QLinear, QConv2d, HiDiTQLinear} <= kinds
     by_name = {r["name"]: r for r in res.report}
     assert set(by_name) == set(find_layers(unet, QVDConfig()))
+    assert all("keep_float" in by_name[n]["skipped"] for n in left)
     tp = by_name["up_blocks.1.resnets.0.time_emb_proj"]
     assert tp["kind"] == "temporal" and 0.9 < tp["tdscore"] <= 1.0
-    assert by_name["conv_in"]["w_bits"] == 8
     assert any(str(r.get("scri_fold")).startswith("norm:") for r in res.report)
-    assert all(r["out_rel_err"] < 0.05 for r in res.report)
+    assert all(r["out_rel_err"] < 0.05 for r in res.report if "skipped" not in r)
+
+
+def test_first_and_last_convolutions_quantize_at_8_bit_when_not_kept_in_float(unet, calibration):
+    res = quantize_model(copy.deepcopy(unet), calibration, QVDConfig(w_bits=4, a_bits=6, keep_float=()),
+                         apply=False)
+    by_name = {r["name"]: r for r in res.report}
+    assert {by_name[n]["w_bits"] for n in ("conv_in", "conv_out")} == {8}
+    assert isinstance(res.modules["conv_in"], QConv2d) and res.modules["conv_out"].a_bits == 8
+    assert by_name["down_blocks.0.resnets.0.conv1"]["w_bits"] == 4
 
 
 def test_int8_layers_run_integer_kernels(inputs, quantized):
@@ -61,7 +72,8 @@ def test_int8_layers_run_integer_kernels(inputs, quantized):
     for e in prof.events():
         counts[e.name] = counts.get(e.name, 0) + 1
     assert sum(counts.get(k, 0) for k in INT_OPS) >= n_int
-    assert counts.get("aten::linear", 0) == 0 and counts.get("aten::conv2d", 0) == 0  # no fp GEMM left
+    assert counts.get("aten::linear", 0) == 0  # no fp GEMM left but the float first / last convolutions
+    assert counts.get("aten::conv2d", 0) == 2
     weights = [m.weight for m in q.modules() if isinstance(m, (QLinear, QConv2d))]
     assert all(w.dtype == torch.int8 for w in weights)
 
@@ -94,7 +106,7 @@ def test_fake_quant_mode_matches_integer_kernels_per_layer(inputs, quantized):
 
 def test_skip_list_keeps_calibrated_layers_in_float(unet, calibration):
     q = copy.deepcopy(unet)
-    res = quantize_model(q, calibration, QVDConfig(skip=("conv_out", "*.motion_modules.*")))
+    res = quantize_model(q, calibration, QVDConfig(skip=("conv_out", "*.motion_modules.*"), keep_float=()))
     assert type(q.conv_out) is torch.nn.Conv2d and type(q.conv_in) is QConv2d
     assert not any("motion_modules" in n for n in res.modules)
 
