@@ -15,6 +15,10 @@ TEMPORAL_PATTERNS = ("time_emb_proj", "time_embedding.*", "emb_layers.*", "time_
 # First and last convolutions of the UNet (diffusers / ComfyUI names): about 0.01 % of an SD1.5 UNet's MACs
 # and the layers whose quantization error reaches the sampled video most directly (docs/results.md).
 FIRST_LAST_PATTERNS = ("conv_in", "conv_out", "input_blocks.0.0", "out.2")
+# Spatial cross-attention keys / values / output: diffusers (``*.attentions.*``; motion modules are
+# ``*.motion_modules.*``) and a ComfyUI UNet (``diffusion_model.*``; ADE motion modules use other names).
+CROSS_ATTENTION_PATTERNS = tuple(f"{root}.*.attn2.{p}" for root in ("attentions", "diffusion_model")
+                                 for p in ("to_k", "to_v", "to_out.0"))
 
 
 def matches(name: str, patterns) -> bool:
@@ -33,8 +37,9 @@ class QVDConfig:
     scri: per-channel shift + scale of activations (Scattered Channel Range Integration), alpha searched
       per layer over ``scri_alphas``; folded into the preceding LayerNorm/GroupNorm where exact.
     scri_max_gain: cap on a channel's SCRI gain ``1 / s_j`` (robustness to inputs unlike calibration's).
-    scri_skip: layers without SCRI. Default: cross-attention keys / values / output, which read the prompt
-      embedding; its per-channel ranges seen on a few calibration prompts do not cover other prompts.
+    scri_skip: layers without SCRI. Default: the spatial cross-attention keys / values / output, which read
+      the prompt embedding; its per-channel ranges seen on a few calibration prompts do not cover other
+      prompts. (A diffusers motion module's ``attn2`` is temporal self-attention and keeps SCRI.)
     skip: layer-name patterns kept in full precision (the user's list).
     keep_float: patterns kept in full precision by default: the first and last convolutions.
     keep_8bit: patterns forced to W8A8 whatever the bit widths (the first and last convolutions, when
@@ -53,7 +58,7 @@ class QVDConfig:
     scri_alphas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     scri_fold_norm: bool = True
     scri_max_gain: float = 4.0
-    scri_skip: tuple = ("attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+    scri_skip: tuple = CROSS_ATTENTION_PATTERNS
     skip: tuple = ()
     keep_float: tuple = FIRST_LAST_PATTERNS
     keep_8bit: tuple = FIRST_LAST_PATTERNS

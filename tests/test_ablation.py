@@ -15,14 +15,19 @@ def test_calibration_and_evaluation_classes_are_disjoint_and_calibration_covers_
 
 def test_tiny_ablation_writes_markdown_and_plots(tmp_path):
     torch.set_num_threads(1)
-    rows = A.main(["--n", "1", "--steps", "2", "--configs", "naive-w8a8,qvd-w8a8", "--out", str(tmp_path)])
-    assert set(rows) == {"naive-w8a8", "qvd-w8a8"}
-    for r in rows.values():
+    keys = ["naive-w8a8", "qvd-w8a8", "dynamic-w8a8", "qvd-w8a8-all"]
+    rows = A.main(["--n", "1", "--steps", "2", "--configs", ",".join(keys), "--out", str(tmp_path)])
+    assert set(rows) == set(keys)
+    for k, r in rows.items():
         assert 0 < r["psnr_db"] < float("inf")
-        assert 0 < r["min_tdscore"] <= 1
+        assert (r["min_tdscore"] is None) == (k == "dynamic-w8a8")
+        assert 0 < (r["min_tdscore"] or 1) <= 1
         assert r["weight_bytes"] > 0
+    assert rows["dynamic-w8a8"]["weight_bytes"] < rows["qvd-w8a8"]["weight_bytes"]  # int8 codes, no act params
     md = (tmp_path / "results.md").read_text()
-    assert "| naive min-max |" in md and "| QVD (HTDQ + SCRI) |" in md
+    for label in ("naive min-max", "QVD (HTDQ + SCRI)", "per-token dynamic (peer)", "QVD, first / last W8A8"):
+        assert f"| {label} |" in md
+    assert "## First and last convolutions (W8A8)" in md
     assert f"{rows['qvd-w8a8']['psnr_db']:.2f}" in md
     assert "MSE <= 0.5x naive min-max's" in md
     for name in ("results_temporal_hist.png", "results_scri_coverage.png"):
@@ -34,3 +39,19 @@ def test_tiny_ablation_writes_markdown_and_plots(tmp_path):
 def test_unknown_config_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown configs"):
         A.run(n=1, steps=1, configs=["qvd-w2a2"], out_md=tmp_path / "r.md", img_dir=tmp_path)
+
+
+def test_per_token_dynamic_peer_quantizes_every_token_on_its_own_scale():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8)
+    x = torch.randn(4, 16) * torch.tensor([[1.0], [10.0], [0.1], [100.0]])  # tokens of very different ranges
+    peer = A.DynamicPerToken(lin, 8, 8)
+    rel = ((peer(x) - lin(x)).norm(dim=1) / lin(x).norm(dim=1))
+    assert peer.weight.dtype == torch.int8 and rel.max() < 0.02  # each token keeps its own precision
+    conv = torch.nn.Conv2d(6, 4, 3, padding=1)
+    xc = torch.randn(2, 6, 5, 5)
+    assert ((A.DynamicPerToken(conv, 8, 8)(xc) - conv(xc)).norm() / conv(xc).norm()) < 0.02
+    q = A.dynamic_copy(T.build_model(0), 8, 8)
+    assert isinstance(q.unet.conv_in, torch.nn.Conv2d) and isinstance(q.unet.conv_out, torch.nn.Conv2d)
+    assert not any(type(m) in (torch.nn.Linear, torch.nn.Conv2d) for n, m in q.named_modules()
+                   if n and not n.endswith(("conv_in", "conv_out")))

@@ -83,3 +83,27 @@ def test_transformer_block_norm_fold_keeps_output_exact(unet, calibration):
     x, ctx = torch.randn(8, 64, 32), torch.randn(8, 7, 32)
     with torch.no_grad():
         assert torch.allclose(folded(x, encoder_hidden_states=ctx), block(x, encoder_hidden_states=ctx), atol=1e-4)
+
+
+@pytest.mark.parametrize("name, skipped", [
+    ("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", True),  # diffusers spatial cross-attention
+    ("mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0", True),
+    ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k", False),  # self-attention
+    ("down_blocks.1.motion_modules.0.transformer_blocks.0.attn2.to_v", False),  # temporal self-attention
+    ("diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v", True),  # ComfyUI UNet
+    ("diffusion_model.output_blocks.9.1.transformer_blocks.0.attn2.to_q", False),
+    ("motion_0.down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.1.to_k",
+     False),  # ADE motion module in the ComfyUI tree
+])
+def test_default_scri_skip_is_the_spatial_cross_attention_in_both_namings(name, skipped):
+    from qvd.config import matches
+    assert matches(name, QVDConfig().scri_skip) == skipped
+
+
+def test_motion_module_attn2_gets_scri_and_cross_attention_does_not(unet, calibration):
+    report = quantize_model(copy.deepcopy(unet), calibration, QVDConfig(), apply=False).report
+    alphas = {r["name"]: r.get("scri_alpha") for r in report}
+    cross = [n for n in alphas if ".attentions." in n and ".attn2.to_" in n and ".to_q" not in n]
+    assert cross and all(alphas[n] is None for n in cross)
+    motion = [n for n in alphas if ".motion_modules." in n and ".attn2." in n]
+    assert any(alphas[n] is not None for n in motion)

@@ -4,7 +4,9 @@
     .venv/bin/python -m tools.ablation --n 1 --steps 2 --configs fp,qvd-w8a8 --out /tmp/abl
 
 One run, fixed seeds: calibrate once (classes and seeds other than the evaluation ones), then for every
-configuration quantize a deep copy of the FP model and compare N evaluation clips with FP's.
+configuration quantize a deep copy of the FP model and compare N evaluation clips with FP's. Every row keeps
+the first and last convolutions in float (QVDConfig.keep_float) but the two "first / last W8A8" rows; the
+per-token dynamic row is a peer (activation scales computed per token at run time, simulated in float).
 """
 from __future__ import annotations
 
@@ -14,8 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+import copy
+
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qvd import QVDConfig  # noqa: E402
@@ -23,7 +29,8 @@ from qvd import evaluate as E  # noqa: E402
 from qvd import tinyvdm as T  # noqa: E402
 from qvd.kernels import cpu as cpu_kernels  # noqa: E402
 from qvd.htdq import k_metric, search_hiditq  # noqa: E402
-from qvd.quantizers import act_qrange, activation_qparams, fake_quant  # noqa: E402
+from qvd.config import matches  # noqa: E402
+from qvd.quantizers import act_qrange, activation_qparams, dequantize_weight, fake_quant, quantize_weight  # noqa: E402,E501
 from qvd.scri import scri_params  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,10 +46,50 @@ METHODS = (  # key, label, QVDConfig fields
     ("qvd", "QVD (HTDQ + SCRI)", dict()),
 )
 BITS = (("w8a8", 8, 8), ("w6a6", 6, 6), ("w4a8", 4, 8))
-CONFIGS = {"fp": ("FP", None)}
-CONFIGS.update({f"{m}-{b}": (label, QVDConfig(w_bits=w, a_bits=a, **kw))
-                for b, w, a in BITS for m, label, kw in METHODS})
+PEER = ("dynamic", "per-token dynamic (peer)")
+CONFIGS = {"fp": ("FP", None)}  # key -> (label, QVDConfig | ("dynamic", w_bits, a_bits) | None for FP)
+for _b, _w, _a in BITS:
+    CONFIGS.update({f"{m}-{_b}": (label, QVDConfig(w_bits=_w, a_bits=_a, **kw)) for m, label, kw in METHODS})
+    CONFIGS[f"{PEER[0]}-{_b}"] = (PEER[1], (PEER[0], _w, _a))
+FIRST_LAST_W8A8 = (("naive", "naive min-max, first / last W8A8"), ("qvd", "QVD, first / last W8A8"))
+_KW = {m: kw for m, _, kw in METHODS}
+CONFIGS.update({f"{m}-w8a8-all": (label, QVDConfig(keep_float=(), **_KW[m])) for m, label in FIRST_LAST_W8A8})
 PLOT_BITS = 6  # quantization levels drawn in the histogram (8-bit grids are too dense to read)
+
+
+class DynamicPerToken(nn.Module):
+    """Peer baseline (torchao-style int8 dynamic quantization, simulated in float): int8 per-output-channel
+    weights; activations quantized symmetrically per token (Linear: per row; Conv2d: per pixel over channels)
+    with a scale computed at run time from that token's abs-max."""
+
+    def __init__(self, layer: nn.Module, w_bits: int, a_bits: int):
+        super().__init__()
+        codes, scale = quantize_weight(layer.weight, w_bits)
+        self.register_buffer("weight", codes)
+        self.register_buffer("weight_scale", scale)
+        self.bias = layer.bias
+        self.conv = None if isinstance(layer, nn.Linear) else (layer.stride, layer.padding)
+        self.qmax = 2 ** (a_bits - 1) - 1
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # diffusers passes ``input`` by name
+        x = input
+        s = x.abs().amax(-1 if self.conv is None else 1, keepdim=True).clamp_min(1e-8) / self.qmax
+        xq = (x / s).round().clamp(-self.qmax, self.qmax) * s
+        w = dequantize_weight(self.weight, self.weight_scale)
+        if self.conv is None:
+            return F.linear(xq, w, self.bias)
+        return F.conv2d(xq, w, self.bias, *self.conv)
+
+
+def dynamic_copy(model: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
+    """A deep copy with every Linear / Conv2d but QVDConfig.keep_float's replaced by DynamicPerToken."""
+    q = copy.deepcopy(model)
+    keep = QVDConfig().keep_float
+    for name, m in list(q.named_modules()):
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and not matches(name, keep):
+            parent, _, child = name.rpartition(".")
+            setattr(q.get_submodule(parent) if parent else q, child, DynamicPerToken(m, w_bits, a_bits))
+    return q
 
 
 def run(n: int = 8, steps: int = 10, configs=tuple(CONFIGS), out_md: Path = ROOT / "docs" / "results.md",
@@ -64,6 +111,8 @@ def run(n: int = 8, steps: int = 10, configs=tuple(CONFIGS), out_md: Path = ROOT
         label, cfg = CONFIGS[key]
         if cfg is None:
             q, report = fp, []
+        elif isinstance(cfg, tuple):
+            q, report = dynamic_copy(fp, cfg[1], cfg[2]), []
         else:
             q, result = E.quantized_copy(fp, cal, cfg)
             report = result.report
@@ -144,12 +193,17 @@ def render_markdown(rows: dict, hist: dict, cover: dict, *, n: int, steps: int, 
                 f"| {r['quality']['speed']:.2f} | {r['weight_bytes']:,} |")
 
     for b, w, a in BITS:
-        keys = [f"{m}-{b}" for m, _, _ in METHODS if f"{m}-{b}" in rows]
+        keys = [f"{m}-{b}" for m in [m for m, _, _ in METHODS] + [PEER[0]] if f"{m}-{b}" in rows]
         if not keys:
             continue
         lines += [f"## W{w}A{a}", "", header, sep]
         lines += [row(k) for k in (["fp"] if "fp" in rows else []) + keys]
         lines.append("")
+    both = [k for m, _ in FIRST_LAST_W8A8 for k in (f"{m}-w8a8", f"{m}-w8a8-all") if k in rows]
+    if any(k.endswith("-all") for k in both):
+        lines += ["## First and last convolutions (W8A8)", "",
+                  "The rows above keep `conv_in` / `conv_out` in float (`QVDConfig.keep_float`, the default); "
+                  "these quantize them at W8A8 too.", "", header, sep] + [row(k) for k in both] + [""]
     if "fp" in rows:
         d = rows["fp"]["quality_data"]
         lines += [f"Procedural data for the same classes: colour ok {d['colour_ok']:.2f}, speed {d['speed']:.2f} "
@@ -182,7 +236,7 @@ def _findings(rows: dict) -> list[str]:
             continue
         parts = []
         for m, label in (("naive", "min-max instead of MSE ranges"), ("htdq", "HTDQ"), ("scri", "SCRI"),
-                         ("qvd", "HTDQ + SCRI")):
+                         ("qvd", "HTDQ + SCRI"), (PEER[0], "per-token dynamic activations (peer)")):
             r = rows.get(f"{m}-{b}")
             if r is None:
                 continue
@@ -207,12 +261,14 @@ def _findings(rows: dict) -> list[str]:
 
 
 def _targets(rows: dict) -> list[str]:
-    q, naive, mse = rows.get("qvd-w8a8"), rows.get("naive-w8a8"), rows.get("mse-w8a8")
+    q = rows.get("qvd-w8a8")
     if q is None:
         return ["- QVD W8A8 was not run: targets not evaluated."]
     yes = lambda ok: "**met**" if ok else "**not met**"
     out = [f"- PSNR vs FP >= 35 dB: {q['psnr_db']:.2f} dB, {yes(q['psnr_db'] >= 35)}."]
-    for ref, label, bound in ((naive, "naive min-max", 0.5), (mse, "MSE-range", 0.7)):
+    for key, label, bound in (("naive-w8a8", "naive min-max", 0.5), ("mse-w8a8", "MSE-range", 0.7),
+                              ("naive-w8a8-all", "naive min-max with first / last W8A8", 0.5)):
+        ref = rows.get(key)
         if ref is not None:
             ratio = _mse(q["psnr_db"]) / _mse(ref["psnr_db"])
             out.append(f"- MSE <= {bound}x {label}'s: {ratio:.2f}x ({q['psnr_db']:.2f} vs {ref['psnr_db']:.2f} dB), "
