@@ -12,8 +12,9 @@ WEIGHT_CLIPS = ("minmax", "mse")
 
 # Names of the timestep-embedding ("temporal") layers: diffusers and ComfyUI UNets.
 TEMPORAL_PATTERNS = ("time_emb_proj", "time_embedding.*", "emb_layers.*", "time_embed.*")
-# First and last convolutions of the UNet (diffusers / ComfyUI names): about 0.01 % of an SD1.5 UNet's MACs
-# and the layers whose quantization error reaches the sampled video most directly (docs/results.md).
+# First and last convolutions of the UNet (diffusers / ComfyUI names): 0.02 % of an SD1.5 UNet's MACs
+# (bench/first_last_share.py) and the layers whose quantization error reaches the sampled video most directly
+# (docs/results.md).
 FIRST_LAST_PATTERNS = ("conv_in", "conv_out", "input_blocks.0.0", "out.2")
 # Spatial cross-attention keys / values / output: diffusers (``*.attentions.*``; motion modules are
 # ``*.motion_modules.*``) and a ComfyUI UNet (``diffusion_model.*``; ADE motion modules use other names).

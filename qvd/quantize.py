@@ -4,7 +4,7 @@ Per layer: weights per-output-channel symmetric; activations static per tensor (
 With SCRI, alpha is chosen per layer from ``cfg.scri_alphas`` (and "no SCRI") by the layer's W8A8 output
 error on its calibration rows; layers fed by the same LayerNorm / GroupNorm share one alpha, chosen by
 their summed error, and the transform is folded into that norm. Temporal layers use HiDi-TQ (HTDQ).
-The first and last convolutions stay in float (``cfg.keep_float``: ~0.01 % of the MACs, the most sensitive).
+The first and last convolutions stay in float (``cfg.keep_float``: 0.02 % of the MACs, the most sensitive).
 """
 from __future__ import annotations
 
