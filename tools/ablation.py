@@ -256,6 +256,12 @@ def _findings(rows: dict) -> list[str]:
         if deltas:
             summary.append(f"{label} gains over MSE ranges at {', '.join(gain) or 'no bit width'}"
                            + (f" and not at {', '.join(flat)}" if flat else "") + ".")
+    peer = [f"W{w}A{a} {rows[f'{PEER[0]}-{b}']['psnr_db'] - rows[f'qvd-{b}']['psnr_db']:+.2f} dB" for b, w, a in BITS
+            if f"{PEER[0]}-{b}" in rows and f"qvd-{b}" in rows]
+    if peer:
+        summary.append("The per-token dynamic peer against QVD: " + ", ".join(peer) + "; it computes a scale per "
+                       "token at run time (a reduction over every activation before each GEMM), where QVD's "
+                       "scales are static and fused into the quantize kernel.")
     return out + ["", "In short: " + " ".join(summary) + " Differences under about 0.1 dB are read as no change; "
                   "with a few clips a few tenths of a dB is within clip-to-clip variation."]
 
