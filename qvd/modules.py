@@ -141,13 +141,14 @@ class _QuantizedBase(_HostHooks):
                                              self.scri_shift),
                             lambda: self._epilogue(self.weight, self.folded_bias(device), device))
 
-    def _operands(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(int8 codes, folded bias, epilogue bias) for this call: cached unless host patches apply now."""
+    def _operands(self, device, epilogue: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 codes, bias) for this call: the epilogue bias (integer kernels) or the folded bias (fake
+        mode); cached unless host patches apply now."""
         w, b, patched = self._call_weights(device)
         if not patched:
-            return w, self.folded_bias(device), self.effective_bias(device)
+            return w, self.effective_bias(device) if epilogue else self.folded_bias(device)
         fold = self._fold(w, b, device)
-        return w, fold, self._epilogue(w, fold, device)
+        return w, self._epilogue(w, fold, device) if epilogue else fold
 
     def _kernel_scri(self, device):
         if self.scri_shift is None or self.scri_in_norm:
@@ -162,7 +163,7 @@ class _QuantizedBase(_HostHooks):
 
     def _fake_forward(self, x: torch.Tensor, op) -> torch.Tensor:
         """Simulated rounding in float: the same codes, then a float op with the dequantized weight."""
-        w, fold, _ = self._operands(x.device)
+        w, fold = self._operands(x.device, epilogue=False)
         return op(dequantize_weight(w, self.weight_scale.to(x.device)), fold).to(x.dtype)
 
     # ComfyUI's weight-patch protocol (LoRA on a quantized model): ``convert_weight`` gives the float
@@ -198,7 +199,7 @@ class QLinear(_QuantizedBase):
         if self.mode == "fake":
             return self._fake_forward(x, lambda w, b: F.linear(self._fake_input(x, -1), w, b))
         shift, inv = self._kernel_scri(dev)
-        w, _, bias = self._operands(dev)
+        w, bias = self._operands(dev, epilogue=True)
         return kernels.linear_w8a8(x, w, self.weight_scale.to(dev), bias, self.act_scale.to(dev),
                                    self.act_zero_point, self.qmin, self.qmax, shift, inv)
 
@@ -215,7 +216,7 @@ class QConv2d(_QuantizedBase):
             xp = F.pad(x, (self.padding,) * 4) if self.padding else x
             return self._fake_forward(x, lambda w, b: F.conv2d(self._fake_input(xp, 1), w, b, self.stride))
         shift, inv = self._kernel_scri(dev)
-        w, _, bias = self._operands(dev)
+        w, bias = self._operands(dev, epilogue=True)
         return kernels.conv2d_w8a8(x, w, self.weight_scale.to(dev), bias, self.act_scale.to(dev),
                                    self.act_zero_point, self.qmin, self.qmax, shift, inv, self.stride, self.padding)
 

@@ -179,7 +179,8 @@ def quantize_model(root: nn.Module, calibration: Calibration, config: QVDConfig 
     if not isinstance(calibration, Calibration):
         raise CalibrationError("quantize_model needs a Calibration (run a Calibrator over the model first)")
     every_layer = find_layers(root, QVDConfig())  # skipped layers still count as the model's own
-    layers = {n: m for n, m in find_layers(root, cfg).items() if not matches(n, cfg.keep_float)}
+    targets = find_layers(root, cfg)
+    layers = {n: m for n, m in targets.items() if not matches(n, cfg.keep_float)}
     check_layers(calibration.signatures, {n: layer_signature(m) for n, m in every_layer.items()}, "the calibration")
     named = dict(root.named_modules())
     modules, report, done = {}, [], set()
@@ -218,7 +219,7 @@ def quantize_model(root: nn.Module, calibration: Calibration, config: QVDConfig 
 
     report += [{"name": n, "kind": "linear" if isinstance(m, nn.Linear) else "conv", "w_bits": 32, "a_bits": 32,
                 "skipped": "first / last layer kept in float (keep_float)"}
-               for n, m in find_layers(root, cfg).items() if n not in layers]
+               for n, m in targets.items() if n not in layers]
     for name, module in layers.items():
         if name in done:
             continue

@@ -30,6 +30,7 @@ from qvd import tinyvdm as T  # noqa: E402
 from qvd.kernels import cpu as cpu_kernels  # noqa: E402
 from qvd.htdq import k_metric, search_hiditq  # noqa: E402
 from qvd.config import matches  # noqa: E402
+from qvd.quantize import install  # noqa: E402
 from qvd.quantizers import act_qrange, activation_qparams, dequantize_weight, fake_quant, quantize_weight  # noqa: E402,E501
 from qvd.scri import scri_params  # noqa: E402
 
@@ -85,10 +86,8 @@ def dynamic_copy(model: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
     """A deep copy with every Linear / Conv2d but QVDConfig.keep_float's replaced by DynamicPerToken."""
     q = copy.deepcopy(model)
     keep = QVDConfig().keep_float
-    for name, m in list(q.named_modules()):
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and not matches(name, keep):
-            parent, _, child = name.rpartition(".")
-            setattr(q.get_submodule(parent) if parent else q, child, DynamicPerToken(m, w_bits, a_bits))
+    install(q, {name: DynamicPerToken(m, w_bits, a_bits) for name, m in q.named_modules()
+                if isinstance(m, (nn.Linear, nn.Conv2d)) and not matches(name, keep)})
     return q
 
 
