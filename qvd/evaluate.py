@@ -120,6 +120,7 @@ def evaluate(fp_model, q_model, n: int = 4, steps: int = 20, guidance: float = 3
 
     ``conds``: the ``n`` class ids (default ``i % NULL_CLASS``). ``reference``: the FP clips already sampled
     with ``sample_clips(fp_model, conds, steps, guidance, embed, seed0)`` (saves resampling FP per config).
+    ``psnr_db`` is the mean of the per-clip PSNRs in ``psnr_clips`` (paired by seed across configurations).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -132,8 +133,9 @@ def evaluate(fp_model, q_model, n: int = 4, steps: int = 20, guidance: float = 3
     qt = sample_clips(q_model, conds, steps, guidance, embed or fp_model, seed0)
     data = T.make_clips(conds, torch.Generator().manual_seed(seed0))
     mean = lambda f: sum(f(a, b) for a, b in zip(fp, qt)) / n
+    per_clip = [psnr(a, b) for a, b in zip(fp, qt)]
     return {
-        "psnr_db": mean(psnr), "ssim": mean(ssim), "temporal_error": mean(temporal_error),
+        "psnr_db": sum(per_clip) / n, "psnr_clips": per_clip, "ssim": mean(ssim), "temporal_error": mean(temporal_error),
         "quality_fp": quality(fp, conds), "quality_quant": quality(qt, conds), "quality_data": quality(data, conds),
         "clips": {"fp": fp, "quant": qt},
     }

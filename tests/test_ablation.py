@@ -15,14 +15,17 @@ def test_calibration_and_evaluation_classes_are_disjoint_and_calibration_covers_
 
 def test_tiny_ablation_writes_markdown_and_plots(tmp_path):
     torch.set_num_threads(1)
-    keys = ["naive-w8a8", "qvd-w8a8", "dynamic-w8a8", "qvd-w8a8-all"]
-    rows = A.main(["--n", "1", "--steps", "2", "--configs", ",".join(keys), "--out", str(tmp_path)])
+    keys = ["naive-w8a8", "mse-w8a8", "qvd-w8a8", "dynamic-w8a8", "qvd-w8a8-all"]
+    rows = A.main(["--n", "2", "--steps", "2", "--configs", ",".join(keys), "--sensitivity", "shortcut,up.1",
+                   "--out", str(tmp_path)])
+    sens = rows.pop("sensitivity")
     assert set(rows) == set(keys)
     for k, r in rows.items():
         assert 0 < r["psnr_db"] < float("inf")
         assert (r["min_tdscore"] is None) == (k == "dynamic-w8a8")
         assert 0 < (r["min_tdscore"] or 1) <= 1
         assert r["weight_bytes"] > 0
+        assert len(r["psnr_clips"]) == 2 and abs(sum(r["psnr_clips"]) / 2 - r["psnr_db"]) < 1e-9
     assert rows["dynamic-w8a8"]["weight_bytes"] < rows["qvd-w8a8"]["weight_bytes"]  # int8 codes, no act params
     md = (tmp_path / "results.md").read_text()
     for label in ("naive min-max", "QVD (HTDQ + SCRI)", "per-token dynamic (peer)", "QVD, first / last W8A8"):
@@ -30,6 +33,16 @@ def test_tiny_ablation_writes_markdown_and_plots(tmp_path):
     assert "## First and last convolutions (W8A8)" in md
     assert f"{rows['qvd-w8a8']['psnr_db']:.2f}" in md
     assert "MSE <= 0.5x naive min-max's" in md
+    d = [a - b for a, b in zip(rows["qvd-w8a8"]["psnr_clips"], rows["mse-w8a8"]["psnr_clips"])]
+    assert f"HTDQ + SCRI {A._verdict(*A._paired(rows, 'qvd-w8a8', 'mse-w8a8'))} ({(d[0] + d[1]) / 2:+.2f} ± " \
+           f"{abs(d[0] - d[1]) / 2:.2f} dB)" in md  # paired mean and standard error over the two clips
+    # Sensitivity: one group at a time; the shortcut convs are a subset of every block's layers
+    assert set(sens) == {"shortcut", "up.1"} and set(sens["shortcut"]) == {"naive", "qvd"}
+    assert sens["shortcut"]["qvd"]["layers"] == 5 and sens["up.1"]["qvd"]["layers"] > 20
+    assert "## Where the remaining error lives (W8A8)" in md
+    assert sens["shortcut"]["qvd"]["channel_spread"] >= 1
+    assert (f"| ResNet 1x1 shortcut | 5 | {sens['shortcut']['qvd']['channel_spread']:.1f} "
+            f"| {sens['shortcut']['naive']['psnr_db']:.2f} |") in md
     for name in ("results_temporal_hist.png", "results_scri_coverage.png"):
         img = Image.open(tmp_path / "img" / name)
         assert img.size[0] > 400 and len(img.getcolors(1 << 16)) > 3  # drawn, not blank
@@ -39,6 +52,8 @@ def test_tiny_ablation_writes_markdown_and_plots(tmp_path):
 def test_unknown_config_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown configs"):
         A.run(n=1, steps=1, configs=["qvd-w2a2"], out_md=tmp_path / "r.md", img_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"unknown configs / groups \['attn3'\]"):
+        A.run(n=1, steps=1, configs=["qvd-w8a8"], groups=["attn3"], out_md=tmp_path / "r.md", img_dir=tmp_path)
 
 
 def test_per_token_dynamic_peer_quantizes_every_token_on_its_own_scale():
@@ -55,3 +70,17 @@ def test_per_token_dynamic_peer_quantizes_every_token_on_its_own_scale():
     assert isinstance(q.unet.conv_in, torch.nn.Conv2d) and isinstance(q.unet.conv_out, torch.nn.Conv2d)
     assert not any(type(m) in (torch.nn.Linear, torch.nn.Conv2d) for n, m in q.named_modules()
                    if n and not n.endswith(("conv_in", "conv_out")))
+
+
+def test_verdict_needs_the_change_above_twice_its_standard_error_and_channel_spread_reads_calibration_ranges():
+    assert A._verdict(0.5, 0.2) == "gains" and A._verdict(-0.5, 0.2) == "loses"
+    assert A._verdict(0.5, 0.3) == "is within the clip-to-clip spread"  # 0.5 < 2 x 0.3
+    assert A._verdict(0.05, None) == "is within the clip-to-clip spread"  # under 0.1 dB
+    rows = {"a": {"psnr_clips": [31.0, 32.0, 33.0]}, "b": {"psnr_clips": [30.0, 30.0, 30.0]}}
+    mean, se = A._paired(rows, "a", "b")
+    assert mean == 2.0 and abs(se - (1 / 3) ** 0.5) < 1e-12
+
+    class Stats:
+        ch_min = torch.tensor([-1.0, 0.0, -2.0, -4.0])
+        ch_max = torch.tensor([1.0, 2.0, 0.0, 4.0])
+    assert A._channel_spread(Stats) == 4.0  # half-ranges 1, 1, 1, 4
