@@ -321,9 +321,11 @@ def _findings(rows: dict) -> list[str]:
                     for b, w, a in BITS if f"{m}-{b}" in rows and f"mse-{b}" in rows}
         gain = [k for k, v in verdicts.items() if v == "gains"]
         rest = [k for k, v in verdicts.items() if v != "gains"]
-        if verdicts:
-            summary.append(f"{label} gains over MSE ranges at {', '.join(gain) or 'no bit width'}"
+        if gain:
+            summary.append(f"{label} gains over MSE ranges at {', '.join(gain)}"
                            + (f" and not at {', '.join(rest)}" if rest else "") + ".")
+        elif verdicts:
+            summary.append(f"{label} shows no significant gain over MSE ranges at any bit width run.")
     peer = [f"W{w}A{a} {rows[f'{PEER[0]}-{b}']['psnr_db'] - rows[f'qvd-{b}']['psnr_db']:+.2f} dB" for b, w, a in BITS
             if f"{PEER[0]}-{b}" in rows and f"qvd-{b}" in rows]
     if peer:
