@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -209,6 +210,11 @@ def _mse(psnr_db: float) -> float:
     return 10 ** (-psnr_db / 10)
 
 
+def _mse_ratio(psnr_db: float, ref_db: float) -> float:
+    """Error of a configuration over a reference's (MSE ratio, from their PSNRs)."""
+    return _mse(psnr_db) / _mse(ref_db)
+
+
 # ------------------------------------------------------------------------------------------ markdown
 def render_markdown(rows: dict, hist: dict, cover: dict, sens: dict, *, n: int, steps: int, conds, img_rel: str,
                     seconds: float) -> str:
@@ -286,9 +292,7 @@ def _paired(rows: dict, key: str, base: str) -> tuple[float, float | None]:
     """Mean and standard error (None for one clip) of the per-clip PSNR difference ``key - base`` (clips
     paired by seed)."""
     d = [a - b for a, b in zip(rows[key]["psnr_clips"], rows[base]["psnr_clips"])]
-    mean = sum(d) / len(d)
-    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else None
-    return mean, se
+    return statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else None
 
 
 def _verdict(mean: float, se: float | None) -> str:
@@ -340,7 +344,7 @@ def _findings(rows: dict) -> list[str]:
 
 def _sensitivity_table(sens: dict) -> list[str]:
     """The sensitivity table and what it says: which group holds the largest remaining QVD error."""
-    ratio = lambda v: _mse(v["qvd"]["psnr_db"]) / _mse(v["naive"]["psnr_db"])
+    ratio = lambda v: _mse_ratio(v["qvd"]["psnr_db"], v["naive"]["psnr_db"])
     labels = {k: label for k, label, _ in GROUPS}
     lines = ["Each row quantizes only one group of layers at W8A8 (everything else, the first / last convolutions "
              "included, in float), with naive min-max and with QVD, from the same calibration, on the same clips. "
@@ -372,13 +376,13 @@ def _targets(rows: dict, sens: dict | None = None) -> list[str]:
                               ("naive-w8a8-all", "naive min-max with first / last W8A8", 0.5)):
         ref = rows.get(key)
         if ref is not None:
-            ratio = _mse(q["psnr_db"]) / _mse(ref["psnr_db"])
+            ratio = _mse_ratio(q["psnr_db"], ref["psnr_db"])
             out.append(f"- MSE <= {bound}x {label}'s: {ratio:.2f}x ({q['psnr_db']:.2f} vs {ref['psnr_db']:.2f} dB), "
                        f"{yes(ratio <= bound)}.")
     dyn, naive = rows.get(f"{PEER[0]}-w8a8"), rows.get("naive-w8a8")
     if dyn is not None and naive is not None:
         out.append(f"- For scale: the per-token dynamic peer (run-time scales) reaches "
-                   f"{_mse(dyn['psnr_db']) / _mse(naive['psnr_db']):.2f}x naive min-max's error.")
+                   f"{_mse_ratio(dyn['psnr_db'], naive['psnr_db']):.2f}x naive min-max's error.")
     if sens:
         out.append("- Per layer group (only that group quantized), QVD's error against naive's is in "
                    "\"Where the remaining error lives\" above.")
