@@ -1,3 +1,6 @@
+import copy
+import math
+
 import pytest
 import torch
 from PIL import Image
@@ -17,7 +20,7 @@ def test_tiny_ablation_writes_markdown_and_plots(tmp_path):
     torch.set_num_threads(1)
     keys = ["naive-w8a8", "mse-w8a8", "qvd-w8a8", "dynamic-w8a8", "qvd-w8a8-all"]
     rows = A.main(["--n", "2", "--steps", "2", "--configs", ",".join(keys), "--sensitivity", "shortcut,up.1",
-                   "--out", str(tmp_path)])
+                   "--no-error-budget", "--out", str(tmp_path)])
     sens = rows.pop("sensitivity")
     assert set(rows) == set(keys)
     for k, r in rows.items():
@@ -83,4 +86,44 @@ def test_verdict_needs_the_change_above_twice_its_standard_error_and_channel_spr
     class Stats:
         ch_min = torch.tensor([-1.0, 0.0, -2.0, -4.0])
         ch_max = torch.tensor([1.0, 2.0, 0.0, 4.0])
-    assert A._channel_spread(Stats) == 4.0  # half-ranges 1, 1, 1, 4
+    assert A.channel_spread(Stats) == 4.0  # half-ranges 1, 1, 1, 4
+
+
+def test_simulated_layers_round_exactly_what_they_are_told(unet, inputs, quantized):
+    from qvd.modules import set_mode
+    from tools import error_budget as B
+    from unet_fixtures import rel_err
+    q, _ = quantized
+    fake = copy.deepcopy(q)
+    set_mode(fake, "fake")
+    with torch.no_grad():
+        ref, y_fake = inputs.run(unet, 600), inputs.run(fake, 600)
+        sim = {(w, a): inputs.run(B.simulated_copy(unet, q, w, a), 600)
+               for w, a in (("quant", "static"), ("float", "float"), ("quant", "float"), ("float", "static"),
+                            ("quant", "per-call"))}
+    assert rel_err(sim["quant", "static"], y_fake) < 1e-5  # the same codes as the layers' own fake mode
+    full = rel_err(sim["quant", "static"], ref)
+    assert rel_err(sim["float", "float"], ref) < 0.1 * full  # only HiDi-TQ left: SCRI and its bias are exact
+    assert rel_err(sim["quant", "float"], ref) < full and rel_err(sim["float", "static"], ref) < full
+    assert rel_err(sim["quant", "per-call"], ref) != full
+    with pytest.raises(ValueError, match="use quant"):
+        B.Simulated(next(m for m in q.modules() if type(m).__name__ == "QLinear"), torch.zeros(1), "int4", "static")
+
+
+def test_error_budget_measures_noise_scaling_and_renders_it(tmp_path):
+    torch.set_num_threads(1)
+    rows = A.main(["--n", "1", "--steps", "2", "--configs", "naive-w8a8,qvd-w8a8", "--sensitivity", "none",
+                   "--out", str(tmp_path)])
+    b = rows["budget"]
+    assert b["layer"] == "unet.up_blocks.1.resnets.1.conv_shortcut"  # nearest the output
+    noise = [b["noise"][s] for s in sorted(b["noise"])]
+    assert noise == sorted(noise, reverse=True)  # more noise, lower PSNR
+    g = (noise[0] - noise[1]) / (10 * math.log10(2))
+    assert abs(A.error_budget.gamma(b["noise"]) - g) < 1e-9 and 0 < g
+    assert set(b["splits"]) == {"both", "weights", "activations", "per_call"}
+    assert b["splits"]["weights"]["psnr_db"] > b["splits"]["both"]["psnr_db"]  # activations hold error too
+    assert b["power_ratio_median"] > 1 and set(b["layer_alone"]) == {"naive", "qvd"}
+    md = (tmp_path / "results.md").read_text()
+    assert "## What halving naive min-max's error would take (W8A8)" in md
+    assert f"clip MSE ~ sigma^{g:.2f}" in md and f"{2 ** (2 / g):.1f}x smaller" in md
+    assert "| PSNR vs FP (dB) | " + " | ".join(f"{p:.2f}" for p in noise) + " |" in md

@@ -1,14 +1,15 @@
 """QVD ablation on the shipped TinyVDM: which parts of QVD gain, at W8A8, W6A6 and W4A8.
 
     .venv/bin/python -m tools.ablation                       # writes docs/results.md and docs/img/results_*.png
-    .venv/bin/python -m tools.ablation --n 1 --steps 2 --configs fp,qvd-w8a8 --sensitivity none --out /tmp/abl
+    .venv/bin/python -m tools.ablation --n 1 --steps 2 --configs fp,qvd-w8a8 --sensitivity none \
+        --no-error-budget --out /tmp/abl
 
 One run, fixed seeds: calibrate once (classes and seeds other than the evaluation ones), then for every
 configuration quantize a deep copy of the FP model and compare N evaluation clips with FP's. Every row keeps
 the first and last convolutions in float (QVDConfig.keep_float) but the two "first / last W8A8" rows; the
 per-token dynamic row is a peer (activation scales computed per token at run time, simulated in float).
 The sensitivity section quantizes one layer group at a time (naive and QVD, W8A8) to show where the
-remaining error lives.
+remaining error lives; the error budget (tools/error_budget.py) what halving naive min-max's error would take.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ from qvd.config import matches  # noqa: E402
 from qvd.quantize import install  # noqa: E402
 from qvd.quantizers import act_qrange, activation_qparams, dequantize_weight, fake_quant, quantize_weight  # noqa: E402,E501
 from qvd.scri import scri_params  # noqa: E402
+from tools import error_budget  # noqa: E402
+from tools.error_budget import channel_spread, mse_ratio  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # Calibration: one clip each of red square, green circle, blue triangle, yellow square (every colour and
@@ -116,9 +119,11 @@ def dynamic_copy(model: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
 
 
 def run(n: int = 8, steps: int = 10, configs=tuple(CONFIGS), out_md: Path = ROOT / "docs" / "results.md",
-        img_dir: Path = ROOT / "docs" / "img", guidance: float = 3.0, groups=(), log=print) -> dict:
-    """Run the ablation (and the sensitivity of ``groups``, keys of GROUPS), write the markdown and the two
-    plots; returns {config key: metrics} (with ``"sensitivity": {group key: {method: PSNR}}`` if run)."""
+        img_dir: Path = ROOT / "docs" / "img", guidance: float = 3.0, groups=(), budget: bool = False,
+        log=print) -> dict:
+    """Run the ablation (and the sensitivity of ``groups``, keys of GROUPS; the error budget of
+    ``tools.error_budget`` if ``budget``), write the markdown and the two plots; returns {config key: metrics}
+    (with ``"sensitivity": {group key: {method: PSNR}}`` and ``"budget"`` if run)."""
     unknown = [k for k in configs if k not in CONFIGS] + [g for g in groups if g not in GROUP_KEYS]
     if unknown:
         raise ValueError(f"unknown configs / groups {unknown}: choose from {list(CONFIGS)} / {list(GROUP_KEYS)}")
@@ -157,16 +162,21 @@ def run(n: int = 8, steps: int = 10, configs=tuple(CONFIGS), out_md: Path = ROOT
         sens[g] = sensitivity(fp, cal, g, conds, reference, steps, guidance)
         log(f"only {g:9s} " + "  ".join(f"{m} {v['psnr_db']:6.2f} dB" for m, v in sens[g].items())
             + f"  ({time.time() - t0:.0f} s)")
+    bud = None
+    if budget:
+        bud = error_budget.error_budget(fp, cal, conds, reference, steps, guidance,
+                                        {m: CONFIGS[f"{m}-w8a8"][1] for m in ("naive", "qvd")}, log=log)
     if qvd_report is None:
         qvd_report = E.quantized_copy(fp, cal, CONFIGS["qvd-w8a8"][1])[1].report
     img_dir.mkdir(parents=True, exist_ok=True)
     hist = plot_temporal_histogram(cal, img_dir / "results_temporal_hist.png")
     cover = plot_scri_coverage(cal, qvd_report, img_dir / "results_scri_coverage.png")
     out_md.parent.mkdir(parents=True, exist_ok=True)
-    out_md.write_text(render_markdown(rows, hist, cover, sens, n=n, steps=steps, conds=conds,
+    out_md.write_text(render_markdown(rows, hist, cover, sens, bud, n=n, steps=steps, conds=conds,
                                       img_rel=_rel(img_dir, out_md.parent), seconds=time.time() - t0))
     log(f"wrote {out_md}, {img_dir / 'results_temporal_hist.png'}, {img_dir / 'results_scri_coverage.png'}")
-    return dict(rows, sensitivity=sens) if sens else rows
+    extra = ({"sensitivity": sens} if sens else {}) | ({"budget": bud} if bud else {})
+    return dict(rows, **extra)
 
 
 def sensitivity(fp, cal, group: str, conds, reference, steps: int, guidance: float) -> dict:
@@ -178,20 +188,13 @@ def sensitivity(fp, cal, group: str, conds, reference, steps: int, guidance: flo
     if not inside:
         raise ValueError(f"group {group!r} ({patterns}) matches no quantized layer of this model")
     others = tuple(nm for nm in names if nm not in inside)
-    spread = torch.tensor([_channel_spread(cal.layers[nm]) for nm in inside if nm in cal.layers]).median()
+    spread = torch.tensor([channel_spread(cal.layers[nm]) for nm in inside if nm in cal.layers]).median()
     out = {}
     for m in SENSITIVITY_METHODS:
         q, _ = E.quantized_copy(fp, cal, QVDConfig(skip=others, **_KW[m]))
         res = E.evaluate(fp, q, n=len(conds), steps=steps, guidance=guidance, conds=conds, reference=reference)
         out[m] = {"psnr_db": res["psnr_db"], "layers": len(inside), "channel_spread": float(spread)}
     return out
-
-
-def _channel_spread(stats) -> float:
-    """Largest over median input-channel half-range of a layer (calibration extremes): how scattered the
-    channels are, i.e. how much SCRI can integrate."""
-    r = (stats.ch_max - stats.ch_min).float() * 0.5
-    return float(r.max() / r.median().clamp_min(1e-12))
 
 
 def _rel(path: Path, start: Path) -> str:
@@ -210,14 +213,9 @@ def _mse(psnr_db: float) -> float:
     return 10 ** (-psnr_db / 10)
 
 
-def _mse_ratio(psnr_db: float, ref_db: float) -> float:
-    """Error of a configuration over a reference's (MSE ratio, from their PSNRs)."""
-    return _mse(psnr_db) / _mse(ref_db)
-
-
 # ------------------------------------------------------------------------------------------ markdown
-def render_markdown(rows: dict, hist: dict, cover: dict, sens: dict, *, n: int, steps: int, conds, img_rel: str,
-                    seconds: float) -> str:
+def render_markdown(rows: dict, hist: dict, cover: dict, sens: dict, budget: dict | None, *, n: int, steps: int,
+                    conds, img_rel: str, seconds: float) -> str:
     caps = ", ".join(T.CLASSES[c] for c in conds)
     calib = ", ".join(T.CLASSES[c] for c in CALIB_CLASSES)
     lines = [
@@ -270,7 +268,11 @@ def render_markdown(rows: dict, hist: dict, cover: dict, sens: dict, *, n: int, 
     lines += ["## What gains on this model", ""] + _findings(rows) + [""]
     if sens:
         lines += ["## Where the remaining error lives (W8A8)", ""] + _sensitivity_table(sens) + [""]
-    lines += ["## The issue's targets (QVD, W8A8)", ""] + _targets(rows, sens) + [""]
+    if budget:
+        db = lambda k: rows[k]["psnr_db"] if k in rows else None
+        lines += ["## What halving naive min-max's error would take (W8A8)", ""]
+        lines += error_budget.render(budget, db("naive-w8a8"), db("qvd-w8a8")) + [""]
+    lines += ["## The issue's targets (QVD, W8A8)", ""] + _targets(rows, sens, budget) + [""]
     lines += [
         "## Figures", "",
         f"![temporal features]({img_rel}/results_temporal_hist.png)", "",
@@ -344,7 +346,7 @@ def _findings(rows: dict) -> list[str]:
 
 def _sensitivity_table(sens: dict) -> list[str]:
     """The sensitivity table and what it says: which group holds the largest remaining QVD error."""
-    ratio = lambda v: _mse_ratio(v["qvd"]["psnr_db"], v["naive"]["psnr_db"])
+    ratio = lambda v: mse_ratio(v["qvd"]["psnr_db"], v["naive"]["psnr_db"])
     labels = {k: label for k, label, _ in GROUPS}
     lines = ["Each row quantizes only one group of layers at W8A8 (everything else, the first / last convolutions "
              "included, in float), with naive min-max and with QVD, from the same calibration, on the same clips. "
@@ -366,7 +368,7 @@ def _sensitivity_table(sens: dict) -> list[str]:
     return lines
 
 
-def _targets(rows: dict, sens: dict | None = None) -> list[str]:
+def _targets(rows: dict, sens: dict | None = None, budget: dict | None = None) -> list[str]:
     q = rows.get("qvd-w8a8")
     if q is None:
         return ["- QVD W8A8 was not run: targets not evaluated."]
@@ -376,16 +378,19 @@ def _targets(rows: dict, sens: dict | None = None) -> list[str]:
                               ("naive-w8a8-all", "naive min-max with first / last W8A8", 0.5)):
         ref = rows.get(key)
         if ref is not None:
-            ratio = _mse_ratio(q["psnr_db"], ref["psnr_db"])
+            ratio = mse_ratio(q["psnr_db"], ref["psnr_db"])
             out.append(f"- MSE <= {bound}x {label}'s: {ratio:.2f}x ({q['psnr_db']:.2f} vs {ref['psnr_db']:.2f} dB), "
                        f"{yes(ratio <= bound)}.")
     dyn, naive = rows.get(f"{PEER[0]}-w8a8"), rows.get("naive-w8a8")
     if dyn is not None and naive is not None:
         out.append(f"- For scale: the per-token dynamic peer (run-time scales) reaches "
-                   f"{_mse_ratio(dyn['psnr_db'], naive['psnr_db']):.2f}x naive min-max's error.")
+                   f"{mse_ratio(dyn['psnr_db'], naive['psnr_db']):.2f}x naive min-max's error.")
     if sens:
         out.append("- Per layer group (only that group quantized), QVD's error against naive's is in "
                    "\"Where the remaining error lives\" above.")
+    if budget:
+        out.append("- Why static ranges stop short of 0.5x naive's error: \"What halving naive min-max's error "
+                   "would take\" above.")
     return out
 
 
@@ -528,6 +533,8 @@ def main(argv=None):
     ap.add_argument("--sensitivity", default="all",
                     help="layer groups quantized alone at W8A8 (naive and QVD): 'all', 'none' or comma-separated "
                          f"from {list(GROUP_KEYS)}")
+    ap.add_argument("--error-budget", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure where QVD's W8A8 error comes from (tools/error_budget.py; 10 more evaluations)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cpu-route", choices=cpu_kernels.ROUTES, default="int_mm",
                     help="CPU kernel route; 'auto' times oneDNN against _int_mm per shape, and the two differ in "
@@ -541,7 +548,7 @@ def main(argv=None):
         groups = {"all": GROUP_KEYS, "none": ()}.get(
             args.sensitivity, [g.strip() for g in args.sensitivity.split(",") if g.strip()])
         return run(args.n, args.steps, [k.strip() for k in args.configs.split(",") if k.strip()], out_md, img_dir,
-                   groups=groups)
+                   groups=groups, budget=args.error_budget)
     finally:
         cpu_kernels.ROUTE = route
 
