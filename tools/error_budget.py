@@ -149,8 +149,9 @@ def render(b: dict, naive_db: float | None = None, qvd_db: float | None = None) 
     sp, noise, g = b["splits"], b["noise"], gamma(b["noise"])
     need = 2 ** (2 / g)
     lines = [
-        "Measured by `tools/error_budget.py` on the same calibration and clips. The temporal layers keep HiDi-TQ "
-        "in every row.", "",
+        "Measured by `tools/error_budget.py` on the same calibration and clips. The first table runs QVD's layers "
+        "as float simulations that round exactly what the row says (the temporal layers keep HiDi-TQ in every "
+        "row).", "",
         "| QVD W8A8, simulated in float | PSNR vs FP (dB) |", "|---|---:|"]
     lines += [f"| {v['label']} | {v['psnr_db']:.2f} |" for v in sp.values()]
     lines += ["", f"Gaussian noise of std sigma added to the input of `{b['layer']}` in the FP model (its input's "
@@ -180,6 +181,9 @@ def render(b: dict, naive_db: float | None = None, qvd_db: float | None = None) 
             f"- Ranges that follow every call's own input (MSE-searched per call: per timestep, per batch; a "
             f"run-time reduction static scales avoid) reach {dyn:.2f} dB ({mse_ratio(dyn, naive_db):.2f}x naive "
             f"min-max's MSE), against {static:.2f} dB ({mse_ratio(static, naive_db):.2f}x) for QVD's static "
-            f"ranges simulated the same way" + (f" ({qvd_db:.2f} dB on the integer kernels)." if qvd_db else "."))
+            f"ranges simulated the same way" + (
+                f" ({qvd_db:.2f} dB on the integer kernels: the same codes, accumulated in another order, which "
+                f"sampling amplifies to {abs(qvd_db - static):.2f} dB; read these rows to that precision)."
+                if qvd_db is not None else "."))
     return lines
 
