@@ -5,7 +5,8 @@ Run by ``tools.ablation`` (same calibration, clips and seeds); every figure is p
 1. Weights vs activations: QVD simulated in float with both rounded, with only its weight rounding, then only
    its activation rounding (the other in float; the temporal layers keep HiDi-TQ in every row).
 2. Error scaling: seeded Gaussian noise of std sigma on the input of one layer of the FP model (the last
-   ResNet's 1x1 shortcut, which reaches the output with no normalization after it): clip PSNR against sigma.
+   ResNet's 1x1 shortcut, whose output joins the residual stream just before the final norm and conv_out):
+   clip PSNR against sigma.
    The exponent ``gamma`` of ``clip MSE ~ sigma^gamma`` says how much a layer's error power must fall for the
    clip MSE to halve: ``2^(2 / gamma)`` times.
 3. Per-layer error power of naive min-max over QVD (the quantize reports, on the calibration rows).
