@@ -135,7 +135,8 @@ def evaluate(fp_model, q_model, n: int = 4, steps: int = 20, guidance: float = 3
     mean = lambda f: sum(f(a, b) for a, b in zip(fp, qt)) / n
     per_clip = [psnr(a, b) for a, b in zip(fp, qt)]
     return {
-        "psnr_db": sum(per_clip) / n, "psnr_clips": per_clip, "ssim": mean(ssim), "temporal_error": mean(temporal_error),
+        "psnr_db": sum(per_clip) / n, "psnr_clips": per_clip, "ssim": mean(ssim),
+        "temporal_error": mean(temporal_error),
         "quality_fp": quality(fp, conds), "quality_quant": quality(qt, conds), "quality_data": quality(data, conds),
         "clips": {"fp": fp, "quant": qt},
     }

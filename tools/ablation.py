@@ -14,13 +14,12 @@ remaining error lives; the error budget (tools/error_budget.py) what halving nai
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import sys
 import time
 from pathlib import Path
-
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +38,7 @@ from qvd.quantize import install  # noqa: E402
 from qvd.quantizers import act_qrange, activation_qparams, dequantize_weight, fake_quant, quantize_weight  # noqa: E402,E501
 from qvd.scri import scri_params  # noqa: E402
 from tools import error_budget  # noqa: E402
-from tools.error_budget import channel_spread, mse_ratio  # noqa: E402
+from tools.error_budget import channel_spread, mse_ratio, quantized_only  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # Calibration: one clip each of red square, green circle, blue triangle, yellow square (every colour and
@@ -183,15 +182,14 @@ def sensitivity(fp, cal, group: str, conds, reference, steps: int, guidance: flo
     """W8A8 naive min-max and QVD with only ``group``'s layers quantized (the rest float, first / last
     convolutions too): {method: {"psnr_db", "layers"}}."""
     patterns = next(p for k, _, p in GROUPS if k == group)
-    names = [nm for nm in find_layers(fp, QVDConfig()) if not matches(nm, QVDConfig().keep_float)]
-    inside = [nm for nm in names if matches(nm, patterns)]
+    inside = [nm for nm in find_layers(fp, QVDConfig())
+              if matches(nm, patterns) and not matches(nm, QVDConfig().keep_float)]
     if not inside:
         raise ValueError(f"group {group!r} ({patterns}) matches no quantized layer of this model")
-    others = tuple(nm for nm in names if nm not in inside)
     spread = torch.tensor([channel_spread(cal.layers[nm]) for nm in inside if nm in cal.layers]).median()
     out = {}
     for m in SENSITIVITY_METHODS:
-        q, _ = E.quantized_copy(fp, cal, QVDConfig(skip=others, **_KW[m]))
+        q = quantized_only(fp, cal, QVDConfig(**_KW[m]), inside)
         res = E.evaluate(fp, q, n=len(conds), steps=steps, guidance=guidance, conds=conds, reference=reference)
         out[m] = {"psnr_db": res["psnr_db"], "layers": len(inside), "channel_spread": float(spread)}
     return out

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qvd import QVDConfig
 from qvd import evaluate as E
+from qvd.calibrate import find_layers
 from qvd.modules import QConv2d, QLinear
 from qvd.quantize import install
 from qvd.quantizers import activation_qparams, dequantize_weight, fake_quant
@@ -81,6 +83,12 @@ def simulated_copy(fp: nn.Module, quantized: nn.Module, weights: str, acts: str)
     return out
 
 
+def quantized_only(fp: nn.Module, cal, cfg, inside) -> nn.Module:
+    """A copy of ``fp`` quantized with ``cfg`` in the layers named in ``inside`` only (the rest float)."""
+    others = tuple(n for n in find_layers(fp, QVDConfig()) if n not in inside)
+    return E.quantized_copy(fp, cal, dataclasses.replace(cfg, skip=others))[0]
+
+
 def last_shortcut(model: nn.Module) -> str:
     """Name of the last ResNet 1x1 shortcut conv (the one nearest the output)."""
     names = [n for n, m in model.named_modules() if n.endswith("conv_shortcut") and isinstance(m, nn.Conv2d)]
@@ -119,10 +127,7 @@ def error_budget(fp, cal, conds, reference, steps: int, guidance: float, configs
     out.update(layer=layer, layers=len(names), power_ratio_median=statistics.median(ratios),
                power_ratio_layer=reports["naive"][layer] / reports["qvd"][layer],
                input_std=float(cal.layers[layer].rows.std()), input_spread=channel_spread(cal.layers[layer]))
-    alone = {}
-    for key in ("naive", "qvd"):
-        others = tuple(n for n in reports[key] if n != layer)
-        alone[key] = ev(E.quantized_copy(fp, cal, dataclasses.replace(configs[key], skip=others))[0])
+    alone = {key: ev(quantized_only(fp, cal, configs[key], [layer])) for key in ("naive", "qvd")}
     out["layer_alone"] = alone
     log(f"budget {layer} alone: naive {alone['naive']:.2f} dB, QVD {alone['qvd']:.2f} dB")
     return out
@@ -145,8 +150,9 @@ def gamma(noise: dict) -> float:
     return (p0 - p1) / (10 * math.log10(s1 / s0))
 
 
-def render(b: dict, naive_db: float | None = None, qvd_db: float | None = None) -> list[str]:
+def render(budget: dict, naive_db: float | None = None, qvd_db: float | None = None) -> list[str]:
     """The markdown section for docs/results.md."""
+    b = budget
     sp, noise, g = b["splits"], b["noise"], gamma(b["noise"])
     need = 2 ** (2 / g)
     lines = [
@@ -160,7 +166,8 @@ def render(b: dict, naive_db: float | None = None, qvd_db: float | None = None) 
               "| sigma | " + " | ".join(f"{s:g}" for s in noise) + " |",
               "|---|" + "---:|" * len(noise),
               "| PSNR vs FP (dB) | " + " | ".join(f"{p:.2f}" for p in noise.values()) + " |", ""]
-    steps = [f"{a - b_:.2f}" for a, b_ in zip(list(noise.values()), list(noise.values())[1:])]
+    psnrs = list(noise.values())
+    steps = [f"{hi - lo:.2f}" for hi, lo in zip(psnrs, psnrs[1:])]
     w_db, a_db = sp["weights"]["psnr_db"], sp["activations"]["psnr_db"]
     lines.append(f"- {'Activation' if a_db < w_db else 'Weight'} rounding holds most of the error: weights alone "
                  f"{w_db:.2f} dB, activations alone {a_db:.2f} dB.")
