@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from fnmatch import fnmatch
 
@@ -76,8 +77,15 @@ class QVDConfig:
             raise QVDError(f"act_range={self.act_range!r}: use one of {ACT_RANGES}")
         if self.weight_clip not in WEIGHT_CLIPS:
             raise QVDError(f"weight_clip={self.weight_clip!r}: use one of {WEIGHT_CLIPS}")
-        if self.calib_rows < 16:
-            raise QVDError(f"calib_rows={self.calib_rows} is too small: use at least 16")
+        if not 16 <= self.calib_rows <= 1 << 20:
+            raise QVDError(f"calib_rows={self.calib_rows} is not supported: use 16 to {1 << 20}")
+        if not 0 < self.percentile <= 100:
+            raise QVDError(f"percentile={self.percentile} is not a percentile: use a value in (0, 100]")
+        if not (self.htdq_lambda >= 0 and self.htdq_window >= 1 and self.scri_max_gain >= 1):
+            raise QVDError(f"htdq_lambda={self.htdq_lambda}, htdq_window={self.htdq_window}, scri_max_gain="
+                           f"{self.scri_max_gain}: use htdq_lambda >= 0, htdq_window >= 1, scri_max_gain >= 1")
+        if not self.scri_alphas or not all(0 <= a <= 1 for a in self.scri_alphas):
+            raise QVDError(f"scri_alphas={self.scri_alphas}: give one or more alphas in [0, 1]")
         for f in ("scri_alphas", "scri_skip", "skip", "keep_float", "keep_8bit", "temporal"):
             object.__setattr__(self, f, tuple(getattr(self, f)))
 
@@ -93,8 +101,29 @@ class QVDConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QVDConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        """The config ``to_dict`` wrote; every field's JSON type is checked (a file is not trusted)."""
+        if not isinstance(d, dict):
+            raise QVDError(f"a QVDConfig is a JSON object, not {type(d).__name__}")
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(defaults)
         if unknown:
-            raise QVDError(f"unknown QVDConfig fields {sorted(unknown)}: made by a newer QVD? Upgrade the pack")
-        return cls(**d)
+            raise QVDError(f"unknown QVDConfig fields {sorted(unknown)[:5]}: made by a newer QVD? Upgrade the pack")
+        return cls(**{k: _typed(k, v, defaults[k]) for k, v in d.items()})
+
+
+def _typed(name: str, value, default):
+    """``value`` as the type of ``default`` (bool / int / finite float / str, or a list of the tuple's items)."""
+    like = (default[0] if default else "") if isinstance(default, tuple) else default
+
+    def ok(v) -> bool:
+        if isinstance(like, (bool, str)):
+            return type(v) is type(like)
+        if isinstance(like, int):
+            return type(v) is int
+        return type(v) in (int, float) and math.isfinite(v)
+    if isinstance(default, tuple) and isinstance(value, list) and all(ok(v) for v in value):
+        return tuple(type(like)(v) for v in value)
+    if not isinstance(default, tuple) and ok(value):
+        return type(like)(value)
+    expected = ("a list of " if isinstance(default, tuple) else "") + type(like).__name__
+    raise QVDError(f"QVDConfig field {name} is {str(value)[:40]!r}: expected {expected}")
