@@ -18,4 +18,8 @@ class ModelMismatchError(QVDError):
 
 
 class QuantizedFileError(QVDError):
-    """A quantized file is missing, truncated, corrupt or of another format version."""
+    """A quantized file is missing, truncated, corrupt, malformed or of another format version."""
+
+
+class CalibrationFileError(CalibrationError):
+    """A calibration file is missing, truncated, corrupt, malformed or of another format version."""

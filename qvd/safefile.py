@@ -1,0 +1,177 @@
+"""The verified container both QVD file kinds use: a ``.safetensors`` file whose every byte is checked.
+
+A file holds its tensors and two metadata keys: ``<key>`` (the kind's JSON metadata) and ``<key>_sha256``,
+a SHA-256 over that JSON text and every tensor's name, dtype, shape and bytes. ``read`` parses the
+safetensors header itself, bounded by the file's size (no allocation the file's size does not justify),
+checks the tensor table and the checksum, and only then builds tensors; every problem raises the caller's
+error type naming the file. ``write`` is atomic (temp file + link), never replaces an existing file, checks
+the name before writing a byte, and leaves the file readable like other model files (mode 0666 less umask).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import os
+import secrets
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import QVDError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+MAX_NAME_BYTES = 255  # file-name limit of ext4 / NTFS / APFS
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def checksum(text: str, tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the metadata text and each tensor's name, dtype, shape and bytes (sorted by name)."""
+    h = hashlib.sha256(b"qvd-safefile-v2\0")
+    h.update(text.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, DTYPE_NAMES[t.dtype], list(t.shape)]).encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def check_name(path: str) -> None:
+    """Refuse a file name the file system cannot hold, before anything is written."""
+    name = os.path.basename(os.fspath(path))
+    if not name or len(name.encode()) > MAX_NAME_BYTES:
+        raise QVDError(f"file name {name[:40]!r}{'...' if len(name) > 40 else ''} is {len(name.encode())} bytes "
+                       f"long: use a name of at most {MAX_NAME_BYTES} bytes (nothing was written)")
+
+
+def write(path: str, tensors: dict[str, torch.Tensor], key: str, meta: dict, overwrite: bool = False) -> None:
+    """Write ``tensors`` with ``meta`` under ``key`` (and its checksum) atomically to ``path``."""
+    path = os.fspath(path)
+    check_name(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists: choose another file name (nothing was overwritten)")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    text = json.dumps(meta, sort_keys=True)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".qvd-{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    mode = os.fstat(fd).st_mode & 0o777  # 0666 less the umask, as for any new file
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={key: text, key + "_sha256": checksum(text, tensors)})
+        os.chmod(tmp, mode)  # safetensors writes 0600
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # atomic, and fails if the name was taken meanwhile
+            except FileExistsError:
+                raise FileExistsError(f"{path} appeared while saving: choose another file name") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class _Reader:
+    def __init__(self, path: str, error: type[QVDError]):
+        self.path, self.error = path, error
+
+    def fail(self, problem: str, fix: str = "save or download it again"):
+        raise self.error(f"{self.path}: {problem}; {fix}")
+
+    def json(self, text, what: str):
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError) as e:
+            self.fail(f"the {what} is not valid JSON ({str(e)[:80]}): the file is truncated or corrupt")
+
+    def table(self, header: dict, data_len: int) -> dict[str, tuple]:
+        """Tensor name -> (dtype, shape, begin, end), checked to tile the data section exactly."""
+        entries = {}
+        for name, e in header.items():
+            if name == "__metadata__":
+                continue
+            if not (isinstance(e, dict) and set(e) == {"dtype", "shape", "data_offsets"}
+                    and e["dtype"] in DTYPES and isinstance(e["shape"], list) and len(e["shape"]) <= 8
+                    and all(type(d) is int and d >= 0 for d in e["shape"])
+                    and isinstance(e["data_offsets"], list) and len(e["data_offsets"]) == 2
+                    and all(type(o) is int for o in e["data_offsets"])):
+                self.fail(f"tensor {name!r} has a malformed entry in the header: the file is corrupt")
+            begin, end = e["data_offsets"]
+            size = math.prod(e["shape"]) * DTYPES[e["dtype"]].itemsize
+            if not 0 <= begin <= end <= data_len or end - begin != size:
+                self.fail(f"tensor {name!r} ({e['dtype']} {e['shape']}) does not fit its place in the file "
+                          f"(bytes {begin}..{end} of {data_len}): the file is truncated or corrupt")
+            entries[name] = (DTYPES[e["dtype"]], tuple(e["shape"]), begin, end)
+        pos = 0
+        for _, _, begin, end in sorted(entries.values(), key=lambda v: (v[2], v[3])):
+            if begin != pos:
+                self.fail("the tensor data overlaps or leaves gaps: the file is corrupt")
+            pos = end
+        if pos != data_len:
+            self.fail(f"the file holds {data_len - pos} bytes after its last tensor: the file is corrupt")
+        return entries
+
+
+def read(path: str, key: str, error: type[QVDError], kind: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a file written by ``write`` with ``key``; any defect raises ``error``.
+
+    ``kind`` names the file kind in messages ("QVD quantized model", ...)."""
+    path = os.fspath(path)
+    r = _Reader(path, error)
+    if not os.path.isfile(path):
+        raise error(f"{path} does not exist: check the file name / models folder")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= n <= min(size - 8, MAX_HEADER_BYTES):
+                r.fail(f"its header length field ({n}) does not fit the file's {size} bytes: the file is truncated "
+                       f"or not a safetensors file")
+            raw = f.read(n)
+            data = bytearray(size - 8 - n)
+            if len(raw) != n or f.readinto(data) != len(data):
+                r.fail("it changed size while being read")
+    except OSError as e:
+        r.fail(f"it cannot be read ({e.strerror})", "check the file's permissions")
+    try:
+        header = r.json(raw.decode("utf-8"), "file header")
+    except UnicodeDecodeError:
+        r.fail("its header is not UTF-8 text: the file is truncated or corrupt")
+    if not isinstance(header, dict):
+        r.fail("its header is not a JSON object: the file is corrupt")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        r.fail("its metadata is not a map of strings: the file is corrupt")
+    if key not in meta:
+        r.fail(f"it is not a {kind} file (no '{key}' metadata)", f"pick a file saved as a {kind}")
+    text, stored = meta[key], meta.get(key + "_sha256")
+    entries = r.table(header, len(data))
+    if stored is None:
+        version = r.json(text, "metadata")
+        version = version.get("format_version", version.get("version")) if isinstance(version, dict) else None
+        r.fail(f"it carries no checksum (format version {version!r}, made by an earlier ComfyUI-QVD)",
+               "make it again with this version of ComfyUI-QVD")
+    mem = memoryview(data)
+    tensors = {}
+    for name, (dtype, shape, begin, end) in entries.items():
+        if begin == end:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        elif begin % dtype.itemsize == 0:
+            tensors[name] = torch.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                             offset=begin).reshape(shape)
+        else:
+            tensors[name] = torch.frombuffer(bytearray(mem[begin:end]), dtype=dtype).reshape(shape)
+    if not hmac.compare_digest(checksum(text, tensors), stored):
+        r.fail("its checksum does not match its contents: the file is corrupt")
+    meta = r.json(text, "metadata")
+    if not isinstance(meta, dict):
+        r.fail("its metadata is not a JSON object: the file is corrupt")
+    return tensors, meta
