@@ -9,7 +9,8 @@ import os
 import re
 import time
 
-from ..qvd import Calibration, QVDConfig, QVDError, load_quantized, quantize_model, save_quantized
+from ..qvd import Calibration, QVDConfig, QVDError, load_quantized, quantize_model, save_calibration, save_quantized
+from ..qvd.safefile import check_name
 from ..qvd.config import matches
 from . import patching
 
@@ -31,17 +32,24 @@ def register_model_folder() -> None:
 
 
 def _new_file(name: str, suffix: str, what: str) -> str:
-    """Path of a new file under models/qvd; a clear error for bad or taken names."""
+    """Path of a new file under models/qvd, checked before anything runs or is written: a plain name the
+    file system can hold, not taken, and ``.calibration`` only on calibration files."""
     import folder_paths
 
-    name = name.strip()
-    if name.endswith(suffix):
-        name = name[: -len(suffix)]
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._ -]*", name or ""):
-        raise QVDError(f"{what} name {name!r} is not a plain file name: use letters, digits, '.', '_', '-'")
+    stem = name.strip()
+    for end in (suffix, EXTENSION):
+        if stem.endswith(end):
+            stem = stem[: -len(end)]
+            break
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._ -]*", stem or ""):
+        raise QVDError(f"{what} name {name[:60]!r} is not a plain file name: use letters, digits, '.', '_', '-'")
+    if stem.endswith(".calibration"):
+        raise QVDError(f"{what} name {name[:60]!r} ends in '.calibration', the mark QVD gives calibration files: "
+                       f"choose another name")
     folder = folder_paths.get_folder_paths(MODEL_FOLDER)[0]
+    path = os.path.join(folder, stem + suffix)
+    check_name(path)
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, name + suffix)
     if os.path.exists(path):
         raise QVDError(f"{path} already exists and is never overwritten: choose another {what} name")
     return path
@@ -56,7 +64,7 @@ def _without_skipped(calibration: Calibration, skip: tuple[str, ...]) -> Calibra
     if not skip:
         return calibration
     layers = {n: s for n, s in calibration.layers.items() if not matches(n, skip)}
-    return Calibration(layers, calibration.timesteps, calibration.norm_groups, calibration.config)
+    return Calibration(layers, calibration.timesteps, calibration.norm_groups)
 
 
 class QVDCalibrate:
@@ -113,7 +121,7 @@ class QVDCalibrate:
         calibration = patching.calibrate(model, QVDConfig(), range(seed, seed + calibration_seeds), sample)
         logging.info("QVD Calibrate: %d layers in %.1f s", len(calibration.layers), time.monotonic() - start)
         if path is not None:
-            calibration.save(path)
+            save_calibration(path, calibration)
         text = f"{len(calibration.layers)} layers, {len(calibration.timesteps)} timesteps"
         return {"ui": {"text": [text + (f", saved {os.path.basename(path)}" if path else "")]},
                 "result": (calibration,)}

@@ -7,16 +7,18 @@
 
 Where things are: quantizers.py (uniform weight / activation quantizers), htdq.py (HiDi-TQ + TDScore),
 scri.py (channel range integration), calibrate.py, modules.py (QLinear / QConv2d / HiDiTQLinear),
-quantize.py (the entry point), io.py (file format), kernels/ (reference + CPU + Triton kernels).
+quantize.py (the entry point), io.py (the file formats) on safefile.py (the verified container),
+kernels/ (reference + CPU + Triton kernels).
 """
 from .calibrate import Calibration, Calibrator
 from .config import QVDConfig
-from .errors import (CalibrationError, ModelMismatchError, NonFiniteActivationError, QuantizedFileError,
-                     QVDError)
-from .io import load_quantized, save_quantized
+from .errors import (CalibrationError, CalibrationFileError, ModelMismatchError, NonFiniteActivationError,
+                     QuantizedFileError, QVDError)
+from .io import load_calibration, load_quantized, save_calibration, save_quantized
 from .modules import HiDiTQLinear, QConv2d, QLinear, set_mode
 from .quantize import QuantizeResult, quantize_model
 
-__all__ = ["Calibration", "Calibrator", "QVDConfig", "QVDError", "CalibrationError", "ModelMismatchError",
-           "NonFiniteActivationError", "QuantizedFileError", "load_quantized", "save_quantized", "HiDiTQLinear",
+__all__ = ["Calibration", "Calibrator", "QVDConfig", "QVDError", "CalibrationError", "CalibrationFileError",
+           "ModelMismatchError", "NonFiniteActivationError", "QuantizedFileError", "load_calibration", "load_quantized",
+           "save_calibration", "save_quantized", "HiDiTQLinear",
            "QConv2d", "QLinear", "set_mode", "QuantizeResult", "quantize_model"]

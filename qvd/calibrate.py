@@ -19,10 +19,6 @@ from torch import nn
 from .config import QVDConfig, matches
 from .errors import CalibrationError, ModelMismatchError, NonFiniteActivationError
 
-CALIBRATION_FORMAT = "qvd-calibration"
-CALIBRATION_VERSION = 1
-
-
 def is_quantizable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Conv2d)) and not getattr(module, "qvd_quantized", False)
 
@@ -94,9 +90,9 @@ def _sample_rows(module: nn.Module, x: torch.Tensor, k: int, gen: torch.Generato
 class LayerStats:
     """Bounded statistics of one layer's input."""
 
-    def __init__(self, name: str, module: nn.Module, temporal: bool, rows: int):
+    def __init__(self, name: str, signature: list, temporal: bool, rows: int):
         self.name = name
-        self.signature = layer_signature(module)
+        self.signature = signature
         self.temporal = temporal
         self.capacity = rows
         self.ch_min = self.ch_max = None
@@ -105,6 +101,14 @@ class LayerStats:
         self.calls = 0
         self.temporal_vectors: dict[float, torch.Tensor] = {}
         self.norm_sources: set = set()
+
+    @classmethod
+    def restore(cls, name: str, signature: list, temporal: bool, calls: int, ch_min: torch.Tensor,
+                ch_max: torch.Tensor, rows: torch.Tensor, temporal_vectors: dict) -> "LayerStats":
+        """Finished statistics read back from a calibration file."""
+        s = cls(name, signature, temporal, rows.shape[0])
+        s.calls, s.ch_min, s.ch_max, s.rows, s.temporal_vectors = calls, ch_min, ch_max, rows, temporal_vectors
+        return s
 
     def update(self, module: nn.Module, x: torch.Tensor, timestep, gen: torch.Generator, source) -> None:
         x = x.detach()
@@ -131,12 +135,10 @@ class LayerStats:
 class Calibration:
     """Result of calibration: per-layer statistics, temporal features and the timesteps seen."""
 
-    def __init__(self, layers: dict[str, LayerStats], timesteps: list[float], norm_groups: dict[str, list[str]],
-                 config: dict):
+    def __init__(self, layers: dict[str, LayerStats], timesteps: list[float], norm_groups: dict[str, list[str]]):
         self.layers = layers
         self.timesteps = timesteps
         self.norm_groups = norm_groups
-        self.config = config
 
     @property
     def signatures(self) -> dict[str, list]:
@@ -150,43 +152,6 @@ class Calibration:
         """Features of a temporal layer, one row per timestep in sampling order (t descending)."""
         vec = self.layers[name].temporal_vectors
         return torch.stack([vec[t] for t in sorted(vec, reverse=True)])
-
-    def save(self, path: str, overwrite: bool = False) -> None:
-        tensors, layers = {}, {}
-        for n, s in self.layers.items():
-            tensors[f"{n}::ch_min"], tensors[f"{n}::ch_max"] = s.ch_min.cpu(), s.ch_max.cpu()
-            tensors[f"{n}::rows"] = s.rows.cpu().contiguous()
-            ts = sorted(s.temporal_vectors)
-            if ts:
-                tensors[f"{n}::temporal"] = torch.stack([s.temporal_vectors[t] for t in ts])
-            layers[n] = {"signature": s.signature, "temporal": s.temporal, "calls": s.calls,
-                         "temporal_timesteps": ts}
-        meta = {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, "layers": layers,
-                "timesteps": self.timesteps, "norm_groups": self.norm_groups, "config": self.config,
-                "fingerprint": self.fingerprint}
-        from .io import atomic_save  # io imports this module
-        atomic_save(tensors, {"qvd_calibration": json.dumps(meta, sort_keys=True)}, path, overwrite)
-
-    @classmethod
-    def load(cls, path: str) -> "Calibration":
-        from .io import read_safetensors
-        tensors, metadata = read_safetensors(path)
-        try:
-            meta = json.loads(metadata["qvd_calibration"])
-        except (KeyError, ValueError):
-            raise CalibrationError(f"{path} is not a QVD calibration file (no calibration header)") from None
-        if meta.get("version") != CALIBRATION_VERSION:
-            raise CalibrationError(f"{path}: calibration format version {meta.get('version')}, this QVD reads "
-                                   f"{CALIBRATION_VERSION}; calibrate again")
-        layers = {}
-        for n, info in meta["layers"].items():
-            s = LayerStats.__new__(LayerStats)
-            s.name, s.signature, s.temporal, s.calls = n, info["signature"], info["temporal"], info["calls"]
-            s.ch_min, s.ch_max, s.rows = tensors[f"{n}::ch_min"], tensors[f"{n}::ch_max"], tensors[f"{n}::rows"]
-            s.capacity, s.keys, s.norm_sources = s.rows.shape[0], None, set()
-            s.temporal_vectors = {t: v for t, v in zip(info["temporal_timesteps"], tensors.get(f"{n}::temporal", []))}
-            layers[n] = s
-        return cls(layers, meta["timesteps"], meta["norm_groups"], meta["config"])
 
 
 class Calibrator:
@@ -203,7 +168,7 @@ class Calibrator:
         if not self.layers:
             raise CalibrationError(f"{type(root).__name__} has no Linear / Conv2d layers to calibrate: "
                                    f"pass the diffusion model (UNet) or a tree containing it")
-        self.stats = {n: LayerStats(n, m, self.config.is_temporal(n), self.config.calib_rows)
+        self.stats = {n: LayerStats(n, layer_signature(m), self.config.is_temporal(n), self.config.calib_rows)
                       for n, m in self.layers.items()}
         self.timestep = None
         self.timesteps: set[float] = set()
@@ -279,4 +244,4 @@ class Calibrator:
         for n, s in seen.items():
             if len(s.norm_sources) == 1 and None not in s.norm_sources:
                 groups[next(iter(s.norm_sources))].append(n)
-        return Calibration(seen, sorted(self.timesteps, reverse=True), dict(groups), self.config.to_dict())
+        return Calibration(seen, sorted(self.timesteps, reverse=True), dict(groups))

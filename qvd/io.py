@@ -1,169 +1,377 @@
-"""The QVD file format: one ``.safetensors`` file per quantized model.
+"""The QVD file formats: a quantized model and a calibration, each one verified ``.safetensors`` file.
 
-Tensors, per quantized layer ``<name>``: ``<name>.weight`` (int8 codes of ``W * s``), ``.weight_scale``,
-``.bias`` (the layer's own), ``.act_scale``, optional ``.scri_shift`` / ``.scri_inv_scale`` (W8A8 layers;
-applied by the quantize kernel, or by the preceding norm when ``scri_in_norm``) or ``.levels`` (HiDi-TQ
-temporal layers); per norm that absorbed SCRI: ``<name>.weight`` / ``<name>.bias``.
-Metadata: a single key ``"qvd"`` holding sorted JSON: ``format``, ``format_version``, ``config``, the
-source model's ``fingerprint`` and layer signatures, the ``layers`` map (kind, shapes, bits, zero point,
-weight error), the ``norms`` map, the per-layer ``report`` and a sha256 ``checksum`` of the tensor data.
-Loading refuses: another format version, a truncated / corrupt file (parse error or checksum), and a
-model whose layers differ in name / shape or whose weights are not those the file was made from.
+Both are written and read through ``safefile`` (atomic write; a SHA-256 over the metadata and every
+tensor's name, dtype, shape and bytes, checked before anything is parsed). Reading then checks the
+metadata and every tensor against the schema below before a module is built, and checks the model the
+file is applied to. Any defect raises ``QuantizedFileError`` / ``CalibrationFileError`` naming the file,
+the field or layer, and what was expected.
+
+Quantized model: metadata key ``qvd``, format ``qvd-w8a8`` version 2. Tensors per quantized layer ``<name>``:
+``.weight`` (int8 codes of ``W * s``, the weight's shape), ``.weight_scale`` (F32 [out], > 0), ``.bias`` (F32
+[out], exactly when the model's layer has one); W8A8 layers ``.act_scale`` (F32 [], > 0) and, with SCRI,
+``.scri_shift`` / ``.scri_inv_scale`` (F32 [in]); temporal layers ``.levels`` (F32, increasing HiDi-TQ table).
+Per norm that absorbed SCRI: ``<norm>.weight`` / ``<norm>.bias`` (F32 [C]). Metadata: ``format``,
+``format_version``, ``config`` (``QVDConfig``), ``signatures`` (layer -> [kind, weight shape]) and their
+``fingerprint``, ``layers`` (``kind``, ``in``, ``out``, ``w_bits``; W8A8: ``a_bits``, ``zero_point``,
+``scri`` = "none" | "kernel" | "norm:<norm>"; convs: ``kernel``, ``stride``, ``padding``), ``norms`` (norm ->
+type name) and the per-layer ``report``.
+
+Calibration: metadata key ``qvd_calibration``, format ``qvd-calibration`` version 2. Tensors per layer:
+``<name>::ch_min`` / ``::ch_max`` (F32 [C]), ``::rows`` (F32 [R, D], D = in features or C * kh * kw),
+``::temporal`` (F32 [T, in], temporal layers). Metadata: ``layers`` (``signature``, ``temporal``, ``calls``,
+``temporal_timesteps``), ``timesteps``, ``norm_groups`` (norm -> consuming layers), ``fingerprint``.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
+import math
 import os
-import tempfile
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from .calibrate import check_layers, layer_signature
+from . import safefile
+from .calibrate import Calibration, LayerStats, check_layers, fingerprint, layer_signature
 from .config import QVDConfig
-from .errors import ModelMismatchError, QuantizedFileError
+from .errors import CalibrationFileError, ModelMismatchError, QuantizedFileError, QVDError
 from .modules import HiDiTQLinear, QConv2d, QLinear
 from .quantize import QuantizeResult, install
+from .quantizers import act_qrange
+from .scri import foldable_norm
 
 FORMAT = "qvd-w8a8"
-FORMAT_VERSION = 1  # bump when the layout above changes
-_TENSOR_FIELDS = ("weight", "weight_scale", "bias", "act_scale", "scri_shift", "scri_inv_scale", "levels")
+FORMAT_VERSION = 2  # bump when the layout above changes
+KEY = "qvd"
+CALIBRATION_FORMAT = "qvd-calibration"
+CALIBRATION_VERSION = 2
+CALIBRATION_KEY = "qvd_calibration"
+MAX_DIM = 1 << 24  # no layer of any diffusion model is wider
+MAX_ABS = 1e6  # bound on a quantized file's scales, biases, shifts, levels and norm affines (no real one nears it)
+_W8A8_FIELDS = ("weight", "weight_scale", "bias", "act_scale", "scri_shift", "scri_inv_scale")
+_TEMPORAL_FIELDS = ("weight", "weight_scale", "bias", "levels")
+_LAYER_FIELDS = {"temporal": ("in", "out", "w_bits"),  # metadata fields per layer kind (besides "kind")
+                 "linear": ("in", "out", "w_bits", "a_bits", "zero_point", "scri"),
+                 "conv": ("in", "out", "w_bits", "a_bits", "zero_point", "scri", "kernel", "stride", "padding")}
+_MISSING = object()
 
 
-def atomic_save(tensors: dict, metadata: dict, path: str, overwrite: bool = False) -> None:
-    """Write a safetensors file via a temp file + rename; never replace an existing file unless asked."""
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists: choose another file name (nothing was overwritten)")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".qvd-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        if not overwrite and os.path.exists(path):
-            raise FileExistsError(f"{path} appeared while saving: choose another file name")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+class _Said(str):
+    """A description of a found value, shown as it is (not quoted)."""
 
 
-def read_safetensors(path: str) -> tuple[dict, dict]:
-    """(tensors, metadata), with file errors turned into QuantizedFileError."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise QuantizedFileError(f"{path} does not exist: check the file name / models folder")
-    try:
-        with safe_open(path, "pt") as f:
-            metadata = f.metadata() or {}
-        return load_file(path), metadata
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise QuantizedFileError(f"{path} is truncated or corrupt ({e}); save or download it again") from None
+def _shown(v) -> str:
+    if v is _MISSING:
+        return "missing"
+    if isinstance(v, _Said):
+        return v
+    if isinstance(v, (dict, list)):
+        return f"a JSON {'object' if isinstance(v, dict) else 'list'}"
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _checksum(tensors: dict) -> str:
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        t = tensors[k].detach().cpu().contiguous().reshape(-1)
-        h.update(k.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+class _Schema:
+    """Checks one file's metadata and tensors; a failure names the file, the field and what was expected."""
+
+    def __init__(self, path, error: type[QVDError], tensors: dict[str, torch.Tensor], bound: float = math.inf):
+        self.path, self.error, self.tensors, self.bound = os.fspath(path), error, tensors, bound
+        self.used: set[str] = set()
+
+    def fail(self, where: str, expected: str, got=_MISSING):
+        raise self.error(f"{self.path}: {where} is {_shown(got)}, expected {expected}; the file is damaged or "
+                         f"was edited: save or download it again")
+
+    def obj(self, v, where: str, required: tuple, optional: tuple = ()) -> dict:
+        if not isinstance(v, dict):
+            self.fail(where, "a JSON object", v)
+        for k in required:
+            if k not in v:
+                self.fail(f"{where}.{k}", "present")
+        extra = sorted(set(v) - set(required) - set(optional))
+        if extra:
+            self.fail(f"{where} field {extra[0]!r}", f"absent (fields: {', '.join(required + optional)})", v[extra[0]])
+        return v
+
+    def map(self, v, where: str) -> dict:
+        if not isinstance(v, dict):
+            self.fail(where, "a JSON object", v)
+        return v
+
+    def int(self, v, where: str, lo: int, hi: int) -> int:
+        if type(v) is not int or not lo <= v <= hi:
+            self.fail(where, f"an integer in [{lo}, {hi}]", v)
+        return v
+
+    def num(self, v, where: str) -> float:
+        if type(v) not in (int, float) or not math.isfinite(v):
+            self.fail(where, "a finite number", v)
+        return float(v)
+
+    def str(self, v, where: str, choices: tuple | None = None) -> str:
+        if not isinstance(v, str) or (choices is not None and v not in choices):
+            self.fail(where, "one of " + ", ".join(map(repr, choices)) if choices else "a string", v)
+        return v
+
+    def bool(self, v, where: str) -> bool:
+        if type(v) is not bool:
+            self.fail(where, "true or false", v)
+        return v
+
+    def list(self, v, where: str, max_len: int = MAX_DIM) -> list:
+        if not isinstance(v, list) or len(v) > max_len:
+            self.fail(where, f"a list of at most {max_len} items", v)
+        return v
+
+    def signature(self, v, where: str) -> list:
+        if len(self.list(v, where, 2)) != 2:
+            self.fail(where, "[kind, weight shape]", v)
+        kind, shape = v
+        self.str(kind, f"{where}[0]", ("linear", "conv"))
+        self.list(shape, f"{where}[1]", 4)
+        if len(shape) != (2 if kind == "linear" else 4):
+            self.fail(f"{where}[1]", f"the weight shape of a {kind} layer", shape)
+        for i, d in enumerate(shape):
+            self.int(d, f"{where}[1][{i}]", 1, MAX_DIM)
+        return v
+
+    def tensor(self, key: str, dtype: torch.dtype, shape: tuple | None = None, optional: bool = False,
+               positive: bool = False) -> torch.Tensor | None:
+        """The tensor ``key`` with this dtype and shape, finite, within the file kind's bound (and > 0 if
+        ``positive``)."""
+        t = self.tensors.get(key)
+        if t is None:
+            if not optional:
+                self.fail(f"tensor {key!r}", "present")
+            return None
+        self.used.add(key)
+        if t.dtype != dtype or (shape is not None and tuple(t.shape) != tuple(shape)):
+            self.fail(f"tensor {key!r}", f"{safefile.DTYPE_NAMES[dtype]} {list(shape) if shape is not None else ''}",
+                      _Said(f"{safefile.DTYPE_NAMES[t.dtype]} {list(t.shape)}"))
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            self.fail(f"tensor {key!r}", "finite values", _Said("a tensor with NaN / Inf"))
+        if t.is_floating_point() and t.numel() and float(t.abs().max()) > self.bound:
+            self.fail(f"tensor {key!r}", f"values within +-{self.bound:g}", _Said(f"a value of {float(t.abs().max()):.3g}"))
+        if positive and not bool((t > 0).all()):
+            self.fail(f"tensor {key!r}", "positive values", _Said("a tensor with values <= 0"))
+        return t
+
+    def no_other_tensors(self) -> None:
+        extra = sorted(set(self.tensors) - self.used)
+        if extra:
+            self.fail(f"tensor {extra[0]!r}", "absent (it belongs to no layer the file lists)", _Said("present"))
 
 
-def _layer_meta(module: nn.Module) -> dict:
-    if isinstance(module, HiDiTQLinear):
-        return {"kind": "temporal", "in": module.in_features, "out": module.out_features, "w_bits": module.w_bits}
-    meta = {"w_bits": module.w_bits, "a_bits": module.a_bits, "zero_point": module.act_zero_point,
-            "scri_in_norm": module.scri_in_norm}
-    if isinstance(module, QLinear):
-        return {"kind": "linear", "in": module.in_features, "out": module.out_features, **meta}
-    return {"kind": "conv", "in": module.in_channels, "out": module.out_channels, "kernel": list(module.kernel_size),
-            "stride": module.stride, "padding": module.padding, **meta}
-
+# ---------------------------------------------------------------- quantized model
 
 def save_quantized(path: str, root: nn.Module, result: QuantizeResult, overwrite: bool = False) -> None:
     """Save the quantized layers of ``result`` (made from ``root``'s fp weights) to one file, atomically."""
     tensors, layers, norms = {}, {}, {}
-    w_err = {r["name"]: r.get("w_rel_err") for r in result.report}
+    folds = {r["name"]: r.get("scri_fold") for r in result.report}
     for name, module in result.modules.items():
-        if getattr(module, "qvd_quantized", False):
-            layers[name] = {**_layer_meta(module), "w_rel_err": w_err.get(name)}
-            for field in _TENSOR_FIELDS:
-                t = getattr(module, field, None)
-                if t is not None:
-                    tensors[f"{name}.{field}"] = t
-        else:  # a norm that absorbed the SCRI transform
+        if not getattr(module, "qvd_quantized", False):  # a norm that absorbed the SCRI transform
             norms[name] = type(module).__name__
-            tensors[f"{name}.weight"], tensors[f"{name}.bias"] = module.weight, module.bias
+            tensors[f"{name}.weight"], tensors[f"{name}.bias"] = module.weight.float(), module.bias.float()
+            continue
+        if isinstance(module, HiDiTQLinear):
+            layers[name] = {"kind": "temporal", "in": module.in_features, "out": module.out_features,
+                            "w_bits": module.w_bits}
+        else:
+            scri = "none" if module.scri_shift is None else folds[name] if module.scri_in_norm else "kernel"
+            info = {"w_bits": module.w_bits, "a_bits": module.a_bits, "zero_point": module.act_zero_point,
+                    "scri": scri}
+            if isinstance(module, QLinear):
+                info.update(kind="linear", **{"in": module.in_features, "out": module.out_features})
+            else:
+                info.update(kind="conv", kernel=list(module.kernel_size), stride=module.stride, padding=module.padding,
+                            **{"in": module.in_channels, "out": module.out_channels})
+            layers[name] = info
+        for field in _W8A8_FIELDS + ("levels",):
+            t = getattr(module, field, None)
+            if t is not None:
+                tensors[f"{name}.{field}"] = t
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": result.config.to_dict(),
             "fingerprint": result.fingerprint, "signatures": result.signatures, "layers": layers, "norms": norms,
-            "report": result.report, "checksum": _checksum(tensors)}
-    atomic_save(tensors, {"qvd": json.dumps(meta, sort_keys=True)}, path, overwrite)
+            "report": result.report}
+    safefile.write(path, tensors, KEY, meta, overwrite)
 
 
-def _verify_weights(name: str, fp_module: nn.Module, q: nn.Module, recorded: float | None) -> None:
-    """Refuse a file whose dequantized weights are not those of ``fp_module`` (another checkpoint)."""
-    if recorded is None:
+def _check_layer(s: _Schema, name: str, info, signature: list, cfg: QVDConfig, norms: dict) -> None:
+    where = f"layers[{name!r}]"
+    kind = s.str(s.obj(info, where, ("kind",), _LAYER_FIELDS["conv"]).get("kind"), f"{where}.kind", tuple(_LAYER_FIELDS))
+    s.obj(info, where, ("kind",) + _LAYER_FIELDS[kind])
+    shape = signature[1]
+    if (signature[0] == "conv") != (kind == "conv") or [s.int(info["out"], f"{where}.out", 1, MAX_DIM),
+                                                        s.int(info["in"], f"{where}.in", 1, MAX_DIM)] != shape[:2]:
+        s.fail(f"{where} (kind, out, in)", f"those of its signature {signature}",
+               [kind, info["out"], info["in"]])
+    if kind == "temporal":
+        s.int(info["w_bits"], f"{where}.w_bits", cfg.w_bits, cfg.w_bits)
+        if not (cfg.htdq and cfg.is_temporal(name)):
+            s.fail(f"{where}.kind", "'linear' (the file's config gives this layer no HiDi-TQ)", kind)
         return
-    w = fp_module.weight.detach().float().cpu()
-    deq = q.weight.float().cpu() * q.weight_scale.float().cpu().view(-1, *([1] * (w.dim() - 1)))
-    inv = getattr(q, "scri_inv_scale", None)
-    if inv is not None:  # SCRI: the stored weight is W * s
-        deq = deq * inv.float().cpu().view(1, -1, *([1] * (w.dim() - 2)))
-    err = float((deq - w).norm() / w.norm().clamp_min(1e-30))
-    if err > 2 * recorded + 2e-3:
-        raise ModelMismatchError(
-            f"layer {name}: the file's weights differ from this model's ({err:.3g} vs {recorded:.3g} relative "
-            f"error when quantized): the file was made from a different checkpoint. Load it onto the model it was "
-            f"made from, or quantize this model anew")
+    w_bits, a_bits = cfg.layer_bits(name)
+    s.int(info["w_bits"], f"{where}.w_bits", w_bits, w_bits)
+    s.int(info["a_bits"], f"{where}.a_bits", a_bits, a_bits)
+    s.int(info["zero_point"], f"{where}.zero_point", *act_qrange(a_bits))
+    scri = s.str(info["scri"], f"{where}.scri")
+    if scri not in ("none", "kernel") and not (scri.startswith("norm:") and scri[5:] in norms):
+        s.fail(f"{where}.scri", "'none', 'kernel' or 'norm:<a norm the file lists>'", scri)
+    if kind == "conv":
+        kernel = s.list(info["kernel"], f"{where}.kernel", 2)
+        if kernel != shape[2:]:
+            s.fail(f"{where}.kernel", f"the weight's kernel {shape[2:]}", kernel)
+        s.int(info["stride"], f"{where}.stride", 1, max(shape[2:] + [2]))
+        s.int(info["padding"], f"{where}.padding", 0, max(shape[2:]) - 1)
 
 
-def load_quantized(path: str, root: nn.Module, apply: bool = True, verify_weights: bool = True) -> QuantizeResult:
-    """Rebuild the quantized layers stored in ``path`` for the fp model ``root``."""
-    tensors, metadata = read_safetensors(path)
+def _check_quantized(s: _Schema, meta: dict) -> QVDConfig:
+    """Validate a quantized file's metadata and tensors (no model involved); returns its config."""
+    s.obj(meta, "the metadata", ("format", "format_version", "config", "fingerprint", "signatures", "layers",
+                                 "norms", "report"))
+    s.str(meta["format"], "format", (FORMAT,))
+    if meta["format_version"] != FORMAT_VERSION or type(meta["format_version"]) is not int:
+        raise QuantizedFileError(f"{s.path} has format version {_shown(meta['format_version'])}; this QVD reads "
+                                 f"version {FORMAT_VERSION}: quantize the model again or update ComfyUI-QVD")
     try:
-        meta = json.loads(metadata["qvd"])
-    except (KeyError, ValueError):
-        raise QuantizedFileError(f"{path} is not a QVD quantized model (no 'qvd' header): pick a file saved by "
-                                 f"QVD Save Quantized / qvd.save_quantized") from None
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise QuantizedFileError(f"{path} has format {meta.get('format')} version {meta.get('format_version')}; "
-                                 f"this QVD reads {FORMAT} version {FORMAT_VERSION}: quantize the model again "
-                                 f"or update ComfyUI-QVD")
-    if _checksum(tensors) != meta.get("checksum"):
-        raise QuantizedFileError(f"{path} is corrupt (tensor checksum mismatch); save or download it again")
-    named = dict(root.named_modules())
+        cfg = QVDConfig.from_dict(meta["config"])
+    except QVDError as e:
+        s.fail("config", f"a valid QVDConfig ({e})", meta["config"])
+    sigs = s.map(meta["signatures"], "signatures")
+    for n, sig in sigs.items():
+        s.signature(sig, f"signatures[{n!r}]")
+    if s.str(meta["fingerprint"], "fingerprint") != fingerprint(sigs):
+        s.fail("fingerprint", f"the fingerprint of its signatures ({fingerprint(sigs)})", meta["fingerprint"])
+    layers, norms = s.map(meta["layers"], "layers"), s.map(meta["norms"], "norms")
+    if not layers or set(layers) != set(sigs):
+        s.fail("the layers map", "one entry per layer in signatures (and at least one)",
+               _Said(f"{len(layers)} layers for {len(sigs)} signatures"))
+    for n, info in layers.items():
+        _check_layer(s, n, info, sigs[n], cfg, norms)
+    used_norms = {info["scri"][5:] for info in layers.values() if info.get("scri", "").startswith("norm:")}
+    for n, kind in norms.items():
+        s.str(kind, f"norms[{n!r}]")
+        if n not in used_norms:
+            s.fail(f"norms[{n!r}]", "a norm some layer's scri names", kind)
+        w = s.tensor(f"{n}.weight", torch.float32)
+        if w.dim() != 1 or w.numel() < 1:
+            s.fail(f"tensor '{n}.weight'", "F32 [C]", _Said(f"F32 {list(w.shape)}"))
+        s.tensor(f"{n}.bias", torch.float32, tuple(w.shape))
+    report = s.list(meta["report"], "report")
+    entries = {}
+    for i, r in enumerate(report):
+        s.obj(r, f"report[{i}]", ("name", "kind", "w_bits", "a_bits"), tuple(s.map(r, f"report[{i}]")))
+        for k, v in r.items():
+            if not (v is None or isinstance(v, (str, bool, int, float))):
+                s.fail(f"report[{i}].{k}", "a number, string, boolean or null", v)
+        s.str(r["name"], f"report[{i}].name")
+        entries[r["name"]] = r
+    for n, info in layers.items():
+        r = entries.get(n)
+        if r is None or r["kind"] != info["kind"] or r["w_bits"] != info["w_bits"]:
+            s.fail(f"the report entry of layer {n!r}", f"kind {info['kind']!r}, w_bits {info['w_bits']}", r)
+        _check_layer_tensors(s, n, info, sigs[n][1], cfg)
+    s.no_other_tensors()
+    return cfg
+
+
+def _check_layer_tensors(s: _Schema, name: str, info: dict, shape: list, cfg: QVDConfig) -> None:
+    out, inp = shape[0], shape[1]
+    w = s.tensor(f"{name}.weight", torch.int8, shape)
+    qmax = 2 ** (info["w_bits"] - 1) - 1
+    if int(w.min()) < -qmax or int(w.max()) > qmax:
+        s.fail(f"tensor '{name}.weight'", f"codes in [-{qmax}, {qmax}] ({info['w_bits']}-bit)",
+               _Said(f"codes in [{int(w.min())}, {int(w.max())}]"))
+    s.tensor(f"{name}.weight_scale", torch.float32, (out,), positive=True)
+    s.tensor(f"{name}.bias", torch.float32, (out,), optional=True)
+    if info["kind"] == "temporal":
+        levels = s.tensor(f"{name}.levels", torch.float32)
+        if levels.dim() != 1 or not 2 <= levels.numel() <= 2 ** cfg.a_bits - 1 or not bool((levels.diff() > 0).all()):
+            s.fail(f"tensor '{name}.levels'", f"2 to {2 ** cfg.a_bits - 1} increasing levels",
+                   _Said(f"{levels.numel()} levels"))
+        return
+    s.tensor(f"{name}.act_scale", torch.float32, (), positive=True)
+    with_scri = info["scri"] != "none"
+    s.tensor(f"{name}.scri_shift", torch.float32, (inp,), optional=not with_scri)
+    inv = s.tensor(f"{name}.scri_inv_scale", torch.float32, (inp,), optional=not with_scri)
+    if inv is not None and not bool(((inv >= 1) & (inv <= cfg.scri_max_gain * (1 + 1e-6))).all()):
+        s.fail(f"tensor '{name}.scri_inv_scale'", f"SCRI gains in [1, scri_max_gain = {cfg.scri_max_gain:g}]",
+               _Said(f"gains in [{float(inv.min()):.3g}, {float(inv.max()):.3g}]"))
+    if not with_scri and (f"{name}.scri_shift" in s.tensors or f"{name}.scri_inv_scale" in s.tensors):
+        s.fail(f"tensors '{name}.scri_*'", "absent (the layer's scri is 'none')", _Said("present"))
+
+
+def _check_model(s: _Schema, meta: dict, named: dict[str, nn.Module]) -> None:
+    """The model matches the file: layer names and shapes, conv geometry, biases, norms."""
     if any(getattr(m, "qvd_quantized", False) for m in named.values()):
         raise QuantizedFileError("this model is already quantized: load the file onto the full-precision model")
     model_sigs = {n: layer_signature(m) for n, m in named.items() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    check_layers(meta["signatures"], model_sigs, f"the quantized file {os.path.basename(path)}")
+    check_layers(meta["signatures"], model_sigs, f"the quantized file {os.path.basename(s.path)}")
+    for n, info in meta["layers"].items():
+        m = named[n]
+        if (m.bias is not None) != (f"{n}.bias" in s.tensors):
+            s.fail(f"tensor '{n}.bias'", "present" if m.bias is not None else "absent (the model's layer has no bias)",
+                   _Said("present") if m.bias is None else _MISSING)
+        if info["kind"] == "conv" and (m.stride, m.padding, m.dilation, m.groups, m.padding_mode) != (
+                (info["stride"],) * 2, (info["padding"],) * 2, (1, 1), 1, "zeros"):
+            raise ModelMismatchError(
+                f"{s.path}: layer {n} has stride {info['stride']} and padding {info['padding']} in the file, but "
+                f"stride {m.stride}, padding {m.padding} (dilation {m.dilation}, groups {m.groups}) in this model: "
+                f"the file is damaged or was made from another model; quantize this model anew")
+    for n in meta["norms"]:
+        norm = named.get(n)
+        if norm is None or not foldable_norm(norm) or type(norm).__name__ != meta["norms"][n] or \
+                tuple(norm.weight.shape) != tuple(s.tensors[f"{n}.weight"].shape):
+            raise ModelMismatchError(f"{s.path}: norm {n} of the file is absent from this model or is another "
+                                     f"norm: load the file onto the model it was made from")
+
+
+def _verify_weights(path: str, name: str, fp_module: nn.Module, q: nn.Module) -> None:
+    """Refuse a file whose codes are not this model's weight quantized on the file's scales.
+
+    The file's dequantized weight must be as close to the model's weight as that weight rounded onto the
+    same grid (bits and scales from the file, nothing else taken on trust)."""
+    w = fp_module.weight.detach().float().cpu()
+    scale = q.weight_scale.cpu().view(-1, *([1] * (w.dim() - 1)))
+    inv = getattr(q, "scri_inv_scale", None)
+    if inv is not None:  # SCRI: the codes are of W * s
+        w = w / inv.cpu().view(1, -1, *([1] * (w.dim() - 2)))
+    qmax = 2 ** (q.w_bits - 1) - 1
+    norm = w.norm().clamp_min(1e-30)
+    err_file = float((q.weight.cpu().float() * scale - w).norm() / norm)
+    err_own = float(((w / scale).round().clamp(-qmax, qmax) * scale - w).norm() / norm)
+    if not err_file <= 2 * err_own + 2e-3:
+        raise ModelMismatchError(
+            f"{path}: layer {name}: the file's weights differ from this model's ({err_file:.3g} relative error, "
+            f"{err_own:.3g} expected from rounding): the file was made from a different checkpoint. Load it onto "
+            f"the model it was made from, or quantize this model anew")
+
+
+def _build(info: dict, t: dict) -> nn.Module:
+    if info["kind"] == "temporal":
+        return HiDiTQLinear(info["in"], info["out"], t["weight"], t["weight_scale"], t["bias"], t["levels"],
+                            info["w_bits"])
+    kw = dict(weight_q=t["weight"], weight_scale=t["weight_scale"], bias=t["bias"], act_scale=float(t["act_scale"]),
+              act_zero_point=info["zero_point"], w_bits=info["w_bits"], a_bits=info["a_bits"],
+              scri_shift=t["scri_shift"], scri_inv_scale=t["scri_inv_scale"], scri_in_norm=info["scri"] != "kernel")
+    if info["kind"] == "linear":
+        return QLinear(info["in"], info["out"], **kw)
+    return QConv2d(info["in"], info["out"], info["kernel"], info["stride"], info["padding"], **kw)
+
+
+def load_quantized(path: str, root: nn.Module, apply: bool = True) -> QuantizeResult:
+    """Rebuild the quantized layers stored in ``path`` for the fp model ``root``, after verifying the file."""
+    tensors, meta = safefile.read(path, KEY, QuantizedFileError, "QVD quantized model")
+    s = _Schema(path, QuantizedFileError, tensors, MAX_ABS)
+    cfg = _check_quantized(s, meta)
+    named = dict(root.named_modules())
+    _check_model(s, meta, named)
     modules = {}
     for name, info in meta["layers"].items():
-        t = {f: tensors.get(f"{name}.{f}") for f in _TENSOR_FIELDS}
-        if info["kind"] == "temporal":
-            q = HiDiTQLinear(info["in"], info["out"], t["weight"], t["weight_scale"], t["bias"], t["levels"],
-                             info["w_bits"])
-        else:
-            kw = dict(weight_q=t["weight"], weight_scale=t["weight_scale"], bias=t["bias"],
-                      act_scale=float(t["act_scale"]), act_zero_point=info["zero_point"], w_bits=info["w_bits"],
-                      a_bits=info["a_bits"], scri_shift=t["scri_shift"], scri_inv_scale=t["scri_inv_scale"],
-                      scri_in_norm=info["scri_in_norm"])
-            if info["kind"] == "linear":
-                q = QLinear(info["in"], info["out"], **kw)
-            else:
-                q = QConv2d(info["in"], info["out"], info["kernel"], info["stride"], info["padding"], **kw)
-        if verify_weights:
-            _verify_weights(name, named[name], q, info.get("w_rel_err"))
+        fields = _TEMPORAL_FIELDS if info["kind"] == "temporal" else _W8A8_FIELDS
+        q = _build(info, {f: tensors.get(f"{name}.{f}") for f in fields})
+        _verify_weights(s.path, name, named[name], q)
         modules[name] = q.to(named[name].weight.device)
     for name in meta["norms"]:
-        if name not in named:
-            raise ModelMismatchError(f"norm {name} of {path} is absent from this model: wrong model")
         norm = copy.deepcopy(named[name])
         with torch.no_grad():
             norm.weight.copy_(tensors[f"{name}.weight"])
@@ -171,4 +379,68 @@ def load_quantized(path: str, root: nn.Module, apply: bool = True, verify_weight
         modules[name] = norm
     if apply:
         install(root, modules)
-    return QuantizeResult(modules, meta["report"], QVDConfig.from_dict(meta["config"]), meta["signatures"])
+    return QuantizeResult(modules, meta["report"], cfg, meta["signatures"])
+
+
+# ---------------------------------------------------------------- calibration
+
+def save_calibration(path: str, calibration: Calibration, overwrite: bool = False) -> None:
+    """Save a calibration (statistics, temporal features, timesteps, norm groups) to one file, atomically."""
+    tensors, layers = {}, {}
+    for n, st in calibration.layers.items():
+        tensors[f"{n}::ch_min"], tensors[f"{n}::ch_max"] = st.ch_min.float(), st.ch_max.float()
+        tensors[f"{n}::rows"] = st.rows.float()
+        ts = sorted(st.temporal_vectors)
+        if ts:
+            tensors[f"{n}::temporal"] = torch.stack([st.temporal_vectors[t] for t in ts]).float()
+        layers[n] = {"signature": st.signature, "temporal": st.temporal, "calls": st.calls, "temporal_timesteps": ts}
+    meta = {"format": CALIBRATION_FORMAT, "format_version": CALIBRATION_VERSION, "layers": layers,
+            "timesteps": calibration.timesteps, "norm_groups": calibration.norm_groups,
+            "fingerprint": calibration.fingerprint}
+    safefile.write(path, tensors, CALIBRATION_KEY, meta, overwrite)
+
+
+def load_calibration(path: str) -> Calibration:
+    """Read a calibration file, verified: checksum, schema and every statistic's shape and values."""
+    tensors, meta = safefile.read(path, CALIBRATION_KEY, CalibrationFileError, "QVD calibration")
+    s = _Schema(path, CalibrationFileError, tensors)
+    s.obj(meta, "the metadata", ("format", "format_version", "layers", "timesteps", "norm_groups", "fingerprint"))
+    s.str(meta["format"], "format", (CALIBRATION_FORMAT,))
+    if meta["format_version"] != CALIBRATION_VERSION or type(meta["format_version"]) is not int:
+        raise CalibrationFileError(f"{s.path} has calibration format version {_shown(meta['format_version'])}; "
+                                   f"this QVD reads version {CALIBRATION_VERSION}: calibrate again")
+    timesteps = [s.num(t, f"timesteps[{i}]") for i, t in enumerate(s.list(meta["timesteps"], "timesteps"))]
+    layers = {}
+    for n, info in s.map(meta["layers"], "layers").items():
+        where = f"layers[{n!r}]"
+        s.obj(info, where, ("signature", "temporal", "calls", "temporal_timesteps"))
+        kind, shape = s.signature(info["signature"], f"{where}.signature")
+        c = shape[1]
+        d = c if kind == "linear" else c * shape[2] * shape[3]
+        ch_min = s.tensor(f"{n}::ch_min", torch.float32, (c,))
+        ch_max = s.tensor(f"{n}::ch_max", torch.float32, (c,))
+        if not bool((ch_min <= ch_max).all()):
+            s.fail(f"tensor '{n}::ch_min'", f"at most '{n}::ch_max' in every channel", _Said("larger somewhere"))
+        rows = s.tensor(f"{n}::rows", torch.float32)
+        if rows.dim() != 2 or rows.shape[1] != d or rows.shape[0] < 1:
+            s.fail(f"tensor '{n}::rows'", f"F32 [R, {d}] with R >= 1", _Said(f"F32 {list(rows.shape)}"))
+        ts = [s.num(t, f"{where}.temporal_timesteps[{i}]")
+              for i, t in enumerate(s.list(info["temporal_timesteps"], f"{where}.temporal_timesteps"))]
+        if len(set(ts)) != len(ts) or (ts and not s.bool(info["temporal"], f"{where}.temporal")):
+            s.fail(f"{where}.temporal_timesteps", "distinct timesteps, on temporal layers only", ts)
+        feats = s.tensor(f"{n}::temporal", torch.float32, (len(ts), c), optional=not ts)
+        layers[n] = LayerStats.restore(n, info["signature"], s.bool(info["temporal"], f"{where}.temporal"),
+                                       s.int(info["calls"], f"{where}.calls", 1, 1 << 62), ch_min, ch_max, rows,
+                                       dict(zip(ts, feats)) if ts else {})
+    if not layers:
+        s.fail("layers", "at least one layer", meta["layers"])
+    groups = s.map(meta["norm_groups"], "norm_groups")
+    for norm, members in groups.items():
+        for i, m in enumerate(s.list(members, f"norm_groups[{norm!r}]")):
+            if m not in layers:
+                s.fail(f"norm_groups[{norm!r}][{i}]", "a layer of the file", m)
+    calibration = Calibration(layers, timesteps, groups)
+    if s.str(meta["fingerprint"], "fingerprint") != calibration.fingerprint:
+        s.fail("fingerprint", f"the fingerprint of its layers ({calibration.fingerprint})", meta["fingerprint"])
+    s.no_other_tensors()
+    return calibration

@@ -1,0 +1,167 @@
+"""Damaged and edited QVD files for the file-format tests: raw byte damage, and edits written back with a
+valid checksum ("re-signed": what a buggy tool or a hand edit would produce)."""
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import torch
+from safetensors.torch import save_file
+
+from qvd import safefile
+
+
+def read(path, key: str) -> tuple[dict, dict]:
+    return safefile.read(path, key, ValueError, "test")
+
+
+def resign(src, dst, key: str, edit_meta=None, edit_tensors=None) -> None:
+    """Copy ``src`` to ``dst`` with ``edit_meta(meta)`` / ``edit_tensors(tensors)`` applied, checksum renewed."""
+    tensors, meta = read(src, key)
+    tensors, meta = {k: v.clone() for k, v in tensors.items()}, copy.deepcopy(meta)
+    if edit_meta is not None:
+        edit_meta(meta)
+    if edit_tensors is not None:
+        edit_tensors(tensors)
+    write_text(dst, tensors, key, json.dumps(meta))
+
+
+def write_text(dst, tensors: dict, key: str, text: str) -> None:
+    """A file whose metadata is exactly ``text`` (valid JSON or not), with its checksum."""
+    save_file(tensors, str(dst), metadata={key: text, key + "_sha256": safefile.checksum(text, tensors)})
+
+
+# ---- raw damage (no checksum renewed): every case must be refused or load unchanged
+
+def header_span(raw: bytes) -> tuple[int, int]:
+    n = int.from_bytes(raw[:8], "little")
+    return 8, 8 + n
+
+
+def raw_mutations(raw: bytes, rng: random.Random, count: int):
+    """``count`` (label, bytes) damages of a file: truncation, header length, header flips, digit edits, data
+    flips, insertions and appended bytes."""
+    h0, h1 = header_span(raw)
+    digits = [i for i in range(h0, h1) if chr(raw[i]).isdigit()]
+    kinds = ["truncate", "length", "header_flip", "digit", "data_flip", "insert", "append"]
+    for i in range(count):
+        kind = kinds[i % len(kinds)]
+        b = bytearray(raw)
+        if kind == "truncate":
+            b = b[: rng.randrange(len(raw))]
+        elif kind == "length":
+            n = h1 - h0
+            b[:8] = rng.choice([0, 1, n - 1, n + 1, n - 8, n + 8, len(raw), len(raw) - 8, 2 ** 40, 2 ** 64 - 1,
+                                rng.randrange(2 ** 32)]).to_bytes(8, "little")
+        elif kind == "header_flip":
+            p = rng.randrange(h0, h1)
+            b[p] ^= rng.randrange(1, 256)
+        elif kind == "digit":
+            p = rng.choice(digits)
+            b[p] = ord(rng.choice([d for d in "0123456789" if ord(d) != b[p]]))
+        elif kind == "data_flip":
+            p = rng.randrange(h1, len(raw))
+            b[p] ^= 1 << rng.randrange(8)
+        elif kind == "insert":
+            p = rng.randrange(len(raw))
+            b[p:p] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 9)))
+        else:
+            b += bytes(rng.randrange(256) for _ in range(rng.randrange(1, 65)))
+        yield f"{kind}#{i}", bytes(b)
+
+
+# ---- re-signed edits: every case must be refused, or load a model that runs and stays finite
+
+_ODD_VALUES = [None, [], {}, [1, 2], "x", "8", True, False, 0, -1, 1, 3, 2 ** 31, 10 ** 30, 1e308, -1e308,
+               float("nan"), float("inf"), 0.5, -0.0]
+
+
+def _paths(node, prefix=()):
+    """Every (path, value) in a JSON tree, the root excluded."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        yield prefix + (k,), v
+        yield from _paths(v, prefix + (k,))
+
+
+def _set(meta, path, value):
+    node = meta
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+
+
+def _delete(meta, path):
+    node = meta
+    for k in path[:-1]:
+        node = node[k]
+    del node[path[-1]]
+
+
+def meta_edits(meta: dict, rng: random.Random, count: int):
+    """``count`` (label, edit) pairs on the metadata: odd values, nudged numbers, deleted / added / renamed
+    fields. The sample leans to the layer entries, where the loader takes the most from the file."""
+    paths = list(_paths(meta))
+    for i in range(count):
+        path, value = rng.choice(paths)
+        op = rng.choice(["odd", "odd", "nudge", "delete", "add", "rename"])
+        if op == "nudge" and type(value) in (int, float):
+            new = value + rng.choice([1, -1, 2, 100]) if type(value) is int else value * rng.choice([0, -1, 2, 1e6])
+            yield f"nudge {path}", lambda m, p=path, v=new: _set(m, p, v)
+        elif op == "delete" and isinstance(path[-1], str):
+            yield f"delete {path}", lambda m, p=path: _delete(m, p)
+        elif op == "add" and isinstance(value, dict):
+            yield f"add {path}", lambda m, p=path: _set(m, p + ("zz_extra",), 1)
+        elif op == "rename" and isinstance(path[-1], str):
+            def rename(m, p=path):
+                node = m
+                for k in p[:-1]:
+                    node = node[k]
+                node[p[-1] + "_x"] = node.pop(p[-1])
+            yield f"rename {path}", rename
+        else:
+            odd = rng.choice(_ODD_VALUES)
+            yield f"set {path} = {odd!r}", lambda m, p=path, v=odd: _set(m, p, copy.deepcopy(v))
+
+
+def tensor_edits(tensors: dict, rng: random.Random, count: int):
+    """``count`` (label, edit) pairs on the tensors: dtype, shape, name, values, missing and extra tensors."""
+    names = sorted(tensors)
+    dtypes = [torch.float32, torch.float16, torch.int32, torch.int8, torch.uint8, torch.float64, torch.bool]
+    for i in range(count):
+        name = rng.choice(names)
+        t = tensors[name]
+        op = rng.choice(["dtype", "shape", "rename", "delete", "extra", "nan", "negative", "zero", "extreme"])
+        if op == "dtype":
+            d = rng.choice([d for d in dtypes if d != t.dtype])
+            yield f"{name} as {d}", lambda ts, n=name, d=d: ts.__setitem__(n, ts[n].to(d))
+        elif op == "shape":
+            yield f"{name} reshaped", lambda ts, n=name: ts.__setitem__(
+                n, rng.choice([ts[n].reshape(-1), ts[n].unsqueeze(0), ts[n].reshape(-1)[:-1] if ts[n].numel() > 1
+                               else ts[n].reshape(-1).repeat(2)]).clone())
+        elif op == "rename":
+            yield f"{name} renamed", lambda ts, n=name: ts.__setitem__(n + "_x", ts.pop(n))
+        elif op == "delete":
+            yield f"{name} deleted", lambda ts, n=name: ts.pop(n)
+        elif op == "extra":
+            yield f"extra beside {name}", lambda ts, n=name: ts.__setitem__(n.rsplit(".", 1)[0] + ".extra",
+                                                                            torch.zeros(3))
+        else:
+            def values(ts, n=name, op=op):
+                v = ts[n].clone()
+                flat = v.reshape(-1)
+                if flat.numel() == 0:
+                    return
+                j = rng.randrange(flat.numel())
+                if op == "nan":
+                    flat[j] = float("nan") if v.is_floating_point() else -128 if v.dtype == torch.int8 else 0
+                elif op == "negative":
+                    flat[j] = -abs(flat[j]) - 1 if v.dtype != torch.bool else False
+                elif op == "zero":
+                    flat.zero_()
+                else:
+                    flat[j] = torch.finfo(v.dtype).max if v.is_floating_point() else torch.iinfo(v.dtype).min \
+                        if v.dtype != torch.bool else True
+                ts[n] = v
+            yield f"{name} {op}", values
