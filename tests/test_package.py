@@ -55,3 +55,25 @@ def test_workflow_files_are_generated_from_their_spec():
         for node in ui["nodes"]:
             for slot, inp in enumerate(node["inputs"]):
                 assert (inp["link"] is not None) == ((node["id"], slot) in linked)
+
+
+def test_save_names_are_checked_before_anything_is_written(pack, tmp_path, monkeypatch):
+    """QVD Save Quantized / QVD Calibrate names: plain, not too long for the file system, and '.calibration'
+    only where the pack puts it; a bad name raises before the node samples or writes anything."""
+    import types
+
+    folder = tmp_path / "models" / "qvd"
+    fake = types.SimpleNamespace(get_folder_paths=lambda _: [str(folder)])
+    monkeypatch.setitem(sys.modules, "folder_paths", fake)
+    nodes = pack.nodes.qvd_nodes
+    assert nodes._new_file("mine.safetensors", ".safetensors", "file") == str(folder / "mine.safetensors")
+    assert nodes._new_file("mine", ".calibration.safetensors", "calibration") == str(
+        folder / "mine.calibration.safetensors")
+    for name, suffix, match in (("x" * 10_000, ".safetensors", "at most 255 bytes"),
+                                ("mine.calibration", ".safetensors", "ends in '.calibration'"),
+                                ("mine.calibration.safetensors", ".safetensors", "ends in '.calibration'"),
+                                ("../escape", ".safetensors", "not a plain file name"),
+                                ("", ".calibration.safetensors", "not a plain file name")):
+        with pytest.raises(nodes.QVDError, match=match):  # the pack's own copy of qvd
+            nodes._new_file(name, suffix, "file")
+    assert list(tmp_path.iterdir()) == [tmp_path / "models"] and list(folder.iterdir()) == []
