@@ -1,0 +1,167 @@
+"""Seeded mutation fuzz of both QVD file kinds: no damaged or edited file crashes the loader, raises a raw
+exception, or loads as a model other than the one saved.
+
+Raw damage (bytes changed, no checksum renewed) must be refused with the pack's error naming the file, or
+load exactly what was saved. Re-signed edits (valid checksum: a buggy tool, a hand edit) must be refused the
+same way, or load a model that runs and stays finite (the file then says what it holds)."""
+import copy
+import os
+import random
+import time
+
+import pytest
+import torch
+
+from qvd import (Calibrator, QVDConfig, QVDError, load_calibration, load_quantized, quantize_model, save_calibration,
+                 save_quantized)
+from qvd.io import CALIBRATION_KEY, KEY
+from qvd.quantize import install
+
+import file_mutations as fm
+from unet_fixtures import TIMESTEPS
+
+SEED = 20261201
+CASES = {"quantized": (1400, 500, 300), "calibration": (700, 300, 200)}  # raw, metadata, tensor edits
+# Files of one down block (ResNets with their time projections, a transformer with norm-folded SCRI, a motion
+# module, the stride-2 downsampler): every layer kind and SCRI placement, small enough for thousands of loads.
+SKIP = ("down_blocks.1.*", "up_blocks.*", "mid_block.*", "conv_in", "conv_out")
+
+
+@pytest.fixture(scope="module")
+def small(unet, inputs):
+    """(calibration, quantize result) of the UNet's first down block; 16 rows per layer."""
+    with Calibrator(unet, QVDConfig(calib_rows=16, skip=SKIP)) as cal:
+        for t in TIMESTEPS[:3]:
+            inputs.run(unet, t)
+    calibration = cal.result()
+    return calibration, quantize_model(copy.deepcopy(unet), calibration, QVDConfig(skip=SKIP), apply=False)
+
+
+def _same_quantized(a, b) -> bool:
+    if set(a.modules) != set(b.modules):
+        return False
+    attrs = ("act_zero_point", "w_bits", "a_bits", "scri_in_norm", "stride", "padding", "kernel_size", "in_features",
+             "out_features", "in_channels", "out_channels")
+    for n, ma in a.modules.items():
+        mb = b.modules[n]
+        sa, sb = ma.state_dict(), mb.state_dict()
+        if type(ma) is not type(mb) or sa.keys() != sb.keys() or any(
+                sa[k].dtype != sb[k].dtype or not torch.equal(sa[k], sb[k]) for k in sa):
+            return False
+        if any(getattr(ma, k, None) != getattr(mb, k, None) for k in attrs):
+            return False
+    return a.config == b.config
+
+
+def _same_calibration(a, b) -> bool:
+    if (a.timesteps, a.norm_groups, set(a.layers)) != (b.timesteps, b.norm_groups, set(b.layers)):
+        return False
+    for n, sa in a.layers.items():
+        sb = b.layers[n]
+        if (sa.signature, sa.temporal, sa.calls, set(sa.temporal_vectors)) != (
+                sb.signature, sb.temporal, sb.calls, set(sb.temporal_vectors)):
+            return False
+        if not all(torch.equal(x, y) for x, y in [(sa.ch_min, sb.ch_min), (sa.ch_max, sb.ch_max), (sa.rows, sb.rows)]
+                   + [(sa.temporal_vectors[t], sb.temporal_vectors[t]) for t in sa.temporal_vectors]):
+            return False
+    return True
+
+
+class _Run:
+    """Loads each case, classifies the outcome, and collects failures (label + what went wrong)."""
+
+    def __init__(self, tmp_path, load, same, runs):
+        self.path = tmp_path / "case.safetensors"
+        self.load, self.same, self.runs = load, same, runs
+        self.baseline = None
+        self.counts = {"refused": 0, "same": 0, "edited, runs": 0}
+        self.failures = []
+
+    def case(self, label: str, resigned: bool) -> None:
+        try:
+            got = self.load(self.path)
+        except QVDError as e:
+            if os.path.basename(self.path) not in str(e):
+                self.failures.append(f"{label}: error names no file: {e}")
+            self.counts["refused"] += 1
+            return
+        except Exception as e:  # noqa: BLE001 - any other exception is what this test exists to find
+            self.failures.append(f"{label}: raw {type(e).__name__}: {str(e)[:200]}")
+            return
+        if self.same(got, self.baseline):
+            self.counts["same"] += 1
+        elif not resigned:
+            self.failures.append(f"{label}: damaged file loaded as a different model")
+        else:
+            problem = self.runs(got)
+            if problem:
+                self.failures.append(f"{label}: edited file loaded, then {problem}")
+            else:
+                self.counts["edited, runs"] += 1
+
+    def raw(self, raw: bytes, count: int, rng) -> None:
+        for label, data in fm.raw_mutations(raw, rng, count):
+            self.path.write_bytes(data)
+            self.case(label, resigned=False)
+
+    def resigned(self, src, key: str, counts: tuple, rng) -> None:
+        tensors, meta = fm.read(src, key)
+        for label, edit in fm.meta_edits(meta, rng, counts[0]):
+            fm.resign(src, self.path, key, edit_meta=edit)
+            self.case(label, resigned=True)
+        for label, edit in fm.tensor_edits(tensors, rng, counts[1]):
+            fm.resign(src, self.path, key, edit_tensors=edit)
+            self.case(label, resigned=True)
+
+
+def _report(kind: str, run: _Run, seconds: float) -> None:
+    print(f"\n{kind}: {sum(run.counts.values()) + len(run.failures)} cases in {seconds:.1f} s: {run.counts}")
+    assert not run.failures, f"{len(run.failures)} failing case(s):\n" + "\n".join(run.failures[:30])
+
+
+@pytest.mark.slow
+def test_fuzz_quantized_files(unet, inputs, small, tmp_path):
+    src = tmp_path / "good.safetensors"
+    save_quantized(src, unet, small[1])
+
+    def runs(result):
+        model = copy.deepcopy(unet)
+        install(model, result.modules)
+        try:
+            y = inputs.run(model, 600)
+        except QVDError:
+            return None
+        except Exception as e:  # noqa: BLE001
+            return f"its forward raised {type(e).__name__}: {str(e)[:150]}"
+        return None if bool(torch.isfinite(y).all()) else "its output is not finite"
+
+    run = _Run(tmp_path, lambda p: load_quantized(p, unet, apply=False), _same_quantized, runs)
+    run.baseline = load_quantized(src, unet, apply=False)
+    rng, start = random.Random(SEED), time.monotonic()
+    raw_n, meta_n, tensor_n = CASES["quantized"]
+    run.raw(src.read_bytes(), raw_n, rng)
+    run.resigned(src, KEY, (meta_n, tensor_n), rng)
+    _report("quantized file", run, time.monotonic() - start)
+
+
+@pytest.mark.slow
+def test_fuzz_calibration_files(unet, small, tmp_path):
+    src = tmp_path / "good.calibration.safetensors"
+    save_calibration(src, small[0])
+
+    def runs(cal):
+        try:
+            quantize_model(unet, cal, QVDConfig(skip=SKIP), apply=False)
+        except QVDError:
+            return None
+        except Exception as e:  # noqa: BLE001
+            return f"quantize_model raised {type(e).__name__}: {str(e)[:150]}"
+        return None
+
+    run = _Run(tmp_path, load_calibration, _same_calibration, runs)
+    run.baseline = load_calibration(src)
+    rng, start = random.Random(SEED + 1), time.monotonic()
+    raw_n, meta_n, tensor_n = CASES["calibration"]
+    run.raw(src.read_bytes(), raw_n, rng)
+    run.resigned(src, CALIBRATION_KEY, (meta_n, tensor_n), rng)
+    _report("calibration file", run, time.monotonic() - start)
