@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 
 import pytest
 import torch
 
+import file_mutations as fm
 from comfy_host import CKPT_NAME, WORKFLOWS, execution_error, load_api, read_latent, tiny, with_latent_output, without
+from qvd.io import KEY
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 QVD_INPUTS = {
@@ -79,12 +82,18 @@ def core_runs(comfy_server):
     entry = comfy_server.run(with_latent_output(copy.deepcopy(wf), "20", "quantized"))
     latents["quantized"] = read_latent(comfy_server, entry, "save_quantized")
     latents["fp_again"] = read_latent(comfy_server, comfy_server.run(fp_prompt), "save_fp")
-    load_prompt = with_latent_output(without(copy.deepcopy(wf), "10", "11", "12"), "20", "loaded")
-    load_prompt["13"] = {"class_type": "QVDLoadQuantized",
-                         "inputs": {"model": ["1", 0], "qvd_name": "core_w8a8.safetensors"}}
-    load_prompt["20"]["inputs"]["model"] = ["13", 0]
-    latents["loaded"] = read_latent(comfy_server, comfy_server.run(load_prompt), "save_loaded")
+    entry = comfy_server.run(_load_and_sample("core_w8a8.safetensors", "loaded"))
+    latents["loaded"] = read_latent(comfy_server, entry, "save_loaded")
     return latents
+
+
+def _load_and_sample(qvd_name: str, prefix: str) -> dict:
+    """Workflow (c) with QVD Load Quantized of ``qvd_name`` in place of calibration + quantization."""
+    wf = tiny(load_api("qvd_core_txt2vid_calibrate_quantize"))
+    prompt = with_latent_output(without(wf, "10", "11", "12"), "20", prefix)
+    prompt["13"] = {"class_type": "QVDLoadQuantized", "inputs": {"model": ["1", 0], "qvd_name": qvd_name}}
+    prompt["20"]["inputs"]["model"] = ["13", 0]
+    return prompt
 
 
 @pytest.mark.slow
@@ -142,6 +151,28 @@ def test_load_rejects_a_corrupt_or_truncated_file(core_runs, comfy_server):
         err = _failing(comfy_server, prompt)
         assert err["node_type"] == "QVDLoadQuantized", err
         assert name in err["exception_message"], err["exception_message"]
+
+
+@pytest.mark.slow
+def test_damaged_files_give_a_node_error_and_the_server_stays_up(core_runs, comfy_server):
+    """Found by the mutation run (issue 13): a file whose conv stride was 0 loaded, then the server died with
+    SIGFPE in KSampler; a zero point edited in place sampled 8 % away. Both are refused by name now."""
+    folder = comfy_server.base / "models" / "qvd"
+    good = folder / "core_w8a8.safetensors"
+
+    def stride0(meta):
+        meta["layers"][next(n for n, i in sorted(meta["layers"].items()) if i["kind"] == "conv")]["stride"] = 0
+    fm.resign(good, folder / "stride0.safetensors", KEY, edit_meta=stride0)
+    raw = good.read_bytes()
+    digit = re.search(rb'zero_point\\": -?(\d)', raw)
+    (folder / "zeropoint.safetensors").write_bytes(
+        raw[:digit.start(1)] + str((int(digit[1]) + 1) % 10).encode() + raw[digit.end(1):])
+    for name, why in (("stride0.safetensors", "stride is 0"), ("zeropoint.safetensors", "checksum")):
+        err = _failing(comfy_server, _load_and_sample(name, "damaged"))
+        assert err["node_type"] == "QVDLoadQuantized", err
+        assert name in err["exception_message"] and why in err["exception_message"], err["exception_message"]
+    entry = comfy_server.run(_load_and_sample("core_w8a8.safetensors", "after_damaged"))
+    assert torch.equal(read_latent(comfy_server, entry, "save_after_damaged"), core_runs["loaded"])
 
 
 def test_quantize_without_calibration_is_rejected(comfy_server):
