@@ -189,6 +189,9 @@ def save_quantized(path: str, root: nn.Module, result: QuantizeResult, overwrite
             t = getattr(module, field, None)
             if t is not None:
                 tensors[f"{name}.{field}"] = t
+    if not layers:
+        raise QVDError("this quantization result holds no quantized layer, so there is nothing to save: check the "
+                       "skip list and that the calibration ran on this model")
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": result.config.to_dict(),
             "fingerprint": result.fingerprint, "signatures": result.signatures, "layers": layers, "norms": norms,
             "report": result.report}

@@ -82,6 +82,14 @@ def test_a_name_too_long_is_refused_before_anything_is_written(unet, quantized, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_result_without_quantized_layers_is_not_saved(unet, quantized, tmp_path):
+    from qvd import QuantizeResult
+    empty = QuantizeResult({}, [], quantized[1].config, {})
+    with pytest.raises(QVDError, match="no quantized layer"):
+        save_quantized(tmp_path / "empty.safetensors", unet, empty)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_truncated_and_corrupt_files(unet, saved, tmp_path):
     raw = saved.read_bytes()
     (tmp_path / "t.safetensors").write_bytes(raw[: len(raw) // 2])
