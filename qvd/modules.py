@@ -44,6 +44,10 @@ class _HostHooks(nn.Module):
     """ComfyUI's low-VRAM protocol (the attributes of ``comfy.ops.CastWeightBiasOp``, without importing it)."""
 
     comfy_cast_weights = False
+    # True: a queued weight patch takes and returns int8 codes (it calls convert_weight / set_weight itself,
+    # as ComfyUI 0.3.75 does); False: it patches a float weight (ComfyUI >= 0.4), so the layer converts the
+    # codes before it and requantizes after it. The host glue sets it per layer.
+    host_patches_convert = True
 
     def __init__(self):
         super().__init__()
@@ -57,7 +61,7 @@ class _HostHooks(nn.Module):
         if not self.comfy_cast_weights or not (self.weight_function or self.bias_function):
             return w, b, False
         for f in self.weight_function:
-            w = f(w)
+            w = f(w) if self.host_patches_convert else self.set_weight(f(self.convert_weight(w)), return_weight=True)
         for f in self.bias_function:
             b = f(b)
         if w.dtype != torch.int8 or w.shape != self.weight.shape:

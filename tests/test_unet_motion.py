@@ -183,16 +183,21 @@ def test_weight_patch_protocol_like_a_comfyui_lora(unet, quantized, calibration)
         assert torch.equal(layer(x), before)
 
 
-def _lowvram_patch(layer, delta):
-    """What ComfyUI's LowVramPatch does with an offloaded layer's int8 weight at call time."""
-    return lambda w: layer.set_weight(layer.convert_weight(w, inplace=False) + delta, seed=0, return_weight=True)
+def _lowvram_patch(layer, delta, converts: bool):
+    """What ComfyUI's LowVramPatch does with an offloaded layer's weight at call time: 0.3.75 converts the int8
+    codes and requantizes itself (``converts``); 0.33 adds the patch to whatever it is given."""
+    if converts:
+        return lambda w: layer.set_weight(layer.convert_weight(w, inplace=False) + delta, seed=0, return_weight=True)
+    return lambda w: w + delta
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv", "temporal"])
 @pytest.mark.parametrize("mode", ["int", "fake"])
-def test_offloaded_layer_applies_host_patches_at_call_time(quantized, calibration, kind, mode):
+@pytest.mark.parametrize("converts", [True, False], ids=["host-converts", "host-patches-float"])
+def test_offloaded_layer_applies_host_patches_at_call_time(quantized, calibration, kind, mode, converts):
     """ComfyUI's low-VRAM path: with ``comfy_cast_weights`` set, queued weight / bias patches are applied at
-    every call and give exactly what patching the stored weight gives; the stored weight stays untouched."""
+    every call and give exactly what patching the stored weight gives; the stored weight stays untouched. A
+    host whose patch does not convert (ComfyUI >= 0.4) is given the float weight and its result requantized."""
     q, res = quantized
     name = next(r["name"] for r in res.report if r["kind"] == kind and q.get_submodule(r["name"]).bias is not None
                 and (kind == "temporal" or q.get_submodule(r["name"]).scri_shift is not None))  # SCRI fold too
@@ -214,16 +219,18 @@ def test_offloaded_layer_applies_host_patches_at_call_time(quantized, calibratio
         ref.set_weight(w + delta)
         ref.bias.data += bias_delta
         want = ref(x)
-        layer.weight_function = [_lowvram_patch(layer, delta)]
+        layer.host_patches_convert = converts
+        layer.weight_function = [_lowvram_patch(layer, delta, converts)]
         layer.bias_function = [lambda b: b + bias_delta]
         assert torch.equal(layer(x), before)  # queued patches apply only once the host sets comfy_cast_weights
         layer.comfy_cast_weights = True
         got = layer(x)
         assert torch.equal(got, want) and rel_err(got, before) > 0.05
         assert torch.equal(layer.weight, stored)
-        layer.weight_function = [lambda w: w.float()]
-        with pytest.raises(RuntimeError, match="set_weight"):
-            layer(x)
+        if converts:
+            layer.weight_function = [lambda w: w.float()]
+            with pytest.raises(RuntimeError, match="set_weight"):
+                layer(x)
 
 
 def test_uniform_temporal_tdscore_is_reported_for_the_quantizer_actually_used(calibration, unet):
