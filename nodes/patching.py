@@ -1,6 +1,9 @@
 """ComfyUI glue: one module tree over a MODEL and its AnimateDiff motion models, calibration by real
 sampling, and quantized layers installed as object patches on clones (the input MODEL is never mutated).
 
+Every node first makes its own MODEL current (``make_current``: loaded as for sampling, its weight patches
+applied): the UNet and motion modules are shared by every MODEL made from one checkpoint, and under ComfyUI's
+default caching they hold whatever the MODEL loaded last left in them.
 Layer names are those of the ejected model (ADE inserts motion modules into UNet blocks at patch time,
 shifting indices), so every tree walk happens inside ``ejected(model)``. Names in the tree are
 ``motion_<i>.<path>`` for the i-th motion model in ``additional_models["ADE"]`` and
@@ -16,6 +19,7 @@ import torch
 from torch import nn
 
 from ..qvd import Calibrator, QuantizeResult, QVDConfig, QVDError
+from . import compat
 
 ADE_KEY = "ADE"
 ATTACHMENT = "qvd"
@@ -54,6 +58,16 @@ def model_tree(model) -> nn.ModuleDict:
     return nn.ModuleDict({UNET: unet, **motions})
 
 
+def make_current(model) -> None:
+    """Load ``model`` and its motion models as ComfyUI does before sampling, every weight patch applied (also
+    on layers a low-VRAM load leaves offloaded), so the shared UNet and motion modules hold exactly this
+    MODEL's weights and object patches. Under ComfyUI's default caching they otherwise hold whatever the MODEL
+    loaded last left in them (its LoRA, its quantized layers)."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model, *motion_patchers(model)], force_patch_weights=True)
+
+
 def calibrate(model, config: QVDConfig, seeds, sample_fn):
     """Run ``sample_fn(clone, seed)`` for each seed with Calibrator hooks on a clone.
 
@@ -63,6 +77,7 @@ def calibrate(model, config: QVDConfig, seeds, sample_fn):
     import comfy.patcher_extension
 
     clone = model.clone()
+    make_current(clone)
     with ejected(clone):
         calibrator = Calibrator(model_tree(clone), config)
 
@@ -79,28 +94,60 @@ def calibrate(model, config: QVDConfig, seeds, sample_fn):
     return calibrator.result()
 
 
-def bake_weight_patches(model, names: list[str]) -> list[str]:
-    """Keys of weight patches (LoRA, ...) on ``model`` that belong to layers about to be replaced."""
-    owners = {f"{UNET}.{n[len(UNET) + 1:]}" for n in names if n.startswith(UNET + ".")}
-    return [k for k in model.patches if k.rpartition(".")[0] in owners]
+def _per_patcher(model, modules: dict[str, nn.Module]) -> list[tuple[object, dict[str, nn.Module]]]:
+    """(patcher, {name in that patcher's model: module}) for the UNet and each motion model ``modules`` touch."""
+    motions = motion_patchers(model)
+    groups: dict[int, dict] = {}
+    for name, module in modules.items():
+        head, _, rest = name.partition(".")
+        if head == UNET:
+            groups.setdefault(-1, {})[name] = module
+        elif head.startswith("motion_") and head[7:].isdigit() and int(head[7:]) < len(motions):
+            groups.setdefault(int(head[7:]), {})[rest] = module
+        else:
+            raise QVDError(f"quantized layer {name!r} belongs to no model in this MODEL (motion models: "
+                           f"{len(motions)}); use the MODEL the calibration / file was made from")
+    return [(model if i < 0 else motions[i], g) for i, g in sorted(groups.items())]
+
+
+def weight_patches_on(patcher, names) -> list[str]:
+    """Keys of ``patcher``'s weight patches (LoRA, ...) that belong to the modules ``names``."""
+    return [k for k in patcher.patches if k.rpartition(".")[0] in names]
+
+
+def without_weight_patches(model):
+    """A clone of ``model`` (and of its motion models) with no weight patches: the plain checkpoint's weights."""
+    base = model.clone()
+    base.patches, base.patches_uuid = {}, uuid.uuid4()
+    motions = [p.clone() for p in motion_patchers(model)]
+    for p in motions:
+        p.patches, p.patches_uuid = {}, uuid.uuid4()
+    if motions:
+        base.set_additional_models(ADE_KEY, motions)
+    return base
 
 
 def quantize(model, quantize_fn) -> tuple:
     """Clone ``model`` and install the result of ``quantize_fn(tree) -> QuantizeResult`` as object patches.
 
-    Weight patches already on the MODEL (LoRAs applied before quantization) are baked in first: the model
-    is loaded with them (ComfyUI patches the weights), quantized from the patched weights, and the baked
-    patch keys are dropped from the clone. Motion-model patchers are cloned and patched the same way.
-    """
-    import comfy.model_management
-
+    Weight patches already on the MODEL (LoRAs applied before quantization) are baked in: the model is made
+    current with all of them applied, quantized from the patched weights, and the baked keys are dropped."""
     clone = model.clone()
-    if clone.patches:
-        comfy.model_management.load_models_gpu([clone])
+    make_current(clone)
     with ejected(clone):
         result = quantize_fn(model_tree(clone))
-    install(clone, result)
-    return clone, result
+    return install(clone, result, drop_patches=True), result
+
+
+def load(model, load_fn) -> tuple:
+    """Like ``quantize`` for a saved file: it is checked against the checkpoint's own weights, and weight
+    patches already on the MODEL (a LoRA before QVD Load Quantized) stay on it, applied to the quantized
+    layers like a LoRA loaded after."""
+    base = without_weight_patches(model)
+    make_current(base)
+    with ejected(base):
+        result = load_fn(model_tree(base))
+    return install(model.clone(), result, drop_patches=False), result
 
 
 def _normal_tensors(module: nn.Module) -> None:
@@ -116,30 +163,37 @@ def _normal_tensors(module: nn.Module) -> None:
                     m._buffers[name] = b.clone()
 
 
-def install(clone, result: QuantizeResult) -> None:
-    """Object-patch ``result.modules`` onto ``clone`` and its (cloned) motion patchers."""
-    names = list(result.modules)
+def _refuse_float_save(*_args, **_kwargs):
+    raise QVDError("this MODEL is quantized by QVD: ComfyUI's checkpoint / model save would write its int8 codes "
+                   "under float weight names. Save it with QVD Save Quantized (load it with QVD Load Quantized), or "
+                   "save the MODEL from before QVD Quantize Model")
+
+
+def install(clone, result: QuantizeResult, drop_patches: bool):
+    """Object-patch ``result.modules`` onto ``clone`` and its (cloned) motion patchers; returns ``clone``.
+
+    ``drop_patches``: remove the weight patches of the replaced layers (they were baked into the result).
+    ComfyUI's own model-saving nodes are refused on the result (they would save int8 codes as float weights)."""
     for module in result.modules.values():
         _normal_tensors(module)
-    for key in bake_weight_patches(clone, names):
-        clone.patches.pop(key)
+        module.host_patches_convert = compat.lowvram_patch_converts()
     motions = motion_patchers(clone)
     patched_motions = [p.clone() for p in motions]
-    for name, module in result.modules.items():
-        head, _, rest = name.partition(".")
-        if head == UNET:
-            clone.add_object_patch(name, module)
-        elif head.startswith("motion_") and int(head[len("motion_"):]) < len(patched_motions):
-            patched_motions[int(head[len("motion_"):])].add_object_patch(rest, module)
-        else:
-            raise QVDError(f"quantized layer {name!r} belongs to no model in this MODEL (motion models: "
-                           f"{len(motions)}); use the MODEL the calibration / file was made from")
+    for patcher, group in _per_patcher(clone, result.modules):
+        target = clone if patcher is clone else patched_motions[motions.index(patcher)]
+        for name, module in group.items():
+            target.add_object_patch(name, module)
+        if drop_patches:
+            for key in weight_patches_on(target, group):
+                target.patches.pop(key)
     for p in patched_motions:
         p.patches_uuid = uuid.uuid4()
     if motions:
         clone.set_additional_models(ADE_KEY, patched_motions)
+    clone.add_object_patch("state_dict_for_saving", _refuse_float_save)
     clone.patches_uuid = uuid.uuid4()
     clone.set_attachments(ATTACHMENT, QVDAttachment(result))
+    return clone
 
 
 def attached_result(model) -> QuantizeResult:
@@ -149,3 +203,16 @@ def attached_result(model) -> QuantizeResult:
                        "or QVD Load Quantized")
     return att.result
 
+
+def result_to_save(model) -> QuantizeResult:
+    """The quantized layers of ``model`` as it means them, for QVD Save Quantized: refused when weight patches
+    (a LoRA loaded after quantization) sit on them, else made current (a LoRA that another MODEL sharing
+    these layers applied is removed first)."""
+    result = attached_result(model)
+    patched = [k for p, group in _per_patcher(model, result.modules) for k in weight_patches_on(p, group)]
+    if patched:
+        raise QVDError(f"this MODEL carries weight patches (LoRA, ...) on {len(patched)} quantized layer(s), e.g. "
+                       f"{patched[0]}: a QVD file holds the quantized model alone. Connect QVD Save Quantized before "
+                       f"the LoRA loader, and load the LoRA after QVD Load Quantized")
+    make_current(model)
+    return result

@@ -178,8 +178,8 @@ class QVDSaveQuantized:
     CATEGORY = "QVD"
 
     def save(self, model, filename):
-        result = patching.attached_result(model)
         path = _new_file(filename, EXTENSION, "file")
+        result = patching.result_to_save(model)
         with patching.ejected(model):
             save_quantized(path, patching.model_tree(model), result)
         return {"ui": {"text": [f"saved {os.path.basename(path)}"]}}
@@ -206,7 +206,7 @@ class QVDLoadQuantized:
         path = folder_paths.get_full_path(MODEL_FOLDER, qvd_name)
         if path is None:
             raise QVDError(f"{qvd_name} is not in models/{MODEL_FOLDER}: refresh the node list or pick another file")
-        clone, result = patching.quantize(model, lambda tree: load_quantized(path, tree, apply=False))
+        clone, result = patching.load(model, lambda tree: load_quantized(path, tree, apply=False))
         report = summarize(result.report)
         return {"ui": {"text": [report]}, "result": (clone, report)}
 
