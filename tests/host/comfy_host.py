@@ -19,7 +19,18 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 COMFYUI_PATH = Path(os.environ.get("COMFYUI_PATH", REPO / ".cache" / "comfyui"))
-MODEL_CACHE = REPO / ".cache" / "qvd-host"
+# Every process started in COMFYUI_PATH (which may be the user's own ComfyUI) writes nothing there: no bytecode,
+# and ComfyUI's own folders (models, output, user, database) live in a temporary --base-directory.
+HOST_ENV = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(COMFYUI_PATH)}
+
+def comfyui_version(path: Path = COMFYUI_PATH) -> str:
+    text = (path / "comfyui_version.py").read_text() if (path / "comfyui_version.py").is_file() else ""
+    return text.split('__version__ = "')[-1].split('"')[0] if '__version__ = "' in text else "unknown"
+
+
+# Synthetic models are written by the host's own ComfyUI code, once per ComfyUI version (QVD_HOST_MODEL_CACHE
+# points a test's child pytest at its parent's cache).
+MODEL_CACHE = Path(os.environ.get("QVD_HOST_MODEL_CACHE", REPO / ".cache" / "qvd-host" / comfyui_version()))
 SYNTH_VERSION = "v1"  # bump when synthetic_models.py changes what it writes
 CKPT_NAME = f"qvd_synth_sd15_{SYNTH_VERSION}.safetensors"
 MOTION_NAME = f"qvd_synth_mm_sd_v15_v2_{SYNTH_VERSION}.safetensors"
@@ -38,7 +49,7 @@ def build_model(kind: str, name: str) -> Path:
     path = MODEL_CACHE / name
     if not path.is_file():
         MODEL_CACHE.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, PYTHONPATH=str(COMFYUI_PATH))
+        env = dict(os.environ, **HOST_ENV)
         subprocess.run([sys.executable, str(Path(__file__).with_name("synthetic_models.py")), kind, str(path)],
                        cwd=COMFYUI_PATH, env=env, check=True, timeout=900)
     return path
@@ -73,7 +84,7 @@ class ComfyServer:
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(base), "--disable-auto-launch", "--database-url", f"sqlite:///{base / 'comfyui.db'}",
                *extra_args]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+        env = dict(os.environ, **HOST_ENV, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
         self.proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         deadline = time.monotonic() + SERVER_START_TIMEOUT
@@ -141,6 +152,12 @@ class ComfyServer:
             raise AssertionError(f"prompt failed: {execution_error(entry)}")
         return entry
 
+    def run_failing(self, prompt: dict, timeout: float = 600.0) -> dict:
+        """Queue ``prompt``, which must fail in execution; returns its ``execution_error`` message."""
+        entry = self.wait(self.queue(prompt), timeout)
+        assert entry["status"]["status_str"] == "error", entry["status"]
+        return execution_error(entry)
+
 
 def execution_error(entry: dict) -> dict | None:
     """The ``execution_error`` message of a history entry (node_type, exception_message, ...), if any."""
@@ -195,3 +212,13 @@ def read_latent(server, entry: dict, node_id: str) -> torch.Tensor:
 
 def without(prompt: dict, *ids: str) -> dict:
     return {k: v for k, v in prompt.items() if k not in ids}
+
+
+def load_and_sample(qvd_name: str, prefix: str, model: list | None = None) -> dict:
+    """Workflow (c) with QVD Load Quantized of ``qvd_name`` (on ``model``, default the checkpoint) in place of
+    calibration + quantization; the sampled latent is saved as ``save_<prefix>``."""
+    wf = tiny(load_api("qvd_core_txt2vid_calibrate_quantize"))
+    prompt = with_latent_output(without(wf, "10", "11", "12"), "20", prefix)
+    prompt["13"] = {"class_type": "QVDLoadQuantized", "inputs": {"model": model or ["1", 0], "qvd_name": qvd_name}}
+    prompt["20"]["inputs"]["model"] = ["13", 0]
+    return prompt

@@ -1,4 +1,4 @@
-"""The QVD nodes inside a real ComfyUI 0.3.75 server, driven over its HTTP API like the frontend does."""
+"""The QVD nodes inside a real ComfyUI server (0.3.75, 0.33), driven over its HTTP API like the frontend does."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import file_mutations as fm
-from comfy_host import CKPT_NAME, WORKFLOWS, execution_error, load_api, read_latent, tiny, with_latent_output, without
+from comfy_host import CKPT_NAME, WORKFLOWS, load_and_sample, load_api, read_latent, tiny, with_latent_output, without
 from qvd.io import KEY
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -82,18 +82,9 @@ def core_runs(comfy_server):
     entry = comfy_server.run(with_latent_output(copy.deepcopy(wf), "20", "quantized"))
     latents["quantized"] = read_latent(comfy_server, entry, "save_quantized")
     latents["fp_again"] = read_latent(comfy_server, comfy_server.run(fp_prompt), "save_fp")
-    entry = comfy_server.run(_load_and_sample("core_w8a8.safetensors", "loaded"))
+    entry = comfy_server.run(load_and_sample("core_w8a8.safetensors", "loaded"))
     latents["loaded"] = read_latent(comfy_server, entry, "save_loaded")
     return latents
-
-
-def _load_and_sample(qvd_name: str, prefix: str) -> dict:
-    """Workflow (c) with QVD Load Quantized of ``qvd_name`` in place of calibration + quantization."""
-    wf = tiny(load_api("qvd_core_txt2vid_calibrate_quantize"))
-    prompt = with_latent_output(without(wf, "10", "11", "12"), "20", prefix)
-    prompt["13"] = {"class_type": "QVDLoadQuantized", "inputs": {"model": ["1", 0], "qvd_name": qvd_name}}
-    prompt["20"]["inputs"]["model"] = ["13", 0]
-    return prompt
 
 
 @pytest.mark.slow
@@ -116,24 +107,18 @@ def test_save_then_load_reproduces_the_quantized_output(core_runs, comfy_server)
     assert torch.equal(core_runs["loaded"], core_runs["quantized"])
 
 
-def _failing(server, prompt: dict) -> dict:
-    entry = server.wait(server.queue(prompt))
-    assert entry["status"]["status_str"] == "error"
-    return execution_error(entry)
-
-
 @pytest.mark.slow
 def test_saving_never_overwrites_a_file(core_runs, comfy_server):
     (comfy_server.base / "models" / "qvd" / "taken.calibration.safetensors").write_bytes(b"keep me")
     calibrate = tiny(load_api("qvd_core_txt2vid_calibrate_quantize"))
     calibrate["10"]["inputs"]["save_name"] = "taken"
-    err = _failing(comfy_server, without(calibrate, "11", "12", "20", "21", "22"))
+    err = comfy_server.run_failing(without(calibrate, "11", "12", "20", "21", "22"))
     assert err["node_type"] == "QVDCalibrate" and "taken.calibration.safetensors" in err["exception_message"]
     assert "already exists" in err["exception_message"]
     resave = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}},
               "13": {"class_type": "QVDLoadQuantized", "inputs": {"model": ["1", 0], "qvd_name": "core_w8a8.safetensors"}},
               "30": {"class_type": "QVDSaveQuantized", "inputs": {"model": ["13", 0], "filename": "core_w8a8"}}}
-    err = _failing(comfy_server, resave)
+    err = comfy_server.run_failing(resave)
     assert err["node_type"] == "QVDSaveQuantized" and "core_w8a8.safetensors already exists" in err["exception_message"]
     assert (comfy_server.base / "models" / "qvd" / "taken.calibration.safetensors").read_bytes() == b"keep me"
 
@@ -148,7 +133,7 @@ def test_load_rejects_a_corrupt_or_truncated_file(core_runs, comfy_server):
         prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}},
                   "13": {"class_type": "QVDLoadQuantized", "inputs": {"model": ["1", 0], "qvd_name": name}},
                   "30": {"class_type": "QVDSaveQuantized", "inputs": {"model": ["13", 0], "filename": "never"}}}
-        err = _failing(comfy_server, prompt)
+        err = comfy_server.run_failing(prompt)
         assert err["node_type"] == "QVDLoadQuantized", err
         assert name in err["exception_message"], err["exception_message"]
 
@@ -168,10 +153,10 @@ def test_damaged_files_give_a_node_error_and_the_server_stays_up(core_runs, comf
     (folder / "zeropoint.safetensors").write_bytes(
         raw[:digit.start(1)] + str((int(digit[1]) + 1) % 10).encode() + raw[digit.end(1):])
     for name, why in (("stride0.safetensors", "stride is 0"), ("zeropoint.safetensors", "checksum")):
-        err = _failing(comfy_server, _load_and_sample(name, "damaged"))
+        err = comfy_server.run_failing(load_and_sample(name, "damaged"))
         assert err["node_type"] == "QVDLoadQuantized", err
         assert name in err["exception_message"] and why in err["exception_message"], err["exception_message"]
-    entry = comfy_server.run(_load_and_sample("core_w8a8.safetensors", "after_damaged"))
+    entry = comfy_server.run(load_and_sample("core_w8a8.safetensors", "after_damaged"))
     assert torch.equal(read_latent(comfy_server, entry, "save_after_damaged"), core_runs["loaded"])
 
 
@@ -194,7 +179,7 @@ def test_load_rejects_a_file_made_from_another_model(comfy_server):
     prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}},
               "13": {"class_type": "QVDLoadQuantized", "inputs": {"model": ["1", 0], "qvd_name": "other_model.safetensors"}},
               "30": {"class_type": "QVDSaveQuantized", "inputs": {"model": ["13", 0], "filename": "never"}}}
-    err = _failing(comfy_server, prompt)
+    err = comfy_server.run_failing(prompt)
     assert err["node_type"] == "QVDLoadQuantized" and err["exception_type"].endswith("ModelMismatchError"), err
     assert "different model" in err["exception_message"]
 
