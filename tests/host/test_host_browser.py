@@ -11,7 +11,8 @@ from comfy_host import REPO
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
-SCREENSHOT = REPO / "docs" / "img" / "qvd_core_workflow.png"
+# Written under out/ (never a tracked file); copy it to docs/img/ to refresh the README's picture.
+SCREENSHOT = REPO / "out" / "screenshots" / "qvd_core_workflow.png"
 LOAD_WORKFLOW = """async (wf) => {
     await window.app.loadGraphData(wf);
     const registered = window.LiteGraph.registered_node_types;
