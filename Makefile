@@ -6,7 +6,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.qvd-installed
 
-.PHONY: venv host demo test test-core clean
+.PHONY: venv host demo test test-core test-host-git clean
 
 venv: $(STAMP)
 $(STAMP): requirements-dev.txt constraints.txt
@@ -27,6 +27,13 @@ test-core: venv
 
 test: host
 	$(VPY) -m pytest -q tests
+
+# tests/host against another ComfyUI, from a fetched git directory (e.g. 0.33.0: COMFYUI_GIT=/path/to/ComfyUI.git),
+# set up by scripts/setup_host_git.sh in its own venv under .cache/.
+test-host-git: venv
+	@test -n "$(COMFYUI_GIT)" || { echo "usage: make test-host-git COMFYUI_GIT=/path/to/a/fetched/ComfyUI/git/dir"; exit 2; }
+	set -e; ready="$$(bash scripts/setup_host_git.sh "$(COMFYUI_GIT)" | tail -n 1)"; \
+	COMFYUI_PATH="$${ready% *}" "$${ready#* }" -m pytest -q tests/host
 
 clean:
 	rm -rf out .pytest_cache

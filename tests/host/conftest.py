@@ -1,4 +1,5 @@
-"""Fixtures for tests against a real ComfyUI 0.3.75 server (installed by `make host`).
+"""Fixtures for tests against a real ComfyUI server: the managed 0.3.75 (`make host`), your own (COMFYUI_PATH,
+only read) or a newer one (`make test-host-git`).
 
 Session fixtures build seeded synthetic models under .cache/qvd-host (reused while their version string
 matches), lay out a temporary ComfyUI base directory (models, output, custom_nodes with this pack

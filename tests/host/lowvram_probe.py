@@ -1,4 +1,4 @@
-"""ComfyUI's low-VRAM (partial) load of a QVD-quantized MODEL with a LoRA, in-process in ComfyUI 0.3.75.
+"""ComfyUI's low-VRAM (partial) load of a QVD-quantized MODEL with a LoRA, in-process in ComfyUI (0.3.75, 0.33).
 
 A CPU server always loads models whole, so this script drives the same ModelPatcher calls ComfyUI makes
 when VRAM is short: ``patch_model(lowvram_model_memory=...)`` (partial load: layers left offloaded get
@@ -35,6 +35,7 @@ def main(checkpoint: str, lora: str, pack_dir: str) -> dict:
     from comfy.cli_args import args
     args.cpu = True
     import comfy.model_management as mm
+    import comfy.model_patcher
     import comfy.sd
     import comfy.utils
     import nodes
@@ -85,6 +86,11 @@ def main(checkpoint: str, lora: str, pack_dir: str) -> dict:
     quantized.patch_model(device_to=cpu, lowvram_model_memory=0)  # the same layers, LoRA gone
     out["q_after"] = output(quantized)
     quantized.unpatch_model(cpu)
+
+    # ComfyUI >= 0.4 has a dynamic-VRAM patcher (comfy-aimdo, CUDA only): on a CPU load device it hands back the
+    # ordinary ModelPatcher, so every path this probe drives is the one a CPU user gets.
+    dynamic = getattr(comfy.model_patcher, "ModelPatcherDynamic", None)
+    facts["dynamic_on_cpu"] = None if dynamic is None else type(dynamic(quantized.model, cpu, cpu)).__name__
 
     ref = out["q_lora"]
     rel = lambda a, b: float((a - b).norm() / b.norm())

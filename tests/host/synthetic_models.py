@@ -12,6 +12,7 @@ Run as a script to write a file: ``python synthetic_models.py {sd15,motion} OUT.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import re
@@ -74,7 +75,13 @@ def build_sd15_checkpoint(path: str, seed: int = SEED) -> None:
     vae = AutoencoderKL(ddconfig=dict(SD15_VAE_CONFIG), embed_dim=4)
     init_seeded_([model.diffusion_model, clip, vae], seed)
     clip_sd = {f"clip_l.{k}": v for k, v in clip.state_dict().items()}
-    sd = model.state_dict_for_saving(clip_sd, vae.state_dict())
+    if next(iter(inspect.signature(model.state_dict_for_saving).parameters)) == "unet_state_dict":  # >= 0.12
+        sd = model.state_dict_for_saving(model.diffusion_model.state_dict(), clip_state_dict=clip_sd,
+                                         vae_state_dict=vae.state_dict())
+    else:
+        sd = model.state_dict_for_saving(clip_sd, vae.state_dict())
+    if "model.diffusion_model.input_blocks.0.0.weight" not in sd:
+        raise RuntimeError("ComfyUI's state_dict_for_saving returned no UNet: the checkpoint would be unusable")
     sd = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in sd.items()}
     _save_atomic(sd, path, {"qvd_synthetic": f"sd15 seed={seed}"})
 

@@ -1,4 +1,4 @@
-"""A LoRA applied after QVD Quantize Model, in a real ComfyUI 0.3.75 server (LoraLoaderModelOnly).
+"""A LoRA (LoraLoaderModelOnly) applied after QVD Quantize Model, in a real ComfyUI server (0.3.75, 0.33).
 
 ComfyUI patches the quantized layers through their ``convert_weight`` / ``set_weight`` (the LoRA delta is
 requantized onto the layer's per-channel scales) and restores only ``weight`` when it unpatches. The LoRA

@@ -1,4 +1,4 @@
-"""Low-VRAM (partial) loading of a quantized MODEL with a LoRA, through ComfyUI 0.3.75's own ModelPatcher.
+"""Low-VRAM (partial) loading of a quantized MODEL with a LoRA, through ComfyUI's own ModelPatcher (0.3.75 and 0.33).
 
 A CPU server always loads whole, so ``lowvram_probe.py`` makes, in a ComfyUI process, the calls ComfyUI
 makes on a GPU short of VRAM: a partial load (quantized layers left offloaded, the LoRA queued as a
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_host import COMFYUI_PATH, REPO
+from comfy_host import COMFYUI_PATH, HOST_ENV, REPO
 from synthetic_models import LORA_BLOCKS, LORA_LAYERS, write_lora
 
 
@@ -22,7 +22,7 @@ from synthetic_models import LORA_BLOCKS, LORA_LAYERS, write_lora
 def probe(sd15_checkpoint, tmp_path_factory):
     lora = tmp_path_factory.mktemp("lowvram") / "lora.safetensors"
     write_lora(sd15_checkpoint, lora)
-    env = dict(os.environ, PYTHONPATH=str(COMFYUI_PATH))
+    env = dict(os.environ, **HOST_ENV)
     run = subprocess.run([sys.executable, str(Path(__file__).with_name("lowvram_probe.py")), str(sd15_checkpoint),
                           str(lora), str(REPO)], cwd=COMFYUI_PATH, env=env, capture_output=True, text=True,
                          timeout=900)
@@ -46,3 +46,9 @@ def test_offloaded_quantized_layers_give_the_whole_load_output_with_the_lora(pro
     assert probe["freed_bytes"] > 0 and probe["offloaded_after_unload"] == probe["quantized_layers"], probe
     assert probe["unloaded_equal"], probe["unloaded_vs_whole"]
     assert probe["quantized_restored"], "the quantized MODEL without the LoRA changed after low-VRAM runs"
+
+
+@pytest.mark.slow
+def test_the_dynamic_vram_patcher_is_the_ordinary_one_on_a_cpu(probe):
+    """ComfyUI >= 0.4's ModelPatcherDynamic (CUDA only) reroutes CPU load devices to ModelPatcher; 0.3.75 has none."""
+    assert probe["dynamic_on_cpu"] in (None, "ModelPatcher"), probe["dynamic_on_cpu"]
