@@ -53,13 +53,25 @@ def check_layers(expected: dict[str, list], model_layers: dict[str, list], what:
                                  f"Use the model it was made from, or calibrate / quantize this model anew.")
 
 
+def conv_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
+    """The zero padding a conv applies, as ``F.pad``'s (left, right, top, bottom); ``padding="same"`` included."""
+    if module.padding == "valid":
+        return 0, 0, 0, 0
+    if module.padding == "same":
+        (kh, kw), (dh, dw) = module.kernel_size, module.dilation
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        return tw // 2, tw - tw // 2, th // 2, th - th // 2
+    ph, pw = module.padding
+    return pw, pw, ph, ph
+
+
 def _channel_range(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-input-channel (min, max) of one call."""
     if isinstance(module, nn.Linear):
         x2 = x.reshape(-1, x.shape[-1])
         return x2.amin(0), x2.amax(0)
     mn, mx = x.amin((0, 2, 3)), x.amax((0, 2, 3))
-    if isinstance(module.padding, tuple) and module.padding[0]:
+    if any(conv_padding(module)):
         mn, mx = mn.clamp(max=0), mx.clamp(min=0)  # padded zeros are quantized too
     return mn, mx
 
@@ -70,17 +82,16 @@ def _sample_rows(module: nn.Module, x: torch.Tensor, k: int, gen: torch.Generato
         x2 = x.reshape(-1, x.shape[-1])
         idx = torch.randint(0, x2.shape[0], (k,), generator=gen).to(x.device)
         return x2[idx].float(), x2.shape[0]
-    kh, kw = module.kernel_size
-    sh, sw = module.stride
-    p = module.padding[0]
-    xp = nn.functional.pad(x, (p, p, p, p)) if p else x
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    pad = conv_padding(module)
+    xp = nn.functional.pad(x, pad) if any(pad) else x
     n, c, h, w = xp.shape
-    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
     total = n * oh * ow
     flat = torch.randint(0, total, (k,), generator=gen)
     bi, rem = flat // (oh * ow), flat % (oh * ow)
     yi, xi = (rem // ow) * sh, (rem % ow) * sw
-    dy, dx = torch.meshgrid(torch.arange(kh), torch.arange(kw), indexing="ij")
+    dy, dx = torch.meshgrid(torch.arange(kh) * dh, torch.arange(kw) * dw, indexing="ij")
     ys, xs = yi[:, None, None] + dy, xi[:, None, None] + dx  # [k, kh, kw]
     dev = x.device
     patches = xp.permute(0, 2, 3, 1)[bi[:, None, None].to(dev), ys.to(dev), xs.to(dev)]  # [k, kh, kw, C]
@@ -127,6 +138,11 @@ class LayerStats:
         self.rows, self.keys = rows[keep], keys[keep]
         if self.temporal and timestep is not None:
             self.temporal_vectors[timestep] = x.reshape(-1, x.shape[-1])[0].float().cpu()
+
+    def finish(self) -> None:
+        """Keep the finished statistics on the CPU (a host caches them; they would hold accelerator memory)."""
+        self.ch_min, self.ch_max, self.rows, self.keys = (t.cpu() for t in (self.ch_min, self.ch_max, self.rows,
+                                                                            self.keys))
 
     def check_finite(self) -> bool:
         return bool(torch.isfinite(self.ch_min).all() and torch.isfinite(self.ch_max).all())
@@ -232,6 +248,8 @@ class Calibrator:
     def result(self) -> Calibration:
         """Finished statistics; raises if nothing ran or a layer saw NaN / Inf."""
         seen = {n: s for n, s in self.stats.items() if s.calls}
+        for s in seen.values():
+            s.finish()
         if not seen:
             raise CalibrationError("no calibration forward pass reached the model's layers: run the sampler "
                                    "(or the model) inside the Calibrator context")

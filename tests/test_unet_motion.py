@@ -238,3 +238,24 @@ def test_uniform_temporal_tdscore_is_reported_for_the_quantizer_actually_used(ca
     temporal = [r for r in res.report if r.get("tdscore") is not None]
     assert temporal and all(r["kind"] == "linear" for r in temporal)
     assert min(r["tdscore"] for r in temporal) > 0.95  # 8-bit uniform keeps the steps distinguishable
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+def test_calibration_handles_same_padding_and_dilation():
+    """``padding="same"`` (a string) and dilated convs calibrate (patches as the conv sees them); they stay in
+    float, and the statistics come back on the CPU."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding="same"), torch.nn.Conv2d(8, 8, 3, dilation=2),
+                                torch.nn.Conv2d(8, 8, 4, padding="same"))
+    x = torch.randn(2, 3, 12, 12)
+    with Calibrator(model, QVDConfig(calib_rows=16)) as cal:
+        model(x)
+    stats = cal.result().layers
+    assert all(s.rows.device.type == "cpu" for s in stats.values())
+    same = stats["0"]
+    assert same.rows.shape == (16, 27) and float(same.ch_min.max()) <= 0 <= float(same.ch_max.min())
+    patch = torch.nn.functional.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1).unfold(1, 3, 1).unfold(2, 3, 1)
+    every = patch.permute(0, 1, 2, 4, 5, 3).reshape(-1, 27)  # every (kh, kw, C) patch of the padded input
+    assert all(bool((every == r).all(1).any()) for r in same.rows)
+    assert stats["1"].rows.shape == (16, 72) and stats["2"].rows.shape == (16, 128)
+    report = quantize_model(model, cal.result(), QVDConfig(keep_float=()), apply=False).report
+    assert {r["name"]: r.get("skipped") for r in report}["1"] == "grouped / dilated / non-zero-padded conv"
