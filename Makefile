@@ -26,14 +26,14 @@ test-core: venv
 	$(VPY) -m pytest -q tests --ignore=tests/host
 
 test: host
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -rs tests
 
 # tests/host against another ComfyUI, from a fetched git directory (e.g. 0.33.0: COMFYUI_GIT=/path/to/ComfyUI.git),
 # set up by scripts/setup_host_git.sh in its own venv under .cache/.
 test-host-git: venv
 	@test -n "$(COMFYUI_GIT)" || { echo "usage: make test-host-git COMFYUI_GIT=/path/to/a/fetched/ComfyUI/git/dir"; exit 2; }
 	set -e; ready="$$(bash scripts/setup_host_git.sh "$(COMFYUI_GIT)" | tail -n 1)"; \
-	COMFYUI_PATH="$${ready% *}" "$${ready#* }" -m pytest -q tests/host
+	COMFYUI_PATH="$${ready% *}" "$${ready#* }" -m pytest -q -rs tests/host
 
 clean:
 	rm -rf out .pytest_cache

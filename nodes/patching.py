@@ -79,7 +79,11 @@ def calibrate(model, config: QVDConfig, seeds, sample_fn):
     clone = model.clone()
     make_current(clone)
     with ejected(clone):
-        calibrator = Calibrator(model_tree(clone), config)
+        tree = model_tree(clone)
+        if any(getattr(m, "qvd_quantized", False) for m in tree.modules()):
+            raise QVDError("this MODEL is already quantized: calibrate the full-precision MODEL (the one before QVD "
+                           "Quantize Model / QVD Load Quantized)")
+        calibrator = Calibrator(tree, config)
 
     def record_timestep(executor, *args, **kwargs):
         t = args[1] if len(args) > 1 else kwargs.get("timesteps")

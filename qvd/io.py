@@ -150,7 +150,8 @@ class _Schema:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             self.fail(f"tensor {key!r}", "finite values", _Said("a tensor with NaN / Inf"))
         if t.is_floating_point() and t.numel() and float(t.abs().max()) > self.bound:
-            self.fail(f"tensor {key!r}", f"values within +-{self.bound:g}", _Said(f"a value of {float(t.abs().max()):.3g}"))
+            self.fail(f"tensor {key!r}", f"values within +-{self.bound:g}",
+                      _Said(f"a value of {float(t.abs().max()):.3g}"))
         if positive and not bool((t > 0).all()):
             self.fail(f"tensor {key!r}", "positive values", _Said("a tensor with values <= 0"))
         return t
@@ -200,7 +201,7 @@ def save_quantized(path: str, root: nn.Module, result: QuantizeResult, overwrite
 
 def _check_layer(s: _Schema, name: str, info, signature: list, cfg: QVDConfig, norms: dict) -> None:
     where = f"layers[{name!r}]"
-    kind = s.str(s.obj(info, where, ("kind",), _LAYER_FIELDS["conv"]).get("kind"), f"{where}.kind", tuple(_LAYER_FIELDS))
+    kind = s.str(s.obj(info, where, ("kind",), _LAYER_FIELDS["conv"])["kind"], f"{where}.kind", tuple(_LAYER_FIELDS))
     s.obj(info, where, ("kind",) + _LAYER_FIELDS[kind])
     shape = signature[1]
     if (signature[0] == "conv") != (kind == "conv") or [s.int(info["out"], f"{where}.out", 1, MAX_DIM),

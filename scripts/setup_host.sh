@@ -50,12 +50,12 @@ PY
     fi
 fi
 
-# 2. Python requirements (torch / torchvision stay as constraints.txt pins them; no torchaudio).
+# 2. Python requirements (torch / torchvision stay as constraints.txt pins them; torchaudio as host-constraints.txt).
 VENV_DIR="$(cd "$(dirname "$VPY")/.." && pwd)"
 stamp="$VENV_DIR/.qvd-host-$(cat "$COMFYUI_PATH/requirements.txt" scripts/host-constraints.txt constraints.txt | sha256sum | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
     reqs="$(mktemp)"
-    grep -v -E '^(torch|torchvision|torchaudio)[[:space:]]*$' "$COMFYUI_PATH/requirements.txt" > "$reqs"
+    grep -v -E '^(torch|torchvision)[[:space:]]*$' "$COMFYUI_PATH/requirements.txt" > "$reqs"
     "${PIP[@]}" -r "$reqs" requests playwright
     rm -f "$reqs"
     rm -f "$VENV_DIR"/.qvd-host-*

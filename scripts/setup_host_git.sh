@@ -2,8 +2,8 @@
 # A newer ComfyUI for tests/host, from a fetched git directory (no work tree needed), e.g. ComfyUI 0.33:
 #   bash scripts/setup_host_git.sh /path/to/ComfyUI.git
 # writes the tree of its HEAD to .cache/comfyui-<version> and builds its own venv .cache/venv-comfyui-<version>
-# (this repository's pins, ComfyUI's requirements, torchaudio, playwright). Only paths under .cache/ are
-# written; the git directory is only read. Prints "<tree> <venv python>" on its last line.
+# (this repository's pins, ComfyUI's requirements, host-constraints.txt's torchaudio, playwright). Only paths
+# under .cache/ are written; the git directory is only read. Prints "<tree> <venv python>" on its last line.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -57,7 +57,7 @@ if [ ! -e "$stamp" ]; then
     "${PIP[@]}" -r requirements-dev.txt
     reqs="$(mktemp)"
     grep -v -E '^(torch|torchvision|torchaudio)[[:space:]]*$' "$TREE/requirements.txt" > "$reqs"
-    "${PIP[@]}" -r "$reqs" "torchaudio==2.11.1" requests playwright
+    "${PIP[@]}" -r "$reqs" "$(grep '^torchaudio==' scripts/host-constraints.txt)" requests playwright
     rm -f "$reqs" "$VENV"/.qvd-*
     touch "$stamp"
 fi

@@ -70,10 +70,11 @@ def _same_file(a: tuple[dict, dict], b: tuple[dict, dict]) -> bool:
 
 @pytest.fixture(scope="module")
 def reference(server):
-    """A file quantized in the fresh server and the latent of sampling it loaded."""
+    """In the fresh server: the full-precision latent, a quantized file and the latent of sampling it loaded."""
+    fp = read_latent(server, server.run(_sample(["1", 0], "fp_first")), "save_fp_first")
     server.run(_quantize_and_save("plain_a"))
     entry = server.run(load_and_sample("plain_a.safetensors", "ref"))
-    return {"file": _file(server, "plain_a.safetensors"), "latent": read_latent(server, entry, "save_ref")}
+    return {"fp": fp, "file": _file(server, "plain_a.safetensors"), "latent": read_latent(server, entry, "save_ref")}
 
 
 def test_a_second_load_after_sampling_a_loaded_model(server, reference):
@@ -144,3 +145,17 @@ def test_comfyui_save_nodes_refuse_a_quantized_model(server, reference, node):
     err = server.run_failing(save)
     assert err["node_type"] == node and "QVD Save Quantized" in err["exception_message"], err
     assert not list((server.base / "output").glob("checkpoints/qvd_*"))
+
+
+def test_calibrating_a_quantized_model_is_refused(server, reference):
+    prompt = without(_workflow(), "11", "12", "20", "21", "22")
+    prompt["13"] = load_and_sample("plain_a.safetensors", "unused")["13"]
+    prompt["10"]["inputs"]["model"] = ["13", 0]
+    err = server.run_failing(prompt)
+    assert err["node_type"] == "QVDCalibrate" and "already quantized" in err["exception_message"], err
+
+def test_full_precision_after_all_of_it_is_exact(server, reference):
+    """Last: after quantized, LoRA and loaded models sampled in between, the plain MODEL samples as at first."""
+    entry = server.run(_sample(["1", 0], "fp_last"))
+    assert torch.equal(read_latent(server, entry, "save_fp_last"), reference["fp"])
+
