@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from comfy_host import REPO
+from comfy_host import REPO, ComfyServer, ade_path, make_base_dir
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -23,8 +23,23 @@ LOAD_WORKFLOW = """async (wf) => {
 }"""
 
 
+@pytest.fixture(scope="module")
+def frontend_server(request, tmp_path_factory, sd15_checkpoint):
+    """A server with AnimateDiff-Evolved when it is available (then no workflow may miss a node), else the
+    shared one."""
+    ade = ade_path()
+    if ade is None:
+        yield request.getfixturevalue("comfy_server")
+        return
+    server = ComfyServer(make_base_dir(tmp_path_factory.mktemp("comfy_frontend"), sd15_checkpoint, ade=ade))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.mark.slow
-def test_frontend_loads_every_workflow_without_missing_nodes(comfy_server):
+def test_frontend_loads_every_workflow_without_missing_nodes(frontend_server):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is installed by `make host`")
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"{CHROMIUM} missing: `make host` installs Debian's chromium")
@@ -36,7 +51,7 @@ def test_frontend_loads_every_workflow_without_missing_nodes(comfy_server):
             page = browser.new_page(viewport={"width": 1920, "height": 1000})
             page_errors = []
             page.on("pageerror", lambda e: page_errors.append(str(e)))
-            page.goto(comfy_server.url, timeout=120_000)
+            page.goto(frontend_server.url, timeout=120_000)
             page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph && "
                                    "window.LiteGraph.registered_node_types['QVDCalibrate']", timeout=120_000)
             ade_missing = []
@@ -45,7 +60,8 @@ def test_frontend_loads_every_workflow_without_missing_nodes(comfy_server):
                 result = page.evaluate(LOAD_WORKFLOW, wf)
                 assert result["loaded"] == len(wf["nodes"]), path.name
                 if result["missing"]:
-                    # Only AnimateDiff-Evolved's nodes may be absent (when ADE is not installed).
+                    # Only AnimateDiff-Evolved's nodes may be absent, and only when ADE is not installed.
+                    assert ade_path() is None, (path.name, result["missing"])
                     assert all(t.startswith("ADE_") for t in result["missing"]), (path.name, result["missing"])
                     ade_missing.append(path.name)
                     continue
