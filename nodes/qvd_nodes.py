@@ -10,8 +10,8 @@ import re
 import time
 
 from ..qvd import Calibration, QVDConfig, QVDError, load_quantized, quantize_model, save_calibration, save_quantized
-from ..qvd.safefile import check_name
 from ..qvd.config import matches
+from ..qvd.safefile import check_name
 from . import patching
 
 MODEL_FOLDER = "qvd"
