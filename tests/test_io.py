@@ -72,6 +72,19 @@ def test_never_overwrites_and_is_readable_like_other_model_files(unet, quantized
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shared.safetensors"]  # no temp file left
 
 
+def test_saving_works_where_the_file_system_has_no_hard_links(unet, inputs, quantized, tmp_path, monkeypatch):
+    def no_link(*_):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_link)
+    save_quantized(tmp_path / "fat.safetensors", unet, quantized[1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fat.safetensors"]
+    fresh = copy.deepcopy(unet)
+    load_quantized(tmp_path / "fat.safetensors", fresh)
+    assert torch.equal(inputs.run(fresh, 999), inputs.run(quantized[0], 999))
+    with pytest.raises(FileExistsError):
+        save_quantized(tmp_path / "fat.safetensors", unet, quantized[1])
+
+
 def test_a_name_too_long_is_refused_before_anything_is_written(unet, quantized, calibration, tmp_path):
     for save, obj in ((save_quantized, quantized[1]), (save_calibration, calibration)):
         with pytest.raises(QVDError, match="at most 255 bytes"):
