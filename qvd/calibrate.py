@@ -19,6 +19,7 @@ from torch import nn
 from .config import QVDConfig, matches
 from .errors import CalibrationError, ModelMismatchError, NonFiniteActivationError
 
+
 def is_quantizable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Conv2d)) and not getattr(module, "qvd_quantized", False)
 

@@ -36,7 +36,7 @@ from .config import QVDConfig
 from .errors import CalibrationFileError, ModelMismatchError, QuantizedFileError, QVDError
 from .modules import HiDiTQLinear, QConv2d, QLinear
 from .quantize import QuantizeResult, install
-from .quantizers import act_qrange
+from .quantizers import act_qrange, weight_qmax
 from .scri import foldable_norm
 
 FORMAT = "qvd-w8a8"
@@ -281,7 +281,7 @@ def _check_quantized(s: _Schema, meta: dict) -> QVDConfig:
 def _check_layer_tensors(s: _Schema, name: str, info: dict, shape: list, cfg: QVDConfig) -> None:
     out, inp = shape[0], shape[1]
     w = s.tensor(f"{name}.weight", torch.int8, shape)
-    qmax = 2 ** (info["w_bits"] - 1) - 1
+    qmax = weight_qmax(info["w_bits"])
     if int(w.min()) < -qmax or int(w.max()) > qmax:
         s.fail(f"tensor '{name}.weight'", f"codes in [-{qmax}, {qmax}] ({info['w_bits']}-bit)",
                _Said(f"codes in [{int(w.min())}, {int(w.max())}]"))
@@ -339,7 +339,7 @@ def _verify_weights(path: str, name: str, fp_module: nn.Module, q: nn.Module) ->
     inv = getattr(q, "scri_inv_scale", None)
     if inv is not None:  # SCRI: the codes are of W * s
         w = w / inv.cpu().view(1, -1, *([1] * (w.dim() - 2)))
-    qmax = 2 ** (q.w_bits - 1) - 1
+    qmax = weight_qmax(q.w_bits)
     norm = w.norm().clamp_min(1e-30)
     err_file = float((q.weight.cpu().float() * scale - w).norm() / norm)
     err_own = float(((w / scale).round().clamp(-qmax, qmax) * scale - w).norm() / norm)

@@ -71,10 +71,8 @@ def write(path: str, tensors: dict[str, torch.Tensor], key: str, meta: dict, ove
         else:
             try:
                 os.link(tmp, path)  # atomic, and fails if the name was taken meanwhile
-            except FileExistsError:
-                raise FileExistsError(f"{path} appeared while saving: choose another file name") from None
-            except OSError:  # a file system without hard links (FAT, exFAT, some network shares)
-                if os.path.exists(path):
+            except OSError as e:  # taken, or a file system without hard links (FAT, exFAT, some shares)
+                if isinstance(e, FileExistsError) or os.path.exists(path):
                     raise FileExistsError(f"{path} appeared while saving: choose another file name") from None
                 os.replace(tmp, path)
     finally:

@@ -9,6 +9,7 @@ import stat
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qvd import (CalibrationFileError, ModelMismatchError, QuantizedFileError, QVDError, load_calibration,
@@ -124,14 +125,12 @@ def test_a_header_length_beyond_the_file_is_refused_without_allocating_it(unet, 
 def test_metadata_edits_without_a_new_checksum_are_refused(unet, saved, tmp_path):
     """The checksum covers the metadata: a zero point +1 or a_bits 8 -> 4 edited in place is caught."""
     tensors, meta = fm.read(saved, KEY)
+    with safe_open(str(saved), "pt") as f:
+        stored = f.metadata()[KEY + "_sha256"]
     name = _first(meta, "conv")
     for field, value in (("zero_point", meta["layers"][name]["zero_point"] + 1), ("a_bits", 4)):
         edited = copy.deepcopy(meta)
         edited["layers"][name][field] = value
-        with open(saved, "rb") as f:
-            from safetensors import safe_open
-            with safe_open(str(saved), "pt") as g:
-                stored = g.metadata()[KEY + "_sha256"]
         save_file(tensors, str(tmp_path / "z.safetensors"), metadata={KEY: json.dumps(edited), KEY + "_sha256": stored})
         _refused(tmp_path / "z.safetensors", unet, "checksum")
 
