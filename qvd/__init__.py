@@ -7,6 +7,7 @@
 
 Where things are: quantizers.py (uniform weight / activation quantizers), htdq.py (HiDi-TQ + TDScore),
 scri.py (channel range integration), calibrate.py, modules.py (QLinear / QConv2d / HiDiTQLinear),
+delta.py (a host's weight patches, e.g. a LoRA, beside the int8 kernels),
 quantize.py (the entry point), io.py (the file formats) on safefile.py (the verified container),
 kernels/ (reference + CPU + Triton kernels).
 """

@@ -23,7 +23,6 @@ Calibration: metadata key ``qvd_calibration``, format ``qvd-calibration`` versio
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 
@@ -37,7 +36,7 @@ from .errors import CalibrationFileError, ModelMismatchError, QuantizedFileError
 from .modules import HiDiTQLinear, QConv2d, QLinear
 from .quantize import QuantizeResult, install
 from .quantizers import act_qrange, weight_qmax
-from .scri import foldable_norm
+from .scri import foldable_norm, folded_norm
 
 FORMAT = "qvd-w8a8"
 FORMAT_VERSION = 2  # bump when the layout above changes
@@ -356,7 +355,7 @@ def _build(info: dict, t: dict) -> nn.Module:
                             info["w_bits"])
     kw = dict(weight_q=t["weight"], weight_scale=t["weight_scale"], bias=t["bias"], act_scale=float(t["act_scale"]),
               act_zero_point=info["zero_point"], w_bits=info["w_bits"], a_bits=info["a_bits"],
-              scri_shift=t["scri_shift"], scri_inv_scale=t["scri_inv_scale"], scri_in_norm=info["scri"] != "kernel")
+              scri_shift=t["scri_shift"], scri_inv_scale=t["scri_inv_scale"], scri_in_norm=info["scri"].startswith("norm:"))
     if info["kind"] == "linear":
         return QLinear(info["in"], info["out"], **kw)
     return QConv2d(info["in"], info["out"], info["kernel"], info["stride"], info["padding"], **kw)
@@ -376,11 +375,7 @@ def load_quantized(path: str, root: nn.Module, apply: bool = True) -> QuantizeRe
         _verify_weights(s.path, name, named[name], q)
         modules[name] = q.to(named[name].weight.device)
     for name in meta["norms"]:
-        norm = copy.deepcopy(named[name])
-        with torch.no_grad():
-            norm.weight.copy_(tensors[f"{name}.weight"])
-            norm.bias.copy_(tensors[f"{name}.bias"])
-        modules[name] = norm
+        modules[name] = folded_norm(named[name], tensors[f"{name}.weight"], tensors[f"{name}.bias"])
     if apply:
         install(root, modules)
     return QuantizeResult(modules, meta["report"], cfg, meta["signatures"])

@@ -5,10 +5,9 @@ quantizer (scale, zero point) and optional SCRI input shift / scale. ``mode = "i
 integer kernels from ``qvd.kernels``; ``mode = "fake"`` simulates the same rounding in floating point.
 ``HiDiTQLinear``: the time-projection layers; HiDi-TQ look-up-table activations, int8 weights.
 All tensors are ``nn.Parameter(requires_grad=False)`` so hosts that move / offload parameters see them;
-``forward`` brings them to the input's device when a host left them elsewhere (low-VRAM offloading), and
-``convert_weight`` / ``set_weight`` let a host patch the weights (ComfyUI LoRA). A host that offloads a layer
-(ComfyUI's low-VRAM partial load) sets ``comfy_cast_weights`` and may queue weight patches in
-``weight_function`` / ``bias_function``: they are applied to the int8 codes / float bias at every call.
+``forward`` brings them to the input's device when a host left them elsewhere (low-VRAM offloading). The int8
+codes never change after quantization: a host's weight patches (LoRA) run beside the kernel as a
+``qvd.delta.WeightDelta`` (see ``_HostHooks``).
 ``forward`` takes ``input`` like ``nn.Linear`` / ``nn.Conv2d`` (callers such as diffusers pass it by name).
 """
 from __future__ import annotations
@@ -18,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .delta import WeightDelta
+from .errors import QVDError
 from .quantizers import act_qrange, dequantize_weight
 
 
@@ -25,49 +26,67 @@ def _param(t: torch.Tensor | None):
     return None if t is None else nn.Parameter(t, requires_grad=False)
 
 
-def _assign_codes(module: nn.Module, w_over_scale: torch.Tensor, bits: int, inplace: bool,
-                  return_weight: bool = False) -> torch.Tensor | None:
-    """Round a patched weight (already divided by the per-channel scales) into ``module.weight``, or return
-    the codes instead (``return_weight``: a host patching an offloaded layer at call time)."""
-    qmax = 2 ** (bits - 1) - 1
-    codes = w_over_scale.round_().clamp_(-qmax, qmax).to(torch.int8)
-    if return_weight:
-        return codes
-    if inplace:
-        module.weight.data.copy_(codes)
-    else:
-        module.weight = _param(codes.to(module.weight.device))
-    return None
-
-
 class _HostHooks(nn.Module):
-    """ComfyUI's low-VRAM protocol (the attributes of ``comfy.ops.CastWeightBiasOp``, without importing it)."""
+    """A host's weight-patch protocol (ComfyUI's, without importing it): the int8 codes are never rewritten.
+
+    Weight patches (a LoRA) reach the layer as a ``WeightDelta`` added beside the kernel (``qvd.delta``): the host
+    glue calls ``set_delta`` when the host loads the model, with that model's patches (None: none). A host that
+    offloads the layer (ComfyUI's low-VRAM load) sets ``comfy_cast_weights`` and may queue its patches in
+    ``weight_function``; ``read_host_patches`` (set by the glue) turns them into the delta at call time. A patched
+    weight written through ``set_weight`` that the glue did not resolve is an error at the next call, never a
+    silent loss. Bias patches (``bias_function``, or a replaced ``bias``) apply to the float bias.
+    """
 
     comfy_cast_weights = False
-    # True: a queued weight patch takes and returns int8 codes (it calls convert_weight / set_weight itself,
-    # as ComfyUI 0.3.75 does); False: it patches a float weight (ComfyUI >= 0.4), so the layer converts the
-    # codes before it and requantizes after it. The host glue sets it per layer.
-    host_patches_convert = True
+    read_host_patches = None  # (layer, weight_function) -> WeightDelta | None; set by the host glue
 
     def __init__(self):
         super().__init__()
         self.weight_function, self.bias_function = [], []
+        self.delta: WeightDelta | None = None
+        self.unresolved_patch = False
+
+    def set_delta(self, delta: WeightDelta | None) -> None:
+        """Add ``delta`` (host weight patches in the layer's own input domain) to every call; None removes it."""
+        self.unresolved_patch = False
+        if delta is not self.delta:
+            self.delta = None if delta is None else self._for_input(delta)
+
+    def _for_input(self, delta: WeightDelta) -> WeightDelta:
+        return delta
+
+    def _current_delta(self) -> WeightDelta | None:
+        if self.unresolved_patch:
+            raise QVDError(f"a weight patch was written to a quantized {type(self).__name__} "
+                           f"{tuple(self.weight.shape)} outside the model loading QVD follows (e.g. a hook LoRA): it "
+                           f"cannot be applied to int8 weights. Load the LoRA with a LoRA loader node after QVD")
+        if self.comfy_cast_weights and self.weight_function:
+            if self.read_host_patches is None:
+                raise QVDError(f"a host queued weight functions on a quantized {type(self).__name__} "
+                               f"{tuple(self.weight.shape)} and no host glue reads them")
+            self.set_delta(self.read_host_patches(self, self.weight_function))
+        if self.delta is not None and self.delta.device != self.weight.device:
+            self.delta = self.delta.to(self.weight.device)  # the host moved the layer (offloading)
+        return self.delta
 
     def _call_weights(self, device) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """(int8 codes, float bias, patched) for this call on ``device``; ``patched`` when the host's queued
-        patches changed them (then nothing derived from the stored weight may be reused)."""
+        bias patches changed the bias (then nothing derived from the stored bias may be reused)."""
         w = self.weight.to(device)
         b = None if self.bias is None else self.bias.to(device)
-        if not self.comfy_cast_weights or not (self.weight_function or self.bias_function):
+        if not self.comfy_cast_weights or not self.bias_function:
             return w, b, False
-        for f in self.weight_function:
-            w = f(w) if self.host_patches_convert else self.set_weight(f(self.convert_weight(w)), return_weight=True)
         for f in self.bias_function:
             b = f(b)
-        if w.dtype != torch.int8 or w.shape != self.weight.shape:
-            raise RuntimeError(f"a host weight patch returned {w.dtype} {tuple(w.shape)} for a quantized layer "
-                               f"(int8 {tuple(self.weight.shape)} expected): it must go through set_weight")
         return w, b, True
+
+    # ComfyUI's full-load patching: ``convert_weight`` gives the float weight in the layer's own input domain,
+    # ComfyUI adds its patches to it and hands the result to ``set_weight``, which keeps the codes (the glue
+    # sets the delta from the same patches once the load is done).
+    def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, return_weight=False,
+                   **_) -> torch.Tensor | None:
+        self.unresolved_patch = True
+        return self.weight if return_weight else None
 
 
 def _key(t: torch.Tensor | None, device) -> tuple:
@@ -83,7 +102,7 @@ class _QuantizedBase(_HostHooks):
 
     ``weight`` holds int8 codes of ``W * s`` (``s`` the SCRI scale per input channel, 1 without SCRI) and
     ``bias`` the layer's own bias; the SCRI correction ``W z`` and the zero-point correction are derived from
-    the current weight in ``effective_bias``, so weights patched later (a LoRA) stay consistent.
+    them in ``effective_bias`` (cached; a host may replace or patch the bias).
     ``scri_in_norm``: the SCRI transform is done by the preceding norm, not by the quantize kernel.
     """
 
@@ -170,23 +189,19 @@ class _QuantizedBase(_HostHooks):
         w, fold = self._operands(x.device, epilogue=False)
         return op(dequantize_weight(w, self.weight_scale.to(x.device)), fold).to(x.dtype)
 
-    # ComfyUI's weight-patch protocol (LoRA on a quantized model): ``convert_weight`` gives the float
-    # weight in the layer's own input domain, ``set_weight`` requantizes a patched one onto the existing
-    # per-channel scales (ComfyUI restores only ``weight`` when it unpatches).
     def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **_) -> torch.Tensor:
+        """The float weight the codes ``weight`` stand for, in the layer's own (pre-SCRI) input domain."""
         w = weight.float() * self.weight_scale.to(weight.device).view(-1, *([1] * (weight.dim() - 1)))
         if self.scri_inv_scale is not None:
             w = w * self._view(self.scri_inv_scale.to(weight.device))
         return w
 
-    def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, return_weight=False,
-                   **_) -> torch.Tensor | None:
-        with torch.inference_mode(False):  # hosts patch under inference mode; keep ordinary tensors
-            w = weight.float().clone()
-            if self.scri_inv_scale is not None:
-                w = w / self._view(self.scri_inv_scale.to(w.device))
-            scale = self.weight_scale.to(w.device).view(-1, *([1] * (w.dim() - 1)))
-            return _assign_codes(self, w / scale, self.w_bits, inplace_update, return_weight)
+    def _for_input(self, delta: WeightDelta) -> WeightDelta:
+        """Where the preceding norm does the SCRI transform, the delta is folded so that it still adds ``dW x``
+        for the norm's real output ``x``."""
+        if self.scri_in_norm and self.scri_shift is not None:
+            return delta.for_scri_input(self.scri_shift.to(delta.device), self.scri_inv_scale.to(delta.device))
+        return delta
 
     def extra_repr(self) -> str:
         scri = "norm" if self.scri_in_norm else self.scri_shift is not None
@@ -200,12 +215,15 @@ class QLinear(_QuantizedBase):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         x, dev = input, input.device
+        delta = self._current_delta()
         if self.mode == "fake":
-            return self._fake_forward(x, lambda w, b: F.linear(self._fake_input(x, -1), w, b))
-        shift, inv = self._kernel_scri(dev)
-        w, bias = self._operands(dev, epilogue=True)
-        return kernels.linear_w8a8(x, w, self.weight_scale.to(dev), bias, self.act_scale.to(dev),
-                                   self.act_zero_point, self.qmin, self.qmax, shift, inv)
+            y = self._fake_forward(x, lambda w, b: F.linear(self._fake_input(x, -1), w, b))
+        else:
+            shift, inv = self._kernel_scri(dev)
+            w, bias = self._operands(dev, epilogue=True)
+            y = kernels.linear_w8a8(x, w, self.weight_scale.to(dev), bias, self.act_scale.to(dev),
+                                    self.act_zero_point, self.qmin, self.qmax, shift, inv)
+        return y if delta is None else delta(x, y)
 
 
 class QConv2d(_QuantizedBase):
@@ -216,13 +234,16 @@ class QConv2d(_QuantizedBase):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         x, dev = input, input.device
+        delta = self._current_delta()
         if self.mode == "fake":
             xp = F.pad(x, (self.padding,) * 4) if self.padding else x
-            return self._fake_forward(x, lambda w, b: F.conv2d(self._fake_input(xp, 1), w, b, self.stride))
-        shift, inv = self._kernel_scri(dev)
-        w, bias = self._operands(dev, epilogue=True)
-        return kernels.conv2d_w8a8(x, w, self.weight_scale.to(dev), bias, self.act_scale.to(dev),
-                                   self.act_zero_point, self.qmin, self.qmax, shift, inv, self.stride, self.padding)
+            y = self._fake_forward(x, lambda w, b: F.conv2d(self._fake_input(xp, 1), w, b, self.stride))
+        else:
+            shift, inv = self._kernel_scri(dev)
+            w, bias = self._operands(dev, epilogue=True)
+            y = kernels.conv2d_w8a8(x, w, self.weight_scale.to(dev), bias, self.act_scale.to(dev),
+                                    self.act_zero_point, self.qmin, self.qmax, shift, inv, self.stride, self.padding)
+        return y if delta is None else delta(x, y, self.stride, self.padding)
 
 
 class HiDiTQLinear(_HostHooks):
@@ -241,23 +262,19 @@ class HiDiTQLinear(_HostHooks):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         x, dev = input, input.device
+        delta = self._current_delta()
         levels = self.levels.to(dev)
         w, b, _ = self._call_weights(dev)
         xq = kernels.hiditq_decode(kernels.hiditq_encode(x, levels), levels)
         y = (xq @ w.t().float()) * self.weight_scale.to(dev)
         if b is not None:
             y = y + b
-        return y.to(x.dtype)
+        y = y.to(x.dtype)
+        return y if delta is None else delta(x, y)
 
     def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **_) -> torch.Tensor:
+        """The float weight the codes ``weight`` stand for."""
         return weight.float() * self.weight_scale.to(weight.device)[:, None]
-
-    def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, return_weight=False,
-                   **_) -> torch.Tensor | None:
-        with torch.inference_mode(False):
-            w = weight.float().clone()
-            return _assign_codes(self, w / self.weight_scale.to(w.device)[:, None], self.w_bits, inplace_update,
-                                 return_weight)
 
     def extra_repr(self) -> str:
         return f"w_bits={self.w_bits}, levels={self.levels.numel()}"

@@ -41,10 +41,17 @@ def fold_into_weight(w: torch.Tensor, b: torch.Tensor | None, z: torch.Tensor, s
 
 def fold_into_norm(norm: nn.Module, z: torch.Tensor, s: torch.Tensor) -> nn.Module:
     """A copy of an affine LayerNorm / GroupNorm whose output is already ``(y - z) / s``."""
+    return folded_norm(norm, norm.weight.float() / s, (norm.bias.float() - z) / s)
+
+
+def folded_norm(norm: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    """A copy of ``norm`` with the folded affine ``weight`` / ``bias``, marked ``qvd_scri_norm`` (a host must not
+    patch its affine as the original's)."""
     new = copy.deepcopy(norm)
     with torch.no_grad():
-        new.weight.copy_(norm.weight.float() / s)
-        new.bias.copy_((norm.bias.float() - z) / s)
+        new.weight.copy_(weight)
+        new.bias.copy_(bias)
+    new.qvd_scri_norm = True
     return new
 
 

@@ -7,7 +7,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from qvd import (CalibrationError, Calibrator, HiDiTQLinear, ModelMismatchError, NonFiniteActivationError, QConv2d,
-                 QLinear, QVDConfig, load_calibration, quantize_model, save_calibration, set_mode)
+                 QLinear, QVDConfig, QVDError, load_calibration, quantize_model, save_calibration, set_mode)
+from qvd.delta import WeightDelta
 from qvd.calibrate import find_layers
 
 from unet_fixtures import FRAMES, TIMESTEPS, build_unet, rel_err
@@ -161,76 +162,109 @@ def test_calibration_file_round_trip(unet, inputs, calibration, tmp_path):
         save_calibration(path, calibration)
 
 
-def test_weight_patch_protocol_like_a_comfyui_lora(unet, quantized, calibration):
-    """convert_weight -> add a LoRA delta -> set_weight tracks the patched float layer; restoring the backed-up
-    int8 weight (what ComfyUI's unpatch does) restores the original output exactly, SCRI bias included."""
+def _layer_and_input(q, res, calibration, kind: str, fold: str):
+    """A quantized layer of ``kind`` with a bias (SCRI fold ``fold``: 'kernel' / 'norm'), its real (pre-SCRI) input
+    ``x`` from its calibration rows and the input the layer itself is given (the folded norm's output)."""
+    def fits(r):
+        m = q.get_submodule(r["name"])
+        if r["kind"] != kind or m.bias is None:
+            return False
+        return kind == "temporal" or str(r.get("scri_fold")).startswith(fold)
+    name = next(r["name"] for r in res.report if fits(r))
+    layer = copy.deepcopy(q.get_submodule(name))
+    x = calibration.layers[name].rows[:64]
+    if kind == "conv":  # each (kh, kw, C) row as one k x k patch
+        k, c = layer.kernel_size[0], layer.in_channels
+        x = x.view(-1, k, k, c).permute(0, 3, 1, 2).contiguous()
+    seen = x
+    if fold == "norm" and kind != "temporal":
+        view = (-1,) if kind == "linear" else (-1, 1, 1)
+        seen = (x - layer.scri_shift.view(view)) * layer.scri_inv_scale.view(view)
+    return name, layer, x, seen
+
+
+def _seeded_delta(layer, rank: int, ratio: float, gen) -> tuple[WeightDelta, torch.Tensor]:
+    """A rank-``rank`` low-rank part plus a dense part, ``||dW|| / ||W||`` = ``ratio``; returns it and dW."""
+    w = layer.convert_weight(layer.weight)
+    k = w[0].numel()
+    up, down = torch.randn(w.shape[0], rank, generator=gen), torch.randn(rank, *w.shape[1:], generator=gen)
+    dense = torch.randn(w.shape, generator=gen)
+    dw = (up @ down.reshape(rank, k)).reshape(w.shape) + dense
+    c = ratio * float(w.norm() / dw.norm())
+    return WeightDelta(down=down, up=up * c, dense=dense * c), dw * c
+
+
+def _effect(layer, x, dw) -> torch.Tensor:
+    if dw.dim() == 2:
+        return torch.nn.functional.linear(x, dw)
+    return torch.nn.functional.conv2d(x, dw, None, layer.stride, layer.padding)
+
+
+@pytest.mark.parametrize("kind,fold", [("linear", "kernel"), ("linear", "norm"), ("conv", "kernel"),
+                                       ("conv", "norm"), ("temporal", "")])
+@pytest.mark.parametrize("mode", ["int", "fake"])
+def test_a_weight_delta_runs_beside_the_int8_kernel_exactly(quantized, calibration, kind, fold, mode):
+    """A LoRA-style delta adds exactly ``dW x`` for the layer's real input x (also where a norm does the SCRI
+    transform), at ||dW|| / ||W|| from 0.003 to 0.3; the int8 codes never change; removing it is exact."""
     q, res = quantized
-    name = next(r["name"] for r in res.report if r.get("scri_fold") == "kernel" and r["kind"] == "linear")
-    layer, fp = copy.deepcopy(q.get_submodule(name)), unet.get_submodule(name)
-    assert layer.scri_shift is not None and not layer.scri_in_norm
-    x = calibration.layers[name].rows  # inputs inside the calibrated range
+    name, layer, x, seen = _layer_and_input(q, res, calibration, kind, fold)
+    if kind != "temporal":
+        layer.mode = mode
+    codes = layer.weight.clone()
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        before = layer(x)
-        assert rel_err(before, fp(x)) < 0.02
-        w = layer.convert_weight(layer.weight.float(), inplace=True)
-        assert rel_err(w, fp.weight) < 0.02
-        delta = 0.2 * fp.weight.std() * torch.randn_like(w)
-        backup = layer.weight
-        layer.set_weight(w + delta, inplace_update=False, seed=0)
-        patched = torch.nn.functional.linear(x, fp.weight + delta, fp.bias)
-        assert rel_err(layer(x), patched) < 0.05 and rel_err(before, patched) > 0.1
-        layer.weight = backup
-        assert torch.equal(layer(x), before)
+        before = layer(seen)
+        for ratio in (0.003, 0.01, 0.03, 0.1, 0.3):
+            delta, dw = _seeded_delta(layer, 4, ratio, gen)
+            layer.set_delta(delta)
+            got, want = layer(seen) - before, _effect(layer, x, dw)
+            cos = float(torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), 0))
+            assert cos > 0.99999 and abs(float(got.norm() / want.norm()) - 1) < 1e-4, (name, ratio, cos)
+        layer.set_delta(None)
+        assert torch.equal(layer(seen), before) and torch.equal(layer.weight, codes)
 
 
-def _lowvram_patch(layer, delta, converts: bool):
-    """What ComfyUI's LowVramPatch does with an offloaded layer's weight at call time: 0.3.75 converts the int8
-    codes and requantizes itself (``converts``); 0.33 adds the patch to whatever it is given."""
-    if converts:
-        return lambda w: layer.set_weight(layer.convert_weight(w, inplace=False) + delta, seed=0, return_weight=True)
-    return lambda w: w + delta
+def test_a_host_patch_is_never_rounded_into_the_codes(quantized, calibration):
+    """ComfyUI's full load hands ``set_weight`` a patched float weight: the codes stay, and a call before the
+    host glue resolved the patch (``set_delta``) is an error, not a silently missing LoRA."""
+    q, res = quantized
+    _, layer, x, seen = _layer_and_input(q, res, calibration, "linear", "kernel")
+    codes = layer.weight.clone()
+    w = layer.convert_weight(layer.weight)
+    with torch.no_grad():
+        before = layer(seen)
+        assert layer.set_weight(w * 1.1, inplace_update=True, seed=0) is None and torch.equal(layer.weight, codes)
+        with pytest.raises(QVDError, match="outside the model loading"):
+            layer(seen)
+        layer.set_delta(None)
+        assert torch.equal(layer(seen), before)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv", "temporal"])
-@pytest.mark.parametrize("mode", ["int", "fake"])
-@pytest.mark.parametrize("converts", [True, False], ids=["host-converts", "host-patches-float"])
-def test_offloaded_layer_applies_host_patches_at_call_time(quantized, calibration, kind, mode, converts):
-    """ComfyUI's low-VRAM path: with ``comfy_cast_weights`` set, queued weight / bias patches are applied at
-    every call and give exactly what patching the stored weight gives; the stored weight stays untouched. A
-    host whose patch does not convert (ComfyUI >= 0.4) is given the float weight and its result requantized."""
+def test_an_offloaded_layer_reads_its_queued_patches_at_call_time(quantized, calibration, kind):
+    """ComfyUI's low-VRAM path: with ``comfy_cast_weights`` set, queued weight functions are turned into the
+    delta by the host glue's reader (never applied to the codes), bias functions apply to the float bias."""
     q, res = quantized
-    name = next(r["name"] for r in res.report if r["kind"] == kind and q.get_submodule(r["name"]).bias is not None
-                and (kind == "temporal" or q.get_submodule(r["name"]).scri_shift is not None))  # SCRI fold too
-    layer = copy.deepcopy(q.get_submodule(name))
-    if kind != "temporal":
-        layer.mode = mode
-    x = calibration.layers[name].rows[:64]
-    if kind == "conv":
-        k = layer.kernel_size[0]
-        x = x[:, :layer.in_channels].reshape(-1, layer.in_channels, 1, 1).repeat(1, 1, k + 2, k + 2)
-    gen = torch.Generator().manual_seed(0)
-    w = layer.convert_weight(layer.weight, inplace=False)
-    delta = 0.2 * w.std() * torch.randn(w.shape, generator=gen)
+    _, layer, x, seen = _layer_and_input(q, res, calibration, kind, "kernel")
+    gen = torch.Generator().manual_seed(1)
+    delta, dw = _seeded_delta(layer, 4, 0.05, gen)
     bias_delta = 0.1 * torch.randn(layer.bias.shape, generator=gen)
-    stored = layer.weight.clone()
+    queued = object()
+    read = []
     with torch.no_grad():
-        before = layer(x)
+        before = layer(seen)
         ref = copy.deepcopy(layer)
-        ref.set_weight(w + delta)
         ref.bias.data += bias_delta
-        want = ref(x)
-        layer.host_patches_convert = converts
-        layer.weight_function = [_lowvram_patch(layer, delta, converts)]
-        layer.bias_function = [lambda b: b + bias_delta]
-        assert torch.equal(layer(x), before)  # queued patches apply only once the host sets comfy_cast_weights
+        want = ref(seen) + _effect(layer, x, dw)
+        layer.read_host_patches = lambda module, functions: read.append(functions) or delta
+        layer.weight_function, layer.bias_function = [queued], [lambda b: b + bias_delta]
+        assert torch.equal(layer(seen), before)  # queued patches apply only once the host sets comfy_cast_weights
         layer.comfy_cast_weights = True
-        got = layer(x)
-        assert torch.equal(got, want) and rel_err(got, before) > 0.05
-        assert torch.equal(layer.weight, stored)
-        if converts:
-            layer.weight_function = [lambda w: w.float()]
-            with pytest.raises(RuntimeError, match="set_weight"):
-                layer(x)
+        got = layer(seen)
+        assert read == [[queued]] and rel_err(got, want) < 1e-5 and rel_err(got, before) > 0.01
+        del layer.read_host_patches
+        with pytest.raises(QVDError, match="no host glue"):
+            layer(seen)
 
 
 def test_uniform_temporal_tdscore_is_reported_for_the_quantizer_actually_used(calibration, unet):
