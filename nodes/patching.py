@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..qvd import Calibrator, QuantizeResult, QVDConfig, QVDError
-from . import compat
+from . import weight_patches
 
 ADE_KEY = "ADE"
 ATTACHMENT = "qvd"
@@ -131,27 +131,18 @@ def without_weight_patches(model):
     return base
 
 
-def quantize(model, quantize_fn) -> tuple:
-    """Clone ``model`` and install the result of ``quantize_fn(tree) -> QuantizeResult`` as object patches.
+def quantize(model, build) -> tuple:
+    """Clone ``model`` and install ``build(tree) -> QuantizeResult`` (QVD Quantize Model's quantization, QVD Load
+    Quantized's file), made from the checkpoint's own weights: a file is checked against them.
 
-    Weight patches already on the MODEL (LoRAs applied before quantization) are baked in: the model is made
-    current with all of them applied, quantized from the patched weights, and the baked keys are dropped."""
-    clone = model.clone()
-    make_current(clone)
-    with ejected(clone):
-        result = quantize_fn(model_tree(clone))
-    return install(clone, result, drop_patches=True), result
-
-
-def load(model, load_fn) -> tuple:
-    """Like ``quantize`` for a saved file: it is checked against the checkpoint's own weights, and weight
-    patches already on the MODEL (a LoRA before QVD Load Quantized) stay on it, applied to the quantized
-    layers like a LoRA loaded after."""
+    Weight patches already on the MODEL (a LoRA before the QVD node) stay on the clone and run beside the int8
+    layers exactly, like a LoRA loaded after (rounding them into the int8 weights would lose most of an ordinary
+    LoRA: ``docs/lora.md``)."""
     base = without_weight_patches(model)
     make_current(base)
     with ejected(base):
-        result = load_fn(model_tree(base))
-    return install(model.clone(), result, drop_patches=False), result
+        result = build(model_tree(base))
+    return install(model.clone(), result), result
 
 
 def _normal_tensors(module: nn.Module) -> None:
@@ -173,23 +164,24 @@ def _refuse_float_save(*_args, **_kwargs):
                    "save the MODEL from before QVD Quantize Model")
 
 
-def install(clone, result: QuantizeResult, drop_patches: bool):
+def install(clone, result: QuantizeResult):
     """Object-patch ``result.modules`` onto ``clone`` and its (cloned) motion patchers; returns ``clone``.
 
-    ``drop_patches``: remove the weight patches of the replaced layers (they were baked into the result).
-    ComfyUI's own model-saving nodes are refused on the result (they would save int8 codes as float weights)."""
+    Every patcher gets the ON_LOAD callback that hands the quantized layers their weight patches as side branches
+    (``weight_patches``). ComfyUI's own model-saving nodes are refused on the result (they would save int8 codes
+    as float weights)."""
     for module in result.modules.values():
         _normal_tensors(module)
-        module.host_patches_convert = compat.lowvram_patch_converts()
+        if getattr(module, "qvd_quantized", False):
+            module.read_host_patches = weight_patches.call_time_delta
     motions = motion_patchers(clone)
     patched_motions = [p.clone() for p in motions]
     for patcher, group in _per_patcher(clone, result.modules):
         target = clone if patcher is clone else patched_motions[motions.index(patcher)]
         for name, module in group.items():
             target.add_object_patch(name, module)
-        if drop_patches:
-            for key in weight_patches_on(target, group):
-                target.patches.pop(key)
+    for p in (clone, *patched_motions):
+        weight_patches.attach(p)
     for p in patched_motions:
         p.patches_uuid = uuid.uuid4()
     if motions:
@@ -209,14 +201,15 @@ def attached_result(model) -> QuantizeResult:
 
 
 def result_to_save(model) -> QuantizeResult:
-    """The quantized layers of ``model`` as it means them, for QVD Save Quantized: refused when weight patches
-    (a LoRA loaded after quantization) sit on them, else made current (a LoRA that another MODEL sharing
-    these layers applied is removed first)."""
+    """The quantized layers of ``model``, for QVD Save Quantized: refused when weight patches (a LoRA, before or
+    after quantization) sit on them, since a file holds the quantized checkpoint alone; else made current (a bias
+    patch that another MODEL sharing these layers applied is removed first)."""
     result = attached_result(model)
     patched = [k for p, group in _per_patcher(model, result.modules) for k in weight_patches_on(p, group)]
     if patched:
         raise QVDError(f"this MODEL carries weight patches (LoRA, ...) on {len(patched)} quantized layer(s), e.g. "
-                       f"{patched[0]}: a QVD file holds the quantized model alone. Connect QVD Save Quantized before "
-                       f"the LoRA loader, and load the LoRA after QVD Load Quantized")
+                       f"{patched[0]}: a QVD file holds the quantized checkpoint alone, and the LoRA would be missing "
+                       f"from it. Save a MODEL quantized without the LoRA (put the LoRA loader after QVD Quantize Model "
+                       f"and take QVD Save Quantized's input from before it), and load the LoRA after QVD Load Quantized")
     make_current(model)
     return result

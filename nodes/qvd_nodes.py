@@ -206,7 +206,7 @@ class QVDLoadQuantized:
         path = folder_paths.get_full_path(MODEL_FOLDER, qvd_name)
         if path is None:
             raise QVDError(f"{qvd_name} is not in models/{MODEL_FOLDER}: refresh the node list or pick another file")
-        clone, result = patching.load(model, lambda tree: load_quantized(path, tree, apply=False))
+        clone, result = patching.quantize(model, lambda tree: load_quantized(path, tree, apply=False))
         report = summarize(result.report)
         return {"ui": {"text": [report]}, "result": (clone, report)}
 

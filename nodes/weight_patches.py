@@ -1,0 +1,191 @@
+"""ComfyUI's weight patches (LoRA and the other adapters) on QVD-quantized layers: each layer gets them as a
+``qvd.delta.WeightDelta`` beside its int8 kernel; its codes are never written.
+
+When: ``on_load`` is an ON_LOAD callback on every quantized MODEL and its motion models, so each time ComfyUI
+loads one (whole, partial, or 0.33's dynamic VRAM), every quantized layer gets that MODEL's patches (or none).
+A layer ComfyUI leaves offloaded reads the ``LowVramPatch`` queued on it at call time (``call_time_delta``).
+
+How (``delta_for``), from a layer's list of ComfyUI patches:
+- additive adapters with a low-rank form become one low-rank branch (stacked along the rank): LoRA / LoCon
+  (``up @ down``, LoCon's mid folded into down), LoHa without Tucker cores (``(A1 B1) * (A2 B2) = (A1 . A2)
+  (B1 . B2)``, rank r1 r2) and LoKr on a Linear / 1x1 conv (``kron(P1 Q1, P2 Q2) = kron(P1, P2) kron(Q1, Q2)``),
+  each only where its rank R makes ``R (K + N) < K N``; other additive ones (a LoKr on a 3x3 conv, a plain
+  diff) become one dense difference, computed by ComfyUI's own ``calculate_weight``;
+- a list with any non-additive patch (DoRA, OFT / BOFT, GLoRA, set, strength_model != 1, offsets, functions)
+  becomes the exact dense difference ``calculate_weight(patches, W) - W`` on the layer's float weight ``W``
+  (the dequantized codes: the weight the layer computes with).
+Tensors are kept in the adapters' dtype on the layer's device. A patch whose result has another shape than the
+layer's weight is refused, naming the adapter and the layer.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..qvd import QVDError
+from ..qvd.delta import WeightDelta
+
+CALLBACK_KEY = "qvd"
+
+
+def attach(patcher) -> None:
+    """Give ``patcher`` (and every clone made from it) the ON_LOAD callback."""
+    from comfy.patcher_extension import CallbacksMP
+
+    patcher.remove_callbacks_with_key(CallbacksMP.ON_LOAD, CALLBACK_KEY)
+    patcher.add_callback_with_key(CallbacksMP.ON_LOAD, CALLBACK_KEY, on_load)
+
+
+def on_load(patcher, *_args) -> None:
+    """ComfyUI loaded ``patcher``: every quantized layer in its model now carries exactly its weight patches."""
+    for name, module in patcher.model.named_modules():
+        keys = (f"{name}.weight", f"{name}.bias")
+        if getattr(module, "qvd_scri_norm", False) and any(k in patcher.patches for k in keys):
+            raise QVDError(f"a weight patch (LoRA, ...) targets {name}, a norm into which QVD folded its SCRI input "
+                           f"transform: the patch would apply to the folded weights. Quantize this model with the norm's "
+                           f"consumers in QVD Quantize Model's skip list, or use a LoRA without norm weights")
+        if getattr(module, "qvd_quantized", False):
+            patches = patcher.patches.get(keys[0])
+            module.set_delta(_cached(module, patches, keys[0]) if patches else None)
+
+
+def call_time_delta(module, functions: list) -> WeightDelta | None:
+    """The delta for the weight functions ComfyUI queued on an offloaded quantized layer (its ``LowVramPatch``)."""
+    from comfy.model_patcher import LowVramPatch
+
+    lists = []
+    for f in functions:
+        if not isinstance(f, LowVramPatch):
+            raise QVDError(f"{type(f).__name__} is queued as a weight function on a QVD-quantized layer "
+                           f"({type(module).__name__} {tuple(module.weight.shape)}): only ComfyUI's own weight patches "
+                           f"(LoRA loaders) can apply to int8 layers")
+        lists.append((f.key, f.patches[f.key]))
+    if any(p is not lists[0][1] for _, p in lists):
+        raise QVDError(f"{lists[0][0]}: several different weight patch lists are queued on one quantized layer")
+    return _cached(module, lists[0][1], lists[0][0])
+
+
+def _cached(module, patches: list, key: str) -> WeightDelta:
+    delta = module.delta
+    if delta is not None and delta.same_source(tuple(patches)):
+        return delta
+    return delta_for(module, patches, key)
+
+
+def delta_for(module, patches: list, key: str) -> WeightDelta:
+    """The ``WeightDelta`` of ComfyUI ``patches`` (entries ``(strength, adapter, strength_model, offset, function)``)
+    for the quantized layer ``module`` (its weight patch key ``key``); see the module docstring."""
+    import comfy.lora
+
+    shape = tuple(module.weight.shape)
+    w = module.convert_weight(module.weight)
+    ups, downs, dense_patches = [], [], []
+    additive = all(_additive(p) for p in patches)
+    for p in patches if additive else ():
+        factors = _low_rank(p[1], p[0], shape, key)
+        if factors is None:
+            dense_patches.append(p)
+        else:
+            ups.append(factors[0].to(w.device))
+            downs.append(factors[1].to(w.device))
+    dtype = _dtype(patches)
+    dense = None
+    if not additive:
+        dense = comfy.lora.calculate_weight(patches, w.clone(), key) - w
+    elif dense_patches:
+        dense = comfy.lora.calculate_weight(dense_patches, torch.zeros_like(w), key)
+    if dense is not None and tuple(dense.shape) != shape:
+        raise QVDError(f"{key}: {_names(patches)} gives a weight of shape {tuple(dense.shape)} for a layer of shape "
+                       f"{shape}: QVD cannot apply a patch that resizes a quantized layer")
+    up = torch.cat(ups, 1).to(dtype) if ups else None
+    down = torch.cat(downs, 0).to(dtype) if downs else None
+    return WeightDelta(down, up, None if dense is None else dense.to(dtype), None, tuple(patches))
+
+
+def _additive(patch) -> bool:
+    """A patch whose change of the weight does not depend on the weight (so it can run as its own branch)."""
+    from comfy.weight_adapter import LoHaAdapter, LoKrAdapter, LoRAAdapter
+
+    strength, adapter, strength_model, offset, function = patch[:5]
+    if strength_model != 1.0 or offset is not None or function is not None:
+        return False
+    if isinstance(adapter, LoRAAdapter):
+        return adapter.weights[4] is None and adapter.weights[5] is None  # no DoRA, no reshape
+    if isinstance(adapter, LoHaAdapter):
+        return adapter.weights[7] is None
+    if isinstance(adapter, LoKrAdapter):
+        return adapter.weights[8] is None
+    return isinstance(adapter, tuple) and (len(adapter) == 1 or adapter[0] == "diff")  # a plain difference
+
+
+def _low_rank(adapter, strength: float, shape: tuple, key: str):
+    """(up [N, R], down [R, *shape[1:]]) in float32 with every scale folded into ``up``, or None where the adapter
+    has no low-rank form here or it would cost more than a dense delta."""
+    from comfy.weight_adapter import LoHaAdapter, LoKrAdapter, LoRAAdapter
+
+    n, k = shape[0], math.prod(shape[1:])
+    if isinstance(adapter, LoRAAdapter):
+        up, down, alpha, mid = adapter.weights[:4]
+        rank = down.shape[0]
+        up, down = up.float().flatten(1), down.float()
+        if mid is not None:  # LoCon's k x k core, folded into down as ComfyUI does
+            mid = mid.float()
+            final = [down.shape[1], down.shape[0], mid.shape[2], mid.shape[3]]
+            down = torch.mm(down.transpose(0, 1).flatten(1), mid.transpose(0, 1).flatten(1)).reshape(final)
+            down = down.transpose(0, 1)
+        scale = 1.0 if alpha is None else float(alpha) / rank
+    elif isinstance(adapter, LoHaAdapter):
+        w1a, w1b, alpha, w2a, w2b, t1 = adapter.weights[:6]
+        if t1 is not None:
+            return None
+        r1, r2 = w1b.shape[0], w2b.shape[0]
+        up = (w1a.float()[:, :, None] * w2a.float()[:, None, :]).reshape(w1a.shape[0], r1 * r2)
+        down = (w1b.float()[:, None, :] * w2b.float()[None, :, :]).reshape(r1 * r2, -1)
+        scale = 1.0 if alpha is None else float(alpha) / r1
+    elif isinstance(adapter, LoKrAdapter):
+        w1, w2, alpha, w1a, w1b, w2a, w2b, t2 = adapter.weights[:8]
+        if t2 is not None or (w2 is not None and w2.dim() != 2) or (len(shape) == 4 and shape[2:] != (1, 1)):
+            return None
+        p1, q1 = _factors(w1, w1a, w1b)
+        p2, q2 = _factors(w2, w2a, w2b)
+        up, down = torch.kron(p1, p2), torch.kron(q1, q2)
+        dim = w2b.shape[0] if w2 is None else w1b.shape[0] if w1 is None else None
+        scale = 1.0 if alpha is None or dim is None else float(alpha) / dim
+    else:
+        return None
+    if up.shape[0] != n or down.numel() != up.shape[1] * k:
+        raise QVDError(f"{key}: {type(adapter).__name__} of rank {up.shape[1]} has shapes {tuple(up.shape)} x "
+                       f"{tuple(down.shape)}, which do not make this layer's weight {shape}")
+    rank = up.shape[1]
+    if rank * (k + n) >= k * n:
+        return None
+    return up * (strength * scale), down.reshape(rank, *shape[1:])
+
+
+def _factors(full, a, b) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, Q)`` with ``P @ Q`` the LoKr factor (given whole as ``full`` or as ``a @ b``), of the smaller rank."""
+    if full is None:
+        return a.float(), b.float()
+    full = full.float()
+    rows, cols = full.shape
+    if cols <= rows:
+        return full, torch.eye(cols)
+    return torch.eye(rows), full
+
+
+def _dtype(patches) -> torch.dtype:
+    """The adapters' own floating dtype (float32 where they differ)."""
+    dtypes = {t.dtype for p in patches for t in _tensors(p[1]) if t.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _tensors(item) -> list:
+    if isinstance(item, torch.Tensor):
+        return [item]
+    item = getattr(item, "weights", item)
+    return [t for x in item for t in _tensors(x)] if isinstance(item, (tuple, list)) else []
+
+
+def _names(patches) -> str:
+    return ", ".join(sorted({type(p[1]).__name__ if not isinstance(p[1], tuple) else "diff patch" for p in patches}))
