@@ -355,7 +355,8 @@ def _build(info: dict, t: dict) -> nn.Module:
                             info["w_bits"])
     kw = dict(weight_q=t["weight"], weight_scale=t["weight_scale"], bias=t["bias"], act_scale=float(t["act_scale"]),
               act_zero_point=info["zero_point"], w_bits=info["w_bits"], a_bits=info["a_bits"],
-              scri_shift=t["scri_shift"], scri_inv_scale=t["scri_inv_scale"], scri_in_norm=info["scri"].startswith("norm:"))
+              scri_shift=t["scri_shift"], scri_inv_scale=t["scri_inv_scale"],
+              scri_in_norm=info["scri"].startswith("norm:"))
     if info["kind"] == "linear":
         return QLinear(info["in"], info["out"], **kw)
     return QConv2d(info["in"], info["out"], info["kernel"], info["stride"], info["padding"], **kw)

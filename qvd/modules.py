@@ -173,6 +173,12 @@ class _QuantizedBase(_HostHooks):
         fold = self._fold(w, b, device)
         return w, self._epilogue(w, fold, device) if epilogue else fold
 
+    def _delta_offset(self, device) -> torch.Tensor | None:
+        """``z / s``: what the delta adds to a norm-transformed input ``(x - z) / s`` to read ``x / s``."""
+        if not self.scri_in_norm or self.scri_shift is None:
+            return None
+        return (self.scri_shift * self.scri_inv_scale).to(device)
+
     def _kernel_scri(self, device):
         if self.scri_shift is None or self.scri_in_norm:
             return None, None
@@ -198,9 +204,9 @@ class _QuantizedBase(_HostHooks):
 
     def _for_input(self, delta: WeightDelta) -> WeightDelta:
         """Where the preceding norm does the SCRI transform, the delta is folded so that it still adds ``dW x``
-        for the norm's real output ``x``."""
+        for the norm's real output ``x`` (with ``_delta_offset`` at each call)."""
         if self.scri_in_norm and self.scri_shift is not None:
-            return delta.for_scri_input(self.scri_shift.to(delta.device), self.scri_inv_scale.to(delta.device))
+            return delta.for_scri_input(self.scri_inv_scale.to(delta.device))
         return delta
 
     def extra_repr(self) -> str:
@@ -223,7 +229,7 @@ class QLinear(_QuantizedBase):
             w, bias = self._operands(dev, epilogue=True)
             y = kernels.linear_w8a8(x, w, self.weight_scale.to(dev), bias, self.act_scale.to(dev),
                                     self.act_zero_point, self.qmin, self.qmax, shift, inv)
-        return y if delta is None else delta(x, y)
+        return y if delta is None else delta(x, y, offset=self._delta_offset(dev))
 
 
 class QConv2d(_QuantizedBase):
@@ -243,7 +249,7 @@ class QConv2d(_QuantizedBase):
             w, bias = self._operands(dev, epilogue=True)
             y = kernels.conv2d_w8a8(x, w, self.weight_scale.to(dev), bias, self.act_scale.to(dev),
                                     self.act_zero_point, self.qmin, self.qmax, shift, inv, self.stride, self.padding)
-        return y if delta is None else delta(x, y, self.stride, self.padding)
+        return y if delta is None else delta(x, y, self.stride, self.padding, self._delta_offset(dev))
 
 
 class HiDiTQLinear(_HostHooks):
