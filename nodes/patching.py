@@ -208,8 +208,9 @@ def result_to_save(model) -> QuantizeResult:
     patched = [k for p, group in _per_patcher(model, result.modules) for k in weight_patches_on(p, group)]
     if patched:
         raise QVDError(f"this MODEL carries weight patches (LoRA, ...) on {len(patched)} quantized layer(s), e.g. "
-                       f"{patched[0]}: a QVD file holds the quantized checkpoint alone, and the LoRA would be missing "
-                       f"from it. Save a MODEL quantized without the LoRA (put the LoRA loader after QVD Quantize Model "
-                       f"and take QVD Save Quantized's input from before it), and load the LoRA after QVD Load Quantized")
+                       f"{patched[0]}: a QVD file holds the quantized checkpoint alone, and the LoRA would be "
+                       f"missing from it. Save a MODEL quantized without the LoRA (put the LoRA loader after QVD "
+                       f"Quantize Model and take QVD Save Quantized's input from before it), and load the LoRA after "
+                       f"QVD Load Quantized")
     make_current(model)
     return result

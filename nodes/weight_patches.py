@@ -43,8 +43,8 @@ def on_load(patcher, *_args) -> None:
         keys = (f"{name}.weight", f"{name}.bias")
         if getattr(module, "qvd_scri_norm", False) and any(k in patcher.patches for k in keys):
             raise QVDError(f"a weight patch (LoRA, ...) targets {name}, a norm into which QVD folded its SCRI input "
-                           f"transform: the patch would apply to the folded weights. Quantize this model with the norm's "
-                           f"consumers in QVD Quantize Model's skip list, or use a LoRA without norm weights")
+                           f"transform: the patch would apply to the folded weights. Quantize this model with the "
+                           f"norm's consumers in QVD Quantize Model's skip list, or use a LoRA without norm weights")
         if getattr(module, "qvd_quantized", False):
             patches = patcher.patches.get(keys[0])
             module.set_delta(_cached(module, patches, keys[0]) if patches else None)
@@ -100,7 +100,7 @@ def delta_for(module, patches: list, key: str) -> WeightDelta:
                        f"{shape}: QVD cannot apply a patch that resizes a quantized layer")
     up = torch.cat(ups, 1).to(dtype) if ups else None
     down = torch.cat(downs, 0).to(dtype) if downs else None
-    return WeightDelta(down, up, None if dense is None else dense.to(dtype), None, tuple(patches))
+    return WeightDelta(down, up, None if dense is None else dense.to(dtype), tuple(patches))
 
 
 def _additive(patch) -> bool:
