@@ -1,3 +1,5 @@
+import torch
+
 from bench.first_last_share import share
 
 
@@ -7,3 +9,21 @@ def test_sd15_first_and_last_convolutions_are_a_negligible_share_of_the_macs():
     assert first_last_mmac * 1e6 == 2 * 2 * 4 * 320 * 9 * 64 * 64
     assert 700 < total_gmac < 900  # SD1.5 at 512x512 is ~400 GMAC per sample
     assert first_last_mmac / 1e3 / total_gmac < 3e-4
+
+
+def test_the_lora_branch_bench_puts_a_branch_of_the_loras_own_size_on_every_attention_and_ff_linear(quantized,
+                                                                                                   inputs):
+    import copy
+
+    from bench.lora_branch import attach, lora_layers
+
+    q = copy.deepcopy(quantized[0])
+    layers = lora_layers(q)
+    kinds = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+    assert all(any(n.endswith(k) for n in layers) for k in kinds) and all(n.endswith(kinds) for n in layers)
+    before = inputs.run(q, 600)
+    held, lora = attach(layers, rank=4)
+    assert held == lora > 0  # the low-rank branch holds exactly the fp16 LoRA's bytes
+    assert not torch.equal(inputs.run(q, 600), before)
+    held, lora = attach(layers, rank=None)
+    assert lora == 0 and held == sum(m.weight.numel() * 2 for m in layers.values())

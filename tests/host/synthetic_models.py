@@ -171,6 +171,55 @@ def write_lora(checkpoint, path) -> list[str]:
     return sorted(k for k in tensors if k.endswith(".alpha"))
 
 
+# Every adapter family QVD handles, on quantized layers of TINY's quantized blocks: Linears (attention,
+# feed-forward, the temporal time projections), 1x1 convs (proj_in / proj_out, some with SCRI in their norm)
+# and 3x3 convs (LoCon, with and without its mid core; a LoKr with a 4-d factor, applied as a dense delta).
+ADAPTER_LAYERS = {
+    "lora": [f"{b}.{n}" for b in LORA_BLOCKS[:3] for n in LORA_LAYERS] + ["input_blocks.1.0.emb_layers.1",
+                                                                          "middle_block.0.emb_layers.1"],
+    "locon": ["input_blocks.1.0.in_layers.2", "input_blocks.2.0.out_layers.3", "middle_block.0.in_layers.2",
+              "output_blocks.9.0.skip_connection"],
+    "loha": [f"{b}.{n}" for b in LORA_BLOCKS[:2] for n in (
+        "proj_in", "transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn2.to_v", "transformer_blocks.0.ff.net.2")],
+    "lokr": [f"{b}.{n}" for b in LORA_BLOCKS[:2] for n in ("transformer_blocks.0.attn1.to_k",
+                                                           "transformer_blocks.0.ff.net.0.proj")]
+            + ["input_blocks.2.0.in_layers.2"],
+}
+# The tensor of each adapter that its delta is linear in (rescaled to set ||dW|| / ||W||).
+ADAPTER_SCALED = {"lora": "lora_up.weight", "locon": "lora_up.weight", "loha": "hada_w1_a", "lokr": "lokr_w1"}
+
+
+def adapter_tensors(checkpoint, kind: str, seed: int = LORA_SEED) -> dict[str, torch.Tensor]:
+    """A seeded rank-4 adapter of ``kind`` (``ADAPTER_LAYERS``) in the LyCORIS / kohya key format ComfyUI loads."""
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen) * LORA_STD
+    tensors = {}
+    with safe_open(str(checkpoint), "pt") as ckpt:
+        for i, name in enumerate(ADAPTER_LAYERS[kind]):
+            n, c, *kernel = ckpt.get_slice(f"model.diffusion_model.{name}.weight").get_shape()
+            k = c * math.prod(kernel)
+            key = "lora_unet_" + name.replace(".", "_")
+            if kind in ("lora", "locon"):
+                one = [1] * len(kernel)
+                if kind == "locon" and i == 2:  # LoCon with its k x k mid core
+                    tensors[f"{key}.lora_down.weight"] = rnd(RANK, c, *one)
+                    tensors[f"{key}.lora_mid.weight"] = rnd(RANK, RANK, *kernel)
+                else:
+                    tensors[f"{key}.lora_down.weight"] = rnd(RANK, c, *kernel)
+                tensors[f"{key}.lora_up.weight"] = rnd(n, RANK, *one)
+            elif kind == "loha":
+                for w in ("w1", "w2"):
+                    tensors[f"{key}.hada_{w}_a"], tensors[f"{key}.hada_{w}_b"] = rnd(n, RANK), rnd(RANK, k)
+            else:
+                tensors[f"{key}.lokr_w1"] = rnd(4, 4)
+                if kernel and kernel != [1, 1]:
+                    tensors[f"{key}.lokr_w2"] = rnd(n // 4, c // 4, *kernel)
+                else:
+                    tensors[f"{key}.lokr_w2_a"], tensors[f"{key}.lokr_w2_b"] = rnd(n // 4, RANK), rnd(RANK, c // 4)
+            tensors[f"{key}.alpha"] = torch.tensor(float(RANK))
+    return tensors
+
+
 if __name__ == "__main__":
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     kind, out = sys.argv[1], sys.argv[2]
