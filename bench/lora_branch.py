@@ -7,7 +7,7 @@ file), and then a dense fp16 delta instead (what DoRA / OFT / a LoKr with a 4-d 
 without and with each (fp32 and bf16 activations, alternated, one process) and the branch's bytes against the
 LoRA's own.
 
-    python -m bench.lora_branch [--rank 32] [--latent 16] [--batch 16] [--runs 5]
+    python -m bench.lora_branch [--rank 32] [--latent 16] [--batch 16] [--runs 5] [--threads N]
 """
 from __future__ import annotations
 
@@ -95,7 +95,10 @@ def main():
     p.add_argument("--batch", type=int, default=32 if cuda else 16)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     run(torch.device(a.device), a.latent, a.batch, a.runs, a.rank)
 
 

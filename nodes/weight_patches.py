@@ -78,8 +78,7 @@ def delta_for(module, patches: list, key: str) -> WeightDelta:
     for the quantized layer ``module`` (its weight patch key ``key``); see the module docstring."""
     import comfy.lora
 
-    shape = tuple(module.weight.shape)
-    w = module.convert_weight(module.weight)
+    shape, device = tuple(module.weight.shape), module.weight.device
     ups, downs, dense_patches = [], [], []
     additive = all(_additive(p) for p in patches)
     for p in patches if additive else ():
@@ -87,14 +86,15 @@ def delta_for(module, patches: list, key: str) -> WeightDelta:
         if factors is None:
             dense_patches.append(p)
         else:
-            ups.append(factors[0].to(w.device))
-            downs.append(factors[1].to(w.device))
+            ups.append(factors[0].to(device))
+            downs.append(factors[1].to(device))
     dtype = _dtype(patches)
     dense = None
     if not additive:
+        w = module.convert_weight(module.weight)
         dense = comfy.lora.calculate_weight(patches, w.clone(), key) - w
     elif dense_patches:
-        dense = comfy.lora.calculate_weight(dense_patches, torch.zeros_like(w), key)
+        dense = comfy.lora.calculate_weight(dense_patches, torch.zeros(shape, device=device), key)
     if dense is not None and tuple(dense.shape) != shape:
         raise QVDError(f"{key}: {_names(patches)} gives a weight of shape {tuple(dense.shape)} for a layer of shape "
                        f"{shape}: QVD cannot apply a patch that resizes a quantized layer")

@@ -129,6 +129,15 @@ def main(checkpoint: str, pack_dir: str, work_dir: str) -> dict:
             q.patch_model(device_to=cpu, lowvram_model_memory=BUDGET)
             measure(q, fp, kind, "partial", ratio)
             q.unpatch_model(cpu)
+    # Two adapters stacked on the same layers (a LoRA and a LoHa at their own strengths).
+    lora, loha = normalised("lora"), normalised("loha")
+    fp = comfy.sd.load_lora_for_models(comfy.sd.load_lora_for_models(model, None, lora, 0.03, 0)[0], None, loha, 0.01,
+                                       0)[0]
+    q = comfy.sd.load_lora_for_models(comfy.sd.load_lora_for_models(quantized, None, lora, 0.03, 0)[0], None, loha,
+                                      0.01, 0)[0]
+    mm.load_models_gpu([q])
+    measure(q, fp, "lora+loha", "whole", 0.03)
+    mm.unload_all_models()
     facts["adapter_seconds"] = time.time() - t0
     print("QVD_PROBE_PARTIAL " + json.dumps(facts), flush=True)
 

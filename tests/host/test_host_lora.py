@@ -166,14 +166,17 @@ def layer_probe(sd15_checkpoint, tmp_path_factory):
 @pytest.mark.slow
 def test_every_adapter_adds_exactly_its_fp_effect_on_each_quantized_layer(layer_probe):
     """LoRA, LoCon (3x3, with and without mid), LoHa and LoKr at ||dW|| / ||W|| = 0.003 ... 0.3, loaded whole and
-    partially, before QVD Quantize Model and before QVD Load Quantized: per quantized layer on its calibration
-    rows, the change of its output has cosine >= 0.99 with fp's dW x and a magnitude within 2 % of it."""
+    partially, a LoRA and a LoHa stacked, a LoRA before QVD Quantize Model and before QVD Load Quantized: per
+    quantized layer on its calibration rows, the change of its output has cosine >= 0.99 with fp's dW x and a
+    magnitude within 2 % of it."""
     results = layer_probe["results"]
     seen = {(r["kind"], r["path"]) for r in results}
     assert seen >= {(k, p) for k in ADAPTER_LAYERS for p in ("whole", "partial")}
     assert {("lora", "before_quantize"), ("lora", "before_load")} <= seen
+    assert ("lora+loha", "whole") in seen  # stacked on 8 shared layers
     for r in results:
-        assert r["layers"] == len(ADAPTER_LAYERS[r["kind"]]), r
+        want = set(ADAPTER_LAYERS["lora"]) | set(ADAPTER_LAYERS["loha"]) if r["kind"] == "lora+loha" else None
+        assert r["layers"] == len(want or ADAPTER_LAYERS[r["kind"]]), r
         assert r["worst_cos"] >= 0.99 and 0.98 <= r["min_mag"] <= r["max_mag"] <= 1.02, r
     partial = [r for r in results if r["path"] == "partial"]
     assert all(r["offloaded_with_patch"] > 0 for r in partial), partial  # the call-time path ran
