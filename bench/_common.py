@@ -98,3 +98,19 @@ def table(headers: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def size_options(p, runs: int) -> None:
+    """The options every whole-UNet bench takes: --device, --latent, --batch, --runs, --threads (GPU-sized
+    defaults when CUDA is visible)."""
+    cuda = torch.cuda.is_available()
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--latent", type=int, default=64 if cuda else 16)
+    p.add_argument("--batch", type=int, default=32 if cuda else 16)
+    p.add_argument("--runs", type=int, default=runs)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+
+
+def apply_threads(a) -> None:
+    if a.threads:
+        torch.set_num_threads(a.threads)

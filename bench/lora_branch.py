@@ -17,7 +17,7 @@ import re
 
 import torch
 
-from bench._common import machine, median_ms, table
+from bench._common import apply_threads, machine, median_ms, size_options, table
 from bench.unet_step import build_unet, inputs, quantize_core
 from qvd.delta import WeightDelta
 from qvd.modules import QLinear
@@ -89,16 +89,10 @@ def run(device, latent: int, batch: int, runs: int, rank: int) -> list[list]:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cuda = torch.cuda.is_available()
-    p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--latent", type=int, default=64 if cuda else 16)
-    p.add_argument("--batch", type=int, default=32 if cuda else 16)
-    p.add_argument("--runs", type=int, default=5)
+    size_options(p, runs=5)
     p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    apply_threads(a)
     run(torch.device(a.device), a.latent, a.batch, a.runs, a.rank)
 
 

@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from bench._common import W8A8, machine, median_ms, table
+from bench._common import W8A8, apply_threads, machine, median_ms, size_options, table
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
@@ -161,17 +161,11 @@ def run(device, latent, batch, runs, route, peers=True):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cuda = torch.cuda.is_available()
-    p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--latent", type=int, default=64 if cuda else 16)
-    p.add_argument("--batch", type=int, default=32 if cuda else 16)
-    p.add_argument("--runs", type=int, default=3)
+    size_options(p, runs=3)
     p.add_argument("--route", choices=["auto", "core", "direct"], default="auto")
     p.add_argument("--no-peers", action="store_true", help="skip torchao")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    apply_threads(a)
     run(torch.device(a.device), a.latent, a.batch, a.runs, a.route, not a.no_peers)
 
 

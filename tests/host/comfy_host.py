@@ -222,3 +222,14 @@ def load_and_sample(qvd_name: str, prefix: str, model: list | None = None) -> di
     prompt["13"] = {"class_type": "QVDLoadQuantized", "inputs": {"model": model or ["1", 0], "qvd_name": qvd_name}}
     prompt["20"]["inputs"]["model"] = ["13", 0]
     return prompt
+
+
+def run_probe(script: str, *args, timeout: float) -> dict:
+    """Run ``tests/host/<script> ARGS...`` in a ComfyUI process (cwd = the ComfyUI directory, on PYTHONPATH) and
+    return the JSON of the last ``QVD_PROBE`` line it prints."""
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name(script)), *map(str, args)],
+                         cwd=COMFYUI_PATH, env=dict(os.environ, **HOST_ENV), capture_output=True, text=True,
+                         timeout=timeout)
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("QVD_PROBE ")]
+    assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-6000:]
+    return json.loads(lines[-1].removeprefix("QVD_PROBE "))

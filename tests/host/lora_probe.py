@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lowvram_probe import BUDGET, SKIP, load_pack
+from lowvram_probe import BUDGET, SKIP, calibrated
 from synthetic_models import ADAPTER_LAYERS, ADAPTER_SCALED, adapter_tensors
 
 RATIOS = (0.003, 0.01, 0.03, 0.1, 0.3)
@@ -56,18 +56,11 @@ def main(checkpoint: str, pack_dir: str, work_dir: str) -> dict:
     import comfy.lora
     import comfy.model_management as mm
     import comfy.sd
-    import nodes
     from comfy.weight_adapter import LoRAAdapter
 
-    qvd = load_pack(Path(pack_dir))
+    qvd, model, _, calibration = calibrated(checkpoint, pack_dir)
     pack = sys.modules["qvd_pack_probe"]
     patching = sys.modules["qvd_pack_probe.nodes.patching"]
-    model, clip, _ = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False)[:3]
-    positive = nodes.CLIPTextEncode().encode(clip, "a red fox running")[0]
-    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
-    latent = nodes.EmptyLatentImage().generate(64, 64, 2)[0]
-    calibration = qvd["QVDCalibrate"]().calibrate(model, positive, negative, latent, 0, 1, 5.0, "euler", "normal",
-                                                  1)["result"][0]
     quantize = lambda m: qvd["QVDQuantizeModel"]().quantize(m, calibration, 8, 8, True, True, SKIP)["result"][0]
     quantized = quantize(model)
     fp_weights = {n: m.weight.detach().float().clone() for n, m in model.model.named_modules()

@@ -30,14 +30,9 @@ def load_pack(pack_dir: Path):
     return module.NODE_CLASS_MAPPINGS
 
 
-def main(checkpoint: str, lora: str, pack_dir: str) -> dict:
-    torch.set_num_threads(2)
-    from comfy.cli_args import args
-    args.cpu = True
-    import comfy.model_management as mm
-    import comfy.model_patcher
+def calibrated(checkpoint: str, pack_dir: str) -> tuple:
+    """(the pack's nodes, the checkpoint's MODEL, a positive conditioning, QVD Calibrate's result at TINY sizes)."""
     import comfy.sd
-    import comfy.utils
     import nodes
 
     qvd = load_pack(Path(pack_dir))
@@ -47,6 +42,19 @@ def main(checkpoint: str, lora: str, pack_dir: str) -> dict:
     latent = nodes.EmptyLatentImage().generate(64, 64, 2)[0]
     calibration = qvd["QVDCalibrate"]().calibrate(model, positive, negative, latent, 0, 1, 5.0, "euler", "normal",
                                                   1)["result"][0]
+    return qvd, model, positive, calibration
+
+
+def main(checkpoint: str, lora: str, pack_dir: str) -> dict:
+    torch.set_num_threads(2)
+    from comfy.cli_args import args
+    args.cpu = True
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.utils
+
+    qvd, model, positive, calibration = calibrated(checkpoint, pack_dir)
     quantized = qvd["QVDQuantizeModel"]().quantize(model, calibration, 8, 8, True, True, SKIP)["result"][0]
     with_lora = comfy.sd.load_lora_for_models(quantized, None, comfy.utils.load_torch_file(lora), 1.0, 0)[0]
     mm.unload_all_models()

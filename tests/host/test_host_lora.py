@@ -8,16 +8,11 @@ the quantized model must follow its effect on the fp model, and unpatching must 
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from comfy_host import COMFYUI_PATH, HOST_ENV, REPO, load_api, read_latent, tiny, with_latent_output, without
+from comfy_host import REPO, load_api, read_latent, run_probe, tiny, with_latent_output, without
 from synthetic_models import ADAPTER_LAYERS, LORA_BLOCKS, LORA_LAYERS, LORA_NAME, write_lora
 
 
@@ -153,14 +148,7 @@ def test_an_ordinary_lora_changes_the_sampled_output_as_on_fp(ordinary_runs):
 
 @pytest.fixture(scope="module")
 def layer_probe(sd15_checkpoint, tmp_path_factory):
-    work = tmp_path_factory.mktemp("lora_probe")
-    env = dict(os.environ, **HOST_ENV)
-    run = subprocess.run([sys.executable, str(Path(__file__).with_name("lora_probe.py")), str(sd15_checkpoint),
-                          str(REPO), str(work)], cwd=COMFYUI_PATH, env=env, capture_output=True, text=True,
-                         timeout=1800)
-    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("QVD_PROBE ")]
-    assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-6000:]
-    return json.loads(lines[-1].removeprefix("QVD_PROBE "))
+    return run_probe("lora_probe.py", sd15_checkpoint, REPO, tmp_path_factory.mktemp("lora_probe"), timeout=1800)
 
 
 @pytest.mark.slow

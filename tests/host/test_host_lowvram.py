@@ -6,15 +6,9 @@ call-time patch) and a partial unload of a loaded model. Both must give exactly 
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from comfy_host import COMFYUI_PATH, HOST_ENV, REPO
+from comfy_host import REPO, run_probe
 from synthetic_models import LORA_BLOCKS, LORA_LAYERS, write_lora
 
 
@@ -22,13 +16,7 @@ from synthetic_models import LORA_BLOCKS, LORA_LAYERS, write_lora
 def probe(sd15_checkpoint, tmp_path_factory):
     lora = tmp_path_factory.mktemp("lowvram") / "lora.safetensors"
     write_lora(sd15_checkpoint, lora)
-    env = dict(os.environ, **HOST_ENV)
-    run = subprocess.run([sys.executable, str(Path(__file__).with_name("lowvram_probe.py")), str(sd15_checkpoint),
-                          str(lora), str(REPO)], cwd=COMFYUI_PATH, env=env, capture_output=True, text=True,
-                         timeout=900)
-    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("QVD_PROBE ")]
-    assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-6000:]
-    return json.loads(lines[-1].removeprefix("QVD_PROBE "))
+    return run_probe("lowvram_probe.py", sd15_checkpoint, lora, REPO, timeout=900)
 
 
 @pytest.mark.slow
