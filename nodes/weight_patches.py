@@ -92,12 +92,14 @@ def delta_for(module, patches: list, key: str) -> WeightDelta:
     dense = None
     if not additive:
         w = module.convert_weight(module.weight)
-        dense = comfy.lora.calculate_weight(patches, w.clone(), key) - w
+        dense = comfy.lora.calculate_weight(patches, w.clone(), key)
     elif dense_patches:
         dense = comfy.lora.calculate_weight(dense_patches, torch.zeros(shape, device=device), key)
     if dense is not None and tuple(dense.shape) != shape:
         raise QVDError(f"{key}: {_names(patches)} gives a weight of shape {tuple(dense.shape)} for a layer of shape "
                        f"{shape}: QVD cannot apply a patch that resizes a quantized layer")
+    if not additive:
+        dense = dense - w
     up = torch.cat(ups, 1).to(dtype) if ups else None
     down = torch.cat(downs, 0).to(dtype) if downs else None
     return WeightDelta(down, up, None if dense is None else dense.to(dtype), tuple(patches))
