@@ -30,10 +30,6 @@ class WeightDelta:
     source: tuple = ()
 
     @property
-    def rank(self) -> int:
-        return 0 if self.down is None else self.down.shape[0]
-
-    @property
     def device(self) -> torch.device:
         return (self.up if self.up is not None else self.dense).device
 
