@@ -16,25 +16,41 @@ def test_weight_codes_are_symmetric_per_output_channel():
     assert float(err.max()) < 0.01
 
 
-@pytest.mark.parametrize("bits", [4, 6, 8])
-def test_mse_weight_clip_never_worse_than_minmax(bits):
-    w = torch.randn(32, 256)
+FINE = torch.linspace(0.2, 1.0, 801).tolist()  # clip factors 40x finer than the searches' grid
+
+
+@pytest.mark.parametrize("bits, gain", [(4, 0.95), (6, 0.99), (8, None)])
+def test_mse_weight_clip_finds_each_channels_best_clip(bits, gain):
+    """Within 1 % of a per-channel brute force over a fine grid; below min-max where clipping pays (measured
+    0.89x at 4 bits, 0.98x at 6; at 8 bits the best clip gains 0.5 %, under the search grid's step)."""
+    w = torch.randn(32, 256, generator=torch.Generator().manual_seed(0))
     w[:, 0] *= 20  # an outlier column stretches min-max ranges
     e = {c: float((dequantize_weight(*quantize_weight(w, bits, c)) - w).pow(2).sum()) for c in ("minmax", "mse")}
-    assert e["mse"] <= e["minmax"]
+    qmax, amax = 2 ** (bits - 1) - 1, w.abs().amax(1)
+    best = torch.full((32,), float("inf"))
+    for c in FINE:
+        s = (amax * c / qmax)[:, None]
+        best = torch.minimum(best, ((w / s).round().clamp(-qmax, qmax) * s - w).pow(2).sum(1))
+    assert e["mse"] <= 1.01 * float(best.sum())
+    if gain is not None:
+        assert e["mse"] < gain * e["minmax"]
     q, _ = quantize_weight(w, bits, "mse")
-    assert int(q.abs().amax()) <= 2 ** (bits - 1) - 1
+    assert int(q.abs().amax()) <= qmax
 
 
-def test_activation_ranges_and_zero_point():
+@pytest.mark.parametrize("bits, gain", [(6, 0.9), (8, 0.99)])
+def test_activation_ranges_and_zero_point(bits, gain):
+    """Zero is exact; the MSE range is within 1 % of the best common shrink of [lo, hi] (brute force) and below
+    min-max on a long-tailed input (measured 0.83x at 6 bits, 0.97x at 8)."""
     x = torch.randn(20_000, generator=torch.Generator().manual_seed(0)).abs() * 3 - 0.2  # asymmetric, long tail
     lo, hi = float(x.min()), float(x.max())
-    s, zp = activation_qparams(x, 8, "minmax", lo, hi)
-    assert fake_quant(torch.tensor([0.0]), s, zp, 8).item() == 0.0  # zero is exact
-    assert abs(fake_quant(torch.tensor([hi]), s, zp, 8).item() - hi) <= s
-    errs = {m: float((fake_quant(x, *activation_qparams(x, 8, m, lo, hi), 8) - x).pow(2).mean())
-            for m in ("minmax", "percentile", "mse")}
-    assert errs["mse"] <= errs["minmax"]
+    s, zp = activation_qparams(x, bits, "minmax", lo, hi)
+    assert fake_quant(torch.tensor([0.0]), s, zp, bits).item() == 0.0  # zero is exact
+    assert abs(fake_quant(torch.tensor([hi]), s, zp, bits).item() - hi) <= s
+    err = lambda scale, zero_point: float((fake_quant(x, scale, zero_point, bits) - x).pow(2).mean())
+    errs = {m: err(*activation_qparams(x, bits, m, lo, hi)) for m in ("minmax", "percentile", "mse")}
+    best = min(err(*activation_qparams(x, bits, "minmax", lo * c, hi * c)) for c in FINE)
+    assert errs["mse"] <= 1.01 * best and errs["mse"] < gain * errs["minmax"]
 
 
 def test_config_rejects_unsupported_settings():
