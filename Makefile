@@ -20,7 +20,7 @@ host: venv
 	bash scripts/setup_host.sh
 
 demo: venv
-	$(VPY) -m qvd.demo --out out/demo
+	$(VPY) -m qvd_demo.demo --out out/demo
 
 test-core: venv
 	$(VPY) -m pytest -q tests --ignore=tests/host

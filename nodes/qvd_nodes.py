@@ -10,7 +10,6 @@ import re
 import time
 
 from ..qvd import Calibration, QVDConfig, QVDError, load_quantized, quantize_model, save_calibration, save_quantized
-from ..qvd.config import matches
 from ..qvd.safefile import check_name
 from . import patching
 
@@ -57,14 +56,6 @@ def _new_file(name: str, suffix: str, what: str) -> str:
 
 def _skip_patterns(text: str) -> tuple[str, ...]:
     return tuple(p for p in re.split(r"[\s,]+", text) if p)
-
-
-def _without_skipped(calibration: Calibration, skip: tuple[str, ...]) -> Calibration:
-    """The calibration less the layers the user keeps in full precision (so they are not expected)."""
-    if not skip:
-        return calibration
-    layers = {n: s for n, s in calibration.layers.items() if not matches(n, skip)}
-    return Calibration(layers, calibration.timesteps, calibration.norm_groups)
 
 
 class QVDCalibrate:
@@ -157,9 +148,18 @@ class QVDQuantizeModel:
             raise QVDError("calibration input is not a QVD calibration: connect QVD Calibrate's output")
         config = QVDConfig(w_bits=weight_bits, a_bits=activation_bits, htdq=htdq, scri=scri,
                            skip=_skip_patterns(skip))
-        calibration = _without_skipped(calibration, config.skip)
+        import comfy.utils
+
+        bar = []
+
+        def progress(done, total):
+            if not bar:
+                bar.append(comfy.utils.ProgressBar(total))
+            bar[0].update_absolute(done, total)
+
         start = time.monotonic()
-        clone, result = patching.quantize(model, lambda tree: quantize_model(tree, calibration, config, apply=False))
+        clone, result = patching.quantize(
+            model, lambda tree: quantize_model(tree, calibration, config, apply=False, progress=progress))
         report = summarize(result.report)
         logging.info("QVD Quantize Model: %d modules in %.1f s\n%s", len(result.modules), time.monotonic() - start, report)
         return {"ui": {"text": [report]}, "result": (clone, report)}
@@ -180,8 +180,7 @@ class QVDSaveQuantized:
     def save(self, model, filename):
         path = _new_file(filename, EXTENSION, "file")
         result = patching.result_to_save(model)
-        with patching.ejected(model):
-            save_quantized(path, patching.model_tree(model), result)
+        save_quantized(path, result)
         return {"ui": {"text": [f"saved {os.path.basename(path)}"]}}
 
 
@@ -212,17 +211,22 @@ class QVDLoadQuantized:
 
 
 def summarize(report: list[dict]) -> str:
-    """One line per (model, layer kind, bit widths): layer count and mean relative output error."""
+    """One line per (model, layer kind, bit widths): layer count, how many each handler took (for layers kept in
+    float: why) and the mean relative output error."""
     groups: dict[tuple, list] = {}
     for r in report:
         tree = "unet" if r["name"].startswith(patching.UNET + ".") else "motion"
-        bits = "fp (skipped)" if "skipped" in r else f"W{r['w_bits']}A{r['a_bits']}"
-        groups.setdefault((tree, r["kind"], bits), []).append(r.get("out_rel_err"))
+        bits = "fp" if "skipped" in r else f"W{r['w_bits']}A{r['a_bits']}"
+        groups.setdefault((tree, r["kind"], bits), []).append(r)
     lines = []
-    for (tree, kind, bits), errs in sorted(groups.items()):
-        known = [e for e in errs if e is not None]
+    for (tree, kind, bits), rows in sorted(groups.items()):
+        how: dict[str, int] = {}
+        for r in rows:
+            key = r.get("skipped") or r.get("handler", "")
+            how[key] = how.get(key, 0) + 1
+        known = [r["out_rel_err"] for r in rows if r.get("out_rel_err") is not None]
         err = f", mean rel. output error {sum(known) / len(known):.2e}" if known else ""
-        lines.append(f"{tree} {kind}: {len(errs)} x {bits}{err}")
+        lines.append(f"{tree} {kind}: {len(rows)} x {bits} ({', '.join(f'{k} {v}' for k, v in how.items())}){err}")
     return "\n".join(lines)
 
 

@@ -2,14 +2,15 @@
 
     with Calibrator(unet, cfg) as cal:       # hooks every Linear / Conv2d
         run_sampler(unet)                     # the user's own prompts, frames, steps
-    result = quantize_model(unet, cal.result(), cfg)
-    save_quantized("model.qvd.safetensors", unet_fp, result)
+    result = quantize_model(unet, cal.result(), cfg)   # = build(unet, plan(unet, calibration, cfg))
+    save_quantized("model.qvd.safetensors", result)
 
-Where things are: quantizers.py (uniform weight / activation quantizers), htdq.py (HiDi-TQ + TDScore),
-scri.py (channel range integration), calibrate.py, modules.py (QLinear / QConv2d / HiDiTQLinear),
-delta.py (a host's weight patches, e.g. a LoRA, beside the int8 kernels),
-quantize.py (the entry point), io.py (the file formats) on safefile.py (the verified container),
-kernels/ (reference + CPU + Triton kernels).
+Where things are, bottom to top (a module imports only from the rows above it; tests/test_layers.py):
+errors.py, config.py; identity.py (which layers, what must match, installing), safefile.py (the verified
+container), kernels/ (reference, CPU and Triton int8 kernels); quantizers.py (uniform weight / activation
+quantizers); scri.py (the SCRI transform and its folds), htdq.py (HiDi-TQ + TDScore); calibrate.py (statistics);
+delta.py (a host's weight patches beside the int8 kernels); modules.py (QLinear / QConv2d / HiDiTQLinear);
+quantize.py (plan, then build); io.py (the file formats).
 """
 from .calibrate import Calibration, Calibrator
 from .config import QVDConfig

@@ -4,54 +4,22 @@ Per layer, over every timestep and frame: per-input-channel min / max (SCRI), an
 of ``calib_rows`` input rows (tokens for a Linear, receptive-field patches of the zero-padded input for a
 conv, laid out ``(kh, kw, C)`` like the int8 im2col) used for range search and output-error measurement.
 Temporal layers also keep their input vector at each timestep (HTDQ needs the per-step features).
-LayerNorm / GroupNorm outputs fed unchanged to layers are recorded, so SCRI can fold into the norm.
+LayerNorm / GroupNorm outputs fed unchanged to layers are recorded, so SCRI can fold into the norm: a norm
+forms a group only when its output reaches nothing but those layers (every other torch operation on it, such as
+another node's attention patch, is watched for), since folding changes the tensor every consumer sees.
 """
 from __future__ import annotations
 
 import collections
-import hashlib
 import inspect
-import json
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from .config import QVDConfig, matches
-from .errors import CalibrationError, ModelMismatchError, NonFiniteActivationError
-
-
-def is_quantizable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Conv2d)) and not getattr(module, "qvd_quantized", False)
-
-
-def find_layers(root: nn.Module, cfg: QVDConfig) -> dict[str, nn.Module]:
-    """Linear / Conv2d layers under ``root`` that QVD quantizes (``cfg.skip`` excluded)."""
-    return {n: m for n, m in root.named_modules() if n and is_quantizable(m) and not matches(n, cfg.skip)}
-
-
-def layer_signature(module: nn.Module) -> list:
-    """What must match between calibration, quantized file and model: type and weight shape."""
-    kind = "linear" if isinstance(module, nn.Linear) else "conv"
-    return [kind, list(module.weight.shape)]
-
-
-def fingerprint(layers: dict[str, list]) -> str:
-    return hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def check_layers(expected: dict[str, list], model_layers: dict[str, list], what: str) -> None:
-    """Raise ModelMismatchError naming the first differences between two name -> signature maps."""
-    missing = sorted(set(expected) - set(model_layers))
-    wrong = sorted(n for n in set(expected) & set(model_layers) if expected[n] != model_layers[n])
-    if missing or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} layer(s) absent from the model, e.g. {missing[:3]}")
-        if wrong:
-            n = wrong[0]
-            parts.append(f"{len(wrong)} layer(s) with other shapes, e.g. {n}: {expected[n]} vs {model_layers[n]}")
-        raise ModelMismatchError(f"{what} was made from a different model ({'; '.join(parts)}). "
-                                 f"Use the model it was made from, or calibrate / quantize this model anew.")
+from .config import QVDConfig
+from .errors import CalibrationError, NonFiniteActivationError
+from .identity import find_layers, fingerprint, layer_signature
 
 
 def conv_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
@@ -171,6 +139,30 @@ class Calibration:
         return torch.stack([vec[t] for t in sorted(vec, reverse=True)])
 
 
+# Reads of a tensor's description (``__get__``: .shape, .dtype, ...), not of its values.
+_METADATA = {"size", "dim", "numel", "stride", "is_contiguous", "element_size", "get_device", "is_floating_point",
+             "__len__", "__get__"}
+
+
+class _NormUseWatch(TorchFunctionMode):
+    """Names the norms whose recent output a torch operation reads outside the quantizable layers' forwards."""
+
+    def __init__(self, calibrator: "Calibrator"):
+        super().__init__()
+        self.cal = calibrator
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        cal = self.cal
+        if cal._in_layer == 0 and cal._recent_norm_outputs and getattr(func, "__name__", "") not in _METADATA:
+            watched = {id(t): n for n, t in cal._recent_norm_outputs}
+            for a in (*args, *kwargs.values()):
+                for t in (a if isinstance(a, (list, tuple)) else (a,)):
+                    if id(t) in watched:
+                        cal.norm_other_uses.setdefault(watched[id(t)], getattr(func, "__name__", str(func)))
+        return func(*args, **kwargs)
+
+
 class Calibrator:
     """Context manager hooking every quantizable layer under ``root``; forwards run inside it.
 
@@ -193,6 +185,9 @@ class Calibrator:
         self._handles = []
         self._recent_norm_outputs = collections.deque(maxlen=4)
         self._norm_name = {}
+        self._in_layer = 0  # depth of quantizable layers' forwards running now
+        self._watch = _NormUseWatch(self)
+        self.norm_other_uses: dict[str, str] = {}  # norm -> an operation that read its output besides the layers
 
     def set_timestep(self, t) -> None:
         if torch.is_tensor(t):
@@ -203,14 +198,17 @@ class Calibrator:
     def __enter__(self) -> "Calibrator":
         for name, module in self.layers.items():
             self._handles.append(module.register_forward_pre_hook(self._layer_hook(name), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._layer_done, always_call=True))
         for name, module in self.root.named_modules():
             if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
                 self._norm_name[id(module)] = name
                 self._handles.append(module.register_forward_hook(self._norm_hook))
         self._hook_timestep_argument()
+        self._watch.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._watch.__exit__(*exc)
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -241,10 +239,14 @@ class Calibrator:
         stats = self.stats[name]
 
         def hook(module, args, kwargs):
+            self._in_layer += 1
             x = args[0] if args else kwargs["input"]
             source = next((n for n, t in self._recent_norm_outputs if t is x), None)
             stats.update(module, x, self.timestep, self._gen, source)
         return hook
+
+    def _layer_done(self, *_):
+        self._in_layer -= 1
 
     def result(self) -> Calibration:
         """Finished statistics; raises if nothing ran or a layer saw NaN / Inf."""
@@ -263,4 +265,6 @@ class Calibrator:
         for n, s in seen.items():
             if len(s.norm_sources) == 1 and None not in s.norm_sources:
                 groups[next(iter(s.norm_sources))].append(n)
+        for norm in self.norm_other_uses:
+            groups.pop(norm, None)
         return Calibration(seen, sorted(self.timesteps, reverse=True), dict(groups))

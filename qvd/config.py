@@ -47,6 +47,8 @@ class QVDConfig:
     keep_8bit: patterns forced to W8A8 whatever the bit widths (the first and last convolutions, when
       ``keep_float`` is emptied).
     calib_rows: input rows (tokens / conv patches) kept per layer during calibration.
+    search_channels: output channels (a seeded subset) on which the SCRI alpha search measures a layer's error;
+      layers with no more are searched on all of them; 0: always all (slower, see bench/quantize_time.py).
     """
     w_bits: int = 8
     a_bits: int = 8
@@ -66,6 +68,7 @@ class QVDConfig:
     keep_8bit: tuple = FIRST_LAST_PATTERNS
     temporal: tuple = TEMPORAL_PATTERNS
     calib_rows: int = 256
+    search_channels: int = 512
     seed: int = 0
 
     def __post_init__(self):
@@ -79,6 +82,8 @@ class QVDConfig:
             raise QVDError(f"weight_clip={self.weight_clip!r}: use one of {WEIGHT_CLIPS}")
         if not 16 <= self.calib_rows <= 1 << 20:
             raise QVDError(f"calib_rows={self.calib_rows} is not supported: use 16 to {1 << 20}")
+        if self.search_channels != 0 and not 16 <= self.search_channels <= 1 << 20:
+            raise QVDError(f"search_channels={self.search_channels} is not supported: use 0 (all) or 16 to {1 << 20}")
         if not 0 < self.percentile <= 100:
             raise QVDError(f"percentile={self.percentile} is not a percentile: use a value in (0, 100]")
         if not (self.htdq_lambda >= 0 and self.htdq_window >= 1 and self.scri_max_gain >= 1):

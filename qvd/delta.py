@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .scri import ScriTransform
+
 
 @dataclass
 class WeightDelta:
@@ -39,13 +41,13 @@ class WeightDelta:
     def same_source(self, source: tuple) -> bool:
         return len(source) == len(self.source) and all(a is b for a, b in zip(source, self.source))
 
-    def for_scri_input(self, inv_scale: torch.Tensor) -> "WeightDelta":
-        """The same delta for a Linear / 1x1 conv whose input is ``x' = (x - z) * inv_scale``: ``dW x = (dW s)
-        (x' + z * inv_scale)``, so ``down`` and ``dense`` take the per-input-channel ``s``; the caller passes
-        ``z * inv_scale`` as the call's ``offset``."""
+    def for_scri_input(self, scri: ScriTransform) -> "WeightDelta":
+        """The same delta for a Linear / 1x1 conv whose input is ``x' = (x - z) / s``: ``dW x = (dW s)
+        (x' + z / s)``, so ``down`` and ``dense`` are folded like the layer's weight; the caller passes ``z / s``
+        as the call's ``offset``."""
         if self.down is not None and self.down[0, 0].numel() != 1:
             raise ValueError("a SCRI input transform folds only into Linear / 1x1-conv deltas")
-        scaled = lambda t: None if t is None else (t.float() / _per_input(inv_scale.float(), t)).to(t.dtype)
+        scaled = lambda t: None if t is None else scri.fold_weight(t).to(t.dtype)
         return WeightDelta(scaled(self.down), self.up, scaled(self.dense), self.source)
 
     def to(self, device) -> "WeightDelta":
@@ -74,7 +76,3 @@ class WeightDelta:
             out = out + (F.linear(x, cast(self.dense)) if stride is None
                          else F.conv2d(x, cast(self.dense), None, stride, padding))
         return out
-
-
-def _per_input(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return s.to(t.device).view(1, -1, *([1] * (t.dim() - 2)))

@@ -69,18 +69,21 @@ def discriminability(f: torch.Tensor, window: int = 1) -> torch.Tensor:
     return ((1 - cos) * near).sum(1) / near.sum(1).clamp_min(1)
 
 
-def tdscore(f: torch.Tensor, f_hat: torch.Tensor, window: int = 1) -> float:
-    """Temporal discriminability kept by ``f_hat`` relative to ``f`` (1 = fully kept)."""
+def tdscore(f: torch.Tensor, f_hat: torch.Tensor, window: int = 1, d: torch.Tensor | None = None) -> float:
+    """Temporal discriminability kept by ``f_hat`` relative to ``f`` (1 = fully kept); ``d``: ``f``'s own
+    ``discriminability`` when already known."""
     if f.shape[0] < 2:
         return 1.0
-    d, d_hat = discriminability(f, window), discriminability(f_hat, window)
+    d = discriminability(f, window) if d is None else d
+    d_hat = discriminability(f_hat, window)
     return float(1 - ((d_hat - d).abs() / d.clamp_min(1e-12)).mean())
 
 
-def k_metric(f: torch.Tensor, f_hat: torch.Tensor, lam: float = 1.0, window: int = 1) -> tuple[float, float, float]:
-    """(K, relative L2 error, TDScore)."""
+def k_metric(f: torch.Tensor, f_hat: torch.Tensor, lam: float = 1.0, window: int = 1,
+             d: torch.Tensor | None = None) -> tuple[float, float, float]:
+    """(K, relative L2 error, TDScore); ``d`` as in ``tdscore``."""
     l2 = float((f - f_hat).double().pow(2).sum() / f.double().pow(2).sum().clamp_min(1e-30))
-    td = tdscore(f, f_hat, window)
+    td = tdscore(f, f_hat, window, d)
     return l2 + lam * (1 - td), l2, td
 
 
@@ -101,12 +104,12 @@ def search_hiditq(f: torch.Tensor, bits: int = 8, lam: float = 1.0, window: int 
     f = f.float()
     neg_max, pos_max = float((-f.min()).clamp_min(0)), float(f.max().clamp_min(1e-12))
     shares = sorted(set(neg_shares) | {round(neg_max / (neg_max + pos_max), 4)})
-    best, fn = None, f.numpy()
+    best, fn, d = None, f.numpy(), discriminability(f, window)
     for c in clips:
         for tau in taus:
             for share in shares:
                 levels = hiditq_levels(neg_max, pos_max, bits, c, tau, share)
-                k, l2, td = k_metric(f, torch.from_numpy(_nearest(fn, levels.numpy())), lam, window)
+                k, l2, td = k_metric(f, torch.from_numpy(_nearest(fn, levels.numpy())), lam, window, d)
                 if best is None or k < best.k:
                     best = HiDiTQFit(levels, c, tau, share, k, l2, td)
     return best

@@ -16,7 +16,7 @@ Per norm that absorbed SCRI: ``<norm>.weight`` / ``<norm>.bias`` (F32 [C]). Meta
 ``scri`` = "none" | "kernel" | "norm:<norm>"; convs: ``kernel``, ``stride``, ``padding``), ``norms`` (norm ->
 type name) and the per-layer ``report``.
 
-Calibration: metadata key ``qvd_calibration``, format ``qvd-calibration`` version 2. Tensors per layer:
+Calibration: metadata key ``qvd_calibration``, format ``qvd-calibration`` version 3. Tensors per layer:
 ``<name>::ch_min`` / ``::ch_max`` (F32 [C]), ``::rows`` (F32 [R, D], D = in features or C * kh * kw),
 ``::temporal`` (F32 [T, in], temporal layers). Metadata: ``layers`` (``signature``, ``temporal``, ``calls``,
 ``temporal_timesteps``), ``timesteps``, ``norm_groups`` (norm -> consuming layers), ``fingerprint``.
@@ -30,11 +30,12 @@ import torch
 from torch import nn
 
 from . import safefile
-from .calibrate import Calibration, LayerStats, check_layers, fingerprint, layer_signature
+from .calibrate import Calibration, LayerStats
 from .config import QVDConfig
 from .errors import CalibrationFileError, ModelMismatchError, QuantizedFileError, QVDError
+from .identity import check_layers, fingerprint, install, layer_signature
 from .modules import HiDiTQLinear, QConv2d, QLinear
-from .quantize import QuantizeResult, install
+from .quantize import QuantizeResult
 from .quantizers import act_qrange, weight_qmax
 from .scri import foldable_norm, folded_norm
 
@@ -42,7 +43,7 @@ FORMAT = "qvd-w8a8"
 FORMAT_VERSION = 2  # bump when the layout above changes
 KEY = "qvd"
 CALIBRATION_FORMAT = "qvd-calibration"
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3  # 3: norm groups only where the norm output reaches nothing but the group
 CALIBRATION_KEY = "qvd_calibration"
 MAX_DIM = 1 << 24  # no layer of any diffusion model is wider
 MAX_ABS = 1e6  # bound on a quantized file's scales, biases, shifts, levels and norm affines (no real one nears it)
@@ -163,8 +164,8 @@ class _Schema:
 
 # ---------------------------------------------------------------- quantized model
 
-def save_quantized(path: str, root: nn.Module, result: QuantizeResult, overwrite: bool = False) -> None:
-    """Save the quantized layers of ``result`` (made from ``root``'s fp weights) to one file, atomically."""
+def save_quantized(path: str, result: QuantizeResult, overwrite: bool = False) -> None:
+    """Save the quantized layers of ``result`` to one file, atomically."""
     tensors, layers, norms = {}, {}, {}
     folds = {r["name"]: r.get("scri_fold") for r in result.report}
     for name, module in result.modules.items():
@@ -177,7 +178,7 @@ def save_quantized(path: str, root: nn.Module, result: QuantizeResult, overwrite
                             "w_bits": module.w_bits}
         else:
             scri = "none" if module.scri_shift is None else folds[name] if module.scri_in_norm else "kernel"
-            info = {"w_bits": module.w_bits, "a_bits": module.a_bits, "zero_point": module.act_zero_point,
+            info = {"w_bits": module.w_bits, "a_bits": module.a_bits, "zero_point": module.zero_point,
                     "scri": scri}
             if isinstance(module, QLinear):
                 info.update(kind="linear", **{"in": module.in_features, "out": module.out_features})
@@ -335,9 +336,9 @@ def _verify_weights(path: str, name: str, fp_module: nn.Module, q: nn.Module) ->
     same grid (bits and scales from the file, nothing else taken on trust)."""
     w = fp_module.weight.detach().float().cpu()
     scale = q.weight_scale.cpu().view(-1, *([1] * (w.dim() - 1)))
-    inv = getattr(q, "scri_inv_scale", None)
-    if inv is not None:  # SCRI: the codes are of W * s
-        w = w / inv.cpu().view(1, -1, *([1] * (w.dim() - 2)))
+    scri = getattr(q, "scri", None)
+    if scri is not None:  # SCRI: the codes are of W * s
+        w = scri.fold_weight(w)
     qmax = weight_qmax(q.w_bits)
     norm = w.norm().clamp_min(1e-30)
     err_file = float((q.weight.cpu().float() * scale - w).norm() / norm)
@@ -354,7 +355,7 @@ def _build(info: dict, t: dict) -> nn.Module:
         return HiDiTQLinear(info["in"], info["out"], t["weight"], t["weight_scale"], t["bias"], t["levels"],
                             info["w_bits"])
     kw = dict(weight_q=t["weight"], weight_scale=t["weight_scale"], bias=t["bias"], act_scale=float(t["act_scale"]),
-              act_zero_point=info["zero_point"], w_bits=info["w_bits"], a_bits=info["a_bits"],
+              zero_point=info["zero_point"], w_bits=info["w_bits"], a_bits=info["a_bits"],
               scri_shift=t["scri_shift"], scri_inv_scale=t["scri_inv_scale"],
               scri_in_norm=info["scri"].startswith("norm:"))
     if info["kind"] == "linear":

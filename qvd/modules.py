@@ -20,6 +20,7 @@ from . import kernels
 from .delta import WeightDelta
 from .errors import QVDError
 from .quantizers import act_qrange, dequantize_weight
+from .scri import ScriTransform
 
 
 def _param(t: torch.Tensor | None):
@@ -102,13 +103,13 @@ class _QuantizedBase(_HostHooks):
 
     ``weight`` holds int8 codes of ``W * s`` (``s`` the SCRI scale per input channel, 1 without SCRI) and
     ``bias`` the layer's own bias; the SCRI correction ``W z`` and the zero-point correction are derived from
-    them in ``effective_bias`` (cached; a host may replace or patch the bias).
+    them in ``scri_bias`` and ``epilogue_bias`` (cached; a host may replace or patch the bias).
     ``scri_in_norm``: the SCRI transform is done by the preceding norm, not by the quantize kernel.
     """
 
     qvd_quantized = True
 
-    def __init__(self, weight_q, weight_scale, bias, act_scale, act_zero_point, w_bits, a_bits,
+    def __init__(self, weight_q, weight_scale, bias, act_scale, zero_point, w_bits, a_bits,
                  scri_shift=None, scri_inv_scale=None, scri_in_norm=False):
         super().__init__()
         self.weight = _param(weight_q.to(torch.int8))
@@ -118,7 +119,7 @@ class _QuantizedBase(_HostHooks):
         self.scri_shift = _param(None if scri_shift is None else scri_shift.float())
         self.scri_inv_scale = _param(None if scri_inv_scale is None else scri_inv_scale.float())
         self.scri_in_norm = bool(scri_in_norm)
-        self.act_zero_point = int(act_zero_point)
+        self.zero_point = int(zero_point)
         self.w_bits, self.a_bits = int(w_bits), int(a_bits)
         self.qmin, self.qmax = act_qrange(self.a_bits)
         self.mode = "int"
@@ -133,51 +134,53 @@ class _QuantizedBase(_HostHooks):
                 self._cache[kind] = hit
         return hit[1]
 
-    def _view(self, t: torch.Tensor) -> torch.Tensor:
-        """Per-input-channel vector shaped to broadcast against the weight."""
-        return t.view(1, -1, *([1] * (self.weight.dim() - 2)))
+    @property
+    def scri(self) -> ScriTransform | None:
+        """The SCRI transform of this layer's input (done by the kernel, or by the preceding norm)."""
+        return ScriTransform.stored(self.scri_shift, self.scri_inv_scale)
 
-    def _fold(self, weight: torch.Tensor, bias: torch.Tensor | None, device) -> torch.Tensor:
-        """``b + W z`` for int8 codes ``weight`` and float ``bias``."""
+    def _scri_bias(self, weight: torch.Tensor, bias: torch.Tensor | None, device) -> torch.Tensor:
+        """``b + W z`` for int8 codes ``weight`` and float ``bias``: the bias of the SCRI-transformed input."""
         b = torch.zeros(weight.shape[0], device=device) if bias is None else bias.to(device).float()
-        if self.scri_shift is not None:
-            zs = self._view((self.scri_shift * self.scri_inv_scale).to(device))
-            b = b + (weight.to(device).float() * zs).flatten(1).sum(1) * self.weight_scale.to(device)
+        scri = self.scri
+        if scri is not None:
+            b = scri.folded_bias(dequantize_weight(weight.to(device), self.weight_scale.to(device)), b)
         return b.detach()
 
-    def _epilogue(self, weight: torch.Tensor, fold: torch.Tensor, device) -> torch.Tensor:
-        """``fold - s_x s_w zp sum_k W_q``: the integer kernels' epilogue bias."""
+    def _epilogue(self, weight: torch.Tensor, scri_bias: torch.Tensor, device) -> torch.Tensor:
+        """``b + W z - s_x s_w zp sum_k W_q``: the integer kernels' epilogue bias."""
         rowsum = weight.to(device).flatten(1).sum(1, dtype=torch.int32).float()
-        corr = self.act_scale.to(device).float() * self.weight_scale.to(device) * (self.act_zero_point * rowsum)
-        return (fold - corr).detach()
+        corr = self.act_scale.to(device).float() * self.weight_scale.to(device) * (self.zero_point * rowsum)
+        return (scri_bias - corr).detach()
 
-    def folded_bias(self, device=None) -> torch.Tensor:
-        """``b + W z`` with ``W = dequant(weight) / s``: the bias seen by the SCRI-transformed input (cached)."""
+    def scri_bias(self, device=None) -> torch.Tensor:
+        """``b + W z`` with ``W = dequant(weight) / s`` (cached): the float op's bias (fake mode)."""
         device = self.weight.device if device is None else device
-        return self._cached("folded_bias", device, (self.weight, self.weight_scale, self.bias, self.scri_shift),
-                            lambda: self._fold(self.weight, self.bias, device))
+        return self._cached("scri_bias", device, (self.weight, self.weight_scale, self.bias, self.scri_shift),
+                            lambda: self._scri_bias(self.weight, self.bias, device))
 
-    def effective_bias(self, device=None) -> torch.Tensor:
+    def epilogue_bias(self, device=None) -> torch.Tensor:
         """The integer kernels' epilogue bias for the stored weight (cached)."""
         device = self.weight.device if device is None else device
-        return self._cached("bias", device, (self.weight, self.weight_scale, self.bias, self.act_scale,
-                                             self.scri_shift),
-                            lambda: self._epilogue(self.weight, self.folded_bias(device), device))
+        return self._cached("epilogue_bias", device, (self.weight, self.weight_scale, self.bias, self.act_scale,
+                                                      self.scri_shift),
+                            lambda: self._epilogue(self.weight, self.scri_bias(device), device))
 
     def _operands(self, device, epilogue: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(int8 codes, bias) for this call: the epilogue bias (integer kernels) or the folded bias (fake
-        mode); cached unless host patches apply now."""
+        """(int8 codes, bias) for this call: the epilogue bias (integer kernels) or the SCRI bias (fake mode);
+        cached unless host patches apply now."""
         w, b, patched = self._call_weights(device)
         if not patched:
-            return w, self.effective_bias(device) if epilogue else self.folded_bias(device)
-        fold = self._fold(w, b, device)
-        return w, self._epilogue(w, fold, device) if epilogue else fold
+            return w, self.epilogue_bias(device) if epilogue else self.scri_bias(device)
+        scri_bias = self._scri_bias(w, b, device)
+        return w, self._epilogue(w, scri_bias, device) if epilogue else scri_bias
 
     def _delta_offset(self, device) -> torch.Tensor | None:
         """``z / s``: what the delta adds to a norm-transformed input ``(x - z) / s`` to read ``x / s``."""
         if not self.scri_in_norm or self.scri_shift is None:
             return None
-        return (self.scri_shift * self.scri_inv_scale).to(device)
+        scri = self.scri
+        return (scri.shift / scri.scale).to(device)
 
     def _kernel_scri(self, device):
         if self.scri_shift is None or self.scri_in_norm:
@@ -186,9 +189,9 @@ class _QuantizedBase(_HostHooks):
 
     def _fake_input(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
         shift, inv = self._kernel_scri(x.device)
-        q = kernels.reference.quantize_activation(x, self.act_scale.to(x.device), self.act_zero_point, self.qmin,
+        q = kernels.reference.quantize_activation(x, self.act_scale.to(x.device), self.zero_point, self.qmin,
                                                   self.qmax, shift, inv, channel_dim)
-        return (q.float() - self.act_zero_point) * self.act_scale.to(x.device).float()
+        return (q.float() - self.zero_point) * self.act_scale.to(x.device).float()
 
     def _fake_forward(self, x: torch.Tensor, op) -> torch.Tensor:
         """Simulated rounding in float: the same codes, then a float op with the dequantized weight."""
@@ -197,16 +200,14 @@ class _QuantizedBase(_HostHooks):
 
     def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **_) -> torch.Tensor:
         """The float weight the codes ``weight`` stand for, in the layer's own (pre-SCRI) input domain."""
-        w = weight.float() * self.weight_scale.to(weight.device).view(-1, *([1] * (weight.dim() - 1)))
-        if self.scri_inv_scale is not None:
-            w = w * self._view(self.scri_inv_scale.to(weight.device))
-        return w
+        w = dequantize_weight(weight, self.weight_scale.to(weight.device))
+        return w if self.scri is None else self.scri.unfold_weight(w)
 
     def _for_input(self, delta: WeightDelta) -> WeightDelta:
         """Where the preceding norm does the SCRI transform, the delta is folded so that it still adds ``dW x``
         for the norm's real output ``x`` (with ``_delta_offset`` at each call)."""
         if self.scri_in_norm and self.scri_shift is not None:
-            return delta.for_scri_input(self.scri_inv_scale.to(delta.device))
+            return delta.for_scri_input(self.scri)
         return delta
 
     def extra_repr(self) -> str:
@@ -228,7 +229,7 @@ class QLinear(_QuantizedBase):
             shift, inv = self._kernel_scri(dev)
             w, bias = self._operands(dev, epilogue=True)
             y = kernels.linear_w8a8(x, w, self.weight_scale.to(dev), bias, self.act_scale.to(dev),
-                                    self.act_zero_point, self.qmin, self.qmax, shift, inv)
+                                    self.zero_point, self.qmin, self.qmax, shift, inv)
         return y if delta is None else delta(x, y, offset=self._delta_offset(dev))
 
 
@@ -248,7 +249,7 @@ class QConv2d(_QuantizedBase):
             shift, inv = self._kernel_scri(dev)
             w, bias = self._operands(dev, epilogue=True)
             y = kernels.conv2d_w8a8(x, w, self.weight_scale.to(dev), bias, self.act_scale.to(dev),
-                                    self.act_zero_point, self.qmin, self.qmax, shift, inv, self.stride, self.padding)
+                                    self.zero_point, self.qmin, self.qmax, shift, inv, self.stride, self.padding)
         return y if delta is None else delta(x, y, self.stride, self.padding, self._delta_offset(dev))
 
 
@@ -269,14 +270,17 @@ class HiDiTQLinear(_HostHooks):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         x, dev = input, input.device
         delta = self._current_delta()
-        levels = self.levels.to(dev)
         w, b, _ = self._call_weights(dev)
-        xq = kernels.hiditq_decode(kernels.hiditq_encode(x, levels), levels)
-        y = (xq @ w.t().float()) * self.weight_scale.to(dev)
-        if b is not None:
-            y = y + b
-        y = y.to(x.dtype)
+        y = self.compute(x, self.levels.to(dev), w, self.weight_scale.to(dev), b).to(x.dtype)
         return y if delta is None else delta(x, y)
+
+    @staticmethod
+    def compute(x: torch.Tensor, levels: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer's output: HiDi-TQ codes of ``x`` decoded, times the int8 weight, per-channel scaled."""
+        xq = kernels.hiditq_decode(kernels.hiditq_encode(x, levels), levels)
+        y = (xq @ weight_q.t().float()) * weight_scale
+        return y if bias is None else y + bias
 
     def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **_) -> torch.Tensor:
         """The float weight the codes ``weight`` stand for."""

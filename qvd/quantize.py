@@ -1,25 +1,35 @@
-"""``quantize_model``: turn calibration statistics into quantized layers (the one entry point).
+"""``quantize_model``: calibration statistics -> quantized layers, in two steps: ``plan``, then ``build``.
 
-Per layer: weights per-output-channel symmetric; activations static per tensor (range by ``act_range``).
-With SCRI, alpha is chosen per layer from ``cfg.scri_alphas`` (and "no SCRI") by the layer's W8A8 output
-error on its calibration rows; layers fed by the same LayerNorm / GroupNorm share one alpha, chosen by
-their summed error, and the transform is folded into that norm. Temporal layers use HiDi-TQ (HTDQ).
-The first and last convolutions stay in float (``cfg.keep_float``: 0.02 % of the MACs, the most sensitive).
+``plan`` decides every layer with one of these handlers (in this order) and fits its quantizer:
+
+- ``float``: kept in full precision, with the reason (``keep_float``: the first and last convolutions; never ran in
+  calibration; a conv the kernels do not run: grouped, dilated, non-zero or uneven padding);
+- ``hiditq``: a temporal (time-projection) Linear: HiDi-TQ activation levels searched by K (HTDQ);
+- ``scri-norm``: the layers fed by one LayerNorm / GroupNorm whose output reaches nothing else share one SCRI alpha,
+  chosen by their summed output error; the transform is folded into that norm (``uniform`` if no alpha helps);
+- ``scri-kernel`` / ``uniform``: every other layer takes the SCRI alpha from ``cfg.scri_alphas``, or none
+  (``uniform``), with the lowest W8A8 output error on its rows; the quantize kernel does the transform.
+
+Weights are per-output-channel symmetric, activations static per tensor (range by ``act_range``). ``build`` makes
+the modules (and the folded norm copies); the per-layer report comes from the plan.
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .calibrate import Calibration, check_layers, find_layers, fingerprint, layer_signature
+from .calibrate import Calibration, LayerStats
 from .config import QVDConfig, matches
 from .errors import CalibrationError
-from .htdq import k_metric, search_hiditq
+from .htdq import HiDiTQFit, k_metric, search_hiditq
+from .identity import check_layers, find_layers, fingerprint, install, layer_signature
 from .modules import HiDiTQLinear, QConv2d, QLinear
-from .quantizers import activation_qparams, dequantize_weight, fake_quant, quantize_weight
-from .scri import fold_into_norm, fold_into_weight, foldable_norm, scri_params
+from .quantizers import activation_qparams, dequantize_weight, fake_quant, quantize_weight, round_to_grid_
+from .scri import ScriTransform, foldable_norm
 
 
 @dataclass
@@ -36,90 +46,167 @@ class QuantizeResult:
 
 
 @dataclass
-class _Fit:
-    err: float
-    alpha: float | None
-    z: torch.Tensor | None
-    s: torch.Tensor | None
-    weight_q: torch.Tensor
-    weight_scale: torch.Tensor
-    bias: torch.Tensor | None
+class Fit:
+    """One layer's W8A8 quantizer for one SCRI choice, and its errors on the calibration rows."""
+    err: float                    # ||y_q - y||^2 / ||y||^2 on the search channels
+    err_channels: int             # how many output channels ``err`` measured
+    alpha: float | None           # SCRI alpha (None: no SCRI)
+    scri: ScriTransform | None
+    weight_q: torch.Tensor | None  # int8 codes of W * s, the module's weight layout (set by _Rows.finish)
+    weight_scale: torch.Tensor | None
     act_scale: float
     zero_point: int
-    w_err: float
+    w_err: float                  # ||W_hat - W|| / ||W|| in the layer's own input domain (set by finish)
 
 
 @dataclass
-class _Layer:
-    """One layer's float weight and calibration rows, in the rows layout ((kh, kw, C) for convs)."""
-    w: torch.Tensor          # [N, D]
-    b: torch.Tensor | None
-    rows: torch.Tensor       # [R, D]
-    ch: torch.Tensor         # [D] input channel of each column
-    y: torch.Tensor          # [R, N] float output on the rows
-    shape: tuple             # the module's weight shape
+class TemporalFit:
+    levels: HiDiTQFit
+    weight_q: torch.Tensor
+    weight_scale: torch.Tensor
+    err: float
+    w_err: float
+    timesteps: int
 
-    @classmethod
-    def of(cls, module: nn.Module, stats) -> "_Layer":
+
+@dataclass
+class Decision:
+    """What ``build`` makes of one layer, and why."""
+    name: str
+    module: nn.Module
+    handler: str                  # float | hiditq | scri-norm | scri-kernel | uniform
+    why: str = ""
+    bits: tuple[int, int] = (32, 32)
+    fit: Fit | TemporalFit | None = None
+    norm: str | None = None       # scri-norm: the norm the transform is folded into
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        if self.handler == "hiditq":
+            return "temporal"
+        return "linear" if isinstance(self.module, nn.Linear) else "conv"
+
+    def report(self, cfg: QVDConfig) -> dict:
+        entry = {"name": self.name, "kind": self.kind, "w_bits": self.bits[0], "a_bits": self.bits[1],
+                 "handler": self.handler}
+        if self.handler == "float":
+            return {**entry, "skipped": self.why}
+        f = self.fit
+        entry.update(weight=cfg.weight_clip, out_rel_err=f.err, w_rel_err=f.w_err)
+        if self.handler != "hiditq":
+            entry["out_err_channels"] = f.err_channels
+        if self.handler == "hiditq":
+            lv = f.levels
+            entry.update(act_range="hiditq", tdscore=lv.tdscore, k=lv.k, hiditq_clip=lv.clip, hiditq_tau=lv.tau,
+                         hiditq_neg_share=lv.neg_share, timesteps=f.timesteps)
+        else:
+            fold = None if f.alpha is None else f"norm:{self.norm}" if self.handler == "scri-norm" else "kernel"
+            entry.update(act_range=cfg.act_range, scri_alpha=f.alpha, scri_fold=fold)
+        return {**entry, **self.extra}
+
+
+@dataclass
+class Plan:
+    decisions: list[Decision]
+    norms: dict[str, ScriTransform]   # norm name -> the transform folded into it
+    config: QVDConfig
+
+    @property
+    def report(self) -> list[dict]:
+        return [d.report(self.config) for d in self.decisions]
+
+
+class _Rows:
+    """One layer's float weight ``[N, D]`` and calibration rows ``[R, D]`` in the rows layout (``kh, kw, C`` for a
+    conv, like the calibration's patches).
+
+    The SCRI alpha search, and the output error it reports, measure a seeded subset of ``cfg.search_channels``
+    output channels (every channel when the layer has no more; 0: always every channel). Codes and scales are per
+    output channel, so the subset's are exactly the whole layer's; ``finish`` quantizes the whole layer."""
+
+    def __init__(self, module: nn.Module, stats: LayerStats, cfg: QVDConfig, bits: tuple[int, int]):
+        self.cfg, self.bits = cfg, bits
         w = module.weight.detach().float().cpu()
-        w2 = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1) if w.dim() == 4 else w
+        self.shape = tuple(w.shape)
+        self.w = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1) if w.dim() == 4 else w  # [N, D]
+        self.channel = torch.arange(self.w.shape[1]) % w.shape[1]  # input channel of each column
+        self.rows = stats.rows.float().cpu()
+        self.ch_min, self.ch_max = stats.ch_min.float().cpu(), stats.ch_max.float().cpu()
         b = None if module.bias is None else module.bias.detach().float().cpu()
-        rows = stats.rows.float().cpu()
-        y = rows @ w2.t() + (0 if b is None else b)
-        return cls(w2, b, rows, torch.arange(w2.shape[1]) % w.shape[1], y, tuple(w.shape))
+        n_out, self.sub = self.w.shape[0], None
+        if cfg.search_channels and n_out > cfg.search_channels:
+            gen = torch.Generator().manual_seed(cfg.seed)
+            self.sub = torch.randperm(n_out, generator=gen)[: cfg.search_channels].sort().values
+        self.w_sub = self.w if self.sub is None else self.w[self.sub]
+        self.b_sub = b if self.sub is None or b is None else b[self.sub]
+        self.y_sub = self._output(self.rows, self.w_sub, self.b_sub)
+        self.buf = torch.empty_like(self.w_sub)  # one work tensor: fresh weight-sized tensors are slow to allocate
 
-    def to_module_layout(self, w2: torch.Tensor) -> torch.Tensor:
-        if len(self.shape) == 2:
-            return w2
-        n, c, kh, kw = self.shape
-        return w2.view(n, kh, kw, c).permute(0, 3, 1, 2).contiguous()
+    @staticmethod
+    def _output(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        y = x @ w.t()
+        return y if b is None else y.add_(b)
+
+    def _grid(self, w: torch.Tensor, out: torch.Tensor, cols: ScriTransform | None) -> torch.Tensor:
+        """Fill ``out`` with the integer codes of ``w s`` (as floats); returns their per-row scale."""
+        if cols is None:
+            out.copy_(w)
+        else:
+            torch.mul(w, cols.scale.view(1, -1), out=out)  # cols.fold_weight, without a new tensor
+        return round_to_grid_(out, self.bits[0], self.cfg.weight_clip)
+
+    def _error(self, fit: "Fit", w: torch.Tensor, out: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor,
+               xt: torch.Tensor, cols: ScriTransform | None) -> tuple[float, torch.Tensor]:
+        """(``||y_q - y||^2 / ||y||^2``, the dequantized weight ``W_hat s`` in ``out``) for the rows of ``w``."""
+        ws = self._grid(w, out, cols)
+        w_hat = out.mul_(ws[:, None])
+        if cols is not None:
+            b = cols.folded_bias(w_hat, b)  # the bias QLinear / QConv2d compute
+        yq = self._output(fake_quant(xt, fit.act_scale, fit.zero_point, self.bits[1]), w_hat, b)
+        return float((yq - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)), ws
+
+    def _transform(self, alpha: float | None):
+        """(SCRI transform, its per-column form, transformed rows, transformed input range)."""
+        if alpha is None:
+            return None, None, self.rows, (float(self.ch_min.min()), float(self.ch_max.max()))
+        scri = ScriTransform.from_range(self.ch_min, self.ch_max, alpha, self.cfg.scri_max_gain)
+        cols = scri.columns(self.channel)
+        return scri, cols, cols.apply(self.rows), (float(scri.apply(self.ch_min).min()),
+                                                    float(scri.apply(self.ch_max).max()))
+
+    def fit(self, alpha: float | None) -> Fit:
+        """The activation quantizer for one SCRI choice and its output error on the search channels (``finish``
+        adds the whole layer's codes)."""
+        scri, cols, xt, (lo, hi) = self._transform(alpha)
+        act_scale, zero_point = activation_qparams(xt, self.bits[1], self.cfg.act_range, lo, hi, self.cfg.percentile)
+        fit = Fit(float("nan"), self.w_sub.shape[0], alpha, scri, None, None, act_scale, zero_point, float("nan"))
+        err, _ = self._error(fit, self.w_sub, self.buf, self.b_sub, self.y_sub, xt, cols)
+        return dataclasses.replace(fit, err=err)
+
+    def finish(self, fit: Fit) -> Fit:
+        """The chosen fit on the whole layer: int8 codes (module layout), scales and the weight error."""
+        cols = None if fit.scri is None else fit.scri.columns(self.channel)
+        out = self.buf if self.sub is None else torch.empty_like(self.w)
+        ws = self._grid(self.w, out, cols)
+        codes = out.to(torch.int8)
+        w_real = out.mul_(ws[:, None])  # dequantize_weight(codes, ws), in place
+        if cols is not None:
+            w_real.div_(cols.scale.view(1, -1))  # cols.unfold_weight, in place
+        w_err = float(w_real.sub_(self.w).norm() / self.w.norm().clamp_min(1e-30))
+        if len(self.shape) == 4:
+            n, c, kh, kw = self.shape
+            codes = codes.view(n, kh, kw, c).permute(0, 3, 1, 2).contiguous()
+        return dataclasses.replace(fit, weight_q=codes, weight_scale=ws, w_err=w_err)
 
 
-def _fit(layer: _Layer, stats, cfg: QVDConfig, w_bits: int, a_bits: int, alpha: float | None) -> _Fit:
-    """Quantize one layer for one SCRI choice and measure its output error on the calibration rows."""
-    if alpha is None:
-        z, s, wt, xt, s_d = None, None, layer.w, layer.rows, 1.0
-        lo, hi = float(stats.ch_min.min()), float(stats.ch_max.max())
-    else:
-        z, s = scri_params(stats.ch_min.float().cpu(), stats.ch_max.float().cpu(), alpha, cfg.scri_max_gain)
-        s_d, z_d = s[layer.ch], z[layer.ch]
-        wt = fold_into_weight(layer.w, None, z_d, s_d)[0]
-        xt = (layer.rows - z_d) / s_d
-        lo = float(((stats.ch_min.cpu() - z) / s).min())
-        hi = float(((stats.ch_max.cpu() - z) / s).max())
-    wq, ws = quantize_weight(wt, w_bits, cfg.weight_clip)
-    w_hat = dequantize_weight(wq, ws)
-    bt = layer.b
-    if z is not None:  # bias correction from the quantized weight, as QLinear / QConv2d compute it
-        bt = fold_into_weight(w_hat / s_d, layer.b, z_d, torch.ones_like(s_d))[1]
-    act_scale, zp = activation_qparams(xt, a_bits, cfg.act_range, lo, hi, cfg.percentile)
-    yq = fake_quant(xt, act_scale, zp, a_bits) @ w_hat.t() + (0 if bt is None else bt)
-    err = float((yq - layer.y).pow(2).sum() / layer.y.pow(2).sum().clamp_min(1e-30))
-    w_err = float((w_hat / s_d - layer.w).norm() / layer.w.norm().clamp_min(1e-30))
-    return _Fit(err, alpha, z, s, layer.to_module_layout(wq), ws, layer.b, act_scale, zp, w_err)
-
-
-def _candidates(cfg: QVDConfig, names: list[str]) -> list:
+def _alphas(cfg: QVDConfig, names: list[str]) -> list:
     """SCRI alphas to try for layers sharing one input (None = no SCRI)."""
     allowed = cfg.scri and not any(matches(n, cfg.scri_skip) for n in names)
     return [None] + (list(cfg.scri_alphas) if allowed else [])
 
 
-def _build(name: str, module: nn.Module, fit: _Fit, w_bits: int, a_bits: int, scri_in_norm: bool) -> nn.Module:
-    scri = {}
-    if fit.z is not None:
-        scri = {"scri_shift": fit.z, "scri_inv_scale": 1.0 / fit.s, "scri_in_norm": scri_in_norm}
-    kw = dict(weight_q=fit.weight_q, weight_scale=fit.weight_scale, bias=fit.bias, act_scale=fit.act_scale,
-              act_zero_point=fit.zero_point, w_bits=w_bits, a_bits=a_bits, **scri)
-    if isinstance(module, nn.Linear):
-        q = QLinear(module.in_features, module.out_features, **kw)
-    else:
-        q = QConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride[0],
-                    module.padding[0], **kw)
-    return q.to(module.weight.device)
-
-
-def _supported(module: nn.Module) -> bool:
+def _kernel_runs(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True
     return (module.groups == 1 and module.dilation == (1, 1) and len(set(module.stride)) == 1
@@ -127,132 +214,162 @@ def _supported(module: nn.Module) -> bool:
             and module.padding_mode == "zeros")
 
 
-def _report(name, kind, w_bits, a_bits, cfg, fit: _Fit | None = None, fold=None, **extra) -> dict:
-    entry = {"name": name, "kind": kind, "w_bits": w_bits, "a_bits": a_bits,
-             "weight": cfg.weight_clip, "act_range": cfg.act_range}
-    if fit is not None:
-        entry.update(scri_alpha=fit.alpha, scri_fold=fold if fit.alpha is not None else None,
-                     out_rel_err=fit.err, w_rel_err=fit.w_err)
-    entry.update(extra)
-    return entry
+# ------------------------------------------------------------------ the handlers
+
+def _float_reason(name: str, module: nn.Module, calibration: Calibration, cfg: QVDConfig) -> str | None:
+    if matches(name, cfg.keep_float):
+        return "first / last layer kept in float (keep_float)"
+    if name not in calibration.layers:
+        return "never ran in calibration"
+    if not _kernel_runs(module):
+        return "grouped / dilated / non-zero-padded conv"
+    return None
 
 
-def _quantize_temporal(name, module, calibration, cfg, stats):
+def _plan_hiditq(name: str, module: nn.Module, calibration: Calibration, cfg: QVDConfig) -> Decision:
+    stats = calibration.layers[name]
     f = calibration.temporal_features(name) if stats.temporal_vectors else stats.rows.float()
     w = module.weight.detach().float().cpu()
     b = None if module.bias is None else module.bias.detach().float().cpu()
     wq, ws = quantize_weight(w, cfg.w_bits, cfg.weight_clip)
-    w_err = float((dequantize_weight(wq, ws) - w).norm() / w.norm().clamp_min(1e-30))
-    fit = search_hiditq(f, cfg.a_bits, cfg.htdq_lambda, cfg.htdq_window)
-    q = HiDiTQLinear(module.in_features, module.out_features, wq, ws, b, fit.levels, cfg.w_bits)
-    with torch.no_grad():
-        y = f @ w.t() + (0 if b is None else b)
-        err = float((q(f) - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30))
-    entry = {"name": name, "kind": "temporal", "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
-             "weight": cfg.weight_clip, "act_range": "hiditq", "out_rel_err": err, "w_rel_err": w_err,
-             "tdscore": fit.tdscore, "k": fit.k, "hiditq_clip": fit.clip, "hiditq_tau": fit.tau,
-             "hiditq_neg_share": fit.neg_share, "timesteps": int(f.shape[0])}
-    return q.to(module.weight.device), entry
+    w_hat = dequantize_weight(wq, ws)
+    levels = search_hiditq(f, cfg.a_bits, cfg.htdq_lambda, cfg.htdq_window)
+    y = f @ w.t() + (0 if b is None else b)
+    yq = HiDiTQLinear.compute(f, levels.levels, wq, ws, b)
+    err = float((yq - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30))
+    w_err = float((w_hat - w).norm() / w.norm().clamp_min(1e-30))
+    fit = TemporalFit(levels, wq, ws, err, w_err, int(f.shape[0]))
+    return Decision(name, module, "hiditq", "temporal layer (HTDQ)", (cfg.w_bits, cfg.a_bits), fit)
 
 
-def _temporal_uniform_tdscore(calibration, name, fit: _Fit, cfg) -> float | None:
+def _uniform_tdscore(calibration: Calibration, name: str, fit: Fit, cfg: QVDConfig) -> float | None:
     """TDScore of a temporal layer quantized with the uniform quantizer (for the ablation report)."""
     if not calibration.layers[name].temporal_vectors:
         return None
     f = calibration.temporal_features(name)
-    z, s = (0.0, 1.0) if fit.z is None else (fit.z, fit.s)  # the quantizer sees SCRI's (f - z) / s
-    f_hat = fake_quant((f - z) / s, fit.act_scale, fit.zero_point, cfg.a_bits) * s + z
+    if fit.scri is None:
+        f_hat = fake_quant(f, fit.act_scale, fit.zero_point, cfg.a_bits)
+    else:  # the quantizer sees SCRI's (f - z) / s
+        f_hat = fit.scri.unapply(fake_quant(fit.scri.apply(f), fit.act_scale, fit.zero_point, cfg.a_bits))
     return k_metric(f, f_hat, cfg.htdq_lambda, cfg.htdq_window)[2]
 
 
-def quantize_model(root: nn.Module, calibration: Calibration, config: QVDConfig | None = None,
-                   apply: bool = True) -> QuantizeResult:
-    """Quantize every calibrated Linear / Conv2d under ``root``.
+def _plan_layer(name: str, module: nn.Module, calibration: Calibration, cfg: QVDConfig) -> Decision:
+    bits = cfg.layer_bits(name)
+    rows = _Rows(module, calibration.layers[name], cfg, bits)
+    fit = rows.finish(min((rows.fit(a) for a in _alphas(cfg, [name])), key=lambda f: f.err))
+    extra = {"tdscore": _uniform_tdscore(calibration, name, fit, cfg)} if cfg.is_temporal(name) else {}
+    handler, why = ("uniform", "no SCRI alpha lowers the output error") if fit.alpha is None else \
+        ("scri-kernel", "lowest output error; the quantize kernel does the transform")
+    return Decision(name, module, handler, why, bits, fit, extra=extra)
 
-    Returns the replacement modules (including folded norm copies) and a per-layer report (``out_rel_err``
-    and ``w_rel_err``: ``||y_q - y||^2 / ||y||^2`` of the layer output on its calibration rows, and the
-    relative L2 error of the weights; ``tdscore`` for temporal layers). With
-    ``apply=True`` they are installed in ``root``; with ``apply=False`` ``root`` is left untouched (hosts
-    such as ComfyUI install them as object patches).
-    """
+
+def _norm_group(norm: nn.Module | None, names: list[str], layers: dict[str, nn.Module], cfg: QVDConfig) -> bool:
+    """Whether SCRI folds exactly into ``norm`` for its consumers ``names`` (all of them quantized here)."""
+    if norm is None or not foldable_norm(norm) or not names or not all(n in layers for n in names):
+        return False
+    mods = [layers[n] for n in names]
+    if any(cfg.is_temporal(n) for n in names) or not all(_kernel_runs(m) for m in mods):
+        return False
+    if isinstance(norm, nn.LayerNorm):
+        return all(isinstance(m, nn.Linear) for m in mods)
+    return all(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.padding == (0, 0) for m in mods)
+
+
+def _plan_norm_group(norm_name: str, names: list[str], layers: dict[str, nn.Module], calibration: Calibration,
+                     cfg: QVDConfig) -> tuple[list[Decision], ScriTransform | None]:
+    bits = [cfg.layer_bits(n) for n in names]
+    rows = [_Rows(layers[n], calibration.layers[n], cfg, b) for n, b in zip(names, bits)]
+    best = None
+    for alpha in _alphas(cfg, names):
+        fits = [r.fit(alpha) for r in rows]
+        if best is None or sum(f.err for f in fits) < sum(f.err for f in best):
+            best = fits
+    best = [r.finish(f) for r, f in zip(rows, best)]
+    if best[0].alpha is None:
+        return [Decision(n, layers[n], "uniform", f"no SCRI alpha lowers the error of the layers fed by {norm_name}",
+                         b, f) for n, b, f in zip(names, bits, best)], None
+    why = f"one alpha for the layers fed by {norm_name}, folded into it"
+    return [Decision(n, layers[n], "scri-norm", why, b, f, norm=norm_name)
+            for n, b, f in zip(names, bits, best)], best[0].scri
+
+
+def plan(root: nn.Module, calibration: Calibration, config: QVDConfig | None = None,
+         progress: Callable[[int, int], None] | None = None) -> Plan:
+    """Decide and fit every Linear / Conv2d under ``root`` QVD quantizes (see module docstring); ``progress(done,
+    total)`` is called as layers are decided."""
     cfg = config or QVDConfig()
     if not isinstance(calibration, Calibration):
         raise CalibrationError("quantize_model needs a Calibration (run a Calibrator over the model first)")
-    every_layer = find_layers(root, QVDConfig())  # skipped layers still count as the model's own
-    targets = find_layers(root, cfg)
-    layers = {n: m for n, m in targets.items() if not matches(n, cfg.keep_float)}
+    every_layer = find_layers(root, QVDConfig())  # layers the user skips still count as the model's own
     check_layers(calibration.signatures, {n: layer_signature(m) for n, m in every_layer.items()}, "the calibration")
-    named = dict(root.named_modules())
-    modules, report, done = {}, [], set()
-
+    targets = find_layers(root, cfg)
+    decided: dict[str, Decision] = {}
+    report = (lambda: progress(len(decided), len(targets))) if progress else (lambda: None)
+    for name, module in targets.items():
+        why = _float_reason(name, module, calibration, cfg)
+        if why is not None:
+            decided[name] = Decision(name, module, "float", why)
+        elif cfg.htdq and cfg.is_temporal(name) and isinstance(module, nn.Linear):
+            decided[name] = _plan_hiditq(name, module, calibration, cfg)
+            report()
+    layers = {n: m for n, m in targets.items() if n not in decided}
+    norms = {}
     if cfg.scri and cfg.scri_fold_norm:
-        for norm_name, consumers in calibration.norm_groups.items():
-            norm = named.get(norm_name)
-            group = [n for n in consumers if n in layers]
-            if not group or norm is None or not foldable_norm(norm) or len(group) != len(consumers):
-                continue
-            mods = [layers[n] for n in group]
-            if any(cfg.is_temporal(n) for n in group) or not all(_supported(m) for m in mods):
-                continue
-            if isinstance(norm, nn.LayerNorm) and not all(isinstance(m, nn.Linear) for m in mods):
-                continue
-            if isinstance(norm, nn.GroupNorm) and not all(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
-                                                          and m.padding == (0, 0) for m in mods):
-                continue
-            bits = [cfg.layer_bits(n) for n in group]
-            best = None
-            data = [_Layer.of(m, calibration.layers[n]) for n, m in zip(group, mods)]
-            for alpha in _candidates(cfg, group):
-                fits = [_fit(d, calibration.layers[n], cfg, *bw, alpha) for n, d, bw in zip(group, data, bits)]
-                total = sum(f.err for f in fits)
-                if best is None or total < best[0]:
-                    best = (total, fits)
-            fits = best[1]
-            for n, m, bw, f in zip(group, mods, bits, fits):
-                modules[n] = _build(n, m, f, *bw, scri_in_norm=True)
-                report.append(_report(n, "linear" if isinstance(m, nn.Linear) else "conv", *bw, cfg, f,
-                                      fold=f"norm:{norm_name}"))
-                done.add(n)
-            if fits[0].alpha is not None:
-                modules[norm_name] = fold_into_norm(norm, fits[0].z.to(norm.weight.device),
-                                                    fits[0].s.to(norm.weight.device))
-
-    report += [{"name": n, "kind": "linear" if isinstance(m, nn.Linear) else "conv", "w_bits": 32, "a_bits": 32,
-                "skipped": "first / last layer kept in float (keep_float)"}
-               for n, m in targets.items() if n not in layers]
+        named = dict(root.named_modules())
+        for norm_name, names in calibration.norm_groups.items():
+            if _norm_group(named.get(norm_name), names, layers, cfg):
+                group, norms[norm_name] = _plan_norm_group(norm_name, names, layers, calibration, cfg)
+                decided.update((d.name, d) for d in group)
+                report()
+        norms = {n: t for n, t in norms.items() if t is not None}
     for name, module in layers.items():
-        if name in done:
-            continue
-        stats = calibration.layers.get(name)
-        kind = "linear" if isinstance(module, nn.Linear) else "conv"
-        if stats is None:
-            report.append({"name": name, "kind": kind, "w_bits": 32, "a_bits": 32, "skipped": "never ran in calibration"})
-            continue
-        if not _supported(module):
-            report.append({"name": name, "kind": kind, "w_bits": 32, "a_bits": 32,
-                           "skipped": "grouped / dilated / non-zero-padded conv"})
-            continue
-        if cfg.htdq and cfg.is_temporal(name) and isinstance(module, nn.Linear):
-            modules[name], entry = _quantize_temporal(name, module, calibration, cfg, stats)
-            report.append(entry)
-            continue
-        bw = cfg.layer_bits(name)
-        data = _Layer.of(module, stats)
-        fit = min((_fit(data, stats, cfg, *bw, a) for a in _candidates(cfg, [name])), key=lambda f: f.err)
-        modules[name] = _build(name, module, fit, *bw, scri_in_norm=False)
-        extra = {}
-        if cfg.is_temporal(name):
-            extra["tdscore"] = _temporal_uniform_tdscore(calibration, name, fit, cfg)
-        report.append(_report(name, kind, *bw, cfg, fit, fold="kernel", **extra))
+        if name not in decided:
+            decided[name] = _plan_layer(name, module, calibration, cfg)
+            report()
+    return Plan([decided[n] for n in targets], norms, cfg)
 
+
+def _module(d: Decision) -> nn.Module:
+    f, m = d.fit, d.module
+    if d.handler == "hiditq":
+        q = HiDiTQLinear(m.in_features, m.out_features, f.weight_q, f.weight_scale,
+                         None if m.bias is None else m.bias.detach().float().cpu(), f.levels.levels, d.bits[0])
+        return q.to(m.weight.device)
+    scri = {}
+    if f.scri is not None:
+        scri = {"scri_shift": f.scri.shift, "scri_inv_scale": f.scri.inv_scale, "scri_in_norm": d.norm is not None}
+    kw = dict(weight_q=f.weight_q, weight_scale=f.weight_scale,
+              bias=None if m.bias is None else m.bias.detach().float().cpu(), act_scale=f.act_scale,
+              zero_point=f.zero_point, w_bits=d.bits[0], a_bits=d.bits[1], **scri)
+    if isinstance(m, nn.Linear):
+        q = QLinear(m.in_features, m.out_features, **kw)
+    else:
+        q = QConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride[0], m.padding[0], **kw)
+    return q.to(m.weight.device)
+
+
+def build(root: nn.Module, p: Plan) -> QuantizeResult:
+    """The plan's quantized modules (and folded norm copies), without installing them."""
+    modules = {d.name: _module(d) for d in p.decisions if d.handler != "float"}
+    named = dict(root.named_modules())
+    for norm_name, scri in p.norms.items():
+        modules[norm_name] = scri.fold_norm(named[norm_name])
+    signatures = {d.name: layer_signature(d.module) for d in p.decisions if d.handler != "float"}
+    return QuantizeResult(modules, p.report, p.config, signatures)
+
+
+def quantize_model(root: nn.Module, calibration: Calibration, config: QVDConfig | None = None,
+                   apply: bool = True, progress: Callable[[int, int], None] | None = None) -> QuantizeResult:
+    """Quantize every calibrated Linear / Conv2d under ``root``: ``build(root, plan(root, calibration, config))``.
+
+    The report has one entry per layer: its handler, ``out_rel_err`` and ``w_rel_err`` (``||y_q - y||^2 / ||y||^2``
+    of the layer output on its calibration rows, and the relative L2 error of the weights), ``tdscore`` for temporal
+    layers, ``skipped`` (why) for layers kept in float. With ``apply=True`` the modules are installed in ``root``;
+    with ``apply=False`` ``root`` is left untouched (hosts such as ComfyUI install them as object patches).
+    ``progress(done, total)``: see ``plan``.
+    """
+    result = build(root, plan(root, calibration, config, progress))
     if apply:
-        install(root, modules)
-    signatures = {n: layer_signature(layers[n]) for n in modules if n in layers}
-    return QuantizeResult(modules, report, cfg, signatures)
-
-
-def install(root: nn.Module, modules: dict[str, nn.Module]) -> None:
-    """Replace submodules of ``root`` by name."""
-    for name, module in modules.items():
-        parent, _, child = name.rpartition(".")
-        setattr(root.get_submodule(parent) if parent else root, child, module)
+        install(root, result.modules)
+    return result

@@ -23,9 +23,17 @@ def act_qrange(bits: int) -> tuple[int, int]:
 
 def quantize_weight(w: torch.Tensor, bits: int, clip: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel symmetric quantization of ``w [N, ...]`` -> (int8 codes, fp32 scale [N])."""
+    grid = w.detach().float().reshape(w.shape[0], -1).clone()
+    scale = round_to_grid_(grid, bits, clip)
+    return grid.to(torch.int8).reshape(w.shape), scale
+
+
+def round_to_grid_(w2: torch.Tensor, bits: int, clip: str = "minmax") -> torch.Tensor:
+    """Replace fp32 ``w2 [N, D]`` in place by its integer codes (as floats); returns the per-row scale [N].
+
+    In place because fresh tensors of a layer's weight size cost more to allocate than to compute."""
     qmax = weight_qmax(bits)
-    w2 = w.detach().float().reshape(w.shape[0], -1)
-    amax = w2.abs().amax(1).clamp_min(1e-12)
+    amax = torch.maximum(-w2.amin(1), w2.amax(1)).clamp_min(1e-12)  # max |w| per row, without a new tensor
     if clip == "mse":
         best_err = torch.full_like(amax, float("inf"))
         best = amax.clone()
@@ -37,12 +45,13 @@ def quantize_weight(w: torch.Tensor, bits: int, clip: str = "minmax") -> tuple[t
             best = torch.where(better, amax * c, best)
         amax = best
     scale = amax / qmax
-    q = (w2 / scale[:, None]).round().clamp(-qmax, qmax).to(torch.int8)
-    return q.reshape(w.shape), scale
+    w2.div_(scale[:, None]).round_().clamp_(-qmax, qmax)
+    return scale
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale.view(-1, *([1] * (q.dim() - 1)))
+    """``q s`` in fp32 (int8 codes promote in the multiply: one pass, exact)."""
+    return q * scale.float().view(-1, *([1] * (q.dim() - 1)))
 
 
 def _affine_params(lo: float, hi: float, bits: int) -> tuple[float, int]:
@@ -57,7 +66,7 @@ def _affine_params(lo: float, hi: float, bits: int) -> tuple[float, int]:
 def fake_quant(x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
     """Quantize-dequantize with a static affine quantizer (float in, float out)."""
     qmin, qmax = act_qrange(bits)
-    return ((x / scale).round() + zero_point).clamp(qmin, qmax).sub(zero_point).mul(scale)
+    return (x / scale).round_().add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
 
 
 def activation_qparams(values: torch.Tensor, bits: int, method: str, lo: float, hi: float,

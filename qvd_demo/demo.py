@@ -1,6 +1,6 @@
 """``make demo``: calibrate, quantize W8A8 with QVD, render FP vs W8A8 clips and write a report.
 
-    python -m qvd.demo --out out/demo
+    python -m qvd_demo.demo --out out/demo
 
 Uses the shipped TinyVDM (an AnimateDiff-architecture UNetMotionModel trained on procedural videos,
 ``assets/tiny_vdm.safetensors``); falls back to the seeded untrained model if the weights are absent.
@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from . import QVDConfig, save_quantized
+from qvd import QVDConfig, save_quantized
+from qvd.modules import HiDiTQLinear, QConv2d, QLinear
+
 from . import evaluate, tinyvdm
-from .modules import HiDiTQLinear, QConv2d, QLinear
 
 CALIB_CLASSES = ("red square", "green circle", "blue triangle")
 DEMO_CLASSES = ("red circle", "blue square", "green triangle")
@@ -73,7 +74,7 @@ def main(argv=None) -> dict:
     qfile = out / "tiny_vdm.qvd.safetensors"
     if qfile.exists():
         qfile.unlink()  # the demo's own output from a previous run
-    save_quantized(qfile, model, result)
+    save_quantized(qfile, result)
 
     clips = []
     for i, cls in enumerate(DEMO_CLASSES):

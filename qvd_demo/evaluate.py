@@ -11,10 +11,11 @@ import math
 
 import torch
 
+from qvd.calibrate import Calibration, Calibrator
+from qvd.config import QVDConfig
+from qvd.quantize import QuantizeResult, quantize_model
+
 from . import tinyvdm as T
-from .calibrate import Calibration, Calibrator
-from .config import QVDConfig
-from .quantize import QuantizeResult, quantize_model
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:

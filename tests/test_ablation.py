@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qvd import tinyvdm as T
+from qvd_demo import tinyvdm as T
 from tools import ablation as A
 
 

@@ -27,3 +27,13 @@ def test_the_lora_branch_bench_puts_a_branch_of_the_loras_own_size_on_every_atte
     assert not torch.equal(inputs.run(q, 600), before)
     held, lora = attach(layers, rank=None)
     assert lora == 0 and held == sum(m.weight.numel() * 2 for m in layers.values())
+
+
+def test_the_quantize_time_bench_times_both_steps_of_quantize_model(unet, calibration, quantized):
+    from bench.quantize_time import SD15_MOTION, timed_quantize
+    from qvd import QVDConfig
+
+    result, t_plan, t_build, kinds = timed_quantize(unet, calibration, QVDConfig())
+    assert t_plan > 0 and t_build > 0 and sum(kinds.values()) == len(calibration.layers)
+    assert result.report == quantized[1].report
+    assert SD15_MOTION["cross_attention_dim"] == 768 and SD15_MOTION["use_motion_mid_block"]  # mm_sd_v15_v2

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from qvd import demo
+from qvd_demo import demo
 
 
 @pytest.mark.slow

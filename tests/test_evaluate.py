@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from qvd import evaluate as E
-from qvd import tinyvdm as T
+from qvd_demo import evaluate as E
+from qvd_demo import tinyvdm as T
 
 
 def test_identical_clips_are_perfect():

@@ -15,7 +15,7 @@ import torch
 from qvd import (Calibrator, QVDConfig, QVDError, load_calibration, load_quantized, quantize_model, save_calibration,
                  save_quantized)
 from qvd.io import CALIBRATION_KEY, KEY
-from qvd.quantize import install
+from qvd.identity import install
 
 import file_mutations as fm
 from unet_fixtures import TIMESTEPS
@@ -40,7 +40,7 @@ def small(unet, inputs):
 def _same_quantized(a, b) -> bool:
     if set(a.modules) != set(b.modules):
         return False
-    attrs = ("act_zero_point", "w_bits", "a_bits", "scri_in_norm", "stride", "padding", "kernel_size", "in_features",
+    attrs = ("zero_point", "w_bits", "a_bits", "scri_in_norm", "stride", "padding", "kernel_size", "in_features",
              "out_features", "in_channels", "out_channels")
     for n, ma in a.modules.items():
         mb = b.modules[n]
@@ -122,7 +122,7 @@ def _report(kind: str, run: _Run, seconds: float) -> None:
 @pytest.mark.slow
 def test_fuzz_quantized_files(unet, inputs, small, tmp_path):
     src = tmp_path / "good.safetensors"
-    save_quantized(src, unet, small[1])
+    save_quantized(src, small[1])
 
     def runs(result):
         model = copy.deepcopy(unet)

@@ -23,7 +23,7 @@ from unet_fixtures import build_unet
 @pytest.fixture(scope="module")
 def saved(unet, quantized, tmp_path_factory):
     path = tmp_path_factory.mktemp("qvd") / "model.safetensors"
-    save_quantized(path, unet, quantized[1])
+    save_quantized(path, quantized[1])
     return path
 
 
@@ -62,11 +62,11 @@ def test_round_trip_is_bit_exact(unet, inputs, quantized, saved):
 def test_never_overwrites_and_is_readable_like_other_model_files(unet, quantized, saved, tmp_path):
     before = saved.read_bytes()
     with pytest.raises(FileExistsError, match="choose another file name"):
-        save_quantized(saved, unet, quantized[1])
+        save_quantized(saved, quantized[1])
     assert saved.read_bytes() == before
     old = os.umask(0o022)
     try:
-        save_quantized(tmp_path / "shared.safetensors", unet, quantized[1])
+        save_quantized(tmp_path / "shared.safetensors", quantized[1])
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "shared.safetensors").st_mode) == 0o644
@@ -77,22 +77,19 @@ def test_saving_works_where_the_file_system_has_no_hard_links(unet, inputs, quan
     def no_link(*_):
         raise PermissionError(1, "Operation not permitted")
     monkeypatch.setattr(os, "link", no_link)
-    save_quantized(tmp_path / "fat.safetensors", unet, quantized[1])
+    save_quantized(tmp_path / "fat.safetensors", quantized[1])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fat.safetensors"]
     fresh = copy.deepcopy(unet)
     load_quantized(tmp_path / "fat.safetensors", fresh)
     assert torch.equal(inputs.run(fresh, 999), inputs.run(quantized[0], 999))
     with pytest.raises(FileExistsError):
-        save_quantized(tmp_path / "fat.safetensors", unet, quantized[1])
+        save_quantized(tmp_path / "fat.safetensors", quantized[1])
 
 
 def test_a_name_too_long_is_refused_before_anything_is_written(unet, quantized, calibration, tmp_path):
     for save, obj in ((save_quantized, quantized[1]), (save_calibration, calibration)):
         with pytest.raises(QVDError, match="at most 255 bytes"):
-            if save is save_quantized:
-                save(tmp_path / ("x" * 10_000 + ".safetensors"), unet, obj)
-            else:
-                save(tmp_path / ("x" * 10_000 + ".safetensors"), obj)
+            save(tmp_path / ("x" * 10_000 + ".safetensors"), obj)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -100,7 +97,7 @@ def test_a_result_without_quantized_layers_is_not_saved(unet, quantized, tmp_pat
     from qvd import QuantizeResult
     empty = QuantizeResult({}, [], quantized[1].config, {})
     with pytest.raises(QVDError, match="no quantized layer"):
-        save_quantized(tmp_path / "empty.safetensors", unet, empty)
+        save_quantized(tmp_path / "empty.safetensors", empty)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -7,8 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qvd import Calibrator, QVDConfig, quantize_model
-from qvd.scri import fold_into_norm, fold_into_weight, scri_params
-
+from qvd.scri import ScriTransform
 
 
 def scattered(n: int, c: int, seed: int = 0) -> torch.Tensor:
@@ -23,20 +22,25 @@ def scattered(n: int, c: int, seed: int = 0) -> torch.Tensor:
 def test_linear_fold_is_exact(alpha):
     x = scattered(64, 48).double()
     lin = nn.Linear(48, 24).double()
-    z, s = scri_params(x.amin(0).float(), x.amax(0).float(), alpha)
-    w2, b2 = fold_into_weight(lin.weight.double(), lin.bias.double(), z.double(), s.double())
-    y2 = ((x - z.double()) / s.double()) @ w2.t().double() + b2.double()
+    t = ScriTransform.from_range(x.amin(0), x.amax(0), alpha)
+    t = ScriTransform(t.shift.double(), t.scale.double())
+    w = lin.weight.double()
+    w2, b2 = t.fold_weight(w).double(), t.fold_bias(w, lin.bias.double()).double()
+    y2 = t.apply(x) @ w2.t() + b2
     assert torch.allclose(y2, lin(x), atol=1e-10, rtol=1e-10)
+    assert torch.allclose(t.unfold_weight(w2).double(), w, atol=1e-12) and torch.allclose(t.unapply(t.apply(x)), x)
 
 
 def test_padded_conv_fold_is_exact_at_the_borders():
     x = scattered(2 * 9 * 9, 6).view(2, 9, 9, 6).permute(0, 3, 1, 2).double()
     conv = nn.Conv2d(6, 5, 3, padding=1).double()
-    z, s = scri_params(x.amin((0, 2, 3)).float(), x.amax((0, 2, 3)).float(), 0.75)
-    w2, b2 = fold_into_weight(conv.weight.double(), conv.bias.double(), z.double(), s.double())
+    t = ScriTransform.from_range(x.amin((0, 2, 3)), x.amax((0, 2, 3)), 0.75)
+    t = ScriTransform(t.shift.double(), t.scale.double())
+    w = conv.weight.double()
     xp = F.pad(x, (1, 1, 1, 1))  # real-domain zero padding first, then the transform
-    xt = (xp - z.double().view(1, -1, 1, 1)) / s.double().view(1, -1, 1, 1)
-    assert torch.allclose(F.conv2d(xt, w2.double(), b2.double()), conv(x), atol=1e-10)
+    xt = t.apply(xp.movedim(1, -1)).movedim(-1, 1)
+    y2 = F.conv2d(xt, t.fold_weight(w).double(), t.fold_bias(w, conv.bias.double()).double())
+    assert torch.allclose(y2, conv(x), atol=1e-10)
 
 
 def test_norm_fold_is_exact():
@@ -45,8 +49,9 @@ def test_norm_fold_is_exact():
         ln.weight.uniform_(0.5, 2)
         ln.bias.normal_()
     x = torch.randn(10, 32)
-    z, s = torch.randn(32), torch.rand(32) + 0.1
-    assert torch.allclose(fold_into_norm(ln, z, s)(x), (ln(x) - z) / s, atol=1e-5)
+    t = ScriTransform(torch.randn(32), torch.rand(32) + 0.1)
+    folded = t.fold_norm(ln)
+    assert torch.allclose(folded(x), t.apply(ln(x)), atol=1e-5) and folded.qvd_scri_norm
 
 
 def test_scri_reduces_w8a8_error_on_scattered_channels():
@@ -73,12 +78,12 @@ def test_transformer_block_norm_fold_keeps_output_exact(unet, calibration):
     consumers = calibration.norm_groups[prefix + "norm1"]
     assert sorted(consumers) == sorted(prefix + f"attn1.to_{p}" for p in "qkv")
     st = calibration.layers[consumers[0]]
-    z, s = scri_params(st.ch_min, st.ch_max, 1.0)
+    t = ScriTransform.from_range(st.ch_min, st.ch_max, 1.0)
     folded = copy.deepcopy(block)
-    folded.norm1 = fold_into_norm(block.norm1, z, s)
+    folded.norm1 = t.fold_norm(block.norm1)
     for p in "qkv":
         lin = getattr(folded.attn1, f"to_{p}")
-        w, b = fold_into_weight(lin.weight, lin.bias, z, s)
+        w, b = t.fold_weight(lin.weight.detach()), t.fold_bias(lin.weight.detach(), lin.bias)
         lin.weight.data, lin.bias = w, nn.Parameter(b)
     x, ctx = torch.randn(8, 64, 32), torch.randn(8, 7, 32)
     with torch.no_grad():
@@ -107,3 +112,38 @@ def test_motion_module_attn2_gets_scri_and_cross_attention_does_not(unet, calibr
     assert cross and all(alphas[n] is None for n in cross)
     motion = [n for n in alphas if ".motion_modules." in n and ".attn2." in n]
     assert any(alphas[n] is not None for n in motion)
+
+
+class _SharedNorm(nn.Module):
+    """A LayerNorm feeding two Linears; with ``other_use`` its output is also added to the result (like another
+    node's attention patch reading the norm output)."""
+
+    def __init__(self, other_use: bool):
+        super().__init__()
+        self.norm, self.a, self.b, self.other_use = nn.LayerNorm(32), nn.Linear(32, 32), nn.Linear(32, 32), other_use
+
+    def forward(self, x):
+        n = self.norm(x)
+        y = self.a(n) + self.b(n)
+        return y + 3 * n if self.other_use else y
+
+
+@pytest.mark.parametrize("other_use", [False, True])
+def test_scri_folds_into_a_norm_only_when_nothing_else_reads_its_output(other_use):
+    torch.manual_seed(0)
+    model = _SharedNorm(other_use)
+    with torch.no_grad():
+        model.norm.weight.copy_(torch.logspace(-1, 1, 32)[torch.randperm(32)])
+        model.norm.bias.copy_(torch.randn(32) * 3)
+    x = torch.randn(4, 64, 32)
+    cfg = QVDConfig(calib_rows=256, keep_float=())
+    with Calibrator(model, cfg) as cal:
+        model(x)
+    calib = cal.result()
+    assert ("norm" in calib.norm_groups) == (not other_use)
+    q = copy.deepcopy(model)
+    res = quantize_model(q, calib, cfg)
+    folds = {r["name"]: r["scri_fold"] for r in res.report}
+    assert (folds["a"] == "norm:norm") == (not other_use) and (folds["b"] == "norm:norm") == (not other_use)
+    with torch.no_grad():
+        assert float((q(x) - model(x)).norm() / model(x).norm()) < 0.02  # the other reader sees the real output

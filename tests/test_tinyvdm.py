@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from qvd import evaluate as E
-from qvd import tinyvdm as T
+from qvd_demo import evaluate as E
+from qvd_demo import tinyvdm as T
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 from qvd import (CalibrationError, Calibrator, HiDiTQLinear, ModelMismatchError, NonFiniteActivationError, QConv2d,
                  QLinear, QVDConfig, QVDError, load_calibration, quantize_model, save_calibration, set_mode)
 from qvd.delta import WeightDelta
-from qvd.calibrate import find_layers
+from qvd.identity import find_layers
 
 from unet_fixtures import FRAMES, TIMESTEPS, build_unet, rel_err
 
@@ -53,6 +53,50 @@ def test_every_layer_swapped_and_reported(unet, quantized):
     assert tp["kind"] == "temporal" and 0.9 < tp["tdscore"] <= 1.0
     assert any(str(r.get("scri_fold")).startswith("norm:") for r in res.report)
     assert all(r["out_rel_err"] < 0.05 for r in res.report if "skipped" not in r)
+
+
+def test_the_plan_decides_every_layer_with_a_named_handler_and_build_follows_it(unet, calibration, quantized):
+    """Every handler is used on this UNet, each decision says why, the plan leaves the model untouched, and the
+    built modules are the ones quantize_model installs."""
+    from qvd.quantize import build, plan
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    p = plan(unet, calibration, QVDConfig())
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in before.items())
+    by = {d.name: d for d in p.decisions}
+    assert {d.handler for d in p.decisions} == {"float", "hiditq", "scri-norm", "scri-kernel", "uniform"}
+    assert all(d.why for d in p.decisions)
+    assert by["conv_in"].handler == "float" and by["down_blocks.0.resnets.0.time_emb_proj"].handler == "hiditq"
+    cross = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"  # in the default scri_skip
+    assert by[cross].handler == "uniform" and by[cross].fit.alpha is None
+    norm = next(d.norm for d in p.decisions if d.handler == "scri-norm")
+    assert norm in p.norms and all(d.fit.alpha == by[d.name].fit.alpha for d in p.decisions if d.norm == norm)
+    result = build(unet, p)
+    assert result.report == p.report == quantized[1].report
+    for name, m in quantized[1].modules.items():
+        assert torch.equal(result.modules[name].weight, m.weight), name
+
+
+def test_a_channel_subset_search_gives_the_whole_layers_codes_for_the_alpha_it_picks(unet, inputs, calibration,
+                                                                                  quantized):
+    """``search_channels`` only narrows where the alpha search measures: a layer that picks the alpha the
+    all-channel search picked gets bit-identical codes and scales; the model stays within the W8A8 bound."""
+    exact = {r["name"]: r for r in quantized[1].report}
+    q = copy.deepcopy(unet)
+    res = quantize_model(q, calibration, QVDConfig(search_channels=16))
+    same = 0
+    for r in res.report:
+        if "skipped" in r or r["kind"] == "temporal":
+            continue
+        n_out = dict(unet.named_modules())[r["name"]].weight.shape[0]
+        assert r["out_err_channels"] == min(16, n_out) and exact[r["name"]]["out_err_channels"] == n_out
+        if r["scri_alpha"] == exact[r["name"]]["scri_alpha"]:
+            same += 1
+            for field in ("weight", "weight_scale", "act_scale"):
+                assert torch.equal(getattr(res.modules[r["name"]], field),
+                                   getattr(quantized[1].modules[r["name"]], field)), (r["name"], field)
+    assert same >= 0.6 * len([r for r in res.report if "scri_alpha" in r])
+    for t in TIMESTEPS:
+        assert rel_err(inputs.run(q, t), inputs.run(unet, t)) < W8A8_BOUND
 
 
 def test_first_and_last_convolutions_quantize_at_8_bit_when_not_kept_in_float(unet, calibration):

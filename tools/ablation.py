@@ -28,15 +28,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qvd import QVDConfig  # noqa: E402
-from qvd import evaluate as E  # noqa: E402
-from qvd import tinyvdm as T  # noqa: E402
-from qvd.kernels import cpu as cpu_kernels  # noqa: E402
-from qvd.htdq import k_metric, search_hiditq  # noqa: E402
-from qvd.calibrate import find_layers  # noqa: E402
 from qvd.config import matches  # noqa: E402
-from qvd.quantize import install  # noqa: E402
+from qvd.htdq import k_metric, search_hiditq  # noqa: E402
+from qvd.identity import find_layers, install  # noqa: E402
+from qvd.kernels import cpu as cpu_kernels  # noqa: E402
 from qvd.quantizers import act_qrange, activation_qparams, dequantize_weight, fake_quant, quantize_weight  # noqa: E402,E501
-from qvd.scri import scri_params  # noqa: E402
+from qvd.scri import ScriTransform  # noqa: E402
+from qvd_demo import evaluate as E  # noqa: E402
+from qvd_demo import tinyvdm as T  # noqa: E402
 from tools import error_budget  # noqa: E402
 from tools.error_budget import channel_spread, mse_ratio, quantized_only  # noqa: E402
 
@@ -515,8 +514,8 @@ def _coverage(ch_min, ch_max, alpha, cfg: QVDConfig, bits: int) -> torch.Tensor:
     """Per-channel range width / per-tensor min-max step, after SCRI with ``alpha`` (None: without)."""
     lo, hi = ch_min.float(), ch_max.float()
     if alpha is not None:
-        z, s = scri_params(lo, hi, alpha, cfg.scri_max_gain)
-        lo, hi = (lo - z) / s, (hi - z) / s
+        scri = ScriTransform.from_range(lo, hi, alpha, cfg.scri_max_gain)
+        lo, hi = scri.apply(lo), scri.apply(hi)
     step = (hi.max().clamp_min(0) - lo.min().clamp_max(0)) / (2 ** bits - 1)
     return (hi - lo) / step.clamp_min(1e-12)
 

@@ -24,11 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from qvd import QVDConfig
-from qvd import evaluate as E
-from qvd.calibrate import find_layers
+from qvd.identity import find_layers, install
 from qvd.modules import QConv2d, QLinear
-from qvd.quantize import install
 from qvd.quantizers import activation_qparams, dequantize_weight, fake_quant
+from qvd_demo import evaluate as E
 
 SIGMAS = (0.0025, 0.005, 0.01, 0.02)
 SPLITS = (("both", "QVD, weights and activations rounded (as run)", "quant", "static"),
@@ -48,26 +47,24 @@ class Simulated(nn.Module):
         if weights not in ("quant", "float") or acts not in ("static", "per-call", "float"):
             raise ValueError(f"weights={weights!r} / acts={acts!r}: use quant|float and static|per-call|float")
         self.q, self.acts = q, acts
-        w = float_weight.float()
-        if q.scri_inv_scale is not None:  # the stored weight is W * s, s = 1 / inv_scale per input channel
-            w = w / q.scri_inv_scale.float().view(1, -1, *([1] * (w.dim() - 2)))
-        self.weight = dequantize_weight(q.weight, q.weight_scale) if weights == "quant" else w
-        self.bias = q.folded_bias()  # b + W z, with the weight rounded or not
-        if weights == "float" and q.scri_shift is not None:
-            zs = (q.scri_shift * q.scri_inv_scale).float().view(1, -1, *([1] * (w.dim() - 2)))
-            b = torch.zeros_like(self.bias) if q.bias is None else q.bias.float()
-            self.bias = b + (w * zs).flatten(1).sum(1)
+        scri, w = q.scri, float_weight.float()
+        if weights == "quant":
+            self.weight, self.bias = dequantize_weight(q.weight, q.weight_scale), q.scri_bias()  # W s, b + W z
+        elif scri is None:
+            self.weight, self.bias = w, q.bias
+        else:
+            self.weight, self.bias = scri.fold_weight(w), scri.fold_bias(w, q.bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         q, x = self.q, input.float()
         conv = isinstance(q, QConv2d)
         if conv and q.padding:
             x = F.pad(x, (q.padding,) * 4)  # zero padding in the real domain, as the kernels do
-        if q.scri_shift is not None and not q.scri_in_norm:
+        if q.scri_shift is not None and not q.scri_in_norm:  # as the quantize kernel does: times the stored 1 / s
             view = (1, -1, 1, 1) if conv else (-1,)
             x = (x - q.scri_shift.view(view)) * q.scri_inv_scale.view(view)
         if self.acts == "static":
-            x = fake_quant(x, float(q.act_scale), q.act_zero_point, q.a_bits)
+            x = fake_quant(x, float(q.act_scale), q.zero_point, q.a_bits)
         elif self.acts == "per-call":
             x = fake_quant(x, *activation_qparams(x, q.a_bits, "mse", float(x.min()), float(x.max())), q.a_bits)
         y = F.conv2d(x, self.weight, self.bias, q.stride) if conv else F.linear(x, self.weight, self.bias)

@@ -14,8 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qvd import QVDConfig  # noqa: E402
-from qvd import evaluate as E  # noqa: E402
-from qvd import tinyvdm as T  # noqa: E402
+from qvd_demo import evaluate as E  # noqa: E402
+from qvd_demo import tinyvdm as T  # noqa: E402
 
 
 def main(argv=None):

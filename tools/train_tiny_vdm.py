@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from qvd import tinyvdm as T  # noqa: E402
+from qvd_demo import tinyvdm as T  # noqa: E402
 
 
 def train(steps: int, batch: int, lr: float, seed: int, max_minutes: float, log_every: int = 50,

@@ -137,8 +137,7 @@ def main(checkpoint: str, pack_dir: str, work_dir: str) -> dict:
     # A LoRA applied before QVD Quantize Model and before QVD Load Quantized rides on the same int8 codes.
     sd = normalised("lora")
     path = Path(work_dir) / "probe.qvd.safetensors"
-    with patching.ejected(quantized):
-        pack.qvd.save_quantized(path, patching.model_tree(quantized), patching.attached_result(quantized))
+    pack.qvd.save_quantized(path, patching.attached_result(quantized))
     for ratio in (0.01, 0.1):
         fp = comfy.sd.load_lora_for_models(model, None, sd, ratio, 0)[0]
         for where, q in (("before_quantize", quantize(fp)),

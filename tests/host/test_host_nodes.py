@@ -175,7 +175,7 @@ def test_load_rejects_a_file_made_from_another_model(comfy_server):
     with Calibrator(other, QVDConfig()) as cal:
         other["diffusion_model"](torch.randn(32, 8))
     result = quantize_model(other, cal.result(), QVDConfig(), apply=False)
-    save_quantized(str(comfy_server.base / "models" / "qvd" / "other_model.safetensors"), other, result)
+    save_quantized(str(comfy_server.base / "models" / "qvd" / "other_model.safetensors"), result)
     prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}},
               "13": {"class_type": "QVDLoadQuantized", "inputs": {"model": ["1", 0], "qvd_name": "other_model.safetensors"}},
               "30": {"class_type": "QVDSaveQuantized", "inputs": {"model": ["13", 0], "filename": "never"}}}
