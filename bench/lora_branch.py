@@ -7,7 +7,7 @@ file), and then a dense fp16 delta instead (what DoRA / OFT / a LoKr with a 4-d 
 without and with each (fp32 and bf16 activations, alternated, one process) and the branch's bytes against the
 LoRA's own.
 
-    python -m bench.lora_branch [--rank 32] [--latent 16] [--batch 16] [--runs 5] [--threads N]
+    python -m bench.lora_branch [--rank 32] [--latent 16] [--batch 16] [--runs 5] [--threads N] [--dtype both]
 """
 from __future__ import annotations
 
@@ -47,14 +47,14 @@ def attach(layers: dict[str, QLinear], rank: int | None, seed: int = 0) -> tuple
     return held, lora
 
 
-def run(device, latent: int, batch: int, runs: int, rank: int) -> list[list]:
+def run(device, latent: int, batch: int, runs: int, rank: int, dtypes=(torch.float32, torch.bfloat16)) -> list[list]:
     print(f"machine: {machine()}")
     print(f"UNet: SD1.5 config, random seeded weights, W8A8 by qvd.quantize_model; latent {latent}x{latent}, "
           f"batch {batch}; median of {runs} forwards; rank-{rank} LoRA branch on every attention / FF Linear\n")
     rows = []
     with torch.no_grad():
         base = build_unet().to(device)
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in dtypes:
             unet = copy.deepcopy(base).to(dtype)
             quantize_core(unet, latent, batch, device, dtype)
             layers = lora_layers(unet)
@@ -91,9 +91,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     size_options(p, runs=5)
     p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="both", help="activation dtype(s)")
     a = p.parse_args()
     apply_threads(a)
-    run(torch.device(a.device), a.latent, a.batch, a.runs, a.rank)
+    dtypes = (torch.float32, torch.bfloat16) if a.dtype == "both" else (getattr(torch, a.dtype),)
+    run(torch.device(a.device), a.latent, a.batch, a.runs, a.rank, dtypes)
 
 
 if __name__ == "__main__":

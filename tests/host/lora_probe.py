@@ -75,6 +75,9 @@ def main(checkpoint: str, pack_dir: str, work_dir: str) -> dict:
     mm.load_models_gpu([quantized])
     layers = quantized_layers(quantized)
     codes = {n: m.weight.clone() for n, m in layers.items()}
+    lora_layers = {f"diffusion_model.{n}" for n in ADAPTER_LAYERS["lora"]}
+    facts["lora_scri_in_norm"] = sum(bool(getattr(m, "scri_in_norm", False)) for n, m in layers.items()
+                                     if n in lora_layers)
     with torch.inference_mode():
         base = {n: m(layer_input(m, calibration.layers[n].rows)[1]) for n, m in layers.items()}
 

@@ -171,6 +171,7 @@ def test_every_adapter_adds_exactly_its_fp_effect_on_each_quantized_layer(layer_
         assert r["worst_cos"] >= 0.99 and 0.98 <= r["min_mag"] <= r["max_mag"] <= 1.02, r
     partial = [r for r in results if r["path"] == "partial"]
     assert all(r["offloaded_with_patch"] > 0 for r in partial), partial  # the call-time path ran
+    assert layer_probe["lora_scri_in_norm"] > 0  # the LoRA covers layers whose norm does the SCRI transform
     assert layer_probe["codes_unchanged"], "a weight patch changed a quantized layer's int8 codes"
     assert layer_probe["restored"], "the quantized MODEL without adapters changed after they were unloaded"
 
