@@ -69,31 +69,31 @@ def _check(x, w_q, dims: int, kind: str):
         raise ValueError(f"{kind}: input has {k} channels, weights expect {w_q.shape[1]}")
 
 
-def quantize_activation(x, act_scale, zero_point, qmin, qmax, shift=None, inv_smooth=None, channel_dim=-1):
+def quantize_activation(x, act_scale, zero_point, qmin, qmax, shift=None, inv_scale=None, channel_dim=-1):
     """Static activation quantization to int8 codes (reference semantics, fewer passes)."""
     xm = x.movedim(channel_dim, -1)
     out = torch.empty(xm.shape, dtype=torch.int8, device=x.device)
-    return cpu.quantize_into(out, xm, act_scale, zero_point, qmin, qmax, shift, inv_smooth).movedim(-1, channel_dim)
+    return cpu.quantize_into(out, xm, act_scale, zero_point, qmin, qmax, shift, inv_scale).movedim(-1, channel_dim)
 
 
-def linear_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=None, inv_smooth=None,
+def linear_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=None, inv_scale=None,
                 w_q_t: torch.Tensor | None = None):
     """W8A8 linear on ``x [..., K]``; ``w_q_t`` is an optional cached ``w_q.t()`` ([K, N])."""
     _check(x, w_q, 0, "linear_w8a8")
 
     def run(tk):
         lead = x.shape[:-1]
-        q = tk.quantize(x.reshape(-1, x.shape[-1]), act_scale, zero_point, qmin, qmax, shift, inv_smooth)
+        q = tk.quantize(x.reshape(-1, x.shape[-1]), act_scale, zero_point, qmin, qmax, shift, inv_scale)
         y = tk.linear(q, w_q.t() if w_q_t is None else w_q_t, w_scale, bias, act_scale, x.dtype)
         return y.reshape(*lead, w_q.shape[0])
 
     y = _on_triton(x, run)
     if y is None:
-        y = cpu.linear_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift, inv_smooth, w_q_t)
+        y = cpu.linear_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift, inv_scale, w_q_t)
     return y
 
 
-def conv2d_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=None, inv_smooth=None,
+def conv2d_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=None, inv_scale=None,
                 stride: int = 1, padding: int = 0, w_mat: torch.Tensor | None = None):
     """W8A8 conv2d on NCHW ``x``; ``w_mat`` is an optional cached [kh*kw*C, N] weight matrix.
 
@@ -103,15 +103,15 @@ def conv2d_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=
     cout, c, kh, kw = w_q.shape
 
     def run(tk):
-        q = tk.quantize(x, act_scale, zero_point, qmin, qmax, shift, inv_smooth)
+        q = tk.quantize(x, act_scale, zero_point, qmin, qmax, shift, inv_scale)
         pad = cpu.quantize_into(torch.empty(c, dtype=torch.int8, device=x.device), torch.zeros(c, device=x.device),
-                                act_scale, zero_point, qmin, qmax, shift, inv_smooth)
+                                act_scale, zero_point, qmin, qmax, shift, inv_scale)
         wm = cpu._im2col_weight(w_q) if w_mat is None else w_mat
         return tk.conv2d(q, pad, wm, kh, kw, w_scale, bias, act_scale, stride, padding, x.dtype)
 
     y = _on_triton(x, run)
     if y is None:
-        y = cpu.conv2d_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift, inv_smooth,
+        y = cpu.conv2d_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift, inv_scale,
                             stride, padding, w_mat)
     return y
 

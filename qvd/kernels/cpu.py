@@ -66,7 +66,7 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_into(out: torch.Tensor, x: torch.Tensor, act_scale, zero_point: int, qmin: int, qmax: int,
-                  shift=None, inv_smooth=None, offset: int = 0) -> torch.Tensor:
+                  shift=None, inv_scale=None, offset: int = 0) -> torch.Tensor:
     """Write ``reference.quantize_activation(x) + offset`` into ``out`` (int8 / uint8, any strides).
 
     ``x`` has its channels last (any strides, any float dtype). Bit-exact with the reference: float32
@@ -79,8 +79,8 @@ def quantize_into(out: torch.Tensor, x: torch.Tensor, act_scale, zero_point: int
     if shift is not None:
         torch.sub(src, shift.float(), out=v)
         src = v
-    if inv_smooth is not None:
-        torch.mul(src, inv_smooth.float(), out=v)
+    if inv_scale is not None:
+        torch.mul(src, inv_scale.float(), out=v)
         src = v
     # a 1-element fp32 tensor (not a scalar) makes a bf16 / fp16 x divide in fp32, like the reference
     scale = (act_scale.detach().float() if isinstance(act_scale, torch.Tensor)
@@ -163,7 +163,7 @@ def _onednn_dtype(out_dtype: torch.dtype, conv: bool) -> torch.dtype:
     return torch.float32 if (conv and out_dtype == torch.float16) else out_dtype
 
 
-def linear_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=None, inv_smooth=None,
+def linear_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=None, inv_scale=None,
                 w_q_t=None):
     """W8A8 linear on ``x [..., K]`` (torch route)."""
     lead, k = x.shape[:-1], x.shape[-1]
@@ -172,7 +172,7 @@ def linear_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=
 
     def onednn():
         q = quantize_into(torch.empty(x2.shape, dtype=torch.uint8), x2, act_scale, zero_point, qmin, qmax,
-                          shift, inv_smooth, offset=128)
+                          shift, inv_scale, offset=128)
         packed, ws = _packed(w_q, w_scale, None)
         zeros = torch.zeros(n, dtype=torch.int32)
         b = None if bias is None else bias.float()
@@ -181,7 +181,7 @@ def linear_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=
 
     def int_mm_route():
         q = quantize_into(torch.empty(x2.shape, dtype=torch.int8, device=x.device), x2, act_scale, zero_point,
-                          qmin, qmax, shift, inv_smooth)
+                          qmin, qmax, shift, inv_scale)
         acc = int_mm(q, w_q.t() if w_q_t is None else w_q_t)
         return _epilogue(acc, act_scale, w_scale, bias, x.dtype)
 
@@ -192,17 +192,17 @@ def linear_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=
     return y.reshape(*lead, n)
 
 
-def quantize_padded_nhwc(x: torch.Tensor, act_scale, zero_point: int, qmin: int, qmax: int, shift, inv_smooth,
+def quantize_padded_nhwc(x: torch.Tensor, act_scale, zero_point: int, qmin: int, qmax: int, shift, inv_scale,
                          padding: int, offset: int = 0, dtype: torch.dtype = torch.int8) -> torch.Tensor:
     """NCHW float ``x`` -> padded NHWC codes; the border holds each channel's code of 0.0."""
     n, c, h, w = x.shape
     out = torch.empty((n, h + 2 * padding, w + 2 * padding, c), dtype=dtype, device=x.device)
     p = padding
     quantize_into(out[:, p:p + h, p:p + w], x.permute(0, 2, 3, 1), act_scale, zero_point, qmin, qmax,
-                  shift, inv_smooth, offset)
+                  shift, inv_scale, offset)
     if p:
         pad = quantize_into(torch.empty(c, dtype=dtype, device=x.device), torch.zeros(c, device=x.device),
-                            act_scale, zero_point, qmin, qmax, shift, inv_smooth, offset)
+                            act_scale, zero_point, qmin, qmax, shift, inv_scale, offset)
         out[:, :p] = pad
         out[:, h + p:] = pad
         out[:, :, :p] = pad
@@ -210,14 +210,14 @@ def quantize_padded_nhwc(x: torch.Tensor, act_scale, zero_point: int, qmin: int,
     return out
 
 
-def conv2d_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=None, inv_smooth=None,
+def conv2d_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=None, inv_scale=None,
                 stride: int = 1, padding: int = 0, w_mat=None):
     """W8A8 conv2d on NCHW ``x`` (torch route); output NCHW-shaped, stored channels-last."""
     n, c, h, w = x.shape
     cout, _, kh, kw = w_q.shape
 
     def onednn():
-        q = quantize_padded_nhwc(x, act_scale, zero_point, qmin, qmax, shift, inv_smooth, padding,
+        q = quantize_padded_nhwc(x, act_scale, zero_point, qmin, qmax, shift, inv_scale, padding,
                                  offset=128, dtype=torch.uint8)
         packed, ws = _packed(w_q, w_scale, stride)
         zeros = torch.zeros(cout, dtype=torch.int32)
@@ -228,7 +228,7 @@ def conv2d_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=
         return y.to(x.dtype)
 
     def int_mm_route():
-        q = quantize_padded_nhwc(x, act_scale, zero_point, qmin, qmax, shift, inv_smooth, padding)
+        q = quantize_padded_nhwc(x, act_scale, zero_point, qmin, qmax, shift, inv_scale, padding)
         hp, wp = h + 2 * padding, w + 2 * padding
         oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
         if kh == 1 and kw == 1:

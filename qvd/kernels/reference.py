@@ -5,8 +5,8 @@ Integer accumulation is done in float64, which is exact for int8 x int8 sums of 
 
 Conventions shared by all kernels
 - Activation quantization (static, per tensor, optional SCRI per-channel affine):
-  ``q = clamp(round((x - shift) * inv_smooth / act_scale) + zero_point, qmin, qmax)``
-  with ``round`` = round-half-to-even (``torch.round``), ``shift`` / ``inv_smooth`` per input channel
+  ``q = clamp(round((x - shift) * inv_scale / act_scale) + zero_point, qmin, qmax)``
+  with ``round`` = round-half-to-even (``torch.round``), ``shift`` / ``inv_scale`` per input channel
   (``None`` = 0 / 1). Codes are stored as int8.
 - ``bias`` passed to the GEMM / conv kernels is the *effective* bias: the layer's bias plus the SCRI
   correction ``W z`` minus the zero-point correction ``act_scale * w_scale * zero_point * sum_k w_q``,
@@ -21,17 +21,17 @@ import torch.nn.functional as F
 
 
 def quantize_activation(x: torch.Tensor, act_scale, zero_point: int, qmin: int, qmax: int,
-                        shift: torch.Tensor | None = None, inv_smooth: torch.Tensor | None = None,
+                        shift: torch.Tensor | None = None, inv_scale: torch.Tensor | None = None,
                         channel_dim: int = -1) -> torch.Tensor:
     """Static activation quantization to int8 codes (see module docstring)."""
     x = x.float()
-    if shift is not None or inv_smooth is not None:
+    if shift is not None or inv_scale is not None:
         view = [1] * x.dim()
         view[channel_dim] = -1
         if shift is not None:
             x = x - shift.float().view(view)
-        if inv_smooth is not None:
-            x = x * inv_smooth.float().view(view)
+        if inv_scale is not None:
+            x = x * inv_scale.float().view(view)
     q = torch.round(x / act_scale) + zero_point
     return q.clamp_(qmin, qmax).to(torch.int8)
 
@@ -59,22 +59,22 @@ def int8_conv2d(x_q: torch.Tensor, w_q: torch.Tensor, act_scale, w_scale: torch.
 
 def linear_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 act_scale, zero_point: int, qmin: int, qmax: int,
-                shift: torch.Tensor | None = None, inv_smooth: torch.Tensor | None = None) -> torch.Tensor:
+                shift: torch.Tensor | None = None, inv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize ``x [..., K]`` and run the integer linear; output in ``x.dtype``."""
     lead = x.shape[:-1]
-    q = quantize_activation(x.reshape(-1, x.shape[-1]), act_scale, zero_point, qmin, qmax, shift, inv_smooth)
+    q = quantize_activation(x.reshape(-1, x.shape[-1]), act_scale, zero_point, qmin, qmax, shift, inv_scale)
     y = int8_linear(q, w_q, act_scale, w_scale, bias, x.dtype)
     return y.reshape(*lead, w_q.shape[0])
 
 
 def conv2d_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 act_scale, zero_point: int, qmin: int, qmax: int,
-                shift: torch.Tensor | None = None, inv_smooth: torch.Tensor | None = None,
+                shift: torch.Tensor | None = None, inv_scale: torch.Tensor | None = None,
                 stride: int = 1, padding: int = 0) -> torch.Tensor:
     """Pad NCHW ``x`` with zeros, quantize per the conventions, integer conv; output in ``x.dtype``."""
     if padding:
         x = F.pad(x, (padding,) * 4)
-    q = quantize_activation(x, act_scale, zero_point, qmin, qmax, shift, inv_smooth, channel_dim=1)
+    q = quantize_activation(x, act_scale, zero_point, qmin, qmax, shift, inv_scale, channel_dim=1)
     return int8_conv2d(q, w_q, act_scale, w_scale, bias, stride, x.dtype)
 
 

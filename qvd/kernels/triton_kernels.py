@@ -1,6 +1,6 @@
 """Triton kernels for CUDA tensors (semantics: ``reference.py``).
 
-- ``quantize``: static activation quantization (SCRI shift / inv_smooth, IEEE division by the scale,
+- ``quantize``: static activation quantization (SCRI shift / inv_scale, IEEE division by the scale,
   round-half-even, zero point, clamp) to int8, from any strided 2-D ``[M, K]`` or NCHW input; conv
   inputs are written channels-last (NHWC) for the implicit-GEMM conv.
 - ``linear``: int8 GEMM, int32 accumulate, epilogue ``acc * act_scale * w_scale[n] + bias[n]`` stored
@@ -63,7 +63,7 @@ def _load_scale(scale_ptr, scale_val, SCALE_PTR: tl.constexpr):
 
 
 @triton.jit
-def _quant_kernel(x_ptr, out_ptr, shift_ptr, smooth_ptr, scale_ptr, scale_val,
+def _quant_kernel(x_ptr, out_ptr, shift_ptr, inv_scale_ptr, scale_ptr, scale_val,
                   P, C, H, W, s_n, s_c, s_h, s_w, zp, qmin, qmax,
                   HAS_SHIFT: tl.constexpr, HAS_SMOOTH: tl.constexpr, SCALE_PTR: tl.constexpr,
                   BP: tl.constexpr, BC: tl.constexpr):
@@ -80,7 +80,7 @@ def _quant_kernel(x_ptr, out_ptr, shift_ptr, smooth_ptr, scale_ptr, scale_val,
     if HAS_SHIFT:
         v = v - tl.load(shift_ptr + rc, mask=rc < C, other=0.0).to(tl.float32)[None, :]
     if HAS_SMOOTH:
-        v = v * tl.load(smooth_ptr + rc, mask=rc < C, other=1.0).to(tl.float32)[None, :]
+        v = v * tl.load(inv_scale_ptr + rc, mask=rc < C, other=1.0).to(tl.float32)[None, :]
     v = tl.math.div_rn(v, _load_scale(scale_ptr, scale_val, SCALE_PTR))
     q = tl.minimum(tl.maximum(_round_half_even(v) + zp, qmin), qmax)
     dst = rp.to(tl.int64)[:, None] * C + rc[None, :]
@@ -207,7 +207,7 @@ def _channel(v, device):
 
 
 def quantize(x: torch.Tensor, act_scale, zero_point: int, qmin: int, qmax: int,
-             shift=None, inv_smooth=None) -> torch.Tensor:
+             shift=None, inv_scale=None) -> torch.Tensor:
     """int8 codes of a 2-D ``[M, K]`` input (same shape) or an NCHW input (returned NHWC contiguous)."""
     if x.dim() == 2:
         (m, c), (s_n, s_c) = x.shape, x.stride()
@@ -220,13 +220,13 @@ def quantize(x: torch.Tensor, act_scale, zero_point: int, qmin: int, qmax: int,
         raise ValueError(f"quantize expects a 2-D [M, K] or 4-D NCHW tensor, got shape {tuple(x.shape)}")
     out = torch.empty(out_shape, device=x.device, dtype=torch.int8)
     p = nb * h * w
-    shift, inv_smooth = _channel(shift, x.device), _channel(inv_smooth, x.device)
+    shift, inv_scale = _channel(shift, x.device), _channel(inv_scale, x.device)
     sp, sv, is_ptr = _scale_args(act_scale, x.device)
     bp, bc = _Q_BLOCK
     grid = (triton.cdiv(p, bp), triton.cdiv(c, bc))
-    _quant_kernel[grid](x, out, shift, inv_smooth, sp, sv, p, c, h, w, s_n, s_c, s_h, s_w,
+    _quant_kernel[grid](x, out, shift, inv_scale, sp, sv, p, c, h, w, s_n, s_c, s_h, s_w,
                         int(zero_point), int(qmin), int(qmax),
-                        HAS_SHIFT=shift is not None, HAS_SMOOTH=inv_smooth is not None,
+                        HAS_SHIFT=shift is not None, HAS_SMOOTH=inv_scale is not None,
                         SCALE_PTR=is_ptr, BP=bp, BC=bc)
     return out
 
