@@ -319,10 +319,11 @@ def plan(root: nn.Module, calibration: Calibration, config: QVDConfig | None = N
         named = dict(root.named_modules())
         for norm_name, names in calibration.norm_groups.items():
             if _norm_group(named.get(norm_name), names, layers, cfg):
-                group, norms[norm_name] = _plan_norm_group(norm_name, names, layers, calibration, cfg)
+                group, scri = _plan_norm_group(norm_name, names, layers, calibration, cfg)
                 decided.update((d.name, d) for d in group)
+                if scri is not None:
+                    norms[norm_name] = scri
                 report()
-        norms = {n: t for n, t in norms.items() if t is not None}
     for name, module in layers.items():
         if name not in decided:
             decided[name] = _plan_layer(name, module, calibration, cfg)
