@@ -6,7 +6,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.qvd-installed
 
-.PHONY: venv host demo test test-core test-host-git clean
+.PHONY: venv host demo test test-core test-host-git tinyvdm clean
 
 venv: $(STAMP)
 $(STAMP): requirements-dev.txt constraints.txt
@@ -21,6 +21,12 @@ host: venv
 
 demo: venv
 	$(VPY) -m qvd_demo.demo --out out/demo
+
+# Train the demo model (tools/train_tiny_vdm.py, its default settings) for MINUTES, resuming the run kept in
+# .cache/; the shipped assets/tiny_vdm.safetensors is written when the run's last step is done.
+MINUTES ?= 60
+tinyvdm: venv
+	$(VPY) tools/train_tiny_vdm.py --max-minutes $(MINUTES)
 
 test-core: venv
 	$(VPY) -m pytest -q tests --ignore=tests/host

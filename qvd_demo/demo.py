@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from qvd import QVDConfig, save_quantized
-from qvd.modules import HiDiTQLinear, QConv2d, QLinear
+from qvd.modules import HiDiTQLinear, QConv2d, QLinear, set_mode
 
-from . import evaluate, tinyvdm
+from . import evaluate, quality, tinyvdm
 
 CALIB_CLASSES = ("red square", "green circle", "blue triangle")
 DEMO_CLASSES = ("red circle", "blue square", "green triangle")
@@ -52,7 +52,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--calib-clips", type=int, default=len(CALIB_CLASSES), help="calibration clips (1-3)")
     ap.add_argument("--weights", default=None, help="TinyVDM checkpoint (default: the shipped one)")
+    ap.add_argument("--quality-seeds", type=int, default=48,
+                    help="clips per model for fidelity and the quality statistic (seed i draws class i %% 12; >= 12)")
+    ap.add_argument("--w8a8-mode", choices=("auto", "int", "fake"), default="auto",
+                    help="W8A8 clips on the integer kernels or their float simulation; auto: int unless it is over "
+                         "2x slower than the simulation on this CPU (CPUs without VNNI)")
     args = ap.parse_args(argv)
+    if args.quality_seeds < tinyvdm.NULL_CLASS:
+        ap.error(f"--quality-seeds must be >= {tinyvdm.NULL_CLASS} (one clip of every class), got {args.quality_seeds}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -76,42 +83,78 @@ def main(argv=None) -> dict:
         qfile.unlink()  # the demo's own output from a previous run
     save_quantized(qfile, result)
 
-    clips = []
-    for i, cls in enumerate(DEMO_CLASSES):
-        fp = tinyvdm.sample(model, cls, seed=i, steps=args.steps)
-        q = tinyvdm.sample(qmodel, cls, seed=i, steps=args.steps)
-        gif = tinyvdm.write_gif(out / f"clip{i}_{cls.replace(' ', '_')}_fp_vs_w8a8.gif", [fp, q])
-        clips.append({"class": cls, "seed": i, "psnr_db": evaluate.psnr(q, fp), "gif": gif.name})
-
     ids = torch.tensor([tinyvdm.class_id(DEMO_CLASSES[0]), tinyvdm.NULL_CLASS])
     ctx = model.encode(ids)
     x = torch.randn(2, 3, tinyvdm.FRAMES, tinyvdm.SIZE, tinyvdm.SIZE)
     t = torch.tensor(500)
     t_fp, t_int = time_step(model.unet, x, t, ctx), time_step(qmodel.unet, x, t, ctx)
+    set_mode(qmodel, "fake")
+    t_fake = time_step(qmodel.unet, x, t, ctx)
+    mode = args.w8a8_mode if args.w8a8_mode != "auto" else ("int" if t_int <= 2 * t_fake else "fake")
+    set_mode(qmodel, mode)
+
+    conds = [i % tinyvdm.NULL_CLASS for i in range(args.quality_seeds)]  # seed i draws class i % 12
+    t0 = time.perf_counter()
+    res = evaluate.evaluate(model, qmodel, n=len(conds), steps=args.steps, conds=conds)
+    t_eval = time.perf_counter() - t0
+    fp_clips, q_clips = res["clips"]["fp"], res.pop("clips")["quant"]
+    clips = []
+    for cls in DEMO_CLASSES:  # seeds 0..11 hold one clip of every class
+        i = conds.index(tinyvdm.class_id(cls))
+        gif = tinyvdm.write_gif(out / f"{cls.replace(' ', '_')}_seed{i}_fp_vs_w8a8.gif", [fp_clips[i], q_clips[i]],
+                                labels=("FP", "W8A8 (QVD)"))
+        clips.append({"class": cls, "seed": i, "psnr_db": evaluate.psnr(q_clips[i], fp_clips[i]), "gif": gif.name})
+    grid = tinyvdm.write_gif(out / "all_classes_fp_vs_w8a8.gif",
+                             [v for i in range(tinyvdm.NULL_CLASS) for v in (fp_clips[i], q_clips[i])], scale=5,
+                             per_row=8, labels=("FP", "W8A8") * 4)
+    check = {name: quality.check(res[key], res["quality_data"]) for name, key in
+             (("fp", "quality_fp"), ("w8a8", "quality_quant"))}
 
     temporal = [r for r in result.report if r["kind"] == "temporal"]
+    n = len(conds)
     report = {
         "model": source, "steps": args.steps, "frames": tinyvdm.FRAMES, "size": tinyvdm.SIZE,
         "config": cfg.to_dict(), "calibration_seconds": t_calib, "quantize_seconds": t_quant,
-        "clips": clips, "mean_psnr_db": statistics.mean(c["psnr_db"] for c in clips),
+        "sampling_seconds": t_eval, "clips": clips,
+        "fidelity": {"clips": n, "psnr_db": res["psnr_db"], "ssim": res["ssim"],
+                     "temporal_error": res["temporal_error"]},
+        "quality": {"fp": res["quality_fp"], "w8a8": res["quality_quant"], "data": res["quality_data"]},
+        "quality_check": {k: {name: {"value": v, "limit": lim, "passed": ok} for name, (v, lim, ok) in c.items()}
+                          for k, c in check.items()},
         "weight_bytes": weight_bytes(qmodel.unet),
-        "cpu_step_seconds": {"fp32": t_fp, "w8a8": t_int, "speedup": t_fp / t_int,
+        "cpu_step_seconds": {"fp32": t_fp, "w8a8": t_int, "speedup": t_fp / t_int, "w8a8_fake": t_fake,
                              "threads": torch.get_num_threads()},
+        "w8a8_clips_mode": mode,
         "temporal_tdscore_min": min((r["tdscore"] for r in temporal), default=None),
-        "layers": len(result.modules), "quantized_file": qfile.name,
+        "layers": len(result.modules), "quantized_file": qfile.name, "gif_all_classes": grid.name,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     wb = report["weight_bytes"]
+    verdict = lambda c: "meets every threshold" if all(ok for _, _, ok in c.values()) else \
+        "misses " + ", ".join(k for k, (_, _, ok) in c.items() if not ok)
     lines = [
         "# QVD demo report", "",
         f"Model: {source}; {tinyvdm.FRAMES} frames of {tinyvdm.SIZE}x{tinyvdm.SIZE}, DDIM {args.steps} steps, CFG.",
-        f"Calibration {t_calib:.1f} s, quantization {t_quant:.1f} s ({len(result.modules)} modules replaced).", "",
+        f"Calibration {t_calib:.1f} s, quantization {t_quant:.1f} s ({len(result.modules)} modules replaced), "
+        f"sampling {2 * n} clips {t_eval:.0f} s.", "",
+        f"## Fidelity of W8A8 to FP ({n} clips, seeds 0..{n - 1}, class = seed % {tinyvdm.NULL_CLASS})", "",
+        f"PSNR {res['psnr_db']:.2f} dB, SSIM {res['ssim']:.4f}, temporal error {res['temporal_error']:.4f}.", "",
         "| clip | PSNR W8A8 vs FP (dB) | GIF (left FP, right W8A8) |", "|---|---|---|",
         *[f"| {c['class']} (seed {c['seed']}) | {c['psnr_db']:.2f} | {c['gif']} |" for c in clips], "",
+        f"Every class, seeds 0..{tinyvdm.NULL_CLASS - 1} (FP, W8A8 pairs): {grid.name}", "",
+        "## What the clips show (`qvd_demo.quality`)", "",
+        *quality.table({"FP": res["quality_fp"], "W8A8": res["quality_quant"]}, res["quality_data"]), "",
+        f"FP {verdict(check['fp'])}; W8A8 {verdict(check['w8a8'])}.", "",
+        "## Size and speed", "",
         f"Quantized layers' weights: fp16 {wb['fp16']:,} B -> int8 + scales {wb['int8']:,} B ({wb['ratio']:.2f}x smaller).",
         f"CPU time per UNet step (batch 2 x {tinyvdm.FRAMES} frames, {torch.get_num_threads()} threads, median of 5): "
         f"fp32 {t_fp * 1e3:.1f} ms, W8A8 {t_int * 1e3:.1f} ms ({t_fp / t_int:.2f}x).",
-        f"Lowest TDScore of the HiDi-TQ temporal layers: {report['temporal_tdscore_min']:.4f}.",
+        f"Lowest TDScore of the HiDi-TQ temporal layers: {report['temporal_tdscore_min']:.4f}.", "",
+        "W8A8 clips: " + ("the integer kernels." if mode == "int" else
+                          f"the float simulation of the same quantized model (`set_mode(model, \"fake\")`: the same "
+                          f"int8 codes and scales, float arithmetic; it differs from the kernels by rounding), as "
+                          f"this CPU's integer route took {t_int * 1e3:.0f} ms a step against the simulation's "
+                          f"{t_fake * 1e3:.0f} ms." + (" (--w8a8-mode fake)" if args.w8a8_mode == "fake" else "")),
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

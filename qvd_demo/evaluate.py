@@ -1,8 +1,8 @@
 """Evaluate a quantized video diffusion model against its FP reference on TinyVDM clips.
 
-Fidelity to FP (PSNR, per-frame gaussian SSIM, temporal error of frame differences), weight bytes, and a
-sample-quality statistic needing no downloaded network: foreground colour accuracy against the class and
-centroid speed of the moving shape, compared with the procedural data.
+Fidelity to FP (PSNR, per-frame gaussian SSIM, temporal error of frame differences), weight bytes, and the
+sample-quality statistic of :mod:`qvd_demo.quality` (shape and colour recognised, background, speed, size
+stability) for both models and for procedural data of the same classes.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from qvd.calibrate import Calibration, Calibrator
 from qvd.config import QVDConfig
 from qvd.quantize import QuantizeResult, quantize_model
 
+from . import quality as Q
 from . import tinyvdm as T
 
 
@@ -55,36 +56,6 @@ def temporal_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a[1:] - a[:-1]) - (b[1:] - b[:-1])).float().square().mean().sqrt().item()
 
 
-def clip_stats(video: torch.Tensor, cond) -> dict:
-    """Foreground statistics of one clip [F, 3, H, W]: colour correct (vs the class), centroid speed (px/frame)."""
-    colour, _ = T.class_parts(T.class_id(cond))
-    fg = video.float().max(1).values > 0  # [F, H, W]: any channel bright on the black background
-    area = fg.sum((1, 2)).float()
-    h, w = fg.shape[1:]
-    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
-                            indexing="ij")
-    ok = area > 0
-    cy = (fg * yy).sum((1, 2)) / area.clamp(min=1)
-    cx = (fg * xx).sum((1, 2)) / area.clamp(min=1)
-    both = ok[1:] & ok[:-1]
-    step = torch.sqrt((cx[1:] - cx[:-1]) ** 2 + (cy[1:] - cy[:-1]) ** 2)
-    speed = step[both].mean().item() if both.any() else 0.0
-    pix = video.float().permute(0, 2, 3, 1)[fg]  # [N, 3]
-    palette = torch.tensor(list(T.COLOURS.values()))
-    if len(pix):
-        mean = pix.mean(0)
-        nearest = list(T.COLOURS)[int((palette - mean).square().sum(1).argmin())]
-    else:
-        nearest = None
-    return {"colour_ok": float(nearest == colour), "speed": speed, "fg_fraction": fg.float().mean().item()}
-
-
-def quality(clips, conds) -> dict:
-    """Mean clip statistics over clips, and the same on procedural data for reference."""
-    stats = [clip_stats(v, c) for v, c in zip(clips, conds)]
-    return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-
-
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of parameters and buffers as stored (fp16 model -> 2 B/weight; int8 + scales for quantized)."""
     seen, total = set(), 0
@@ -97,7 +68,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 def sample_clips(model, conds, steps: int = 20, guidance: float = 3.0, embed=None, seed0: int = 0) -> list:
     """One clip per class id in ``conds``, clip ``i`` from seed ``seed0 + i``."""
-    return [T.sample(model, c, seed0 + i, steps, guidance, embed=embed) for i, c in enumerate(conds)]
+    conds = list(conds)
+    return list(T.sample_many(model, conds, range(seed0, seed0 + len(conds)), steps, guidance, embed=embed))
 
 
 def calibrate(model, config: QVDConfig, classes, steps: int = 20, guidance: float = 3.0,
@@ -132,12 +104,12 @@ def evaluate(fp_model, q_model, n: int = 4, steps: int = 20, guidance: float = 3
     if len(fp) != n:
         raise ValueError(f"reference has {len(fp)} clips for n={n}: sample it with the same conds")
     qt = sample_clips(q_model, conds, steps, guidance, embed or fp_model, seed0)
-    data = T.make_clips(conds, torch.Generator().manual_seed(seed0))
     mean = lambda f: sum(f(a, b) for a, b in zip(fp, qt)) / n
     per_clip = [psnr(a, b) for a, b in zip(fp, qt)]
     return {
         "psnr_db": sum(per_clip) / n, "psnr_clips": per_clip, "ssim": mean(ssim),
         "temporal_error": mean(temporal_error),
-        "quality_fp": quality(fp, conds), "quality_quant": quality(qt, conds), "quality_data": quality(data, conds),
+        "quality_fp": Q.quality(fp, conds), "quality_quant": Q.quality(qt, conds),
+        "quality_data": Q.data_quality(conds, seed0),
         "clips": {"fp": fp, "quant": qt},
     }

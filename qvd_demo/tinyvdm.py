@@ -47,10 +47,10 @@ UNET_CONFIG = dict(
     use_motion_mid_block=True,
 )
 COND_TOKENS = 4
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what a checkpoint's UNet predicts (its metadata says)
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
     beta_schedule="squaredcos_cap_v2",
-    prediction_type="epsilon",
     clip_sample=True,
     clip_sample_range=1.0,
     set_alpha_to_one=False,
@@ -88,18 +88,23 @@ def class_parts(cid: int) -> tuple[str, str]:
 
 # ------------------------------------------------------------------------------------------------- model
 class TinyVDM(nn.Module):
-    """UNetMotionModel + class embedding. ``forward(sample, timestep, encoder_hidden_states)`` -> epsilon.
+    """UNetMotionModel + class embedding. ``forward(sample, timestep, encoder_hidden_states)`` -> the model's
+    ``prediction_type`` (epsilon, v or the clean sample; the scheduler is told which).
 
     ``sample`` is [B, 3, F, H, W]; ``encoder_hidden_states`` must hold one row per frame
     ([B*F, tokens, dim], see :meth:`encode`), as ``UNetMotionModel`` does not broadcast it over frames.
     """
 
-    def __init__(self, unet_config: dict | None = None, cond_tokens: int = COND_TOKENS):
+    def __init__(self, unet_config: dict | None = None, cond_tokens: int = COND_TOKENS,
+                 prediction_type: str = "epsilon"):
         super().__init__()
         from diffusers import UNetMotionModel
 
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         self.unet_config = dict(UNET_CONFIG if unet_config is None else unet_config)
         self.cond_tokens = cond_tokens
+        self.prediction_type = prediction_type
         self.unet = UNetMotionModel(**self.unet_config)
         dim = self.unet_config["cross_attention_dim"]
         self.class_embed = nn.Embedding(NULL_CLASS + 1, cond_tokens * dim)
@@ -114,9 +119,9 @@ class TinyVDM(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
 
-def build_model(seed: int = 0) -> TinyVDM:
+def build_model(seed: int = 0, prediction_type: str = "epsilon") -> TinyVDM:
     """A freshly initialised TinyVDM with a seeded, explicit init (independent of the global RNG)."""
-    model = TinyVDM()
+    model = TinyVDM(prediction_type=prediction_type)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -142,7 +147,7 @@ def save_weights(model: TinyVDM, path: str | Path, metadata: dict) -> None:
     from safetensors.torch import save_file
 
     meta = {"unet_config": json.dumps(model.unet_config), "cond_tokens": str(model.cond_tokens),
-            "scheduler_config": json.dumps(SCHEDULER_CONFIG)}
+            "scheduler_config": json.dumps({**SCHEDULER_CONFIG, "prediction_type": model.prediction_type})}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata=meta)
@@ -163,7 +168,8 @@ def load_trained(path: str | Path | None = None) -> TinyVDM:
         raise ValueError(f"{path} is not a TinyVDM checkpoint (no 'unet_config' metadata)")
     cfg = json.loads(meta["unet_config"])
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-    model = TinyVDM(cfg, int(meta.get("cond_tokens", COND_TOKENS)))
+    sched = json.loads(meta.get("scheduler_config", "{}"))
+    model = TinyVDM(cfg, int(meta.get("cond_tokens", COND_TOKENS)), sched.get("prediction_type", "epsilon"))
     model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
     model.metadata = meta
     return model.eval()
@@ -175,6 +181,26 @@ def _fold(p: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     span = hi - lo
     u = torch.remainder(p - lo, 2 * span)
     return lo + span - (u - span).abs()
+
+
+def render_alpha(shape_idx: torch.Tensor, pos: torch.Tensor, r: torch.Tensor, size: int = SIZE) -> torch.Tensor:
+    """Coverage [..., H, W] in [0, 1] of shapes (0 square, 1 circle, 2 triangle) of half-size ``r`` at ``pos``.
+
+    ``pos`` is [..., 2] (x, y: the centre of the shape's box); ``shape_idx`` and ``r`` broadcast against
+    ``pos[..., 0]``. The one renderer of the data, also used as the templates of :mod:`qvd_demo.quality`.
+    """
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                            indexing="ij")
+    dx = xx - pos[..., 0, None, None]
+    dy = yy - pos[..., 1, None, None]
+    rr = torch.as_tensor(r, dtype=torch.float32)[..., None, None]
+    sd_square = torch.maximum(dx.abs(), dy.abs()) - rr
+    sd_circle = torch.sqrt(dx ** 2 + dy ** 2) - rr
+    # upward isosceles triangle in the box [-r, r]^2: below the top edges, above the base
+    sd_triangle = torch.maximum(dy - rr, (2 * dx.abs() - (dy + rr)) / math.sqrt(5.0))
+    idx = torch.as_tensor(shape_idx)[..., None, None].expand(sd_square.shape)
+    sd = torch.where(idx == 0, sd_square, torch.where(idx == 1, sd_circle, sd_triangle))
+    return (0.5 - sd).clamp(0, 1)  # one-pixel anti-aliased edge
 
 
 def make_clips(class_ids, generator: torch.Generator, frames: int = FRAMES, size: int = SIZE,
@@ -197,37 +223,30 @@ def make_clips(class_ids, generator: torch.Generator, frames: int = FRAMES, size
     v = torch.stack([ang.cos(), ang.sin()], 1) * speed[:, None]
     t = torch.arange(frames, dtype=torch.float32)
     pos = _fold(p0[:, None] + v[:, None] * t[None, :, None], lo[:, None, None], hi[:, None, None])  # [B,F,2]
-    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
-                            indexing="ij")
-    dx = xx - pos[..., 0, None, None]  # [B,F,H,W]
-    dy = yy - pos[..., 1, None, None]
-    rr = r[:, None, None, None]
-    sd_square = torch.maximum(dx.abs(), dy.abs()) - rr
-    sd_circle = torch.sqrt(dx ** 2 + dy ** 2) - rr
-    # upward isosceles triangle in the box [-r, r]^2: below the top edges, above the base
-    sd_triangle = torch.maximum(dy - rr, (2 * dx.abs() - (dy + rr)) / math.sqrt(5.0))
-    shape_idx = ids // len(COLOURS)
-    sd = torch.stack([sd_square, sd_circle, sd_triangle], 0)[shape_idx, torch.arange(b)]
-    alpha = (0.5 - sd).clamp(0, 1)  # one-pixel anti-aliased edge
+    alpha = render_alpha((ids // len(COLOURS))[:, None], pos, r[:, None], size)  # [B,F,H,W]
     palette = torch.tensor(list(COLOURS.values()))
     colour = palette[ids % len(COLOURS)]  # [B,3]
     return -1 + alpha[:, :, None] * (colour[:, None, :, None, None] + 1)
 
 
 # ----------------------------------------------------------------------------------------------- sampling
-def make_scheduler(kind: str = "ddim"):
-    """DDIM (sampling) or DDPM (training noise) scheduler from the in-code config (no download)."""
+def make_scheduler(kind: str = "ddim", prediction_type: str = "epsilon"):
+    """DDIM (sampling) or DDPM (training noise) scheduler from the in-code config (no download).
+
+    ``prediction_type`` is what the model predicts: a checkpoint's own (``model.prediction_type``).
+    """
     from diffusers import DDIMScheduler, DDPMScheduler
 
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    cfg = {**SCHEDULER_CONFIG, "prediction_type": prediction_type}
     if kind == "ddim":
-        return DDIMScheduler(**SCHEDULER_CONFIG)
+        return DDIMScheduler(**cfg)
     if kind == "ddpm":
-        cfg = {k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"}
-        return DDPMScheduler(**cfg)
+        return DDPMScheduler(**{k: v for k, v in cfg.items() if k != "set_alpha_to_one"})
     raise ValueError(f"scheduler kind must be 'ddim' or 'ddpm', got {kind!r}")
 
 
-@torch.no_grad()
 def sample(model, cond: int | str, seed: int, steps: int = 20, guidance: float = 3.0, *, embed=None,
            frames: int = FRAMES, size: int = SIZE) -> torch.Tensor:
     """DDIM + classifier-free guidance -> video [F, 3, H, W] in [-1, 1]; deterministic for a seed.
@@ -236,25 +255,41 @@ def sample(model, cond: int | str, seed: int, steps: int = 20, guidance: float =
     timestep); it is a TinyVDM or any callable UNet with the same signature, in which case ``embed`` (a
     TinyVDM whose ``encode`` gives the tokens) must be given.
     """
+    return sample_many(model, [cond], [seed], steps, guidance, embed=embed, frames=frames, size=size)[0]
+
+
+@torch.no_grad()
+def sample_many(model, conds, seeds, steps: int = 20, guidance: float = 3.0, *, embed=None,
+                frames: int = FRAMES, size: int = SIZE, batch: int = 1) -> torch.Tensor:
+    """:func:`sample` of clip i from ``(conds[i], seeds[i])``, ``batch`` clips per UNet call -> [N, F, 3, H, W].
+
+    Clip i starts from the same noise as ``sample(model, conds[i], seeds[i])``; batching changes only
+    float rounding. On a CPU batching does not pay (2-core AVX2, fp32: 211 ms per clip and step alone,
+    308 ms in a batch of 16), hence one clip per call by default.
+    """
+    conds, seeds = list(conds), [int(s) for s in seeds]
+    if len(conds) != len(seeds) or not conds:
+        raise ValueError(f"need one seed per condition and at least one, got {len(conds)} and {len(seeds)}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     enc = embed if embed is not None else model
     if not hasattr(enc, "encode"):
         raise TypeError("model has no encode(); pass embed=<TinyVDM> to supply the class tokens")
-    cid = class_id(cond)
-    ids = torch.tensor([cid, NULL_CLASS])
-    hidden = enc.encode(ids, frames)
-    dtype = hidden.dtype
-    sched = make_scheduler("ddim")
-    sched.set_timesteps(steps)
-    g = torch.Generator().manual_seed(int(seed))
-    x = torch.randn(1, 3, frames, size, size, generator=g).to(dtype)
-    for t in sched.timesteps:
-        eps = model(x.expand(2, -1, -1, -1, -1), t, encoder_hidden_states=hidden)
-        eps_c, eps_u = eps[:1], eps[1:]
-        eps = eps_u + guidance * (eps_c - eps_u)
-        x = sched.step(eps, t, x, eta=0.0).prev_sample
-    return x[0].permute(1, 0, 2, 3).clamp(-1, 1).float()
+    out = []
+    for i in range(0, len(conds), batch):
+        ids = torch.tensor([class_id(c) for c in conds[i:i + batch]])
+        n = len(ids)
+        hidden = enc.encode(torch.cat([ids, torch.full_like(ids, NULL_CLASS)]), frames)
+        x = torch.cat([torch.randn(1, 3, frames, size, size, generator=torch.Generator().manual_seed(s))
+                       for s in seeds[i:i + batch]]).to(hidden.dtype)
+        sched = make_scheduler("ddim", enc.prediction_type)
+        sched.set_timesteps(steps)
+        for t in sched.timesteps:
+            pred = model(torch.cat([x, x]), t, encoder_hidden_states=hidden)
+            pred_c, pred_u = pred[:n], pred[n:]
+            x = sched.step(pred_u + guidance * (pred_c - pred_u), t, x, eta=0.0).prev_sample
+        out.append(x.permute(0, 2, 1, 3, 4).clamp(-1, 1).float())
+    return torch.cat(out)
 
 
 # -------------------------------------------------------------------------------------------------- GIFs
@@ -277,12 +312,27 @@ def side_by_side(videos, scale: int = 4, gap: int = 2) -> torch.Tensor:
     return out.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
 
 
-def write_gif(path: str | Path, videos, scale: int = 4, fps: int = 8) -> Path:
-    """Write clips side by side as a looping GIF (Pillow)."""
-    from PIL import Image
+def write_gif(path: str | Path, videos, scale: int = 8, fps: int = 8, labels=(), per_row: int | None = None) -> Path:
+    """Write clips as one looping GIF (Pillow): ``per_row`` clips per row (default: all in one row), each
+    upscaled ``scale`` x with square pixels (nearest neighbour, so shapes stay sharp), ``labels[i]`` written
+    above column ``i``."""
+    from PIL import Image, ImageDraw
 
-    frames = side_by_side(videos, scale)
-    imgs = [Image.fromarray(fr.numpy()) for fr in frames]
+    videos = list(videos)
+    per_row = per_row or len(videos)
+    rows = [side_by_side(videos[i:i + per_row], scale) for i in range(0, len(videos), per_row)]  # 2 px gaps, scaled
+    f, h, w, _ = rows[0].shape
+    head = 14 if labels else 0
+    gap = 2 * scale
+    canvas = torch.full((f, head + len(rows) * (h + gap) - gap, w, 3), 255, dtype=torch.uint8)
+    for i, r in enumerate(rows):
+        canvas[:, head + i * (h + gap):head + i * (h + gap) + h, :r.shape[2]] = r
+    imgs = [Image.fromarray(fr.numpy()) for fr in canvas]
+    col = videos[0].shape[-1] * scale + gap
+    for img in imgs:
+        draw = ImageDraw.Draw(img)
+        for i, text in enumerate(labels):
+            draw.text((i * col + 2, 1), str(text), fill=(0, 0, 0))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)

@@ -2,20 +2,37 @@
 import json
 
 import pytest
+from PIL import Image
 
-from qvd_demo import demo
+from qvd_demo import demo, tinyvdm
 
 
 @pytest.mark.slow
 def test_demo_writes_clips_and_report(tmp_path):
-    report = demo.main(["--out", str(tmp_path), "--steps", "4"])  # calibrates on every colour and shape
+    report = demo.main(["--out", str(tmp_path), "--steps", "4", "--quality-seeds", "12"])
     assert report["model"].endswith("tiny_vdm.safetensors")  # the shipped trained default
     for clip in report["clips"]:
-        assert (tmp_path / clip["gif"]).stat().st_size > 1000
+        gif = Image.open(tmp_path / clip["gif"])
+        assert gif.n_frames == tinyvdm.FRAMES and gif.width >= 2 * 8 * tinyvdm.SIZE  # two clips, upscaled 8x
         assert clip["psnr_db"] > 25
+    assert Image.open(tmp_path / report["gif_all_classes"]).width >= 8 * 5 * tinyvdm.SIZE
+    assert report["fidelity"]["clips"] == 12 and report["fidelity"]["psnr_db"] > 25
+    for name in ("fp", "w8a8", "data"):
+        q = report["quality"][name]
+        assert q["clips"] == 12 and 0 <= q["recognised"] <= 1 and q["speed"] >= 0
+    assert set(report["quality_check"]["w8a8"]) == {"recognised", "background_over_data", "speed_rel_err",
+                                                    "size_stable"}
     assert (tmp_path / report["quantized_file"]).is_file()
     assert report["weight_bytes"]["ratio"] > 1.8
-    assert report["cpu_step_seconds"]["fp32"] > 0 and report["cpu_step_seconds"]["w8a8"] > 0
+    steps = report["cpu_step_seconds"]
+    assert steps["fp32"] > 0 and steps["w8a8"] > 0 and steps["w8a8_fake"] > 0
+    assert report["w8a8_clips_mode"] == ("int" if steps["w8a8"] <= 2 * steps["w8a8_fake"] else "fake")
     assert 0.9 < report["temporal_tdscore_min"] <= 1.0
-    assert json.loads((tmp_path / "report.json").read_text())["mean_psnr_db"] == report["mean_psnr_db"]
-    assert "PSNR" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["fidelity"] == report["fidelity"]
+    md = (tmp_path / "report.md").read_text()
+    assert "PSNR" in md and "recognised" in md
+
+
+def test_too_few_quality_seeds_is_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(tmp_path), "--quality-seeds", "4"])

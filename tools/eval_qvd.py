@@ -10,8 +10,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qvd import QVDConfig  # noqa: E402
 from qvd_demo import evaluate as E  # noqa: E402
@@ -38,7 +36,8 @@ def main(argv=None):
     res["weight_bytes_quant"] = E.weight_bytes(q)
     print(json.dumps(res, indent=2))
     if args.gif:
-        T.write_gif(args.gif, [torch.cat([a, b], 3) for a, b in zip(clips["fp"], clips["quant"])])
+        T.write_gif(args.gif, [v for pair in zip(clips["fp"], clips["quant"]) for v in pair], per_row=2,
+                    labels=("FP", "W8A8"))
 
 
 if __name__ == "__main__":
