@@ -13,6 +13,8 @@ with the same figures of procedural data for the same classes (:func:`data_quali
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import tinyvdm as T
@@ -100,9 +102,16 @@ def quality(clips, conds) -> dict:
 
 
 def data_quality(conds, seed: int = 0) -> dict:
-    """:func:`quality` of procedural data clips of the same classes (seeded): the figures to compare with."""
-    clips = T.make_clips([T.class_id(c) for c in conds], torch.Generator().manual_seed(seed))
-    return quality(list(clips), conds)
+    """:func:`quality` of procedural data clips of the same classes (seeded): the figures to compare with.
+
+    Cached per (classes, seed): the ablation asks for the same reference once per configuration."""
+    return dict(_data_quality(tuple(T.class_id(c) for c in conds), int(seed)))
+
+
+@functools.lru_cache(maxsize=8)
+def _data_quality(ids: tuple, seed: int) -> dict:
+    clips = T.make_clips(list(ids), torch.Generator().manual_seed(seed))
+    return quality(list(clips), list(ids))
 
 
 def check(q: dict, data: dict) -> dict:
