@@ -75,22 +75,26 @@ class W8A8(torch.nn.Module):
         super().__init__()
         self.conv = isinstance(layer, torch.nn.Conv2d)
         q, s = quantize_weight(layer.weight)
-        self.register_buffer("w_q", q)
+        self.register_buffer("w_q", q.contiguous(memory_format=torch.channels_last) if self.conv else q)
         self.register_buffer("w_scale", s)
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
         self.act_scale = max(act_absmax, 1e-8) / 127.0
+        self._packed = None
         if self.conv:
             self.stride, self.padding = layer.stride[0], layer.padding[0]
-            n, c, kh, kw = q.shape
-            self.register_buffer("w_mat", q.permute(2, 3, 1, 0).reshape(kh * kw * c, n).contiguous())
-        else:
-            self.register_buffer("w_q_t", q.t())
 
-    def forward(self, x):
+    def _apply(self, fn, recurse=True):
+        self._packed = None  # moved or cast: pack again (channels-last codes make it a view, not a copy)
+        return super()._apply(fn, recurse)
+
+    def forward(self, input):  # named as nn.Linear's: diffusers passes it by name
+        x = input
+        if self._packed is None:
+            self._packed = K.PackedWeight(self.w_q, self.w_scale)
         if self.conv:
-            return K.conv2d_w8a8(x, self.w_q, self.w_scale, self.bias, self.act_scale, 0, -128, 127,
-                                 stride=self.stride, padding=self.padding, w_mat=self.w_mat)
-        return K.linear_w8a8(x, self.w_q, self.w_scale, self.bias, self.act_scale, 0, -128, 127, w_q_t=self.w_q_t)
+            return K.conv2d_w8a8(x, self._packed, self.bias, self.act_scale, 0, -128, 127,
+                                 stride=self.stride, padding=self.padding)
+        return K.linear_w8a8(x, self._packed, self.bias, self.act_scale, 0, -128, 127)
 
 
 def table(headers: list[str], rows: list[list]) -> str:

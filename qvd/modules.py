@@ -166,6 +166,12 @@ class _QuantizedBase(_HostHooks):
                                                       self.scri_shift),
                             lambda: self._epilogue(self.weight, self.scri_bias(device), device))
 
+    def packed_weight(self, weight: torch.Tensor) -> kernels.PackedWeight:
+        """The codes ``weight`` (the stored ones, on the call's device) in the kernels' K-major layout, built
+        once per device and weight version and kept as this layer's state."""
+        return self._cached("packed_weight", weight.device, (self.weight, self.weight_scale),
+                            lambda: kernels.PackedWeight(weight, self.weight_scale.to(weight.device)))
+
     def _operands(self, device, epilogue: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(int8 codes, bias) for this call: the epilogue bias (integer kernels) or the SCRI bias (fake mode);
         cached unless host patches apply now."""
@@ -228,7 +234,7 @@ class QLinear(_QuantizedBase):
         else:
             shift, inv = self._kernel_scri(dev)
             w, bias = self._operands(dev, epilogue=True)
-            y = kernels.linear_w8a8(x, w, self.weight_scale.to(dev), bias, self.act_scale.to(dev),
+            y = kernels.linear_w8a8(x, self.packed_weight(w), bias, self.act_scale.to(dev),
                                     self.zero_point, self.qmin, self.qmax, shift, inv)
         return y if delta is None else delta(x, y, offset=self._delta_offset(dev))
 
@@ -236,6 +242,8 @@ class QLinear(_QuantizedBase):
 class QConv2d(_QuantizedBase):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride: int, padding: int, **kw):
         super().__init__(**kw)
+        # channels-last codes: the kernels' K-major [N, KH*KW*C] matrix is then a view, not a second copy
+        self.weight = _param(self.weight.detach().contiguous(memory_format=torch.channels_last))
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = tuple(kernel_size), int(stride), int(padding)
 
@@ -248,7 +256,7 @@ class QConv2d(_QuantizedBase):
         else:
             shift, inv = self._kernel_scri(dev)
             w, bias = self._operands(dev, epilogue=True)
-            y = kernels.conv2d_w8a8(x, w, self.weight_scale.to(dev), bias, self.act_scale.to(dev),
+            y = kernels.conv2d_w8a8(x, self.packed_weight(w), bias, self.act_scale.to(dev),
                                     self.zero_point, self.qmin, self.qmax, shift, inv, self.stride, self.padding)
         return y if delta is None else delta(x, y, self.stride, self.padding, self._delta_offset(dev))
 

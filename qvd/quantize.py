@@ -196,7 +196,7 @@ class _Rows:
         w_err = float(w_real.sub_(self.w).norm() / self.w.norm().clamp_min(1e-30))
         if len(self.shape) == 4:
             n, c, kh, kw = self.shape
-            codes = codes.view(n, kh, kw, c).permute(0, 3, 1, 2).contiguous()
+            codes = codes.view(n, kh, kw, c).permute(0, 3, 1, 2)  # channels-last, as QConv2d keeps them
         return dataclasses.replace(fit, weight_q=codes, weight_scale=ws, w_err=w_err)
 
 

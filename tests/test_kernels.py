@@ -59,7 +59,7 @@ def test_linear(route, dtype, affine, zp, bias):
     b = b if bias else None
     x = torch.randn(3, 7, 53, generator=g).to(dtype)
     want = ref.linear_w8a8(x, w_q, w_scale, b, 0.02, zp, -128, 127, shift, inv)
-    got = K.linear_w8a8(x, w_q, w_scale, b, 0.02, zp, -128, 127, shift, inv, w_q_t=w_q.t())
+    got = K.linear_w8a8(x, K.PackedWeight(w_q, w_scale), b, 0.02, zp, -128, 127, shift, inv)
     assert got.shape == want.shape and got.dtype == dtype
     torch.testing.assert_close(got, want, **TOL[dtype])
 
@@ -71,7 +71,7 @@ def test_linear_integer_part_exact(route):
     w_q[0] = 127
     x = torch.randint(-128, 128, (17, 200), generator=g).float()
     x[0] = 127.0
-    got = K.linear_w8a8(x, w_q, torch.ones(24), None, 1.0, 0, -128, 127)
+    got = K.linear_w8a8(x, K.PackedWeight(w_q, torch.ones(24)), None, 1.0, 0, -128, 127)
     assert torch.equal(got.double(), x.double() @ w_q.double().t())
 
 
@@ -82,7 +82,7 @@ def test_conv(route, dtype, k, stride, padding):
     w_q, w_scale, b, shift, inv = _layer(g, 19, 13, k, k)
     x = (torch.randn(2, 13, 9, 7, generator=g) * 2).to(dtype)
     want = ref.conv2d_w8a8(x, w_q, w_scale, b, 0.03, 4, -128, 127, shift, inv, stride, padding)
-    got = K.conv2d_w8a8(x, w_q, w_scale, b, 0.03, 4, -128, 127, shift, inv, stride, padding)
+    got = K.conv2d_w8a8(x, K.PackedWeight(w_q, w_scale), b, 0.03, 4, -128, 127, shift, inv, stride, padding)
     assert got.shape == want.shape and got.dtype == dtype
     torch.testing.assert_close(got, want, **TOL[dtype])
 
@@ -92,21 +92,33 @@ def test_conv_integer_part_exact_with_pad_codes(route):
     g = torch.Generator().manual_seed(4)
     w_q, _, _, shift, _ = _layer(g, 8, 6, 3, 3)
     x = torch.randn(1, 6, 5, 5, generator=g)
-    got = K.conv2d_w8a8(x, w_q, torch.ones(8), None, 0.05, -9, -128, 127, shift, None, 1, 1)
+    got = K.conv2d_w8a8(x, K.PackedWeight(w_q, torch.ones(8)), None, 0.05, -9, -128, 127, shift, None, 1, 1)
     q = ref.quantize_activation(torch.nn.functional.pad(x, (1,) * 4), 0.05, -9, -128, 127, shift, None, channel_dim=1)
     want = torch.nn.functional.conv2d(q.double(), w_q.double()) * 0.05
     torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
     assert torch.equal(torch.round(got.double() / 0.05), torch.nn.functional.conv2d(q.double(), w_q.double()))
 
 
-def test_prepacked_weight_cache_follows_weight_changes(route):
+@pytest.mark.parametrize("conv", [False, True])
+def test_layer_packs_its_weight_once_as_a_view_and_again_after_a_change(route, conv):
+    from qvd.modules import QConv2d, QLinear
     g = torch.Generator().manual_seed(5)
-    w_q, w_scale, b, _, _ = _layer(g, 16, 32, affine=False)
-    x = torch.randn(5, 32, generator=g)
-    K.linear_w8a8(x, w_q, w_scale, b, 0.02, 0, -128, 127)
-    w_q.neg_()  # in-place update (e.g. a re-quantized LoRA merge) must not reuse the old packing
-    torch.testing.assert_close(K.linear_w8a8(x, w_q, w_scale, b, 0.02, 0, -128, 127),
-                               ref.linear_w8a8(x, w_q, w_scale, b, 0.02, 0, -128, 127), **TOL[torch.float32])
+    shape = (16, 8, 3, 3) if conv else (16, 32)
+    w_q, w_scale, b, _, _ = _layer(g, *shape, affine=False)
+    kw = dict(weight_q=w_q, weight_scale=w_scale, bias=b, act_scale=0.02, zero_point=2, w_bits=8, a_bits=8)
+    layer = QConv2d(8, 16, (3, 3), 1, 1, **kw) if conv else QLinear(32, 16, **kw)
+    x = torch.randn(2, 8, 5, 5, generator=g) if conv else torch.randn(5, 32, generator=g)
+    want = (lambda: ref.conv2d_w8a8(x, layer.weight, w_scale, layer.epilogue_bias(), 0.02, 2, -128, 127,
+                                    padding=1)) if conv else \
+        (lambda: ref.linear_w8a8(x, layer.weight, w_scale, layer.epilogue_bias(), 0.02, 2, -128, 127))
+    torch.testing.assert_close(layer(x), want(), **TOL[torch.float32])
+    packed = layer.packed_weight(layer.weight)
+    assert packed is layer.packed_weight(layer.weight)  # module state, built once
+    assert packed.mat.data_ptr() == layer.weight.data_ptr()  # the K-major matrix is a view of the stored codes
+    with torch.no_grad():
+        layer.weight.neg_()  # an in-place change must not reuse the old packing (or oneDNN's copy of it)
+    assert layer.packed_weight(layer.weight) is not packed
+    torch.testing.assert_close(layer(x), want(), **TOL[torch.float32])
 
 
 def test_hiditq():
@@ -123,11 +135,11 @@ def test_hiditq():
 def test_bad_inputs_are_named():
     w_q = torch.zeros(4, 8, dtype=torch.int8)
     with pytest.raises(ValueError, match="8"):
-        K.linear_w8a8(torch.randn(2, 7), w_q, torch.ones(4), None, 1.0, 0, -128, 127)
+        K.linear_w8a8(torch.randn(2, 7), K.PackedWeight(w_q, torch.ones(4)), None, 1.0, 0, -128, 127)
     with pytest.raises(TypeError, match="int8"):
-        K.linear_w8a8(torch.randn(2, 8), w_q.float(), torch.ones(4), None, 1.0, 0, -128, 127)
+        K.PackedWeight(w_q.float(), torch.ones(4))
     with pytest.raises(ValueError, match="4-D"):
-        K.conv2d_w8a8(torch.randn(2, 8), torch.zeros(4, 8, 3, 3, dtype=torch.int8), torch.ones(4), None,
+        K.conv2d_w8a8(torch.randn(2, 8), K.PackedWeight(torch.zeros(4, 8, 3, 3, dtype=torch.int8), torch.ones(4)), None,
                       1.0, 0, -128, 127)
 
 
@@ -140,15 +152,38 @@ def test_missing_triton_logs_once(monkeypatch, caplog):
     assert len([r for r in caplog.records if "Triton kernels unavailable" in r.message]) == 1
 
 
-def test_prepacked_weight_cache_released_with_weight(route):
-    if route != "onednn":
-        pytest.skip("only the oneDNN route prepacks")
-    w_q = torch.randint(-127, 128, (8, 16), dtype=torch.int8)
-    K.linear_w8a8(torch.randn(2, 16), w_q, torch.ones(8), None, 0.1, 0, -128, 127)
-    wid = id(w_q)
-    assert wid in cpu._PACKED
-    del w_q
-    assert wid not in cpu._PACKED
+def test_triton_failure_falls_back_per_shape_and_oom_propagates(monkeypatch, caplog):
+    """A kernel that fails for one shape sends that shape to the torch route (one log line) and keeps Triton
+    for the others; CUDA out-of-memory is the user's to see, not a silent switch to a slower route."""
+    calls = []
+
+    class FlakyTriton:
+        def quantize(self, x, *a):
+            calls.append(tuple(x.shape))
+            if x.shape[0] == 3:
+                raise RuntimeError("no kernel image for this shape")
+            if x.shape[0] == 4:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return ref.quantize_activation(x, *a)
+
+        def linear(self, q, w_k, w_scale, bias, act_scale, dtype):
+            return ref.int8_linear(q, w_k, act_scale, w_scale, bias, dtype)
+
+    monkeypatch.setattr(K, "_TRITON", FlakyTriton())
+    monkeypatch.setattr(K, "_TRITON_DEVICES", ("cpu",))
+    monkeypatch.setattr(K, "_FAILED", set())
+    g = torch.Generator().manual_seed(13)
+    w_q, w_scale, b, _, _ = _layer(g, 8, 16, affine=False)
+    w = K.PackedWeight(w_q, w_scale)
+    with caplog.at_level(logging.WARNING, logger="qvd"):
+        for m in (3, 3, 5, 3):
+            x = torch.randn(m, 16, generator=g)
+            torch.testing.assert_close(K.linear_w8a8(x, w, b, 0.02, 0, -128, 127),
+                                       ref.linear_w8a8(x, w_q, w_scale, b, 0.02, 0, -128, 127), **TOL[torch.float32])
+    assert calls == [(3, 16), (5, 16)]  # shape 3 tried once; shape 5 still on Triton
+    assert len([r for r in caplog.records if "failed for" in r.message]) == 1
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        K.linear_w8a8(torch.randn(4, 16), w, b, 0.02, 0, -128, 127)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels compiled)")
@@ -163,7 +198,7 @@ def test_cuda_triton_linear(dtype, m):
     x = torch.randn(m, 96, generator=g).to(dtype)
     want = ref.linear_w8a8(x, w_q, w_scale, b, 0.02, 3, -128, 127, shift, inv)
     args = [t.cuda() for t in (x, w_q, w_scale, b)]
-    got = K.linear_w8a8(*args, 0.02, 3, -128, 127, shift.cuda(), inv.cuda())
+    got = K.linear_w8a8(args[0], K.PackedWeight(args[1], args[2]), args[3], 0.02, 3, -128, 127, shift.cuda(), inv.cuda())
     assert K.triton_available(), "Triton fell back to the torch route on this GPU"
     torch.testing.assert_close(got.cpu(), want, **TOL[dtype])
     q = K._TRITON.quantize(args[0], 0.02, 3, -128, 127, shift.cuda(), inv.cuda())
@@ -178,7 +213,7 @@ def test_cuda_triton_conv(dtype, stride):
     w_q, w_scale, b, shift, inv = _layer(g, 96, 72, 3, 3)
     x = (torch.randn(2, 72, 13, 11, generator=g) * 2).to(dtype)
     want = ref.conv2d_w8a8(x, w_q, w_scale, b, 0.03, 4, -128, 127, shift, inv, stride, 1)
-    got = K.conv2d_w8a8(x.cuda(), w_q.cuda(), w_scale.cuda(), b.cuda(), torch.tensor(0.03).cuda(), 4, -128, 127,
+    got = K.conv2d_w8a8(x.cuda(), K.PackedWeight(w_q.cuda(), w_scale.cuda()), b.cuda(), torch.tensor(0.03).cuda(), 4, -128, 127,
                         shift.cuda(), inv.cuda(), stride, 1)
     assert K.triton_available(), "Triton fell back to the torch route on this GPU"
     torch.testing.assert_close(got.cpu(), want, **TOL[dtype])
@@ -201,7 +236,7 @@ def test_auto_route_times_both_once_and_stays_exact(monkeypatch):
     x = torch.randn(9, 40, generator=g)
     want = ref.linear_w8a8(x, w_q, w_scale, b, 0.02, 1, -128, 127, shift, inv)
     for _ in range(2):
-        torch.testing.assert_close(K.linear_w8a8(x, w_q, w_scale, b, 0.02, 1, -128, 127, shift, inv), want,
+        torch.testing.assert_close(K.linear_w8a8(x, K.PackedWeight(w_q, w_scale), b, 0.02, 1, -128, 127, shift, inv), want,
                                    **TOL[torch.float32])
     assert list(cpu._CHOICE) == [("linear", 9, 40, 24, torch.float32)] or not cpu._onednn_ok()
 
@@ -209,4 +244,4 @@ def test_auto_route_times_both_once_and_stays_exact(monkeypatch):
 def test_bad_route_is_named(monkeypatch):
     monkeypatch.setattr(cpu, "ROUTE", "fast")
     with pytest.raises(ValueError, match="QVD_CPU_ROUTE"):
-        K.linear_w8a8(torch.randn(2, 8), torch.zeros(4, 8, dtype=torch.int8), torch.ones(4), None, 1.0, 0, -128, 127)
+        K.linear_w8a8(torch.randn(2, 8), K.PackedWeight(torch.zeros(4, 8, dtype=torch.int8), torch.ones(4)), None, 1.0, 0, -128, 127)

@@ -2,7 +2,9 @@
 
 A private copy of ``qvd.kernels.triton_kernels`` is loaded with ``TRITON_INTERPRET=1`` so that the
 dispatcher's own (compiled, CUDA) copy is untouched when these tests run on a GPU machine.
-Shapes are small and odd (not multiples of the tiles) to exercise every mask.
+The GEMMs run at real GPU tiles (BK >= 32, the int8 mma minimum; the interpreter would accept smaller ones no
+GPU compiles). Shapes are odd (not multiples of the tiles) to exercise every mask, with K spanning several tiles
+and conv tiles straddling two taps.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ def _load_interpreted():
 
 tk = _load_interpreted()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# the interpreter's default tile and the smallest tile of each shape class
+TILES = [tk.INTERP_CONFIG] + [dict(c.kwargs) for c in (tk.SHAPE_CLASSES["small_m"][0], tk.SHAPE_CLASSES["medium"][0])]
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1e-2, 5e-2)}
 
 
@@ -88,28 +92,41 @@ def test_quantize_nchw_to_nhwc(channels_last):
     assert torch.equal(got, want)
 
 
+def test_tiles_are_ones_a_gpu_compiles():
+    for cfg in TILES + [dict(c.kwargs) for c in tk.CONFIGS]:
+        assert cfg["BK"] >= 32 and cfg["BM"] >= 16 and cfg["BN"] >= 16, cfg
+    assert all(len(cs) <= 4 for cs in tk.SHAPE_CLASSES.values())
+
+
+@pytest.mark.parametrize("tile", range(len(TILES)))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_linear_epilogue(dtype, with_bias):
+def test_linear_epilogue(tile, dtype, with_bias):
     g = torch.Generator().manual_seed(3)
-    m, k, n = 19, 45, 21
+    m, k, n = 19, 150, 71
     x_q = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
     w_q, w_scale, bias = _weights(g, n, k)
     bias = bias if with_bias else None
-    got = tk.linear(x_q, w_q.t(), w_scale, bias, 0.013, dtype)
+    got = tk.linear(x_q, w_q, w_scale, bias, 0.013, dtype, config=TILES[tile])
     want = ref.int8_linear(x_q, w_q, 0.013, w_scale, bias, dtype)
     assert got.dtype == dtype
     torch.testing.assert_close(got, want, atol=TOL[dtype][0] * 10, rtol=TOL[dtype][1])
     # integer part exact: scale 1, no bias -> the int32 accumulator itself
-    acc = tk.linear(x_q, w_q.t(), torch.ones(n), None, 1.0, torch.float32)
+    acc = tk.linear(x_q, w_q, torch.ones(n), None, 1.0, torch.float32, config=TILES[tile])
     assert torch.equal(acc.double(), x_q.double() @ w_q.double().t())
 
 
-@pytest.mark.parametrize("stride", [1, 2])
+def _k_major(w_q):
+    """[N, C, KH, KW] -> the kernels' [N, KH*KW*C] (qvd.kernels.PackedWeight.mat)."""
+    return w_q.permute(0, 2, 3, 1).reshape(w_q.shape[0], -1).contiguous()
+
+
+@pytest.mark.parametrize("tile", range(len(TILES)))
+@pytest.mark.parametrize("c,stride", [(11, 1), (37, 2)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_conv_implicit_gemm(stride, dtype):
+def test_conv_implicit_gemm(tile, c, stride, dtype):
     g = torch.Generator().manual_seed(4 + stride)
-    nb, c, h, w, n = 2, 11, 7, 6, 13
+    nb, h, w, n = 2, 7, 6, 13
     x = (torch.randn(nb, c, h, w, generator=g) * 2).to(dtype)
     w_q, w_scale, bias = _weights(g, n, c, 3, 3)
     shift, inv = _qparams(g, c, True)
@@ -117,26 +134,27 @@ def test_conv_implicit_gemm(stride, dtype):
     scale = 0.03
     q = tk.quantize(x, scale, zp, -128, 127, shift, inv)
     pad = ref.quantize_activation(torch.zeros(c), scale, zp, -128, 127, shift, inv)
-    w_mat = w_q.permute(2, 3, 1, 0).reshape(9 * c, n)
-    got = tk.conv2d(q, pad, w_mat, 3, 3, w_scale, bias, scale, stride, 1, dtype)
+    got = tk.conv2d(q, pad, _k_major(w_q), 3, 3, w_scale, bias, scale, stride, 1, dtype, config=TILES[tile])
     want = ref.conv2d_w8a8(x, w_q, w_scale, bias, scale, zp, -128, 127, shift, inv, stride, 1)
     assert got.shape == want.shape and got.dtype == dtype
     torch.testing.assert_close(got, want, atol=TOL[dtype][0] * 10, rtol=TOL[dtype][1])
     # integer part exact
-    acc = tk.conv2d(q, pad, w_mat, 3, 3, torch.ones(n), None, 1.0, stride, 1, torch.float32)
+    acc = tk.conv2d(q, pad, _k_major(w_q), 3, 3, torch.ones(n), None, 1.0, stride, 1, torch.float32,
+                    config=TILES[tile])
     xp = torch.nn.functional.pad(x.float(), (1,) * 4)
     q_ref = ref.quantize_activation(xp, scale, zp, -128, 127, shift, inv, channel_dim=1)
     assert torch.equal(acc.double(), torch.nn.functional.conv2d(q_ref.double(), w_q.double(), stride=stride))
 
 
-def test_conv_1x1_no_padding():
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_1x1_no_padding(stride):
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(1, 9, 5, 5, generator=g)
-    w_q, w_scale, bias = _weights(g, 17, 9, 1, 1)
+    x = torch.randn(1, 70, 5, 5, generator=g)
+    w_q, w_scale, bias = _weights(g, 17, 70, 1, 1)
     q = tk.quantize(x, 0.02, 0, -128, 127)
-    pad = torch.zeros(9, dtype=torch.int8)
-    got = tk.conv2d(q, pad, w_q.reshape(17, 9).t(), 1, 1, w_scale, bias, 0.02, 1, 0, torch.float32)
-    want = ref.conv2d_w8a8(x, w_q, w_scale, bias, 0.02, 0, -128, 127)
+    pad = torch.zeros(70, dtype=torch.int8)
+    got = tk.conv2d(q, pad, _k_major(w_q), 1, 1, w_scale, bias, 0.02, stride, 0, torch.float32)
+    want = ref.conv2d_w8a8(x, w_q, w_scale, bias, 0.02, 0, -128, 127, stride=stride)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 

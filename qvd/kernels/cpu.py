@@ -7,25 +7,22 @@ wins everywhere (docs/benchmarks.md: oneDNN is ahead on large-N GEMMs, ``_int_mm
 convs), so by default (``QVD_CPU_ROUTE=auto``) the first call of each shape times both and keeps the
 faster; ``QVD_CPU_ROUTE=onednn`` / ``int_mm`` pins one. Codes are stored +128 as uint8 with oneDNN zero point 128, so the int32
 accumulator is over the raw codes exactly as in the reference (the code zero point is folded into the
-effective bias). int8 (s8) activations are avoided: oneDNN runs them on a reference path, 10-1000x slower. Weights
-are prepacked once per weight tensor (weakly cached). Before first use a probe checks that the oneDNN
-route is exact (no int16 saturation on CPUs without VNNI); otherwise ``torch._int_mm`` is used.
+effective bias). int8 (s8) activations are avoided: oneDNN runs them on a reference path, 10-1000x slower.
+oneDNN's prepacked weights are kept on the layer's ``PackedWeight``. Before first use a probe checks that the
+oneDNN route is exact (no int16 saturation on CPUs without VNNI); otherwise ``torch._int_mm`` is used.
+On CUDA (Triton unavailable) the epilogue stays on the device: no host sync per layer.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
-import weakref
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger("qvd")
 
-_PACKED: dict[int, tuple] = {}  # id(w_q) -> (weakref to w_q, key, (packed weight, float scales))
-_IM2COL: dict[int, tuple] = {}  # id(w_q) -> (weakref to w_q, key, [kh*kw*C, N] int8 matrix)
 _ONEDNN_OK: bool | None = None
 ROUTES = ("auto", "onednn", "int_mm")
 ROUTE = os.environ.get("QVD_CPU_ROUTE", "auto")
@@ -93,7 +90,8 @@ def quantize_into(out: torch.Tensor, x: torch.Tensor, act_scale, zero_point: int
 
 
 def _epilogue(acc: torch.Tensor, act_scale, w_scale: torch.Tensor, bias, out_dtype: torch.dtype):
-    y = acc.float().mul_(w_scale * float(act_scale))
+    s = act_scale.to(acc.device, torch.float32) if isinstance(act_scale, torch.Tensor) else float(act_scale)
+    y = acc.float().mul_(w_scale * s)
     if bias is not None:
         y.add_(bias)
     return y.to(out_dtype)
@@ -119,43 +117,16 @@ def _onednn_ok() -> bool:
     return _ONEDNN_OK
 
 
-def _version(t: torch.Tensor) -> int:
-    """In-place write counter (inference-mode tensors have none; hosts replace rather than write them)."""
-    return -1 if t.is_inference() else t._version
-
-
-def _per_weight(cache: dict, w: torch.Tensor, key: tuple, build):
-    """A value derived from weight tensor ``w``, rebuilt when ``key`` changes, dropped when ``w`` is freed."""
-    hit = cache.get(id(w))
-    if hit is not None and hit[0]() is w and hit[1] == key:
-        return hit[2]
-    value = build()
-    cache[id(w)] = (weakref.ref(w, functools.partial(_forget, cache)), key, value)
-    return value
-
-
-def _forget(cache: dict, dead: weakref.ref):
-    for k, v in list(cache.items()):
-        if v[0] is dead:
-            del cache[k]
-
-
-def _packed(w_q: torch.Tensor, w_scale: torch.Tensor, stride: int | None):
-    """oneDNN-prepacked weight, cached per weight tensor (rebuilt if it or its scales change)."""
-    def build():
-        ws = w_scale.detach().float().contiguous()
+def _packed(weight, stride: int | None):
+    """oneDNN's prepacked copy of ``weight`` (a ``PackedWeight``), made on first use and kept on it."""
+    key = ("onednn", stride)
+    if key not in weight.packed:
         if stride is None:
-            return torch.ops.onednn.qlinear_prepack(w_q.detach(), None), ws
-        w_cl = w_q.detach().contiguous(memory_format=torch.channels_last)
-        return torch.ops.onednn.qconv_prepack(w_cl, ws, 1.0, 0, [stride] * 2, [0, 0], [1, 1], 1, None), ws
-    return _per_weight(_PACKED, w_q, (_version(w_q), w_scale.data_ptr(), _version(w_scale), stride), build)
-
-
-def _im2col_weight(w_q: torch.Tensor) -> torch.Tensor:
-    """The conv weight as the [kh*kw*C, N] int8 matrix of the NHWC im2col GEMM, cached per weight tensor."""
-    n, c, kh, kw = w_q.shape
-    return _per_weight(_IM2COL, w_q, (_version(w_q),),
-                       lambda: w_q.detach().permute(2, 3, 1, 0).reshape(kh * kw * c, n).contiguous())
+            weight.packed[key] = torch.ops.onednn.qlinear_prepack(weight.mat, None)
+        else:
+            weight.packed[key] = torch.ops.onednn.qconv_prepack(weight.conv_view(), weight.scale, 1.0, 0,
+                                                                [stride] * 2, [0, 0], [1, 1], 1, None)
+    return weight.packed[key]
 
 
 def _onednn_dtype(out_dtype: torch.dtype, conv: bool) -> torch.dtype:
@@ -163,27 +134,24 @@ def _onednn_dtype(out_dtype: torch.dtype, conv: bool) -> torch.dtype:
     return torch.float32 if (conv and out_dtype == torch.float16) else out_dtype
 
 
-def linear_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=None, inv_scale=None,
-                w_q_t=None):
-    """W8A8 linear on ``x [..., K]`` (torch route)."""
+def linear_w8a8(x, weight, bias, act_scale, zero_point, qmin, qmax, shift=None, inv_scale=None):
+    """W8A8 linear on ``x [..., K]`` (torch route); ``weight`` a ``PackedWeight``."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
-    n = w_q.shape[0]
+    n = weight.shape[0]
 
     def onednn():
         q = quantize_into(torch.empty(x2.shape, dtype=torch.uint8), x2, act_scale, zero_point, qmin, qmax,
                           shift, inv_scale, offset=128)
-        packed, ws = _packed(w_q, w_scale, None)
         zeros = torch.zeros(n, dtype=torch.int32)
         b = None if bias is None else bias.float()
-        return torch.ops.onednn.qlinear_pointwise(q, float(act_scale), 128, packed, ws, zeros, b,
-                                                  1.0, 0, x.dtype, "none", [], "")
+        return torch.ops.onednn.qlinear_pointwise(q, float(act_scale), 128, _packed(weight, None), weight.scale,
+                                                  zeros, b, 1.0, 0, x.dtype, "none", [], "")
 
     def int_mm_route():
         q = quantize_into(torch.empty(x2.shape, dtype=torch.int8, device=x.device), x2, act_scale, zero_point,
                           qmin, qmax, shift, inv_scale)
-        acc = int_mm(q, w_q.t() if w_q_t is None else w_q_t)
-        return _epilogue(acc, act_scale, w_scale, bias, x.dtype)
+        return _epilogue(int_mm(q, weight.mat.t()), act_scale, weight.scale, bias, x.dtype)
 
     if x.device.type == "cpu":
         y = _run(("linear", x2.shape[0], k, n, x.dtype), onednn, int_mm_route)
@@ -210,20 +178,20 @@ def quantize_padded_nhwc(x: torch.Tensor, act_scale, zero_point: int, qmin: int,
     return out
 
 
-def conv2d_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=None, inv_scale=None,
-                stride: int = 1, padding: int = 0, w_mat=None):
-    """W8A8 conv2d on NCHW ``x`` (torch route); output NCHW-shaped, stored channels-last."""
+def conv2d_w8a8(x, weight, bias, act_scale, zero_point, qmin, qmax, shift=None, inv_scale=None,
+                stride: int = 1, padding: int = 0):
+    """W8A8 conv2d on NCHW ``x`` (torch route); ``weight`` a ``PackedWeight``; output NCHW-shaped, stored
+    channels-last."""
     n, c, h, w = x.shape
-    cout, _, kh, kw = w_q.shape
+    cout, _, kh, kw = weight.shape
 
     def onednn():
         q = quantize_padded_nhwc(x, act_scale, zero_point, qmin, qmax, shift, inv_scale, padding,
                                  offset=128, dtype=torch.uint8)
-        packed, ws = _packed(w_q, w_scale, stride)
         zeros = torch.zeros(cout, dtype=torch.int32)
         b = None if bias is None else bias.float()
-        y = torch.ops.onednn.qconv2d_pointwise(q.permute(0, 3, 1, 2), float(act_scale), 128, packed,
-                                               ws, zeros, b, [stride] * 2, [0, 0], [1, 1], 1, 1.0, 0,
+        y = torch.ops.onednn.qconv2d_pointwise(q.permute(0, 3, 1, 2), float(act_scale), 128, _packed(weight, stride),
+                                               weight.scale, zeros, b, [stride] * 2, [0, 0], [1, 1], 1, 1.0, 0,
                                                _onednn_dtype(x.dtype, True), "none", [], "")
         return y.to(x.dtype)
 
@@ -237,11 +205,10 @@ def conv2d_w8a8(x, w_q, w_scale, bias, act_scale, zero_point, qmin, qmax, shift=
             sn, sh, sw, sc = q.stride()
             cols = q.as_strided((n, oh, ow, kh, kw, c), (sn, sh * stride, sw * stride, sh, sw, sc))
             cols = cols.reshape(n * oh * ow, kh * kw * c)
-        wm = _im2col_weight(w_q) if w_mat is None else w_mat
-        acc = int_mm(cols, wm)
-        y = _epilogue(acc, act_scale, w_scale, bias, x.dtype)
+        acc = int_mm(cols, weight.mat.t())
+        y = _epilogue(acc, act_scale, weight.scale, bias, x.dtype)
         return y.view(n, oh, ow, cout).permute(0, 3, 1, 2)
 
     if x.device.type == "cpu":
-        return _run(("conv", tuple(x.shape), tuple(w_q.shape), stride, padding, x.dtype), onednn, int_mm_route)
+        return _run(("conv", tuple(x.shape), weight.shape, stride, padding, x.dtype), onednn, int_mm_route)
     return int_mm_route()

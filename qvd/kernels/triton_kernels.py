@@ -5,46 +5,78 @@
   inputs are written channels-last (NHWC) for the implicit-GEMM conv.
 - ``linear``: int8 GEMM, int32 accumulate, epilogue ``acc * act_scale * w_scale[n] + bias[n]`` stored
   in the output dtype (fp16 / bf16 / fp32).
-- ``conv2d``: int8 implicit-GEMM conv on NHWC codes; padded pixels read the per-channel code of 0.0.
+- ``conv2d``: int8 implicit-GEMM conv on NHWC codes, one flat K loop over (tap, channel); padded pixels
+  read the per-channel code of 0.0.
 - ``hiditq_encode`` / ``hiditq_decode``: nearest-level codes (binary search) and their look-up.
 
-Under ``TRITON_INTERPRET=1`` (set before triton is imported) the same kernels run on CPU tensors with
-one fixed small tile configuration instead of autotuning; that is how the tests check them. The
-kernels use only core ``tl`` builtins (``tl.full``, not the ``triton.language.standard`` helpers such
-as ``tl.zeros`` / ``tl.cdiv``), so they also interpret when triton was imported before the variable was set.
+Both GEMMs read the weight K-major, ``[N, K]`` (``qvd.kernels.PackedWeight``). Tiles: at most 4 candidates
+per shape class (``shape_class``: M bucket, N, arch), timed once per key and kept in Triton's cache dir.
+
+Under ``TRITON_INTERPRET=1`` (set before triton is imported) the same kernels run on CPU tensors with one
+real GPU tile (``INTERP_CONFIG``, or the caller's ``config``) instead of autotuning; that is how the tests
+check them. The kernels use only core ``tl`` builtins (``tl.full``, not the ``triton.language.standard``
+helpers such as ``tl.zeros`` / ``tl.cdiv``), so they also interpret when triton was imported before the
+variable was set.
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
 
 import torch
 import triton
 import triton.language as tl
 
+log = logging.getLogger("qvd")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-# Tile configurations for int8 tensor cores (mma k=32): Ampere / Ada / Hopper all take these.
-_MM_CONFIGS = [
-    triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-    triton.Config({"BM": 256, "BN": 128, "BK": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-    triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, num_stages=3, num_warps=8),
-    triton.Config({"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BM": 64, "BN": 64, "BK": 128, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BM": 32, "BN": 64, "BK": 128, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BM": 16, "BN": 128, "BK": 128, "GROUP_M": 8}, num_stages=4, num_warps=4),
-]
-_INTERP_MM = {"BM": 16, "BN": 16, "BK": 16, "GROUP_M": 2}
-_Q_BLOCK = (64, 64) if not INTERPRET else (16, 16)
-_LUT_BLOCK = 1024 if not INTERPRET else 64
+
+def _cfg(bm, bn, bk, stages, warps):
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
+
+
+# Candidate tiles per shape class (int8 mma needs BK >= 32). Each class holds <= 4, so a new shape costs at
+# most 4 compiles + timings. Every tile compiles without register spills and within the shared memory of
+# sm_86 / sm_89 (99 KB) for the archs its class serves (bench/compile_kernels.py checks both).
+SHAPE_CLASSES = {
+    "small_m": [_cfg(16, 64, 128, 4, 4), _cfg(16, 128, 128, 4, 4), _cfg(32, 64, 128, 4, 4), _cfg(32, 128, 64, 4, 4)],
+    "medium": [_cfg(64, 64, 128, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4), _cfg(32, 128, 64, 4, 4)],
+    "large": [_cfg(128, 128, 64, 3, 8), _cfg(128, 128, 128, 3, 8), _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4)],
+    "large_sm90": [_cfg(128, 128, 64, 4, 8), _cfg(128, 256, 64, 3, 8), _cfg(128, 128, 128, 3, 8),
+                   _cfg(64, 128, 64, 4, 4)],
+}
+CONFIGS = list({str(c): c for cs in SHAPE_CLASSES.values() for c in cs}.values())  # every tile any class uses
+# The interpreter runs one real tile (a GPU compiles it too); tests may pass others via ``config``.
+INTERP_CONFIG = {"BM": 32, "BN": 64, "BK": 64, "GROUP_M": 8}
+GPU_Q_BLOCK, GPU_LUT_BLOCK = (64, 64), 1024  # elementwise blocks (smaller under the interpreter)
+_Q_BLOCK = GPU_Q_BLOCK if not INTERPRET else (16, 16)
+_LUT_BLOCK = GPU_LUT_BLOCK if not INTERPRET else 64
+
+
+def shape_class(m_bucket: int, n: int, arch: int) -> str:
+    """The rule that picks the candidate tiles: by rows (M bucket), output channels N and GPU arch."""
+    if m_bucket <= 32:
+        return "small_m"
+    if m_bucket <= 512 or n <= 64:
+        return "medium"
+    return "large_sm90" if arch >= 90 else "large"
+
+
+def _prune(configs, nargs, **_):
+    arch = torch.cuda.get_device_capability(nargs["out_ptr"].device)
+    cls = SHAPE_CLASSES[shape_class(nargs["M_BUCKET"], nargs["N"], arch[0] * 10 + arch[1])]
+    return [c for c in configs if any(str(c) == str(k) for k in cls)]
 
 
 def _tuned(kernel):
-    """Autotuned on a GPU (keyed on the M bucket, N, K); plain under the interpreter."""
+    """Autotuned on a GPU among its shape class's tiles, keyed on the M bucket, N, K and (conv) the kernel
+    size and stride; timings persist in Triton's cache dir, so a restart does not tune again."""
     if INTERPRET:
         return kernel
-    return triton.autotune(configs=_MM_CONFIGS, key=["M_BUCKET", "N", "K"])(kernel)
+    key = ["M_BUCKET", "N", "K"] + (["KH", "KW", "stride"] if "KH" in kernel.arg_names else [])
+    return triton.autotune(configs=CONFIGS, key=key, prune_configs_by={"early_config_prune": _prune},
+                           cache_results=True)(kernel)
 
 
 @triton.jit
@@ -95,7 +127,7 @@ def _epilogue_store(acc, rm, rn, M, N, out_ptr, wscale_ptr, bias_ptr, scale_ptr,
     y = acc.to(tl.float32) * (ws * _load_scale(scale_ptr, scale_val, SCALE_PTR))[None, :]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    dst = rm.to(tl.int64)[:, None] * s_om + (rn * s_on)[None, :]
+    dst = rm[:, None] * s_om + (rn * s_on)[None, :]  # 32-bit offsets (checked by the launcher)
     tl.store(out_ptr + dst, y.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & nmask[None, :])
 
 
@@ -115,19 +147,20 @@ def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _linear_kernel(a_ptr, b_ptr, out_ptr, wscale_ptr, bias_ptr, scale_ptr, scale_val,
-                   M, N, K, M_BUCKET, s_am, s_ak, s_bk, s_bn, s_om, s_on,
+                   M, N, K, M_BUCKET, s_am, s_bn, s_om, s_on,
                    HAS_BIAS: tl.constexpr, SCALE_PTR: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """out[M, N] = (A[M, K] @ B[K, N]) * act_scale * w_scale[n] + bias[n]; A, B int8."""
+    """out[M, N] = (A[M, K] @ B[N, K]^T) * act_scale * w_scale[n] + bias[n]; A, B int8, both K-contiguous
+    (unit K stride: the loads vectorise and pipeline through shared memory)."""
     rm, rn = _tile_ids(M, N, BM, BN, GROUP_M)
     rk = tl.arange(0, BK)
-    a_rows = rm.to(tl.int64)[:, None] * s_am
+    a_rows = rm[:, None] * s_am
     b_cols = (rn * s_bn)[None, :]
     acc = tl.full((BM, BN), 0, tl.int32)
     for k0 in range(0, K, BK):
         kk = k0 + rk
-        a = tl.load(a_ptr + a_rows + (kk * s_ak)[None, :], mask=(rm < M)[:, None] & (kk < K)[None, :], other=0)
-        b = tl.load(b_ptr + (kk * s_bk)[:, None] + b_cols, mask=(kk < K)[:, None] & (rn < N)[None, :], other=0)
+        a = tl.load(a_ptr + a_rows + kk[None, :], mask=(rm < M)[:, None] & (kk < K)[None, :], other=0)
+        b = tl.load(b_ptr + kk[:, None] + b_cols, mask=(kk < K)[:, None] & (rn < N)[None, :], other=0)
         acc = tl.dot(a, b, acc)
     _epilogue_store(acc, rm, rn, M, N, out_ptr, wscale_ptr, bias_ptr, scale_ptr, scale_val,
                     s_om, s_on, HAS_BIAS, SCALE_PTR)
@@ -135,35 +168,35 @@ def _linear_kernel(a_ptr, b_ptr, out_ptr, wscale_ptr, bias_ptr, scale_ptr, scale
 
 @triton.jit
 def _conv_kernel(x_ptr, pad_ptr, b_ptr, out_ptr, wscale_ptr, bias_ptr, scale_ptr, scale_val,
-                 M, N, K, M_BUCKET, C, H, W, OH, OW, stride, padding, s_bk, s_bn,
+                 M, N, K, M_BUCKET, C, H, W, OH, OW, stride, padding, s_bn,
                  KH: tl.constexpr, KW: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SCALE_PTR: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """Implicit-GEMM conv: x NHWC int8 [Nb, H, W, C], B = weights [KH*KW*C, N]; out NHWC [M, N]."""
+    """Implicit-GEMM conv: x NHWC int8 [Nb, H, W, C], B = weights [N, K] with k = (kh * KW + kw) * C + c;
+    one flat loop over K (a tile may straddle two taps); out NHWC [M, N]."""
     rm, rn = _tile_ids(M, N, BM, BN, GROUP_M)
     rk = tl.arange(0, BK)
     ohw = OH * OW
     nb = rm // ohw
-    oh = (rm % ohw) // OW
-    ow = rm % OW
+    ih0 = ((rm % ohw) // OW) * stride - padding
+    iw0 = (rm % OW) * stride - padding
+    img = nb * H * W * C
     row_ok = rm < M
     b_cols = (rn * s_bn)[None, :]
     acc = tl.full((BM, BN), 0, tl.int32)
-    for kh in tl.static_range(KH):
-        for kw in tl.static_range(KW):
-            ih = oh * stride - padding + kh
-            iw = ow * stride - padding + kw
-            inside = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            pix = ((nb.to(tl.int64) * H + ih) * W + iw) * C
-            for c0 in range(0, C, BK):
-                cc = c0 + rk
-                cmask = cc < C
-                a = tl.load(x_ptr + pix[:, None] + cc[None, :], mask=inside[:, None] & cmask[None, :], other=0)
-                pad = tl.load(pad_ptr + cc, mask=cmask, other=0)
-                a = tl.where(inside[:, None], a, pad[None, :])
-                kk = (kh * KW + kw) * C + cc
-                b = tl.load(b_ptr + (kk * s_bk)[:, None] + b_cols, mask=cmask[:, None] & (rn < N)[None, :], other=0)
-                acc = tl.dot(a, b, acc)
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        k_ok = kk < K
+        tap = kk // C
+        cc = kk % C
+        ih = ih0[:, None] + (tap // KW)[None, :]
+        iw = iw0[:, None] + (tap % KW)[None, :]
+        inside = row_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & k_ok[None, :]
+        a = tl.load(x_ptr + img[:, None] + (ih * W + iw) * C + cc[None, :], mask=inside, other=0)
+        pad = tl.load(pad_ptr + cc, mask=k_ok, other=0)
+        a = tl.where(inside, a, pad[None, :])
+        b = tl.load(b_ptr + kk[:, None] + b_cols, mask=k_ok[:, None] & (rn < N)[None, :], other=0)
+        acc = tl.dot(a, b, acc)
     _epilogue_store(acc, rm, rn, M, N, out_ptr, wscale_ptr, bias_ptr, scale_ptr, scale_val,
                     N, 1, HAS_BIAS, SCALE_PTR)
 
@@ -231,48 +264,99 @@ def quantize(x: torch.Tensor, act_scale, zero_point: int, qmin: int, qmax: int,
     return out
 
 
-def _mm_launch(run, m, n, args, kwargs):
-    meta = {} if not INTERPRET else dict(_INTERP_MM)
+class _FirstRuns:
+    """Seconds spent on shapes seen for the first time in this process (compile + tune, or a disk-cache load);
+    one log line per burst of new shapes (the first sampling, a new resolution), never per layer."""
+
+    def __init__(self):
+        self.seen, self.new, self.seconds, self.total_s = set(), 0, 0.0, 0.0
+
+    def launch(self, key, go):
+        if key in self.seen:
+            if self.new:
+                log.info("qvd: Triton compiled / tuned %d new kernel shapes in %.1f s (timings kept in Triton's "
+                         "cache dir; a restart reuses them)", self.new, self.seconds)
+                self.new, self.seconds = 0, 0.0
+            return go()
+        if INTERPRET:
+            out = go()
+        else:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = go()
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            self.new, self.seconds, self.total_s = self.new + 1, self.seconds + dt, self.total_s + dt
+        self.seen.add(key)
+        return out
+
+
+first_runs = _FirstRuns()
+
+
+def _offsets_fit(*tensors):
+    """The GEMM kernels address with 32-bit offsets (64-bit ones cost registers and spill)."""
+    for t in tensors:
+        if t.numel() >= 2**31:
+            raise ValueError(f"a tensor of {t.numel()} elements is beyond the int8 GEMM's 32-bit offsets")
+
+
+def _unit_k_stride(w_k):
+    if w_k.stride(1) != 1:
+        raise ValueError(f"weights must be K-major [N, K] with unit K stride, got strides {w_k.stride()}")
+
+
+def _mm_launch(run, key, m, n, args, kwargs, config):
+    meta = {} if not INTERPRET else dict(config or INTERP_CONFIG)
     grid = lambda meta_: (triton.cdiv(m, meta_["BM"]) * triton.cdiv(n, meta_["BN"]),)  # noqa: E731
-    run[grid](*args, **kwargs, **meta)
+    first_runs.launch(key, lambda: run[grid](*args, **kwargs, **meta))
 
 
 def _bucket(m: int) -> int:
     return 1 << max(m - 1, 0).bit_length()
 
 
-def linear(q: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor, bias, act_scale,
-           out_dtype: torch.dtype) -> torch.Tensor:
-    """Fused int8 GEMM + epilogue: q int8 [M, K], w_t int8 [K, N] (any strides) -> [M, N] out_dtype."""
+def linear(q: torch.Tensor, w_k: torch.Tensor, w_scale: torch.Tensor, bias, act_scale,
+           out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+    """Fused int8 GEMM + epilogue: q int8 [M, K], w_k int8 [N, K] (K-major) -> [M, N] out_dtype.
+
+    ``config``: the tile to run under the interpreter (a GPU picks among its shape class's tiles)."""
+    q = q if q.stride(1) == 1 else q.contiguous()
+    _unit_k_stride(w_k)
     m, k = q.shape
-    n = w_t.shape[1]
+    n = w_k.shape[0]
     out = torch.empty((m, n), device=q.device, dtype=out_dtype)
+    _offsets_fit(q, w_k, out)
     sp, sv, is_ptr = _scale_args(act_scale, q.device)
     bias = _channel(bias, q.device)
-    args = (q, w_t, out, _channel(w_scale, q.device), bias, sp, sv, m, n, k, _bucket(m),
-            q.stride(0), q.stride(1), w_t.stride(0), w_t.stride(1), out.stride(0), out.stride(1))
-    _mm_launch(_linear_run, m, n, args, dict(HAS_BIAS=bias is not None, SCALE_PTR=is_ptr))
+    args = (q, w_k, out, _channel(w_scale, q.device), bias, sp, sv, m, n, k, _bucket(m),
+            q.stride(0), w_k.stride(0), out.stride(0), out.stride(1))
+    _mm_launch(_linear_run, ("linear", _bucket(m), n, k, out_dtype, bias is None, is_ptr), m, n, args,
+               dict(HAS_BIAS=bias is not None, SCALE_PTR=is_ptr), config)
     return out
 
 
-def conv2d(q_nhwc: torch.Tensor, pad_codes: torch.Tensor, w_mat: torch.Tensor, kh: int, kw: int,
+def conv2d(q_nhwc: torch.Tensor, pad_codes: torch.Tensor, w_k: torch.Tensor, kh: int, kw: int,
            w_scale: torch.Tensor, bias, act_scale, stride: int, padding: int,
-           out_dtype: torch.dtype) -> torch.Tensor:
-    """Implicit-GEMM int8 conv: q_nhwc [Nb, H, W, C] int8 contiguous, w_mat [kh*kw*C, N].
+           out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+    """Implicit-GEMM int8 conv: q_nhwc [Nb, H, W, C] int8 contiguous, w_k [N, kh*kw*C] (K-major, k = tap, channel).
 
-    Returns NCHW-shaped output stored channels-last.
-    """
+    Returns NCHW-shaped output stored channels-last."""
+    _unit_k_stride(w_k)
     nb, h, w, c = q_nhwc.shape
-    n = w_mat.shape[1]
+    n = w_k.shape[0]
     oh = (h + 2 * padding - kh) // stride + 1
     ow = (w + 2 * padding - kw) // stride + 1
     m = nb * oh * ow
     out = torch.empty((nb, oh, ow, n), device=q_nhwc.device, dtype=out_dtype)
+    _offsets_fit(q_nhwc, w_k, out)
     sp, sv, is_ptr = _scale_args(act_scale, q_nhwc.device)
     bias = _channel(bias, q_nhwc.device)
-    args = (q_nhwc, pad_codes, w_mat, out, _channel(w_scale, q_nhwc.device), bias, sp, sv,
-            m, n, kh * kw * c, _bucket(m), c, h, w, oh, ow, stride, padding, w_mat.stride(0), w_mat.stride(1))
-    _mm_launch(_conv_run, m, n, args, dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, SCALE_PTR=is_ptr))
+    k = kh * kw * c
+    args = (q_nhwc, pad_codes, w_k, out, _channel(w_scale, q_nhwc.device), bias, sp, sv,
+            m, n, k, _bucket(m), c, h, w, oh, ow, stride, padding, w_k.stride(0))
+    _mm_launch(_conv_run, ("conv", _bucket(m), n, k, kh, kw, stride, out_dtype, bias is None, is_ptr), m, n, args,
+               dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, SCALE_PTR=is_ptr), config)
     return out.permute(0, 3, 1, 2)
 
 
