@@ -6,7 +6,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.qvd-installed
 
-.PHONY: venv host demo test test-core test-host-git tinyvdm clean
+.PHONY: venv host demo test test-core test-host-git tinyvdm gpu-check clean
 
 venv: $(STAMP)
 $(STAMP): requirements-dev.txt constraints.txt
@@ -27,6 +27,11 @@ demo: venv
 MINUTES ?= 60
 tinyvdm: venv
 	$(VPY) tools/train_tiny_vdm.py --max-minutes $(MINUTES)
+
+# On a CUDA machine: kernel correctness vs reference.py, per-layer and whole-UNet-step times, compile + tune
+# seconds, peak VRAM -> docs/gpu-check.md + docs/gpu-check.json (bench/gpu_check.py).
+gpu-check: venv
+	$(VPY) -m bench.gpu_check --out docs
 
 test-core: venv
 	$(VPY) -m pytest -q tests --ignore=tests/host
