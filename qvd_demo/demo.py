@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -32,18 +31,6 @@ def weight_bytes(unet: torch.nn.Module) -> dict:
             fp16 += 2 * m.weight.numel()
             int8 += m.weight.numel() + 4 * m.weight_scale.numel()
     return {"fp16": fp16, "int8": int8, "ratio": fp16 / max(int8, 1)}
-
-
-def time_step(unet, x, t, ctx, repeats: int = 5) -> float:
-    """Median seconds of one UNet forward (the sampler's CFG batch), after one warm-up call."""
-    with torch.no_grad():
-        unet(x, t, encoder_hidden_states=ctx)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            unet(x, t, encoder_hidden_states=ctx)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None) -> dict:
@@ -83,14 +70,9 @@ def main(argv=None) -> dict:
         qfile.unlink()  # the demo's own output from a previous run
     save_quantized(qfile, result)
 
-    ids = torch.tensor([tinyvdm.class_id(DEMO_CLASSES[0]), tinyvdm.NULL_CLASS])
-    ctx = model.encode(ids)
-    x = torch.randn(2, 3, tinyvdm.FRAMES, tinyvdm.SIZE, tinyvdm.SIZE)
-    t = torch.tensor(500)
-    t_fp, t_int = time_step(model.unet, x, t, ctx), time_step(qmodel.unet, x, t, ctx)
-    set_mode(qmodel, "fake")
-    t_fake = time_step(qmodel.unet, x, t, ctx)
-    mode = args.w8a8_mode if args.w8a8_mode != "auto" else ("int" if t_int <= 2 * t_fake else "fake")
+    times = evaluate.step_times(model, qmodel)
+    t_fp, t_int, t_fake = times["fp32"], times["int"], times["fake"]
+    mode = args.w8a8_mode if args.w8a8_mode != "auto" else evaluate.auto_mode(times)
     set_mode(qmodel, mode)
 
     conds = [i % tinyvdm.NULL_CLASS for i in range(args.quality_seeds)]  # seed i draws class i % 12

@@ -20,8 +20,9 @@ def test_tiny_ablation_writes_markdown_and_plots(tmp_path):
     torch.set_num_threads(1)
     keys = ["naive-w8a8", "mse-w8a8", "qvd-w8a8", "dynamic-w8a8", "qvd-w8a8-all"]
     rows = A.main(["--n", "2", "--steps", "2", "--configs", ",".join(keys), "--sensitivity", "shortcut,up.1",
-                   "--no-error-budget", "--out", str(tmp_path)])
+                   "--no-error-budget", "--out", str(tmp_path), "--w8a8-mode", "fake"])
     sens = rows.pop("sensitivity")
+    assert rows.pop("mode") == "fake"
     assert set(rows) == set(keys)
     for k, r in rows.items():
         assert 0 < r["psnr_db"] < float("inf")
@@ -31,6 +32,7 @@ def test_tiny_ablation_writes_markdown_and_plots(tmp_path):
         assert len(r["psnr_clips"]) == 2 and abs(sum(r["psnr_clips"]) / 2 - r["psnr_db"]) < 1e-9
     assert rows["dynamic-w8a8"]["weight_bytes"] < rows["qvd-w8a8"]["weight_bytes"]  # int8 codes, no act params
     md = (tmp_path / "results.md").read_text()
+    assert "W8A8 layers in their float simulation" in md
     for label in ("naive min-max", "QVD (HTDQ + SCRI)", "per-token dynamic (peer)", "QVD, first / last W8A8"):
         assert f"| {label} |" in md
     assert "## First and last convolutions (W8A8)" in md

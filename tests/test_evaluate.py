@@ -21,3 +21,22 @@ def test_known_noise_gives_expected_psnr():
     expected = 10 * math.log10(4 / sigma ** 2)  # data range 2 -> 26.0 dB
     assert abs(E.psnr(x, y) - expected) < 0.1
     assert E.ssim(x, y) < 0.99
+
+
+def test_quantized_copy_runs_the_kernels_or_their_simulation_and_auto_picks_by_speed():
+    from qvd import QVDConfig
+    from qvd.modules import QConv2d, QLinear
+
+    torch.set_num_threads(1)
+    fp = T.build_model(0)
+    cal = E.calibrate(fp, QVDConfig(), [0], steps=2)
+    q_int, _ = E.quantized_copy(fp, cal, QVDConfig())
+    q_fake, _ = E.quantized_copy(fp, cal, QVDConfig(), mode="fake")
+    modes = {m.mode for m in q_fake.modules() if isinstance(m, (QLinear, QConv2d))}
+    assert modes == {"fake"} and {m.mode for m in q_int.modules() if isinstance(m, (QLinear, QConv2d))} == {"int"}
+    a, b = (T.sample(q, 1, seed=3, steps=2, embed=fp) for q in (q_int, q_fake))
+    assert E.psnr(a, b) > 40  # the same codes and scales: they differ by float rounding only
+    times = E.step_times(fp, q_fake)
+    assert set(times) == {"fp32", "int", "fake"} and min(times.values()) > 0
+    assert {m.mode for m in q_fake.modules() if isinstance(m, (QLinear, QConv2d))} == {"int"}
+    assert E.auto_mode({"int": 2.0, "fake": 1.0}) == "int" and E.auto_mode({"int": 2.1, "fake": 1.0}) == "fake"

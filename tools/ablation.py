@@ -118,10 +118,13 @@ def dynamic_copy(model: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
 
 def run(n: int = 8, steps: int = 10, configs=tuple(CONFIGS), out_md: Path = ROOT / "docs" / "results.md",
         img_dir: Path = ROOT / "docs" / "img", guidance: float = 3.0, groups=(), budget: bool = False,
-        log=print) -> dict:
+        log=print, mode: str = "auto") -> dict:
     """Run the ablation (and the sensitivity of ``groups``, keys of GROUPS; the error budget of
     ``tools.error_budget`` if ``budget``), write the markdown and the two plots; returns {config key: metrics}
-    (with ``"sensitivity": {group key: {method: PSNR}}`` and ``"budget"`` if run)."""
+    (with ``"sensitivity": {group key: {method: PSNR}}`` and ``"budget"`` if run, and ``"mode"``).
+
+    ``mode``: the quantized copies run the integer kernels ("int") or their float simulation ("fake"); "auto"
+    times both on the QVD W8A8 copy and takes "int" unless it is over 2x slower (``evaluate.auto_mode``)."""
     unknown = [k for k in configs if k not in CONFIGS] + [g for g in groups if g not in GROUP_KEYS]
     if unknown:
         raise ValueError(f"unknown configs / groups {unknown}: choose from {list(CONFIGS)} / {list(GROUP_KEYS)}")
@@ -133,6 +136,10 @@ def run(n: int = 8, steps: int = 10, configs=tuple(CONFIGS), out_md: Path = ROOT
     cal = E.calibrate(fp, QVDConfig(), CALIB_CLASSES, steps=steps, guidance=guidance)
     reference = E.sample_clips(fp, conds, steps, guidance)
     fp_bytes = E.weight_bytes(T.load_trained().half())
+    times = E.step_times(fp, E.quantized_copy(fp, cal, CONFIGS["qvd-w8a8"][1])[0])
+    mode = E.auto_mode(times) if mode == "auto" else mode
+    log(f"W8A8 layers run {mode!r}: one CFG step fp32 {times['fp32'] * 1e3:.0f} ms, integer kernels "
+        f"{times['int'] * 1e3:.0f} ms, float simulation {times['fake'] * 1e3:.0f} ms")
     rows, qvd_report = {}, None
     for key in configs:
         label, cfg = CONFIGS[key]
@@ -141,7 +148,7 @@ def run(n: int = 8, steps: int = 10, configs=tuple(CONFIGS), out_md: Path = ROOT
         elif isinstance(cfg, tuple):
             q, report = dynamic_copy(fp, cfg[1], cfg[2]), []
         else:
-            q, result = E.quantized_copy(fp, cal, cfg)
+            q, result = E.quantized_copy(fp, cal, cfg, mode)
             report = result.report
             if key == "qvd-w8a8":
                 qvd_report = report
@@ -157,13 +164,14 @@ def run(n: int = 8, steps: int = 10, configs=tuple(CONFIGS), out_md: Path = ROOT
             f"speed {r['quality']['speed']:.2f}  bytes {r['weight_bytes']}  ({time.time() - t0:.0f} s)")
     sens = {}
     for g in groups:
-        sens[g] = sensitivity(fp, cal, g, conds, reference, steps, guidance)
+        sens[g] = sensitivity(fp, cal, g, conds, reference, steps, guidance, mode)
         log(f"only {g:9s} " + "  ".join(f"{m} {v['psnr_db']:6.2f} dB" for m, v in sens[g].items())
             + f"  ({time.time() - t0:.0f} s)")
     bud = None
     if budget:
         bud = error_budget.error_budget(fp, cal, conds, reference, steps, guidance,
-                                        {m: CONFIGS[f"{m}-w8a8"][1] for m in ("naive", "qvd")}, log=log)
+                                        {m: CONFIGS[f"{m}-w8a8"][1] for m in ("naive", "qvd")}, log=log,
+                                        mode=mode)
     if qvd_report is None:
         qvd_report = E.quantized_copy(fp, cal, CONFIGS["qvd-w8a8"][1])[1].report
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -171,13 +179,14 @@ def run(n: int = 8, steps: int = 10, configs=tuple(CONFIGS), out_md: Path = ROOT
     cover = plot_scri_coverage(cal, qvd_report, img_dir / "results_scri_coverage.png")
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(render_markdown(rows, hist, cover, sens, bud, n=n, steps=steps, conds=conds,
-                                      img_rel=_rel(img_dir, out_md.parent), seconds=time.time() - t0))
+                                      img_rel=_rel(img_dir, out_md.parent), seconds=time.time() - t0,
+                                      mode=mode, times=times))
     log(f"wrote {out_md}, {img_dir / 'results_temporal_hist.png'}, {img_dir / 'results_scri_coverage.png'}")
     extra = ({"sensitivity": sens} if sens else {}) | ({"budget": bud} if bud else {})
-    return dict(rows, **extra)
+    return dict(rows, mode=mode, **extra)
 
 
-def sensitivity(fp, cal, group: str, conds, reference, steps: int, guidance: float) -> dict:
+def sensitivity(fp, cal, group: str, conds, reference, steps: int, guidance: float, mode: str = "int") -> dict:
     """W8A8 naive min-max and QVD with only ``group``'s layers quantized (the rest float, first / last
     convolutions too): {method: {"psnr_db", "layers"}}."""
     patterns = next(p for k, _, p in GROUPS if k == group)
@@ -188,7 +197,7 @@ def sensitivity(fp, cal, group: str, conds, reference, steps: int, guidance: flo
     spread = torch.tensor([channel_spread(cal.layers[nm]) for nm in inside if nm in cal.layers]).median()
     out = {}
     for m in SENSITIVITY_METHODS:
-        q = quantized_only(fp, cal, QVDConfig(**_KW[m]), inside)
+        q = quantized_only(fp, cal, QVDConfig(**_KW[m]), inside, mode)
         res = E.evaluate(fp, q, n=len(conds), steps=steps, guidance=guidance, conds=conds, reference=reference)
         out[m] = {"psnr_db": res["psnr_db"], "layers": len(inside), "channel_spread": float(spread)}
     return out
@@ -212,14 +221,18 @@ def _mse(psnr_db: float) -> float:
 
 # ------------------------------------------------------------------------------------------ markdown
 def render_markdown(rows: dict, hist: dict, cover: dict, sens: dict, budget: dict | None, *, n: int, steps: int,
-                    conds, img_rel: str, seconds: float) -> str:
+                    conds, img_rel: str, seconds: float, mode: str = "int", times: dict | None = None) -> str:
     caps = ", ".join(T.CLASSES[c] for c in conds)
     calib = ", ".join(T.CLASSES[c] for c in CALIB_CLASSES)
     lines = [
         "# QVD ablation on TinyVDM",
         "",
-        "Generated by `python -m tools.ablation` (fixed seeds, one CPU thread, CPU kernel route "
-        f"`{cpu_kernels.ROUTE}`, {seconds / 60:.1f} min). Model: the shipped TinyVDM "
+        "Generated by `python -m tools.ablation` (fixed seeds, one CPU thread, "
+        + (f"CPU kernel route `{cpu_kernels.ROUTE}`" if mode == "int" else
+           "W8A8 layers in their float simulation (`set_mode(model, \"fake\")`: the same int8 codes and scales, "
+           "float arithmetic" + (f"; this CPU's integer route took {times['int'] * 1e3:.0f} ms a CFG step against "
+                                 f"the simulation's {times['fake'] * 1e3:.0f} ms" if times else "") + ")")
+        + f", {seconds / 60:.1f} min). Model: the shipped TinyVDM "
         "(`assets/tiny_vdm.safetensors`, AnimateDiff "
         f"UNetMotionModel architecture, 8 frames of 24x24). Sampler: DDIM, {steps} steps, CFG 3. "
         f"Calibration: one clip each of {calib} (seeds 1000+). Evaluation: {n} clip(s) ({caps}; seeds 0..{n - 1}); "
@@ -539,6 +552,9 @@ def main(argv=None):
     ap.add_argument("--cpu-route", choices=cpu_kernels.ROUTES, default="int_mm",
                     help="CPU kernel route; 'auto' times oneDNN against _int_mm per shape, and the two differ in "
                          "float rounding that sampling amplifies (tenths of a dB between runs): pinned by default")
+    ap.add_argument("--w8a8-mode", choices=("auto", "int", "fake"), default="auto",
+                    help="quantized copies on the integer kernels or their float simulation; auto: int unless it "
+                         "is over 2x slower than the simulation on this CPU (CPUs without VNNI)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out_md, img_dir = (ROOT / "docs" / "results.md", ROOT / "docs" / "img") if args.out is None else (
@@ -548,7 +564,7 @@ def main(argv=None):
         groups = {"all": GROUP_KEYS, "none": ()}.get(
             args.sensitivity, [g.strip() for g in args.sensitivity.split(",") if g.strip()])
         return run(args.n, args.steps, [k.strip() for k in args.configs.split(",") if k.strip()], out_md, img_dir,
-                   groups=groups, budget=args.error_budget)
+                   groups=groups, budget=args.error_budget, mode=args.w8a8_mode)
     finally:
         cpu_kernels.ROUTE = route
 

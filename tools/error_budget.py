@@ -80,10 +80,11 @@ def simulated_copy(fp: nn.Module, quantized: nn.Module, weights: str, acts: str)
     return out
 
 
-def quantized_only(fp: nn.Module, cal, cfg, inside) -> nn.Module:
-    """A copy of ``fp`` quantized with ``cfg`` in the layers named in ``inside`` only (the rest float)."""
+def quantized_only(fp: nn.Module, cal, cfg, inside, mode: str = "int") -> nn.Module:
+    """A copy of ``fp`` quantized with ``cfg`` in the layers named in ``inside`` only (the rest float); its
+    W8A8 layers in ``mode`` (``evaluate.quantized_copy``)."""
     others = tuple(n for n in find_layers(fp, QVDConfig()) if n not in inside)
-    return E.quantized_copy(fp, cal, dataclasses.replace(cfg, skip=others))[0]
+    return E.quantized_copy(fp, cal, dataclasses.replace(cfg, skip=others), mode)[0]
 
 
 def last_shortcut(model: nn.Module) -> str:
@@ -103,13 +104,15 @@ def noisy_copy(fp: nn.Module, layer: str, sigma: float, seed: int = 0) -> nn.Mod
     return out
 
 
-def error_budget(fp, cal, conds, reference, steps: int, guidance: float, configs: dict, log=print) -> dict:
-    """The four measurements of the module docstring. ``configs``: {"naive": QVDConfig, "qvd": QVDConfig}."""
+def error_budget(fp, cal, conds, reference, steps: int, guidance: float, configs: dict, log=print,
+                 mode: str = "int") -> dict:
+    """The four measurements of the module docstring. ``configs``: {"naive": QVDConfig, "qvd": QVDConfig};
+    ``mode``: the W8A8 layers' ("int" kernels or "fake" float simulation)."""
     ev = lambda m: E.evaluate(fp, m, n=len(conds), steps=steps, guidance=guidance, conds=conds,
                               reference=reference)["psnr_db"]
     quant, reports = {}, {}
     for key in ("naive", "qvd"):
-        quant[key], res = E.quantized_copy(fp, cal, configs[key])
+        quant[key], res = E.quantized_copy(fp, cal, configs[key], mode)
         reports[key] = {r["name"]: r["out_rel_err"] for r in res.report if "out_rel_err" in r}
     out = {"splits": {}, "noise": {}}
     for key, label, w, a in SPLITS:
@@ -124,7 +127,7 @@ def error_budget(fp, cal, conds, reference, steps: int, guidance: float, configs
     out.update(layer=layer, layers=len(names), power_ratio_median=statistics.median(ratios),
                power_ratio_layer=reports["naive"][layer] / reports["qvd"][layer],
                input_std=float(cal.layers[layer].rows.std()), input_spread=channel_spread(cal.layers[layer]))
-    alone = {key: ev(quantized_only(fp, cal, configs[key], [layer])) for key in ("naive", "qvd")}
+    alone = {key: ev(quantized_only(fp, cal, configs[key], [layer], mode)) for key in ("naive", "qvd")}
     out["layer_alone"] = alone
     log(f"budget {layer} alone: naive {alone['naive']:.2f} dB, QVD {alone['qvd']:.2f} dB")
     return out
