@@ -64,3 +64,25 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     train_tiny_vdm.main(longer + ["--extend"])
     assert json.loads(T.load_trained(split).metadata["schedule"]) == [[0, 4], [4, 6]]
     assert T.load_trained(split).metadata["steps_done"] == "6"
+
+
+def test_a_new_run_starts_from_a_shipped_file_when_the_state_is_gone(tmp_path):
+    common = ["--steps", "2", "--batch", "2", "--threads", "1", "--log-every", "1", "--lr", "0"]
+    first = tmp_path / "first.safetensors"
+    train_tiny_vdm.main(common + ["--out", str(first), "--state", str(tmp_path / "a.pt")])
+    # lr 0: the weights stay those of the file it starts from (the EMA of unchanged weights)
+    second = tmp_path / "second.safetensors"
+    train_tiny_vdm.main(common + ["--out", str(second), "--state", str(tmp_path / "b.pt"), "--init-from", str(first)])
+    from safetensors.torch import load_file
+    a, b = load_file(str(first)), load_file(str(second))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = T.load_trained(second).metadata
+    src = json.loads(meta["init_from"])
+    assert src["file"] == "first.safetensors" and src["clips_seen_total"] == 4 and len(src["sha256"]) == 16
+    assert meta["clips_seen_total"] == "8"
+    eps = tmp_path / "eps.safetensors"
+    T.save_weights(T.build_model(0, "epsilon"), eps, {"steps": 0})
+    with pytest.raises(SystemExit, match="--prediction epsilon"):
+        train_tiny_vdm.main(common + ["--out", str(tmp_path / "c.safetensors"), "--state", str(tmp_path / "c.pt"),
+                                      "--init-from", str(eps)])
+    assert not (tmp_path / "c.safetensors").exists()

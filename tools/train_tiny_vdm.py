@@ -13,6 +13,9 @@ command again continues from it, so no run exceeds its wall-clock budget and the
 uninterrupted run. ``--extend`` resumes with a larger ``--steps`` (the cosine decay then runs over the new
 length from that step on; the metadata's ``schedule`` records it). The shipped file is written only when all
 ``--steps`` are done (``--export`` writes the current EMA anyway, marked partial).
+
+``--init-from`` starts a new run from the EMA weights of a TinyVDM file (the shipped one, say) with a fresh
+optimizer and schedule: how training goes on where the state in ``.cache/`` did not survive (a new machine).
 """
 from __future__ import annotations
 
@@ -46,9 +49,27 @@ def target_and_weight(sched, x0, noise, t, prediction: str, snr_gamma: float | N
     return target, weight
 
 
-def new_state(args) -> dict:
+def init_source(path: Path, prediction: str) -> tuple[T.TinyVDM, dict]:
+    """The TinyVDM at ``path`` to start from and what the run records of it (file, sha256, its clips seen)."""
+    import hashlib
+
+    src = T.load_trained(path)
+    if src.prediction_type != prediction or src.unet_config != T.build_model(0, prediction).unet_config:
+        raise SystemExit(f"{path} predicts {src.prediction_type!r} with another architecture or target than this "
+                         f"run ({prediction!r}, qvd_demo.tinyvdm.UNET_CONFIG): pass --prediction "
+                         f"{src.prediction_type} or start without --init-from")
+    meta = src.metadata
+    seen = int(meta.get("clips_seen_total", meta.get("clips_seen", 0)))
+    return src, {"file": Path(path).name, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16],
+                 "clips_seen_total": seen}
+
+
+def new_state(args, start: T.TinyVDM | None = None) -> dict:
+    """A fresh run: the seeded initial weights, or those of ``start`` (``--init-from``)."""
     torch.manual_seed(args.seed)
     model = T.build_model(args.seed, args.prediction).train()
+    if start is not None:
+        model.load_state_dict(start.state_dict())
     return {"model": model, "ema": copy.deepcopy(model).eval().requires_grad_(False),
             "opt": torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0),
             "gen": torch.Generator().manual_seed(args.seed), "step": 0, "losses": [], "minutes": 0.0,
@@ -155,24 +176,31 @@ def main(argv=None):
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--export", action="store_true", help="write --out now even if the run is not finished")
     ap.add_argument("--extend", action="store_true", help="resume a run with a larger --steps than it was started with")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start a new run from this TinyVDM file's weights (fresh optimizer and schedule)")
     args = ap.parse_args(argv)
     args.snr_gamma = args.snr_gamma or None
     torch.set_num_threads(args.threads)
     settings = {k: getattr(args, k) for k in ("steps", "batch", "lr", "seed", "prediction", "snr_gamma",
                                                "cond_dropout", "ema_decay")}
+    start = None
+    if args.init_from is not None:
+        start, settings["init_from"] = init_source(args.init_from, args.prediction)
     args.state.parent.mkdir(parents=True, exist_ok=True)
     if args.state.is_file():
         st = load_state(args.state, args, settings)
         print(f"resuming {args.state} at step {st['step']}/{args.steps} ({st['minutes']:.1f} min so far)", flush=True)
     else:
-        st = new_state(args)
+        st = new_state(args, start)
     st = train(args, st, settings)
     done = st["step"] >= args.steps
     if not (done or args.export):
         print(f"not finished ({st['step']}/{args.steps} steps): {args.out} left as it was", flush=True)
         return st
     tail = st["losses"][-100:] or [float("nan")]
+    prior = settings.get("init_from", {}).get("clips_seen_total", 0)
     info = {**settings, "steps_done": st["step"], "clips_seen": st["step"] * args.batch,
+            "clips_seen_total": prior + st["step"] * args.batch,
             "loss_last100": sum(tail) / len(tail), "minutes": round(st["minutes"], 1), "partial": not done,
             "schedule": st["schedule"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
