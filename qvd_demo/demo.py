@@ -21,6 +21,7 @@ from . import evaluate, quality, tinyvdm
 
 CALIB_CLASSES = ("red square", "green circle", "blue triangle")
 DEMO_CLASSES = ("red circle", "blue square", "green triangle")
+STEPS, GUIDANCE = 10, 2.0  # DDIM steps and CFG scale: the shipped model's best measured (docs/tinyvdm.md)
 
 
 def weight_bytes(unet: torch.nn.Module) -> dict:
@@ -36,7 +37,8 @@ def weight_bytes(unet: torch.nn.Module) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="out/demo")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale")
     ap.add_argument("--calib-clips", type=int, default=len(CALIB_CLASSES), help="calibration clips (1-3)")
     ap.add_argument("--weights", default=None, help="TinyVDM checkpoint (default: the shipped one)")
     ap.add_argument("--quality-seeds", type=int, default=48,
@@ -60,7 +62,8 @@ def main(argv=None) -> dict:
     cfg = QVDConfig()
 
     t0 = time.perf_counter()
-    calibration = evaluate.calibrate(model, cfg, CALIB_CLASSES[: max(1, args.calib_clips)], steps=args.steps)
+    calibration = evaluate.calibrate(model, cfg, CALIB_CLASSES[: max(1, args.calib_clips)], steps=args.steps,
+                                      guidance=args.guidance)
     t_calib = time.perf_counter() - t0
     t0 = time.perf_counter()
     qmodel, result = evaluate.quantized_copy(model, calibration, cfg)
@@ -77,7 +80,7 @@ def main(argv=None) -> dict:
 
     conds = [i % tinyvdm.NULL_CLASS for i in range(args.quality_seeds)]  # seed i draws class i % 12
     t0 = time.perf_counter()
-    res = evaluate.evaluate(model, qmodel, n=len(conds), steps=args.steps, conds=conds)
+    res = evaluate.evaluate(model, qmodel, n=len(conds), steps=args.steps, guidance=args.guidance, conds=conds)
     t_eval = time.perf_counter() - t0
     fp_clips, q_clips = res["clips"]["fp"], res.pop("clips")["quant"]
     clips = []
@@ -95,7 +98,8 @@ def main(argv=None) -> dict:
     temporal = [r for r in result.report if r["kind"] == "temporal"]
     n = len(conds)
     report = {
-        "model": source, "steps": args.steps, "frames": tinyvdm.FRAMES, "size": tinyvdm.SIZE,
+        "model": source, "steps": args.steps, "guidance": args.guidance, "frames": tinyvdm.FRAMES,
+        "size": tinyvdm.SIZE,
         "config": cfg.to_dict(), "calibration_seconds": t_calib, "quantize_seconds": t_quant,
         "sampling_seconds": t_eval, "clips": clips,
         "fidelity": {"clips": n, "psnr_db": res["psnr_db"], "ssim": res["ssim"],
@@ -116,7 +120,8 @@ def main(argv=None) -> dict:
         "misses " + ", ".join(k for k, (_, _, ok) in c.items() if not ok)
     lines = [
         "# QVD demo report", "",
-        f"Model: {source}; {tinyvdm.FRAMES} frames of {tinyvdm.SIZE}x{tinyvdm.SIZE}, DDIM {args.steps} steps, CFG.",
+        f"Model: {source}; {tinyvdm.FRAMES} frames of {tinyvdm.SIZE}x{tinyvdm.SIZE}, DDIM {args.steps} steps, "
+        f"CFG {args.guidance:g}.",
         f"Calibration {t_calib:.1f} s, quantization {t_quant:.1f} s ({len(result.modules)} modules replaced), "
         f"sampling {2 * n} clips {t_eval:.0f} s.", "",
         f"## Fidelity of W8A8 to FP ({n} clips, seeds 0..{n - 1}, class = seed % {tinyvdm.NULL_CLASS})", "",
