@@ -136,11 +136,12 @@ def run(n: int = 8, steps: int = 10, configs=tuple(CONFIGS), out_md: Path = ROOT
     cal = E.calibrate(fp, QVDConfig(), CALIB_CLASSES, steps=steps, guidance=guidance)
     reference = E.sample_clips(fp, conds, steps, guidance)
     fp_bytes = E.weight_bytes(T.load_trained().half())
-    times = E.step_times(fp, E.quantized_copy(fp, cal, CONFIGS["qvd-w8a8"][1])[0])
+    probe, probe_result = E.quantized_copy(fp, cal, CONFIGS["qvd-w8a8"][1])
+    times = E.step_times(fp, probe)
     mode = E.auto_mode(times) if mode == "auto" else mode
     log(f"W8A8 layers run {mode!r}: one CFG step fp32 {times['fp32'] * 1e3:.0f} ms, integer kernels "
         f"{times['int'] * 1e3:.0f} ms, float simulation {times['fake'] * 1e3:.0f} ms")
-    rows, qvd_report = {}, None
+    rows = {}
     for key in configs:
         label, cfg = CONFIGS[key]
         if cfg is None:
@@ -150,8 +151,6 @@ def run(n: int = 8, steps: int = 10, configs=tuple(CONFIGS), out_md: Path = ROOT
         else:
             q, result = E.quantized_copy(fp, cal, cfg, mode)
             report = result.report
-            if key == "qvd-w8a8":
-                qvd_report = report
         res = E.evaluate(fp, q, n=n, steps=steps, guidance=guidance, conds=conds, reference=reference)
         td = [r["tdscore"] for r in report if r.get("tdscore") is not None]
         rows[key] = {"label": label, "psnr_db": res["psnr_db"], "psnr_clips": res["psnr_clips"], "ssim": res["ssim"],
@@ -172,11 +171,9 @@ def run(n: int = 8, steps: int = 10, configs=tuple(CONFIGS), out_md: Path = ROOT
         bud = error_budget.error_budget(fp, cal, conds, reference, steps, guidance,
                                         {m: CONFIGS[f"{m}-w8a8"][1] for m in ("naive", "qvd")}, log=log,
                                         mode=mode)
-    if qvd_report is None:
-        qvd_report = E.quantized_copy(fp, cal, CONFIGS["qvd-w8a8"][1])[1].report
     img_dir.mkdir(parents=True, exist_ok=True)
     hist = plot_temporal_histogram(cal, img_dir / "results_temporal_hist.png")
-    cover = plot_scri_coverage(cal, qvd_report, img_dir / "results_scri_coverage.png")
+    cover = plot_scri_coverage(cal, probe_result.report, img_dir / "results_scri_coverage.png")
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(render_markdown(rows, hist, cover, sens, bud, n=n, steps=steps, conds=conds,
                                       img_rel=_rel(img_dir, out_md.parent), seconds=time.time() - t0,

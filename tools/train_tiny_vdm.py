@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import sys
@@ -51,10 +52,8 @@ def target_and_weight(sched, x0, noise, t, prediction: str, snr_gamma: float | N
 
 def init_source(path: Path, prediction: str) -> tuple[T.TinyVDM, dict]:
     """The TinyVDM at ``path`` to start from and what the run records of it (file, sha256, its clips seen)."""
-    import hashlib
-
     src = T.load_trained(path)
-    if src.prediction_type != prediction or src.unet_config != T.build_model(0, prediction).unet_config:
+    if src.prediction_type != prediction or src.unet_config != T.UNET_CONFIG:
         raise SystemExit(f"{path} predicts {src.prediction_type!r} with another architecture or target than this "
                          f"run ({prediction!r}, qvd_demo.tinyvdm.UNET_CONFIG): pass --prediction "
                          f"{src.prediction_type} or start without --init-from")
