@@ -101,3 +101,19 @@ def test_a_new_run_starts_from_a_shipped_file_when_the_state_is_gone(tmp_path):
         train_tiny_vdm.main(common + ["--out", str(tmp_path / "c.safetensors"), "--state", str(tmp_path / "c.pt"),
                                       "--init-from", str(eps)])
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_quality_sweep_prints_a_row_per_setting_and_the_step_times(tmp_path, capsys):
+    from tools import quality_sweep
+
+    path = tmp_path / "m.safetensors"
+    T.save_weights(T.build_model(0, "v_prediction"), path, {"steps": 0})
+    out = quality_sweep.main(["--weights", str(path), "--settings", "1:2,2:1", "--seeds", "5-6", "--step-times", "1",
+                              "--threads", "1"])
+    rows = [line for line in out["table"] if line.startswith("| DDIM")]
+    assert [r.split(" |")[0] for r in rows] == ["| DDIM 1, CFG 2 (2)", "| DDIM 2, CFG 1 (2)"]
+    assert any(line.startswith("| data (2)") for line in out["table"])
+    assert len(out["step_times"]) == 1 and min(out["step_times"][0].values()) > 0
+    assert "x fp32" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        quality_sweep.main(["--weights", str(path), "--seeds", "9-3"])
