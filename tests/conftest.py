@@ -2,9 +2,20 @@
 import copy
 
 import pytest
+import torch
 
 from qvd import Calibrator, QVDConfig
 from unet_fixtures import TIMESTEPS, Inputs, build_unet
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Tests (and the tools' main() they call in-process) may set torch's thread count: each test starts at the
+    session's, so a float result computed in one test equals its recomputation in another (matmul reductions
+    split by thread)."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
