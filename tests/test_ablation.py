@@ -19,8 +19,8 @@ def test_calibration_and_evaluation_classes_are_disjoint_and_calibration_covers_
 def test_tiny_ablation_writes_markdown_and_plots(tmp_path):
     torch.set_num_threads(1)
     keys = ["naive-w8a8", "mse-w8a8", "qvd-w8a8", "dynamic-w8a8", "qvd-w8a8-all"]
-    rows = A.main(["--n", "2", "--steps", "2", "--configs", ",".join(keys), "--sensitivity", "shortcut,up.1",
-                   "--no-error-budget", "--out", str(tmp_path), "--w8a8-mode", "fake"])
+    rows = A.main(["--n", "2", "--steps", "2", "--guidance", "1.5", "--configs", ",".join(keys),
+                   "--sensitivity", "shortcut,up.1", "--no-error-budget", "--out", str(tmp_path), "--w8a8-mode", "fake"])
     sens = rows.pop("sensitivity")
     assert rows.pop("mode") == "fake"
     assert set(rows) == set(keys)
@@ -33,6 +33,7 @@ def test_tiny_ablation_writes_markdown_and_plots(tmp_path):
     assert rows["dynamic-w8a8"]["weight_bytes"] < rows["qvd-w8a8"]["weight_bytes"]  # int8 codes, no act params
     md = (tmp_path / "results.md").read_text()
     assert "W8A8 layers in their float simulation" in md
+    assert "1 CPU thread(s)" in md and "Sampler: DDIM, 2 steps, CFG 1.5 " in md  # the settings it ran
     for label in ("naive min-max", "QVD (HTDQ + SCRI)", "per-token dynamic (peer)", "QVD, first / last W8A8"):
         assert f"| {label} |" in md
     assert "## First and last convolutions (W8A8)" in md
