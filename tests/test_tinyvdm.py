@@ -23,18 +23,17 @@ def test_shipped_weights_load(trained):
     assert T.DEFAULT_WEIGHTS.stat().st_size <= 5e6
 
 
-def test_shipped_model_draws_its_classes_on_black_at_the_data_speed(trained):
-    """The shipped model at make demo's settings (DDIM 10, CFG 2), one clip of every class: background, speed
-    and size stability meet quality.check; recognised is held at what it reaches now (issue 16 asks 90 %)."""
+def test_shipped_model_meets_the_quality_thresholds_on_the_demos_clips(trained):
+    """The shipped model at make demo's settings (DDIM 10, CFG 2) on make demo's 48 clips (seed i, class i % 12):
+    recognised, background, speed and size stability all meet quality.check (issue 16)."""
     from qvd_demo import demo, quality as Q
 
     torch.set_num_threads(2)
-    conds = list(range(T.NULL_CLASS))
-    clips = T.sample_many(trained, conds, conds, steps=demo.STEPS, guidance=demo.GUIDANCE)
+    conds = [i % T.NULL_CLASS for i in range(48)]
+    clips = T.sample_many(trained, conds, range(48), steps=demo.STEPS, guidance=demo.GUIDANCE)
     q = Q.quality(list(clips), conds)
     check = Q.check(q, Q.data_quality(conds))
-    assert all(check[k][2] for k in ("background_over_data", "speed_rel_err", "size_stable")), check
-    assert q["recognised"] >= 0.75 and q["frames_recognised"] >= 0.9, q
+    assert all(ok for _, _, ok in check.values()), check
 
 
 def test_missing_weights_say_how_to_fix(tmp_path):
