@@ -234,8 +234,9 @@ def render_markdown(rows: dict, hist: dict, cover: dict, sens: dict, budget: dic
         + f", {seconds / 60:.1f} min). Model: the shipped TinyVDM "
         "(`assets/tiny_vdm.safetensors`, AnimateDiff "
         f"UNetMotionModel architecture, 8 frames of 24x24). Sampler: DDIM, {steps} steps, CFG {guidance:g} "
-        "(`make demo`'s). "
-        f"Calibration: one clip each of {calib} (seeds 1000+). Evaluation: {n} clip(s) ({caps}; seeds 0..{n - 1}); "
+        + ("(`make demo`'s). " if (steps, guidance) == (demo.STEPS, demo.GUIDANCE) else
+           f"(`make demo` samples DDIM {demo.STEPS}, CFG {demo.GUIDANCE:g}). ")
+        + f"Calibration: one clip each of {calib} (seeds 1000+). Evaluation: {n} clip(s) ({caps}; seeds 0..{n - 1}); "
         "every configuration quantizes a deep copy of the FP model from the same calibration.",
         "",
         "Columns: PSNR / SSIM / temporal error (RMS of the difference of frame differences) of the quantized "
