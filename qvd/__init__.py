@@ -10,7 +10,8 @@ errors.py, config.py; identity.py (which layers, what must match, installing), s
 container), kernels/ (reference, CPU and Triton int8 kernels); quantizers.py (uniform weight / activation
 quantizers); scri.py (the SCRI transform and its folds), htdq.py (HiDi-TQ + TDScore); calibrate.py (statistics);
 delta.py (a host's weight patches beside the int8 kernels); modules.py (QLinear / QConv2d / HiDiTQLinear);
-quantize.py (plan, then build); io.py (the file formats).
+quantize.py (plan, then build); verify.py (a quantized file checked against the model); io.py (the file
+formats).
 """
 from .calibrate import Calibration, Calibrator
 from .config import QVDConfig

@@ -2,9 +2,10 @@
 
 Both are written and read through ``safefile`` (atomic write; a SHA-256 over the metadata and every
 tensor's name, dtype, shape and bytes, checked before anything is parsed). Reading then checks the
-metadata and every tensor against the schema below before a module is built, and checks the model the
-file is applied to. Any defect raises ``QuantizedFileError`` / ``CalibrationFileError`` naming the file,
-the field or layer, and what was expected.
+metadata and every tensor against the schema below, then recomputes from the user's model everything the
+model determines (``verify.py``: codes, weight scales, biases, folded norms, geometry), all before a module is
+built. Any defect raises ``QuantizedFileError`` / ``CalibrationFileError`` / ``ModelMismatchError`` naming the
+file, the field or layer, and what was expected.
 
 Quantized model: metadata key ``qvd``, format ``qvd-w8a8`` version 2. Tensors per quantized layer ``<name>``:
 ``.weight`` (int8 codes of ``W * s``, the weight's shape), ``.weight_scale`` (F32 [out], > 0), ``.bias`` (F32
@@ -14,7 +15,8 @@ Per norm that absorbed SCRI: ``<norm>.weight`` / ``<norm>.bias`` (F32 [C]). Meta
 ``format_version``, ``config`` (``QVDConfig``), ``signatures`` (layer -> [kind, weight shape]) and their
 ``fingerprint``, ``layers`` (``kind``, ``in``, ``out``, ``w_bits``; W8A8: ``a_bits``, ``zero_point``,
 ``scri`` = "none" | "kernel" | "norm:<norm>"; convs: ``kernel``, ``stride``, ``padding``), ``norms`` (norm ->
-type name) and the per-layer ``report``.
+type name) and the per-layer ``report`` (``REPORT_FIELDS``; ``weight_dtype``: the precision the source model
+held the layer's weight at).
 
 Calibration: metadata key ``qvd_calibration``, format ``qvd-calibration`` version 3. Tensors per layer:
 ``<name>::ch_min`` / ``::ch_max`` (F32 [C]), ``::rows`` (F32 [R, D], D = in features or C * kh * kw),
@@ -32,12 +34,14 @@ from torch import nn
 from . import safefile
 from .calibrate import Calibration, LayerStats
 from .config import QVDConfig
-from .errors import CalibrationFileError, ModelMismatchError, QuantizedFileError, QVDError
-from .identity import check_layers, fingerprint, install, layer_signature
+from .config import matches
+from .errors import CalibrationFileError, QuantizedFileError, QVDError
+from .identity import fingerprint, install
 from .modules import HiDiTQLinear, QConv2d, QLinear
 from .quantize import QuantizeResult
 from .quantizers import act_qrange, weight_qmax
-from .scri import foldable_norm, folded_norm
+from .scri import folded_norm
+from .verify import DTYPES, check_against_model
 
 FORMAT = "qvd-w8a8"
 FORMAT_VERSION = 2  # bump when the layout above changes
@@ -53,6 +57,15 @@ _LAYER_FIELDS = {"temporal": ("in", "out", "w_bits"),  # metadata fields per lay
                  "linear": ("in", "out", "w_bits", "a_bits", "zero_point", "scri"),
                  "conv": ("in", "out", "w_bits", "a_bits", "zero_point", "scri", "kernel", "stride", "padding")}
 _MISSING = object()
+_NUMBER = "number"
+# The report's fields: a choice of strings, str, int or _NUMBER (a finite number), each also null but for the four
+# required ones; fields not listed must be scalars.
+REPORT_FIELDS = {"name": str, "kind": ("linear", "conv", "temporal"), "w_bits": int, "a_bits": int,
+                 "handler": ("float", "hiditq", "scri-norm", "scri-kernel", "uniform"), "skipped": str,
+                 "weight_dtype": tuple(DTYPES), "weight": str, "act_range": str, "scri_fold": str,
+                 "out_err_channels": int, "timesteps": int, "out_rel_err": _NUMBER, "w_rel_err": _NUMBER,
+                 "tdscore": _NUMBER, "k": _NUMBER, "hiditq_clip": _NUMBER, "hiditq_tau": _NUMBER,
+                 "hiditq_neg_share": _NUMBER, "scri_alpha": _NUMBER}
 
 
 class _Said(str):
@@ -220,6 +233,10 @@ def _check_layer(s: _Schema, name: str, info, signature: list, cfg: QVDConfig, n
     scri = s.str(info["scri"], f"{where}.scri")
     if scri not in ("none", "kernel") and not (scri.startswith("norm:") and scri[5:] in norms):
         s.fail(f"{where}.scri", "'none', 'kernel' or 'norm:<a norm the file lists>'", scri)
+    if scri != "none" and not (cfg.scri and not matches(name, cfg.scri_skip)):
+        s.fail(f"{where}.scri", "'none' (the file's config gives this layer no SCRI)", scri)
+    if scri.startswith("norm:") and not cfg.scri_fold_norm:
+        s.fail(f"{where}.scri", "'none' or 'kernel' (the file's config folds SCRI into no norm)", scri)
     if kind == "conv":
         kernel = s.list(info["kernel"], f"{where}.kernel", 2)
         if kernel != shape[2:]:
@@ -260,14 +277,9 @@ def _check_quantized(s: _Schema, meta: dict) -> QVDConfig:
         if w.dim() != 1 or w.numel() < 1:
             s.fail(f"tensor '{n}.weight'", "F32 [C]", _Said(f"F32 {list(w.shape)}"))
         s.tensor(f"{n}.bias", torch.float32, tuple(w.shape))
-    report = s.list(meta["report"], "report")
     entries = {}
-    for i, r in enumerate(report):
-        s.obj(r, f"report[{i}]", ("name", "kind", "w_bits", "a_bits"), tuple(s.map(r, f"report[{i}]")))
-        for k, v in r.items():
-            if not (v is None or isinstance(v, (str, bool, int, float))):
-                s.fail(f"report[{i}].{k}", "a number, string, boolean or null", v)
-        s.str(r["name"], f"report[{i}].name")
+    for i, r in enumerate(s.list(meta["report"], "report")):
+        _check_report_entry(s, r, f"report[{i}]")
         entries[r["name"]] = r
     for n, info in layers.items():
         r = entries.get(n)
@@ -276,6 +288,22 @@ def _check_quantized(s: _Schema, meta: dict) -> QVDConfig:
         _check_layer_tensors(s, n, info, sigs[n][1], cfg)
     s.no_other_tensors()
     return cfg
+
+
+def _check_report_entry(s: _Schema, r, where: str) -> None:
+    s.obj(r, where, ("name", "kind", "w_bits", "a_bits"), tuple(s.map(r, where)))
+    for k, v in r.items():
+        kind = REPORT_FIELDS.get(k)
+        if v is None and k not in ("name", "kind", "w_bits", "a_bits"):
+            continue
+        if kind is _NUMBER:
+            s.num(v, f"{where}.{k}")
+        elif kind is str or isinstance(kind, tuple):
+            s.str(v, f"{where}.{k}", kind if isinstance(kind, tuple) else None)
+        elif kind is int:
+            s.int(v, f"{where}.{k}", 0, MAX_DIM)
+        elif not (v is None or isinstance(v, (str, bool, int, float))):
+            s.fail(f"{where}.{k}", "a number, string, boolean or null", v)
 
 
 def _check_layer_tensors(s: _Schema, name: str, info: dict, shape: list, cfg: QVDConfig) -> None:
@@ -304,52 +332,6 @@ def _check_layer_tensors(s: _Schema, name: str, info: dict, shape: list, cfg: QV
         s.fail(f"tensors '{name}.scri_*'", "absent (the layer's scri is 'none')", _Said("present"))
 
 
-def _check_model(s: _Schema, meta: dict, named: dict[str, nn.Module]) -> None:
-    """The model matches the file: layer names and shapes, conv geometry, biases, norms."""
-    if any(getattr(m, "qvd_quantized", False) for m in named.values()):
-        raise QuantizedFileError("this model is already quantized: load the file onto the full-precision model")
-    model_sigs = {n: layer_signature(m) for n, m in named.items() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    check_layers(meta["signatures"], model_sigs, f"the quantized file {os.path.basename(s.path)}")
-    for n, info in meta["layers"].items():
-        m = named[n]
-        if (m.bias is not None) != (f"{n}.bias" in s.tensors):
-            s.fail(f"tensor '{n}.bias'", "present" if m.bias is not None else "absent (the model's layer has no bias)",
-                   _Said("present") if m.bias is None else _MISSING)
-        if info["kind"] == "conv" and (m.stride, m.padding, m.dilation, m.groups, m.padding_mode) != (
-                (info["stride"],) * 2, (info["padding"],) * 2, (1, 1), 1, "zeros"):
-            raise ModelMismatchError(
-                f"{s.path}: layer {n} has stride {info['stride']} and padding {info['padding']} in the file, but "
-                f"stride {m.stride}, padding {m.padding} (dilation {m.dilation}, groups {m.groups}) in this model: "
-                f"the file is damaged or was made from another model; quantize this model anew")
-    for n in meta["norms"]:
-        norm = named.get(n)
-        if norm is None or not foldable_norm(norm) or type(norm).__name__ != meta["norms"][n] or \
-                tuple(norm.weight.shape) != tuple(s.tensors[f"{n}.weight"].shape):
-            raise ModelMismatchError(f"{s.path}: norm {n} of the file is absent from this model or is another "
-                                     f"norm: load the file onto the model it was made from")
-
-
-def _verify_weights(path: str, name: str, fp_module: nn.Module, q: nn.Module) -> None:
-    """Refuse a file whose codes are not this model's weight quantized on the file's scales.
-
-    The file's dequantized weight must be as close to the model's weight as that weight rounded onto the
-    same grid (bits and scales from the file, nothing else taken on trust)."""
-    w = fp_module.weight.detach().float().cpu()
-    scale = q.weight_scale.cpu().view(-1, *([1] * (w.dim() - 1)))
-    scri = getattr(q, "scri", None)
-    if scri is not None:  # SCRI: the codes are of W * s
-        w = scri.fold_weight(w)
-    qmax = weight_qmax(q.w_bits)
-    norm = w.norm().clamp_min(1e-30)
-    err_file = float((q.weight.cpu().float() * scale - w).norm() / norm)
-    err_own = float(((w / scale).round().clamp(-qmax, qmax) * scale - w).norm() / norm)
-    if not err_file <= 2 * err_own + 2e-3:
-        raise ModelMismatchError(
-            f"{path}: layer {name}: the file's weights differ from this model's ({err_file:.3g} relative error, "
-            f"{err_own:.3g} expected from rounding): the file was made from a different checkpoint. Load it onto "
-            f"the model it was made from, or quantize this model anew")
-
-
 def _build(info: dict, t: dict) -> nn.Module:
     if info["kind"] == "temporal":
         return HiDiTQLinear(info["in"], info["out"], t["weight"], t["weight_scale"], t["bias"], t["levels"],
@@ -369,12 +351,11 @@ def load_quantized(path: str, root: nn.Module, apply: bool = True) -> QuantizeRe
     s = _Schema(path, QuantizedFileError, tensors, MAX_ABS)
     cfg = _check_quantized(s, meta)
     named = dict(root.named_modules())
-    _check_model(s, meta, named)
+    check_against_model(path, meta, tensors, named, cfg)
     modules = {}
     for name, info in meta["layers"].items():
         fields = _TEMPORAL_FIELDS if info["kind"] == "temporal" else _W8A8_FIELDS
         q = _build(info, {f: tensors.get(f"{name}.{f}") for f in fields})
-        _verify_weights(s.path, name, named[name], q)
         modules[name] = q.to(named[name].weight.device)
     for name in meta["norms"]:
         modules[name] = folded_norm(named[name], tensors[f"{name}.weight"], tensors[f"{name}.bias"])
@@ -438,7 +419,7 @@ def load_calibration(path: str) -> Calibration:
     groups = s.map(meta["norm_groups"], "norm_groups")
     for norm, members in groups.items():
         for i, m in enumerate(s.list(members, f"norm_groups[{norm!r}]")):
-            if m not in layers:
+            if not isinstance(m, str) or m not in layers:
                 s.fail(f"norm_groups[{norm!r}][{i}]", "a layer of the file", m)
     calibration = Calibration(layers, timesteps, groups)
     if s.str(meta["fingerprint"], "fingerprint") != calibration.fingerprint:

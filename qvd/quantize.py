@@ -29,6 +29,7 @@ from .htdq import HiDiTQFit, k_metric, search_hiditq
 from .identity import check_layers, find_layers, fingerprint, install, layer_signature
 from .modules import HiDiTQLinear, QConv2d, QLinear
 from .quantizers import activation_qparams, dequantize_weight, fake_quant, quantize_weight, round_to_grid_
+from .safefile import DTYPE_NAMES
 from .scri import ScriTransform, foldable_norm
 
 
@@ -92,6 +93,7 @@ class Decision:
                  "handler": self.handler}
         if self.handler == "float":
             return {**entry, "skipped": self.why}
+        entry["weight_dtype"] = DTYPE_NAMES[self.module.weight.dtype]  # what a file is checked against (verify.py)
         f = self.fit
         entry.update(weight=cfg.weight_clip, out_rel_err=f.err, w_rel_err=f.w_err)
         if self.handler != "hiditq":
@@ -264,7 +266,7 @@ def _plan_layer(name: str, module: nn.Module, calibration: Calibration, cfg: QVD
     return Decision(name, module, handler, why, bits, fit, extra=extra)
 
 
-def _norm_group(norm: nn.Module | None, names: list[str], layers: dict[str, nn.Module], cfg: QVDConfig) -> bool:
+def norm_group_folds(norm: nn.Module | None, names: list[str], layers: dict[str, nn.Module], cfg: QVDConfig) -> bool:
     """Whether SCRI folds exactly into ``norm`` for its consumers ``names`` (all of them quantized here)."""
     if norm is None or not foldable_norm(norm) or not names or not all(n in layers for n in names):
         return False
@@ -318,7 +320,7 @@ def plan(root: nn.Module, calibration: Calibration, config: QVDConfig | None = N
     if cfg.scri and cfg.scri_fold_norm:
         named = dict(root.named_modules())
         for norm_name, names in calibration.norm_groups.items():
-            if _norm_group(named.get(norm_name), names, layers, cfg):
+            if norm_group_folds(named.get(norm_name), names, layers, cfg):
                 group, scri = _plan_norm_group(norm_name, names, layers, calibration, cfg)
                 decided.update((d.name, d) for d in group)
                 if scri is not None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-_MSE_GRID = torch.linspace(0.3, 1.0, 36)
+MSE_SMALLEST_CLIP = 0.3  # the MSE searches' smallest clip of the min-max range
+_MSE_GRID = torch.linspace(MSE_SMALLEST_CLIP, 1.0, 36)
 _MAX_SEARCH_VALUES = 1 << 15
 
 

@@ -2,9 +2,9 @@
 
 A file holds its tensors and two metadata keys: ``<key>`` (the kind's JSON metadata) and ``<key>_sha256``,
 a SHA-256 over that JSON text and every tensor's name, dtype, shape and bytes. ``read`` parses the
-safetensors header itself, bounded by the file's size (no allocation the file's size does not justify),
-checks the tensor table and the checksum, and only then builds tensors; every problem raises the caller's
-error type naming the file. ``write`` is atomic (temp file + link), never replaces an existing file, checks
+safetensors header itself, bounded by the file's size (no allocation the file's size does not justify; no
+dimension larger than the data section), checks the tensor table, compares the checksum over the raw bytes,
+and only then builds tensors; every problem raises the caller's error type naming the file. ``write`` is atomic (temp file + link), never replaces an existing file, checks
 the name before writing a byte, and leaves the file readable like other model files (mode 0666 less umask).
 """
 from __future__ import annotations
@@ -29,16 +29,22 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
-def checksum(text: str, tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the metadata text and each tensor's name, dtype, shape and bytes (sorted by name)."""
+def _digest(text: str, items) -> str:
+    """SHA-256 over the metadata text and ``(name, dtype name, shape, bytes)`` items, sorted by name."""
     h = hashlib.sha256(b"qvd-safefile-v2\0")
     h.update(text.encode())
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(json.dumps([name, DTYPE_NAMES[t.dtype], list(t.shape)]).encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    for name, dtype, shape, data in sorted(items, key=lambda item: item[0]):
+        h.update(json.dumps([name, dtype, list(shape)]).encode())
+        h.update(data)
     return h.hexdigest()
+
+
+def checksum(text: str, tensors: dict[str, torch.Tensor]) -> str:
+    """The checksum ``write`` stores for ``text`` and ``tensors`` (what ``read`` compares over the raw bytes)."""
+    def raw(t: torch.Tensor):
+        t = t.detach().cpu().contiguous()
+        return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+    return _digest(text, [(n, DTYPE_NAMES[t.dtype], t.shape, raw(t)) for n, t in tensors.items()])
 
 
 def check_name(path: str) -> None:
@@ -101,10 +107,11 @@ class _Reader:
                 continue
             if not (isinstance(e, dict) and set(e) == {"dtype", "shape", "data_offsets"}
                     and e["dtype"] in DTYPES and isinstance(e["shape"], list) and len(e["shape"]) <= 8
-                    and all(type(d) is int and d >= 0 for d in e["shape"])
+                    and all(type(d) is int and 0 <= d <= max(data_len, 1) for d in e["shape"])
                     and isinstance(e["data_offsets"], list) and len(e["data_offsets"]) == 2
                     and all(type(o) is int for o in e["data_offsets"])):
-                self.fail(f"tensor {name!r} has a malformed entry in the header: the file is corrupt")
+                self.fail(f"tensor {name!r} has a malformed entry in the header (dtype, a shape of at most 8 "
+                          f"dimensions each within the file's {data_len} data bytes, two offsets): the file is corrupt")
             begin, end = e["data_offsets"]
             size = math.prod(e["shape"]) * DTYPES[e["dtype"]].itemsize
             if not 0 <= begin <= end <= data_len or end - begin != size:
@@ -162,6 +169,9 @@ def read(path: str, key: str, error: type[QVDError], kind: str) -> tuple[dict[st
         r.fail(f"it carries no checksum (format version {version!r}, made by an earlier ComfyUI-QVD)",
                "make it again with this version of ComfyUI-QVD")
     mem = memoryview(data)
+    items = [(name, DTYPE_NAMES[dtype], shape, mem[begin:end]) for name, (dtype, shape, begin, end) in entries.items()]
+    if not hmac.compare_digest(_digest(text, items).encode(), stored.encode()):
+        r.fail("its checksum does not match its contents: the file is corrupt")
     tensors = {}
     for name, (dtype, shape, begin, end) in entries.items():
         if begin == end:
@@ -171,8 +181,6 @@ def read(path: str, key: str, error: type[QVDError], kind: str) -> tuple[dict[st
                                              offset=begin).reshape(shape)
         else:
             tensors[name] = torch.frombuffer(bytearray(mem[begin:end]), dtype=dtype).reshape(shape)
-    if not hmac.compare_digest(checksum(text, tensors), stored):
-        r.fail("its checksum does not match its contents: the file is corrupt")
     meta = r.json(text, "metadata")
     if not isinstance(meta, dict):
         r.fail("its metadata is not a JSON object: the file is corrupt")

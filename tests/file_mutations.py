@@ -71,7 +71,8 @@ def raw_mutations(raw: bytes, rng: random.Random, count: int):
         yield f"{kind}#{i}", bytes(b)
 
 
-# ---- re-signed edits: every case must be refused, or load a model that runs and stays finite
+# ---- re-signed edits: every case must be refused, or (where it changes only what calibration decides) load a
+# model that runs and stays finite
 
 _ODD_VALUES = [None, [], {}, [1, 2], "x", "8", True, False, 0, -1, 1, 3, 2 ** 31, 10 ** 30, 1e308, -1e308,
                float("nan"), float("inf"), 0.5, -0.0]
@@ -99,14 +100,33 @@ def _delete(meta, path):
     del node[path[-1]]
 
 
+def _structural(meta: dict, rng: random.Random):
+    """A (label, edit) that rewires the file's structure, or None where it has nothing to rewire: two layers'
+    entries swapped, or a layer's SCRI said to be folded into another norm the file lists."""
+    layers, norms = sorted(meta.get("layers", {})), sorted(meta.get("norms", {}))
+    if len(layers) < 2:
+        return None
+    a, b = rng.sample(layers, 2)
+    if rng.random() < 0.5 or not norms:
+        def swap(m, a=a, b=b):
+            m["layers"][a], m["layers"][b] = m["layers"][b], m["layers"][a]
+        return f"swap layers {a} <-> {b}", swap
+    norm = rng.choice(norms)
+    return f"{a}: scri norm:{norm}", lambda m, a=a, n=norm: m["layers"][a].__setitem__("scri", f"norm:{n}")
+
+
 def meta_edits(meta: dict, rng: random.Random, count: int):
     """``count`` (label, edit) pairs on the metadata: odd values, nudged numbers, deleted / added / renamed
-    fields. The sample leans to the layer entries, where the loader takes the most from the file."""
+    fields, structural rewiring. The sample leans to the layer entries, where the loader takes the most from
+    the file."""
     paths = list(_paths(meta))
     for i in range(count):
         path, value = rng.choice(paths)
-        op = rng.choice(["odd", "odd", "nudge", "delete", "add", "rename"])
-        if op == "nudge" and type(value) in (int, float):
+        op = rng.choice(["odd", "odd", "nudge", "delete", "add", "rename", "structure"])
+        structural = _structural(meta, rng) if op == "structure" else None
+        if structural is not None:
+            yield structural
+        elif op == "nudge" and type(value) in (int, float):
             new = value + rng.choice([1, -1, 2, 100]) if type(value) is int else value * rng.choice([0, -1, 2, 1e6])
             yield f"nudge {path}", lambda m, p=path, v=new: _set(m, p, v)
         elif op == "delete" and isinstance(path[-1], str):
@@ -126,14 +146,33 @@ def meta_edits(meta: dict, rng: random.Random, count: int):
 
 
 def tensor_edits(tensors: dict, rng: random.Random, count: int):
-    """``count`` (label, edit) pairs on the tensors: dtype, shape, name, values, missing and extra tensors."""
+    """``count`` (label, edit) pairs on the tensors: dtype, shape, name, values (odd ones, and one value nudged
+    by one code or 0.1 %), two tensors of one shape swapped, missing and extra tensors."""
     names = sorted(tensors)
     dtypes = [torch.float32, torch.float16, torch.int32, torch.int8, torch.uint8, torch.float64, torch.bool]
     for i in range(count):
         name = rng.choice(names)
         t = tensors[name]
-        op = rng.choice(["dtype", "shape", "rename", "delete", "extra", "nan", "negative", "zero", "extreme"])
-        if op == "dtype":
+        op = rng.choice(["dtype", "shape", "rename", "delete", "extra", "nan", "negative", "zero", "extreme",
+                         "nudge", "nudge", "swap"])
+        twins = [n for n in names if n != name and tensors[n].shape == t.shape and tensors[n].dtype == t.dtype
+                 and not torch.equal(tensors[n], t)]
+        if op == "swap" and twins:
+            other = rng.choice(twins)
+            yield f"{name} <-> {other}", lambda ts, a=name, b=other: ts.update({a: ts[b], b: ts[a]})
+        elif op == "nudge" and t.numel() and t.dtype in (torch.int8, torch.float32):
+            j = rng.randrange(t.numel())
+
+            def nudge(ts, n=name, j=j):
+                v = ts[n].clone()
+                flat = v.reshape(-1)
+                if v.dtype == torch.int8:
+                    flat[j] += 1 if int(flat[j]) < 0 else -1
+                else:
+                    flat[j] = flat[j] * 1.001 if float(flat[j]) != 0 else 1e-3
+                ts[n] = v
+            yield f"{name}[{j}] nudged", nudge
+        elif op == "dtype":
             d = rng.choice([d for d in dtypes if d != t.dtype])
             yield f"{name} as {d}", lambda ts, n=name, d=d: ts.__setitem__(n, ts[n].to(d))
         elif op == "shape":

@@ -3,7 +3,10 @@ exception, or loads as a model other than the one saved.
 
 Raw damage (bytes changed, no checksum renewed) must be refused with the pack's error naming the file, or
 load exactly what was saved. Re-signed edits (valid checksum: a buggy tool, a hand edit) must be refused the
-same way, or load a model that runs and stays finite (the file then says what it holds)."""
+same way, or, where they change only values calibration decides (activation scales and zero points, SCRI
+shift / scale, HiDi-TQ levels, the recorded config; every value of a calibration file), load a model that runs
+and stays finite. An edit of anything the model determines (codes, weight scales, biases, folded norms, the
+structure) is refused: the loader recomputes those from the model."""
 import copy
 import os
 import random
@@ -37,42 +40,54 @@ def small(unet, inputs):
     return calibration, quantize_model(copy.deepcopy(unet), calibration, QVDConfig(skip=SKIP), apply=False)
 
 
-def _same_quantized(a, b) -> bool:
+# What a re-signed file may change and still load: the values calibration decides (the model determines the rest,
+# and the loader recomputes it from the model: qvd/verify.py).
+CALIBRATED = {"act_scale", "zero_point", "scri_shift", "scri_inv_scale", "levels", "config"}
+
+
+def _quantized_differences(a, b) -> set[str]:
+    """The fields in which two loaded quantize results differ (empty: the same model)."""
     if set(a.modules) != set(b.modules):
-        return False
+        return {"the set of layers"}
     attrs = ("zero_point", "w_bits", "a_bits", "scri_in_norm", "stride", "padding", "kernel_size", "in_features",
              "out_features", "in_channels", "out_channels")
+    found = set() if a.config == b.config else {"config"}
     for n, ma in a.modules.items():
         mb = b.modules[n]
         sa, sb = ma.state_dict(), mb.state_dict()
-        if type(ma) is not type(mb) or sa.keys() != sb.keys() or any(
-                sa[k].dtype != sb[k].dtype or not torch.equal(sa[k], sb[k]) for k in sa):
-            return False
-        if any(getattr(ma, k, None) != getattr(mb, k, None) for k in attrs):
-            return False
-    return a.config == b.config
+        if type(ma) is not type(mb) or sa.keys() != sb.keys():
+            found.add(f"the kind or fields of {n}")
+            continue
+        found.update(k if getattr(ma, "qvd_quantized", False) else f"norm {k}" for k in sa
+                     if sa[k].dtype != sb[k].dtype or not torch.equal(sa[k], sb[k]))
+        found.update(k for k in attrs if getattr(ma, k, None) != getattr(mb, k, None))
+    return found
 
 
-def _same_calibration(a, b) -> bool:
+def _calibration_differences(a, b) -> set[str]:
+    """Whether two calibrations differ ({"statistics"}) or not (empty): every value in one is calibration's."""
     if (a.timesteps, a.norm_groups, set(a.layers)) != (b.timesteps, b.norm_groups, set(b.layers)):
-        return False
+        return {"statistics"}
     for n, sa in a.layers.items():
         sb = b.layers[n]
         if (sa.signature, sa.temporal, sa.calls, set(sa.temporal_vectors)) != (
                 sb.signature, sb.temporal, sb.calls, set(sb.temporal_vectors)):
-            return False
+            return {"statistics"}
         if not all(torch.equal(x, y) for x, y in [(sa.ch_min, sb.ch_min), (sa.ch_max, sb.ch_max), (sa.rows, sb.rows)]
                    + [(sa.temporal_vectors[t], sb.temporal_vectors[t]) for t in sa.temporal_vectors]):
-            return False
-    return True
+            return {"statistics"}
+    return set()
 
 
 class _Run:
-    """Loads each case, classifies the outcome, and collects failures (label + what went wrong)."""
+    """Loads each case, classifies the outcome, and collects failures (label + what went wrong).
 
-    def __init__(self, tmp_path, load, same, runs):
+    ``differences(got, baseline)`` names what a loaded case changed; a re-signed case may change only what
+    ``allowed`` holds (None: anything)."""
+
+    def __init__(self, tmp_path, load, differences, runs, allowed=None):
         self.path = tmp_path / "case.safetensors"
-        self.load, self.same, self.runs = load, same, runs
+        self.load, self.differences, self.runs, self.allowed = load, differences, runs, allowed
         self.baseline = None
         self.counts = {"refused": 0, "same": 0, "edited, runs": 0}
         self.failures = []
@@ -88,10 +103,14 @@ class _Run:
         except Exception as e:  # noqa: BLE001 - any other exception is what this test exists to find
             self.failures.append(f"{label}: raw {type(e).__name__}: {str(e)[:200]}")
             return
-        if self.same(got, self.baseline):
+        changed = self.differences(got, self.baseline)
+        if not changed:
             self.counts["same"] += 1
         elif not resigned:
             self.failures.append(f"{label}: damaged file loaded as a different model")
+        elif self.allowed is not None and not changed <= self.allowed:
+            self.failures.append(f"{label}: edited file loaded with what the model determines changed: "
+                                 f"{sorted(changed - self.allowed)}")
         else:
             problem = self.runs(got)
             if problem:
@@ -135,7 +154,7 @@ def test_fuzz_quantized_files(unet, inputs, small, tmp_path):
             return f"its forward raised {type(e).__name__}: {str(e)[:150]}"
         return None if bool(torch.isfinite(y).all()) else "its output is not finite"
 
-    run = _Run(tmp_path, lambda p: load_quantized(p, unet, apply=False), _same_quantized, runs)
+    run = _Run(tmp_path, lambda p: load_quantized(p, unet, apply=False), _quantized_differences, runs, CALIBRATED)
     run.baseline = load_quantized(src, unet, apply=False)
     rng, start = random.Random(SEED), time.monotonic()
     raw_n, meta_n, tensor_n = CASES["quantized"]
@@ -158,7 +177,7 @@ def test_fuzz_calibration_files(unet, small, tmp_path):
             return f"quantize_model raised {type(e).__name__}: {str(e)[:150]}"
         return None
 
-    run = _Run(tmp_path, load_calibration, _same_calibration, runs)
+    run = _Run(tmp_path, load_calibration, _calibration_differences, runs)
     run.baseline = load_calibration(src)
     rng, start = random.Random(SEED + 1), time.monotonic()
     raw_n, meta_n, tensor_n = CASES["calibration"]

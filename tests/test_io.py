@@ -178,15 +178,18 @@ def test_a_bias_relabelled_int32_is_refused(unet, saved, tmp_path):
     _refused(_edited(saved, tmp_path, edit_tensors=edit), unet, rf"tensor '{key}' is I32 \[\d+\], expected F32")
 
 
-@pytest.mark.parametrize("recorded", [None, float("nan"), 1e308])
-def test_the_file_cannot_switch_off_the_weight_check(saved, tmp_path, recorded):
+@pytest.mark.parametrize("recorded, match, error", [(None, "different checkpoint", ModelMismatchError),
+                                                    (1e308, "different checkpoint", ModelMismatchError),
+                                                    (float("nan"), "w_rel_err is nan, expected a finite number",
+                                                     QuantizedFileError)])
+def test_the_file_cannot_switch_off_the_weight_check(saved, tmp_path, recorded, match, error):
     """The recorded weight error is informational: the check against the model's weights uses none of it."""
     def edit(meta):
         for r in meta["report"]:
             if "w_rel_err" in r:
                 r["w_rel_err"] = recorded
     path = _edited(saved, tmp_path, edit)
-    _refused(path, build_unet(seed=7), "different checkpoint", ModelMismatchError)
+    _refused(path, build_unet(seed=7), match, error)
 
 
 @pytest.mark.parametrize("value", [None, [], "x", float("nan"), 2 ** 80])
@@ -294,3 +297,198 @@ def test_calibration_rows_of_another_width_are_refused(saved_calibration, tmp_pa
 def test_a_quantized_file_is_not_a_calibration(saved):
     with pytest.raises(CalibrationFileError, match="not a QVD calibration file"):
         load_calibration(saved)
+
+
+# ---- re-signed files: every value the model determines is recomputed from it (qvd/verify.py)
+
+def _layer(meta, kind, scri=None, tensors=None):
+    """The first layer of ``kind`` (with SCRI placement ``scri``; with a bias among ``tensors``)."""
+    return next(n for n, i in sorted(meta["layers"].items())
+                if i["kind"] == kind and (scri is None or i.get("scri", "").startswith(scri))
+                and (tensors is None or f"{n}.bias" in tensors))
+
+
+def _codes_edit(meta, tensors, count):
+    """Edits ``count`` codes of the first linear layer well away from a rounding tie (+-9 inside the range)."""
+    key = f"{_layer(meta, 'linear')}.weight"
+    flat = tensors[key].reshape(-1)
+    for j in range(count):
+        i = (j * 7919) % flat.numel()
+        flat[i] = int(flat[i]) - 9 if int(flat[i]) > 0 else int(flat[i]) + 9
+
+
+def _scale_edit(factor, channel=None):
+    def edit(meta, tensors):
+        key = f"{_layer(meta, 'conv')}.weight_scale"
+        if channel is None:
+            tensors[key] *= factor
+        else:
+            tensors[key][channel] = factor
+    return edit
+
+
+def _one_code_up(meta, tensors):
+    """+1 on one code of a 3x3 conv whose exact value is far from a tie (what a single-bit edit does)."""
+    name = next(n for n, i in sorted(meta["layers"].items()) if i["kind"] == "conv" and i["kernel"] == [3, 3])
+    codes = tensors[f"{name}.weight"].reshape(-1)
+    i = int(((codes.abs() > 2) & (codes.abs() < 100)).nonzero()[3])
+    codes[i] += 1
+
+
+def _norm_group_shift(meta, tensors):
+    """Every layer that reads one folded norm gets the same new SCRI shift (consistent, but not the norm's)."""
+    norm = meta["layers"][_layer(meta, "linear", "norm:")]["scri"]
+    for n, i in meta["layers"].items():
+        if i.get("scri") == norm:
+            tensors[f"{n}.scri_shift"] += 0.01
+
+
+RESIGNED_MODEL_EDITS = {
+    "two codes changed": (lambda m, t: _codes_edit(m, t, 2), "values of the int8 codes"),
+    "one channel's weight_scale 1e-38": (_scale_edit(1e-38, channel=3), "weight_scale of output channel 3"),
+    "weight_scale x1.01": (_scale_edit(1.01), "weight_scale of output channel 0"),
+    "weight_scale x0.5": (_scale_edit(0.5), "weight_scale of output channel 0"),
+    "one code +1": (_one_code_up, "1 of .* values of the int8 codes"),
+    "a temporal layer's codes": (lambda m, t: t[f"{_layer(m, 'temporal')}.weight"].neg_(), "int8 codes"),
+    "a layer's bias": (lambda m, t: t[f"{_layer(m, 'linear', tensors=t)}.bias"].add_(1e-3), "values of bias"),
+    "a folded norm's weight": (lambda m, t: t[f"{sorted(m['norms'])[0]}.weight"].mul_(1.001), "the folded weight"),
+    "a folded norm's bias": (lambda m, t: t[f"{sorted(m['norms'])[0]}.bias"].add_(1e-3), "the folded bias"),
+    "the scri_shift of a norm-folded group": (_norm_group_shift, "the folded bias"),
+    "the scri_shift of one layer of a group": (
+        lambda m, t: t[f"{_layer(m, 'linear', 'norm:')}.scri_shift"].add_(0.01), "a SCRI transform other than"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESIGNED_MODEL_EDITS))
+def test_resigned_edits_of_what_the_model_determines_are_refused(unet, saved, tmp_path, case):
+    """Issue 30's mutation run: each of these loaded as a different model when the checksum was renewed."""
+    edit, match = RESIGNED_MODEL_EDITS[case]
+    tensors, meta = fm.read(saved, KEY)
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    edit(meta, tensors)
+    path = tmp_path / "resigned.safetensors"
+    fm.write_text(path, tensors, KEY, json.dumps(meta))
+    msg = _refused(path, unet, match, ModelMismatchError)
+    assert "layer " in msg and "expected" in msg
+
+
+def test_zero_codes_with_a_huge_scale_and_a_scaled_bias_are_refused(unet, saved, tmp_path):
+    """The old check compared the file's error on the file's own scales: huge scales made any codes look fine."""
+    def edit(ts):
+        name = next(k[:-7] for k in sorted(ts) if k.endswith(".weight") and ts[k].dtype == torch.int8
+                    and ts[k].dim() == 2 and k[:-7] + ".bias" in ts)
+        ts[f"{name}.weight"].zero_()
+        ts[f"{name}.weight_scale"].fill_(1e3)
+        ts[f"{name}.bias"].mul_(100)
+    _refused(_edited(saved, tmp_path, edit_tensors=edit), unet, r"weight_scale of output channel 0 is 1000, expected",
+             ModelMismatchError)
+
+
+def _renorm(layer_from: str, norm_to: str):
+    """A re-signed edit: the SCRI of layer ``layer_from``'s group is said to be folded into ``norm_to``."""
+    def edit(meta, tensors):
+        old = meta["layers"][layer_from]["scri"]
+        for n, i in meta["layers"].items():
+            if i.get("scri") == old:
+                i["scri"] = f"norm:{norm_to}"
+        if old[5:] != norm_to:
+            del meta["norms"][old[5:]], tensors[f"{old[5:]}.weight"], tensors[f"{old[5:]}.bias"]
+    return edit
+
+
+@pytest.mark.parametrize("layer, norm, match", [
+    # a 32-wide proj_in naming a 64-channel norm of another block
+    ("up_blocks.1.attentions.0.proj_in", "mid_block.attentions.0.norm", r"of its input width \(32\)"),
+    # the same width and type, but another block's norm
+    ("up_blocks.1.attentions.0.proj_in", "down_blocks.0.attentions.0.norm", "in its own block"),
+    # a norm of the layer's own block that feeds other layers (norm2 feeds attn2, not attn1)
+    ("mid_block.attentions.0.transformer_blocks.0.attn1.to_q", "mid_block.attentions.0.transformer_blocks.0.norm2",
+     "the folded bias|the folded weight|SCRI transform other than"),
+])
+def test_a_layer_naming_a_norm_that_does_not_feed_it_is_refused(unet, saved, tmp_path, layer, norm, match):
+    tensors, meta = fm.read(saved, KEY)
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    _renorm(layer, norm)(meta, tensors)
+    path = tmp_path / "renorm.safetensors"
+    fm.write_text(path, tensors, KEY, json.dumps(meta))
+    _refused(path, unet, match, ModelMismatchError)
+
+
+def test_a_model_held_at_lower_precision_takes_a_file_made_at_fp32(unet, quantized, saved, tmp_path):
+    """ComfyUI may hold the checkpoint in fp16 where the file was made in fp32: the codes then agree up to fp16's
+    rounding, which the check allows (the file records the source precision); a file that claims the model's own
+    precision gets no such slack."""
+    half = copy.deepcopy(unet).half()
+    res = load_quantized(saved, half, apply=False)
+    assert set(res.modules) == set(quantized[1].modules)
+
+    def claims_f16(meta):
+        for r in meta["report"]:
+            if "weight_dtype" in r:
+                r["weight_dtype"] = "F16"
+    _refused(_edited(saved, tmp_path, claims_f16), half, "this model.s", ModelMismatchError)
+
+
+def test_the_reader_builds_no_tensor_from_an_unbounded_header(unet, saved, tmp_path):
+    """A shape [0, 10**30] made safefile.read raise a raw TypeError (tensors were built before the checksum)."""
+    raw = saved.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    name = sorted(k for k in header if k != "__metadata__")[0]
+    for shape, match in (([0, 10 ** 30], "malformed entry"), ([2 ** 40], "malformed entry")):
+        header[name]["shape"] = shape
+        text = json.dumps(header).encode()
+        (tmp_path / "big.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+        _refused(tmp_path / "big.safetensors", unet, match)
+
+
+def test_a_checksum_that_is_not_ascii_is_refused(unet, saved, tmp_path):
+    tensors, meta = fm.read(saved, KEY)
+    save_file(tensors, str(tmp_path / "u.safetensors"), metadata={KEY: json.dumps(meta), KEY + "_sha256": "é" * 64})
+    _refused(tmp_path / "u.safetensors", unet, "checksum does not match")
+
+
+@pytest.mark.parametrize("field, value", [("kind", 5), ("kind", "attention"), ("out_rel_err", "0.1"),
+                                          ("handler", ["x"]), ("weight_dtype", "F8"), ("timesteps", -1)])
+def test_report_fields_of_the_wrong_type_are_refused(unet, saved, tmp_path, field, value):
+    """A report entry with a non-string kind or a string error crashed the node's report summary."""
+    def edit(meta):
+        meta["report"][0][field] = value
+    _refused(_edited(saved, tmp_path, edit), unet, rf"report\[0\]\.{field} is")
+
+
+def test_scri_where_the_files_config_allows_none_is_refused(unet, saved, tmp_path):
+    def edit(meta):
+        meta["config"]["scri_skip"] = ["*"]
+    _refused(_edited(saved, tmp_path, edit), unet, "the file's config gives this layer no SCRI")
+
+
+def test_calibration_norm_group_members_must_be_layer_names(saved_calibration, tmp_path):
+    """A list as a member raised a raw TypeError (``m not in layers``)."""
+    def edit(meta):
+        norm = sorted(meta["norm_groups"])[0]
+        meta["norm_groups"][norm][0] = ["not", "a", "name"]
+    path = _edited(saved_calibration, tmp_path, edit, key=CALIBRATION_KEY)
+    with pytest.raises(CalibrationFileError, match=r"norm_groups\[.*\]\[0\] is a JSON list, expected a layer"):
+        load_calibration(path)
+
+
+def test_the_check_reads_the_model_without_changing_it_in_any_chunk_size(unet, saved, tmp_path, monkeypatch):
+    """The codes are compared in row chunks (bounded memory on the widest layers): every chunk size accepts the
+    saved file, refuses an edited code, and leaves the model's weights as they were."""
+    import qvd.verify
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+
+    def code_edit(meta, tensors):
+        name = next(n for n, i in sorted(meta["layers"].items()) if i["kind"] == "conv" and i["kernel"] == [3, 3])
+        flat = tensors[f"{name}.weight"].reshape(-1)
+        flat[-1] += 9 if int(flat[-1]) < 0 else -9
+    tensors, meta = fm.read(saved, KEY)
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    code_edit(meta, tensors)
+    fm.write_text(tmp_path / "code.safetensors", tensors, KEY, json.dumps(meta))
+    for chunk in (1, 300, 1 << 22):
+        monkeypatch.setattr(qvd.verify, "_CHUNK", chunk)
+        load_quantized(saved, unet, apply=False)
+        _refused(tmp_path / "code.safetensors", unet, "values of the int8 codes", ModelMismatchError)
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())

@@ -6,7 +6,7 @@ from pathlib import Path
 QVD = Path(__file__).resolve().parent.parent / "qvd"
 # Bottom to top, as in the README's "Where things are" table.
 LAYERS = (("errors",), ("config",), ("identity", "safefile", "kernels"), ("quantizers",), ("scri", "htdq"),
-          ("calibrate",), ("delta",), ("modules",), ("quantize",), ("io",), ("__init__",))
+          ("calibrate",), ("delta",), ("modules",), ("quantize",), ("verify",), ("io",), ("__init__",))
 
 
 def _unit(path: Path) -> str:

@@ -140,8 +140,9 @@ def test_load_rejects_a_corrupt_or_truncated_file(core_runs, comfy_server):
 
 @pytest.mark.slow
 def test_damaged_files_give_a_node_error_and_the_server_stays_up(core_runs, comfy_server):
-    """Found by the mutation run (issue 13): a file whose conv stride was 0 loaded, then the server died with
-    SIGFPE in KSampler; a zero point edited in place sampled 8 % away. Both are refused by name now."""
+    """Found by the mutation runs (issues 13, 30): a file whose conv stride was 0 loaded, then the server died with
+    SIGFPE in KSampler; a zero point edited in place sampled 8 % away; a re-signed code edit loaded; a report
+    field of the wrong type crashed the node. All are refused by name now."""
     folder = comfy_server.base / "models" / "qvd"
     good = folder / "core_w8a8.safetensors"
 
@@ -152,7 +153,20 @@ def test_damaged_files_give_a_node_error_and_the_server_stays_up(core_runs, comf
     digit = re.search(rb'zero_point\\": -?(\d)', raw)
     (folder / "zeropoint.safetensors").write_bytes(
         raw[:digit.start(1)] + str((int(digit[1]) + 1) % 10).encode() + raw[digit.end(1):])
-    for name, why in (("stride0.safetensors", "stride is 0"), ("zeropoint.safetensors", "checksum")):
+
+    def one_code(tensors):  # re-signed: one int8 code of a conv moved well off its rounding
+        key = next(k for k in sorted(tensors) if k.endswith(".weight") and tensors[k].dim() == 4
+                   and tensors[k].dtype == torch.int8)
+        flat = tensors[key].reshape(-1)
+        flat[0] += 9 if int(flat[0]) < 0 else -9
+    fm.resign(good, folder / "onecode.safetensors", KEY, edit_tensors=one_code)
+
+    def report_text(meta):  # a report field of the wrong type crashed the node's summary (a raw TypeError)
+        meta["report"][0]["out_rel_err"] = "0.1"
+    fm.resign(good, folder / "report.safetensors", KEY, edit_meta=report_text)
+    for name, why in (("stride0.safetensors", "stride is 0"), ("zeropoint.safetensors", "checksum"),
+                      ("onecode.safetensors", "values of the int8 codes (weight) differ from this model's"),
+                      ("report.safetensors", "out_rel_err is '0.1', expected a finite number")):
         err = comfy_server.run_failing(load_and_sample(name, "damaged"))
         assert err["node_type"] == "QVDLoadQuantized", err
         assert name in err["exception_message"] and why in err["exception_message"], err["exception_message"]
