@@ -160,7 +160,7 @@ class QVDQuantizeModel:
         start = time.monotonic()
         clone, result = patching.quantize(
             model, lambda tree: quantize_model(tree, calibration, config, apply=False, progress=progress))
-        report = summarize(result.report)
+        report = describe(result)
         logging.info("QVD Quantize Model: %d modules in %.1f s\n%s", len(result.modules), time.monotonic() - start, report)
         return {"ui": {"text": [report]}, "result": (clone, report)}
 
@@ -206,8 +206,22 @@ class QVDLoadQuantized:
         if path is None:
             raise QVDError(f"{qvd_name} is not in models/{MODEL_FOLDER}: refresh the node list or pick another file")
         clone, result = patching.quantize(model, lambda tree: load_quantized(path, tree, apply=False))
-        report = summarize(result.report)
+        report = describe(result)
         return {"ui": {"text": [report]}, "result": (clone, report)}
+
+
+def describe(result) -> str:
+    """The node's report: ``summarize`` of the layers, then what the calibration covered and the precision the
+    quantized weights were taken at (a file's values checked against this model: ``qvd/verify.py``)."""
+    lines = [summarize(result.report)]
+    ts = result.calibrated.get("timesteps") or []
+    if ts:
+        lines.append(f"calibrated at {len(ts)} timestep(s), t = {max(ts):g} .. {min(ts):g}, on "
+                     f"{result.calibrated['layers']} layers")
+    dtypes = sorted({r["weight_dtype"] for r in result.report if r.get("weight_dtype")})
+    if dtypes:
+        lines.append(f"weights quantized from {' / '.join(dtypes)}")
+    return "\n".join(lines)
 
 
 def summarize(report: list[dict]) -> str:

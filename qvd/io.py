@@ -13,7 +13,8 @@ Quantized model: metadata key ``qvd``, format ``qvd-w8a8`` version 2. Tensors pe
 ``.scri_shift`` / ``.scri_inv_scale`` (F32 [in]); temporal layers ``.levels`` (F32, increasing HiDi-TQ table).
 Per norm that absorbed SCRI: ``<norm>.weight`` / ``<norm>.bias`` (F32 [C]). Metadata: ``format``,
 ``format_version``, ``config`` (``QVDConfig``), ``signatures`` (layer -> [kind, weight shape]) and their
-``fingerprint``, ``layers`` (``kind``, ``in``, ``out``, ``w_bits``; W8A8: ``a_bits``, ``zero_point``,
+``fingerprint``, optional ``calibrated`` (the calibration's ``timesteps`` and ``layers`` count), ``layers``
+(``kind``, ``in``, ``out``, ``w_bits``; W8A8: ``a_bits``, ``zero_point``,
 ``scri`` = "none" | "kernel" | "norm:<norm>"; convs: ``kernel``, ``stride``, ``padding``), ``norms`` (norm ->
 type name) and the per-layer ``report`` (``REPORT_FIELDS``; ``weight_dtype``: the precision the source model
 held the layer's weight at).
@@ -209,6 +210,8 @@ def save_quantized(path: str, result: QuantizeResult, overwrite: bool = False) -
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": result.config.to_dict(),
             "fingerprint": result.fingerprint, "signatures": result.signatures, "layers": layers, "norms": norms,
             "report": result.report}
+    if result.calibrated:
+        meta["calibrated"] = result.calibrated
     safefile.write(path, tensors, KEY, meta, overwrite)
 
 
@@ -248,7 +251,7 @@ def _check_layer(s: _Schema, name: str, info, signature: list, cfg: QVDConfig, n
 def _check_quantized(s: _Schema, meta: dict) -> QVDConfig:
     """Validate a quantized file's metadata and tensors (no model involved); returns its config."""
     s.obj(meta, "the metadata", ("format", "format_version", "config", "fingerprint", "signatures", "layers",
-                                 "norms", "report"))
+                                 "norms", "report"), ("calibrated",))
     s.str(meta["format"], "format", (FORMAT,))
     if meta["format_version"] != FORMAT_VERSION or type(meta["format_version"]) is not int:
         raise QuantizedFileError(f"{s.path} has format version {_shown(meta['format_version'])}; this QVD reads "
@@ -257,6 +260,11 @@ def _check_quantized(s: _Schema, meta: dict) -> QVDConfig:
         cfg = QVDConfig.from_dict(meta["config"])
     except QVDError as e:
         s.fail("config", f"a valid QVDConfig ({e})", meta["config"])
+    if "calibrated" in meta:
+        cal = s.obj(meta["calibrated"], "calibrated", ("timesteps", "layers"))
+        for i, t in enumerate(s.list(cal["timesteps"], "calibrated.timesteps", 1 << 16)):
+            s.num(t, f"calibrated.timesteps[{i}]")
+        s.int(cal["layers"], "calibrated.layers", 1, MAX_DIM)
     sigs = s.map(meta["signatures"], "signatures")
     for n, sig in sigs.items():
         s.signature(sig, f"signatures[{n!r}]")
@@ -361,7 +369,7 @@ def load_quantized(path: str, root: nn.Module, apply: bool = True) -> QuantizeRe
         modules[name] = folded_norm(named[name], tensors[f"{name}.weight"], tensors[f"{name}.bias"])
     if apply:
         install(root, modules)
-    return QuantizeResult(modules, meta["report"], cfg, meta["signatures"])
+    return QuantizeResult(modules, meta["report"], cfg, meta["signatures"], meta.get("calibrated", {}))
 
 
 # ---------------------------------------------------------------- calibration

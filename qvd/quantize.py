@@ -35,11 +35,13 @@ from .scri import ScriTransform, foldable_norm
 
 @dataclass
 class QuantizeResult:
-    """Replacement modules (name relative to the root -> module) and the per-layer report."""
+    """Replacement modules (name relative to the root -> module), the per-layer report and what the calibration
+    covered (``calibrated``: its timesteps and layer count; empty when unknown)."""
     modules: dict[str, nn.Module]
     report: list[dict]
     config: QVDConfig
     signatures: dict[str, list] = field(default_factory=dict)
+    calibrated: dict = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
@@ -113,6 +115,7 @@ class Plan:
     decisions: list[Decision]
     norms: dict[str, ScriTransform]   # norm name -> the transform folded into it
     config: QVDConfig
+    calibrated: dict = field(default_factory=dict)  # QuantizeResult.calibrated
 
     @property
     def report(self) -> list[dict]:
@@ -330,7 +333,8 @@ def plan(root: nn.Module, calibration: Calibration, config: QVDConfig | None = N
         if name not in decided:
             decided[name] = _plan_layer(name, module, calibration, cfg)
             report()
-    return Plan([decided[n] for n in targets], norms, cfg)
+    calibrated = {"timesteps": list(calibration.timesteps), "layers": len(calibration.layers)}
+    return Plan([decided[n] for n in targets], norms, cfg, calibrated)
 
 
 def _module(d: Decision) -> nn.Module:
@@ -359,7 +363,7 @@ def build(root: nn.Module, p: Plan) -> QuantizeResult:
     for norm_name, scri in p.norms.items():
         modules[norm_name] = scri.fold_norm(named[norm_name])
     signatures = {d.name: layer_signature(d.module) for d in p.decisions if d.handler != "float"}
-    return QuantizeResult(modules, p.report, p.config, signatures)
+    return QuantizeResult(modules, p.report, p.config, signatures, p.calibrated)
 
 
 def quantize_model(root: nn.Module, calibration: Calibration, config: QVDConfig | None = None,

@@ -492,3 +492,27 @@ def test_the_check_reads_the_model_without_changing_it_in_any_chunk_size(unet, s
         load_quantized(saved, unet, apply=False)
         _refused(tmp_path / "code.safetensors", unet, "values of the int8 codes", ModelMismatchError)
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+
+
+def test_the_file_records_what_the_calibration_covered(unet, calibration, quantized, saved, tmp_path):
+    """Provenance shown by QVD Load Quantized: the calibration's timesteps and layer count (optional: a file
+    without it loads; one with a malformed record is refused)."""
+    assert quantized[1].calibrated == {"timesteps": calibration.timesteps, "layers": len(calibration.layers)}
+    assert load_quantized(saved, unet, apply=False).calibrated == quantized[1].calibrated
+    assert load_quantized(_edited(saved, tmp_path, lambda m: m.pop("calibrated")), unet, apply=False).calibrated == {}
+    _refused(_edited(saved, tmp_path, lambda m: m["calibrated"].update(timesteps=["999"])), unet,
+             r"calibrated\.timesteps\[0\] is '999', expected a finite number")
+
+
+def test_a_motion_proj_in_naming_another_blocks_wider_norm_is_refused(unet, saved, tmp_path):
+    """Issue 30's case: a motion-module proj_in 32 wide named a 64-channel norm of another block, loaded, and
+    sampled 2.2 % away. Its SCRI tensors are given (neutral) so that only the norm is wrong."""
+    layer, norm = "down_blocks.0.motion_modules.0.proj_in", "mid_block.attentions.0.norm"
+    tensors, meta = fm.read(saved, KEY)
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    meta["layers"][layer]["scri"] = f"norm:{norm}"
+    tensors.setdefault(f"{layer}.scri_shift", torch.zeros(32))
+    tensors.setdefault(f"{layer}.scri_inv_scale", torch.ones(32))
+    fm.write_text(tmp_path / "motion.safetensors", tensors, KEY, json.dumps(meta))
+    _refused(tmp_path / "motion.safetensors", unet, r"folded into norm mid_block\.attentions\.0\.norm \(GroupNorm, 64 "
+             r"channels, in block mid_block\.attentions\.0\).*input width \(32\)", ModelMismatchError)

@@ -5,6 +5,7 @@ Needs ComfyUI-AnimateDiff-Evolved: $ADE_PATH, ComfyUI's custom_nodes, or .cache/
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -48,8 +49,11 @@ def test_ade_workflow_quantizes_unet_and_motion_model(ade_server):
     assert torch.isfinite(q).all()
     loaded = load_api("qvd_ade_txt2vid_load_quantized")
     loaded = tiny(loaded, model_name=MOTION_NAME, qvd_name="ade_w8a8.safetensors")
-    again = read_latent(ade_server, ade_server.run(with_latent_output(loaded, "20", "loaded")), "save_loaded")
-    assert torch.equal(again, q)
+    entry = ade_server.run(with_latent_output(loaded, "20", "loaded"))
+    assert torch.equal(read_latent(ade_server, entry, "save_loaded"), q)
+    for text in (report, entry["outputs"]["13"]["text"][0]):  # what the calibration covered, as the file says
+        assert re.search(r"calibrated at 1 timestep\(s\), t = [\d.]+ \.\. [\d.]+, on \d+ layers", text), text
+        assert "weights quantized from F32" in text, text
 
 
 def test_calibration_of_the_ade_model_does_not_fit_the_plain_model(ade_server):
