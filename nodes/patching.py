@@ -141,8 +141,23 @@ def quantize(model, build) -> tuple:
     base = without_weight_patches(model)
     make_current(base)
     with ejected(base):
-        result = build(model_tree(base))
-    return install(model.clone(), result), result
+        tree = model_tree(base)
+        result = build(tree)
+        sizes = _quantized_sizes(base, tree, result.modules)
+    return install(model.clone(), result, sizes), result
+
+
+def _quantized_sizes(model, tree: nn.ModuleDict, modules: dict[str, nn.Module]) -> dict[str, int]:
+    """Bytes each patcher's model holds with ``modules`` in place of its own layers (key ``diffusion_model``: the
+    MODEL's whole ``BaseModel``; ``motion_<i>``: a motion model), counted as ComfyUI counts (``module_size``: every
+    tensor of the state dict); call inside ``ejected(model)``."""
+    from comfy.model_management import module_size
+
+    sizes = {key: module_size(model.model if key == UNET else m) for key, m in tree.items()}
+    for name, module in modules.items():
+        key = name.partition(".")[0]
+        sizes[key] += module_size(module) - module_size(tree.get_submodule(name))
+    return sizes
 
 
 def _normal_tensors(module: nn.Module) -> None:
@@ -164,9 +179,11 @@ def _refuse_float_save(*_args, **_kwargs):
                    "save the MODEL from before QVD Quantize Model")
 
 
-def install(clone, result: QuantizeResult):
+def install(clone, result: QuantizeResult, sizes: dict[str, int]):
     """Object-patch ``result.modules`` onto ``clone`` and its (cloned) motion patchers; returns ``clone``.
 
+    Each patcher tells ComfyUI's memory planner the bytes its model holds quantized (``sizes``, from
+    ``_quantized_sizes``: its ``model_size()``, which clones copy), not the float size it was cloned with.
     Every patcher gets the ON_LOAD callback that hands the quantized layers their weight patches as side branches
     (``weight_patches``). ComfyUI's own model-saving nodes are refused on the result (they would save int8 codes
     as float weights)."""
@@ -182,12 +199,14 @@ def install(clone, result: QuantizeResult):
             target.add_object_patch(name, module)
     for p in (clone, *patched_motions):
         weight_patches.attach(p)
-    for p in patched_motions:
+    for i, p in enumerate(patched_motions):
         p.patches_uuid = uuid.uuid4()
+        p.size = sizes[f"motion_{i}"]
     if motions:
         clone.set_additional_models(ADE_KEY, patched_motions)
     clone.add_object_patch("state_dict_for_saving", _refuse_float_save)
     clone.patches_uuid = uuid.uuid4()
+    clone.size = sizes[UNET]
     clone.set_attachments(ATTACHMENT, QVDAttachment(result))
     return clone
 

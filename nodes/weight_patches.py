@@ -2,8 +2,11 @@
 ``qvd.delta.WeightDelta`` beside its int8 kernel; its codes are never written.
 
 When: ``on_load`` is an ON_LOAD callback on every quantized MODEL and its motion models, so each time ComfyUI
-loads one (whole, partial, or 0.33's dynamic VRAM), every quantized layer gets that MODEL's patches (or none).
-A layer ComfyUI leaves offloaded reads the ``LowVramPatch`` queued on it at call time (``call_time_delta``).
+loads one (whole, partial, or 0.33's dynamic VRAM), every quantized layer gets that MODEL's patches (or none),
+bias patches as a patched copy of the float bias. ComfyUI itself never merges a patch into a quantized layer (the
+layer says its weights are patched already: ``comfy_patched_weights``), so a load with a LoRA does no float work on
+the int8 weights. A layer ComfyUI leaves offloaded reads the ``LowVramPatch`` queued on it at call time
+(``call_time_delta``; its bias ones apply to the stored bias).
 
 How (``delta_for``), from a layer's list of ComfyUI patches:
 - additive adapters with a low-rank form become one low-rank branch (stacked along the rank): LoRA / LoCon
@@ -47,7 +50,22 @@ def on_load(patcher, *_args) -> None:
                            f"norm's consumers in QVD Quantize Model's skip list, or use a LoRA without norm weights")
         if getattr(module, "qvd_quantized", False):
             patches = patcher.patches.get(keys[0])
-            module.set_delta(_cached(module, patches, keys[0]) if patches else None)
+            module.set_delta(_cached(module, patches, keys[0]) if patches else None,
+                             _patched_bias(patcher, module, keys[1]))
+
+
+def _patched_bias(patcher, module, key: str) -> torch.Tensor | None:
+    """The layer's float bias with ``patcher``'s bias patches applied (None without any), from the stored bias: a load
+    never merges patches into a quantized layer (``comfy_patched_weights``), except a forced one, whose merge
+    ComfyUI undoes from its backup."""
+    import comfy.lora
+
+    patches = patcher.patches.get(key)
+    if not patches or module.bias is None:
+        return None
+    backup = patcher.backup.get(key)
+    stored = module.bias if backup is None else backup.weight
+    return comfy.lora.calculate_weight(patches, stored.detach().float().clone(), key)
 
 
 def call_time_delta(module, functions: list) -> WeightDelta | None:

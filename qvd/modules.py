@@ -30,12 +30,14 @@ def _param(t: torch.Tensor | None):
 class _HostHooks(nn.Module):
     """A host's weight-patch protocol (ComfyUI's, without importing it): the int8 codes are never rewritten.
 
-    Weight patches (a LoRA) reach the layer as a ``WeightDelta`` added beside the kernel (``qvd.delta``): the host
-    glue calls ``set_delta`` when the host loads the model, with that model's patches (None: none). A host that
-    offloads the layer (ComfyUI's low-VRAM load) sets ``comfy_cast_weights`` and may queue its patches in
-    ``weight_function``; ``read_host_patches`` (set by the glue) turns them into the delta at call time. A patched
-    weight written through ``set_weight`` that the glue did not resolve is an error at the next call, never a
-    silent loss. Bias patches (``bias_function``, or a replaced ``bias``) apply to the float bias.
+    Weight patches (a LoRA) reach the layer as a ``WeightDelta`` added beside the kernel (``qvd.delta``), and bias
+    patches as a patched copy of the float bias: the host glue calls ``set_delta`` when the host loads the model,
+    with that model's patches (None: none). ``comfy_patched_weights`` is always True, so a host that merges patches
+    into weights at load (ComfyUI's whole load) skips this layer instead of doing float work it would throw away. A
+    host that offloads the layer (ComfyUI's low-VRAM load) sets ``comfy_cast_weights`` and may queue its patches in
+    ``weight_function`` / ``bias_function``; ``read_host_patches`` (set by the glue) turns the weight's into the
+    delta at call time, the bias's apply to the stored bias. A patched weight written through ``set_weight`` that the
+    glue did not resolve is an error at the next call, never a silent loss.
     """
 
     comfy_cast_weights = False
@@ -45,13 +47,32 @@ class _HostHooks(nn.Module):
         super().__init__()
         self.weight_function, self.bias_function = [], []
         self.delta: WeightDelta | None = None
+        self.patched_bias: torch.Tensor | None = None
         self.unresolved_patch = False
 
-    def set_delta(self, delta: WeightDelta | None) -> None:
-        """Add ``delta`` (host weight patches in the layer's own input domain) to every call; None removes it."""
+    @property
+    def comfy_patched_weights(self) -> bool:
+        return True
+
+    @comfy_patched_weights.setter
+    def comfy_patched_weights(self, _value) -> None:
+        pass  # the host marks what it merged; nothing is ever merged into this layer
+
+    @comfy_patched_weights.deleter
+    def comfy_patched_weights(self) -> None:
+        pass
+
+    def set_delta(self, delta: WeightDelta | None, bias: torch.Tensor | None = None) -> None:
+        """Add ``delta`` (host weight patches in the layer's own input domain) to every call and use ``bias`` (the
+        host's patched float bias) for the stored one; None removes either."""
         self.unresolved_patch = False
         if delta is not self.delta:
             self.delta = None if delta is None else self._for_input(delta)
+        self.patched_bias = None if bias is None else bias.detach().float()
+
+    def _bias(self) -> torch.Tensor | None:
+        """The float bias of this call when the host queued no bias patch: the patched one, else the stored one."""
+        return self.bias if self.patched_bias is None else self.patched_bias
 
     def _for_input(self, delta: WeightDelta) -> WeightDelta:
         return delta
@@ -74,9 +95,10 @@ class _HostHooks(nn.Module):
         """(int8 codes, float bias, patched) for this call on ``device``; ``patched`` when the host's queued
         bias patches changed the bias (then nothing derived from the stored bias may be reused)."""
         w = self.weight.to(device)
-        b = None if self.bias is None else self.bias.to(device)
         if not self.comfy_cast_weights or not self.bias_function:
-            return w, b, False
+            b = self._bias()
+            return w, None if b is None else b.to(device), False
+        b = None if self.bias is None else self.bias.to(device)
         for f in self.bias_function:
             b = f(b)
         return w, b, True
@@ -156,13 +178,13 @@ class _QuantizedBase(_HostHooks):
     def scri_bias(self, device=None) -> torch.Tensor:
         """``b + W z`` with ``W = dequant(weight) / s`` (cached): the float op's bias (fake mode)."""
         device = self.weight.device if device is None else device
-        return self._cached("scri_bias", device, (self.weight, self.weight_scale, self.bias, self.scri_shift),
-                            lambda: self._scri_bias(self.weight, self.bias, device))
+        return self._cached("scri_bias", device, (self.weight, self.weight_scale, self._bias(), self.scri_shift),
+                            lambda: self._scri_bias(self.weight, self._bias(), device))
 
     def epilogue_bias(self, device=None) -> torch.Tensor:
         """The integer kernels' epilogue bias for the stored weight (cached)."""
         device = self.weight.device if device is None else device
-        return self._cached("epilogue_bias", device, (self.weight, self.weight_scale, self.bias, self.act_scale,
+        return self._cached("epilogue_bias", device, (self.weight, self.weight_scale, self._bias(), self.act_scale,
                                                       self.scri_shift),
                             lambda: self._epilogue(self.weight, self.scri_bias(device), device))
 

@@ -337,3 +337,27 @@ def test_calibration_handles_same_padding_and_dilation():
     assert stats["1"].rows.shape == (16, 72) and stats["2"].rows.shape == (16, 128)
     report = quantize_model(model, cal.result(), QVDConfig(keep_float=()), apply=False).report
     assert {r["name"]: r.get("skipped") for r in report}["1"] == "grouped / dilated / non-zero-padded conv"
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "temporal"])
+def test_a_host_bias_patch_set_at_load_replaces_the_stored_bias_until_removed(quantized, calibration, kind):
+    """ComfyUI never merges patches into a quantized layer (``comfy_patched_weights`` stays True whatever it sets or
+    deletes): the glue hands the patched float bias to ``set_delta``; the stored bias is never written."""
+    q, res = quantized
+    _, layer, x, seen = _layer_and_input(q, res, calibration, kind, "kernel")
+    gen = torch.Generator().manual_seed(2)
+    patched = layer.bias + 0.1 * torch.randn(layer.bias.shape, generator=gen)
+    stored = layer.bias.clone()
+    with torch.no_grad():
+        before = layer(seen)
+        ref = copy.deepcopy(layer)
+        ref.bias.data.copy_(patched)
+        want = ref(seen)
+        layer.set_delta(None, patched)
+        got = layer(seen)
+        assert rel_err(got, want) < 1e-6 and rel_err(got, before) > 0.001
+        layer.comfy_patched_weights = False
+        del layer.comfy_patched_weights
+        assert layer.comfy_patched_weights is True
+        layer.set_delta(None)
+        assert torch.equal(layer(seen), before) and torch.equal(layer.bias, stored)

@@ -1,0 +1,163 @@
+"""The bytes a QVD-quantized MODEL tells ComfyUI's memory planner against the bytes it holds, in-process in ComfyUI
+(0.3.75, 0.33), for the MODEL and, with AnimateDiff-Evolved, its motion patcher.
+
+ComfyUI plans loads, offloads and evictions from ``ModelPatcher.model_size()`` (cached, copied by ``clone()``) and,
+after a load, from the bytes of the modules it loaded. This script quantizes the synthetic SD1.5 UNet (and the
+motion model) whole with the pack's nodes, then compares for each patcher: the size it tells, the bytes its model
+holds with QVD's object patches applied (every tensor of the state dict, as ComfyUI counts), and what a partial
+(low-VRAM) load counts as loaded plus offloaded. Then the work of a whole load with a LoRA (and a bias patch): the
+float work ComfyUI would merge and throw away (``convert_weight`` / ``set_weight`` calls on quantized layers), its
+time against the load without, and the bias patch's output whole against partial. Prints one JSON line.
+
+    python size_probe.py CHECKPOINT PACK_DIR LORA [ADE_DIR MOTION_FILE]   (cwd = ComfyUI's directory, on PYTHONPATH)
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lowvram_probe import load_pack
+
+BUDGET = 64 << 20  # bytes "usable" for weights in the partial load
+
+
+def _load_ade(ade_dir: str, motion_file: str, model):
+    """The checkpoint's MODEL with the motion model applied by ADE's nodes (as workflow (a) does)."""
+    import folder_paths
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ade_probe", Path(ade_dir) / "__init__.py",
+                                                  submodule_search_locations=[ade_dir])
+    ade = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = ade
+    spec.loader.exec_module(ade)
+    folder_paths.add_model_folder_path("animatediff_models", str(Path(motion_file).parent))
+    nodes = ade.NODE_CLASS_MAPPINGS
+    motion = nodes["ADE_LoadAnimateDiffModel"]().load_motion_model(Path(motion_file).name)[0]
+    m_models = nodes["ADE_ApplyAnimateDiffModelSimple"]().apply_motion_model(motion)[0]
+    return nodes["ADE_UseEvolvedSampling"]().use_evolved_sampling(model, "autoselect", m_models)[0]
+
+
+def main(checkpoint: str, pack_dir: str, lora: str, ade_dir: str | None = None, motion_file: str | None = None) -> dict:
+    torch.set_num_threads(2)
+    from comfy.cli_args import args
+    args.cpu = True
+    import comfy.model_management as mm
+    import comfy.sd
+    import comfy.utils
+    import nodes
+
+    qvd = load_pack(Path(pack_dir))
+    patching = sys.modules["qvd_pack_probe.nodes.patching"]
+    from qvd_pack_probe.qvd import load_quantized, save_quantized
+
+    model, clip, _ = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False)[:3]
+    if ade_dir:
+        model = _load_ade(ade_dir, motion_file, model)
+    positive = nodes.CLIPTextEncode().encode(clip, "a red fox running")[0]
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    latent = nodes.EmptyLatentImage().generate(64, 64, 2)[0]
+    calibration = qvd["QVDCalibrate"]().calibrate(model, positive, negative, latent, 0, 1, 5.0, "euler", "normal",
+                                                  1)["result"][0]
+    quantized = qvd["QVDQuantizeModel"]().quantize(model, calibration, 8, 8, True, True, "")["result"][0]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "q.safetensors")
+        save_quantized(path, patching.attached_result(quantized))
+        loaded = patching.quantize(model, lambda tree: load_quantized(path, tree, apply=False))[0]
+    mm.unload_all_models()
+    cpu = torch.device("cpu")
+
+    def held(patcher) -> int:
+        """Bytes of every tensor the patcher's model holds with its object patches applied (ADE's motion modules
+        ejected from the UNet: the motion patchers count them)."""
+        patcher.patch_model(device_to=cpu, lowvram_model_memory=0)
+        try:
+            with patching.ejected(patcher):
+                return mm.module_size(patcher.model)
+        finally:
+            patcher.unpatch_model(cpu)
+
+    def partial(patcher) -> tuple[int, int]:
+        """(loaded, offloaded) bytes of a partial load, as ComfyUI counts them."""
+        patcher.patch_model(device_to=cpu, lowvram_model_memory=BUDGET)
+        try:
+            with patching.ejected(patcher):
+                offloaded = sum(mm.module_size(m) for m in patcher.model.modules()
+                                if getattr(m, "comfy_cast_weights", False))
+            return int(patcher.model.model_loaded_weight_memory), offloaded
+        finally:
+            patcher.unpatch_model(cpu)
+
+    facts = {"float_told": model.model_size(), "motion": []}
+    for label, patcher in (("quantized", quantized), ("loaded", loaded)):
+        facts[label] = {"told": patcher.model_size(), "clone_told": patcher.clone().model_size(),
+                        "held": held(patcher), "partial": partial(patcher)}
+    for fp, q in zip(patching.motion_patchers(model), patching.motion_patchers(quantized)):
+        facts["motion"].append({"float_told": fp.model_size(), "told": q.model_size(), "held": held(q)})
+    facts["lora_load"] = _lora_load(quantized, lora, positive, patching)
+    return facts
+
+
+def _lora_load(quantized, lora: str, positive, patching) -> dict:
+    """A whole load of ``quantized`` with a LoRA and a bias patch: float work on quantized layers, seconds against
+    the load without (medians of alternated loads), and the output whole vs partial vs without the patches."""
+    import comfy.sd
+    import comfy.utils
+    from qvd_pack_probe.qvd import HiDiTQLinear, QConv2d, QLinear
+
+    cpu = torch.device("cpu")
+    with_lora = comfy.sd.load_lora_for_models(quantized, None, comfy.utils.load_torch_file(lora), 1.0, 0)[0]
+    key, layer = next((k, m) for k, m in quantized.object_patches.items()
+                      if isinstance(m, QLinear) and m.bias is not None and f"{k}.weight" in with_lora.patches)
+    gen = torch.Generator().manual_seed(3)
+    with_lora.add_patches({f"{key}.bias": ("diff", (0.05 * torch.randn(layer.bias.shape, generator=gen),))})
+    calls = {"convert_weight": 0, "set_weight": 0}
+    originals = {(cls, f): getattr(cls, f) for cls in (QLinear, QConv2d, HiDiTQLinear) for f in calls}
+
+    def counting(cls, f):
+        def call(self, *a, **k):
+            calls[f] += 1
+            return originals[(cls, f)](self, *a, **k)
+        return call
+    for cls, f in originals:
+        setattr(cls, f, counting(cls, f))
+    gen = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(2, 4, 8, 8, generator=gen), torch.full((2,), 3.0)
+    context = positive[0][0].repeat(2, 1, 1)
+
+    def load(patcher, budget=0, run=False):
+        start = time.perf_counter()
+        patcher.patch_model(device_to=cpu, lowvram_model_memory=budget)
+        seconds = time.perf_counter() - start
+        try:
+            if run:
+                with torch.inference_mode():
+                    return patcher.model.apply_model(x, sigma, c_crossattn=context).float().clone()
+            return seconds
+        finally:
+            patcher.unpatch_model(cpu)
+    try:
+        times = {"plain": [], "lora": []}
+        for _ in range(3):
+            times["plain"].append(load(quantized))
+            times["lora"].append(load(with_lora))
+        float_work = dict(calls)
+        whole, partial, plain = load(with_lora, run=True), load(with_lora, BUDGET, run=True), load(quantized, run=True)
+    finally:
+        for (cls, f), fn in originals.items():
+            setattr(cls, f, fn)
+    rel = lambda a, b: float((a - b).norm() / b.norm())
+    return {"float_work_calls": float_work, "seconds": {k: statistics.median(v) for k, v in times.items()},
+            "patched_layers": sum(k.endswith(".weight") for k in with_lora.patches),
+            "whole_vs_partial": rel(whole, partial), "patch_effect": rel(whole, plain),
+            "plain_again_equal": bool(torch.equal(plain, load(quantized, run=True)))}
+
+
+if __name__ == "__main__":
+    print("QVD_PROBE " + json.dumps(main(*sys.argv[1:6])), flush=True)

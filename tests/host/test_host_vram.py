@@ -1,0 +1,74 @@
+"""The quantized MODEL's size as ComfyUI's memory planner sees it (0.3.75 and 0.33): the bytes it holds, not the
+float size it was cloned with (issue 26: it told 3.98x what it held, so the planner evicted other models for bytes
+never used and took low-VRAM loads where a full int8 load fits).
+
+``size_probe.py`` quantizes the synthetic SD1.5 UNet whole (and, with AnimateDiff-Evolved, the motion model) with the
+pack's nodes in a ComfyUI process, then compares each patcher's ``model_size()`` (also of a clone, and of the MODEL
+QVD Load Quantized makes) with the bytes its model holds, and a partial load's loaded + offloaded bytes with both;
+and it loads the quantized MODEL with a LoRA and a bias patch, counting the float work ComfyUI would merge and throw
+away, and timing the load against the load without.
+"""
+from __future__ import annotations
+
+import pytest
+
+from comfy_host import REPO, ade_path, run_probe
+from synthetic_models import write_lora
+
+
+def _close(a: int, b: int, share: float = 0.05) -> bool:
+    return abs(a - b) <= share * b
+
+
+@pytest.fixture(scope="module")
+def probe(sd15_checkpoint, motion_model, tmp_path_factory):
+    lora = tmp_path_factory.mktemp("vram") / "lora.safetensors"
+    write_lora(sd15_checkpoint, lora)
+    ade = ade_path()
+    extra = (ade, motion_model) if ade is not None else ()
+    facts = run_probe("size_probe.py", sd15_checkpoint, REPO, lora, *extra, timeout=1800)
+    print(f"\nsize told / held (MiB): float {facts['float_told'] / 2**20:.0f}; " + "; ".join(
+        f"{k} {facts[k]['told'] / 2**20:.0f} / {facts[k]['held'] / 2**20:.0f}" for k in ("quantized", "loaded"))
+        + "".join(f"; motion {m['float_told'] / 2**20:.0f} -> {m['told'] / 2**20:.0f} / {m['held'] / 2**20:.0f}"
+                  for m in facts["motion"]))
+    return facts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("made_by", ["quantized", "loaded"])
+def test_the_quantized_model_tells_the_planner_the_bytes_it_holds(probe, made_by):
+    f = probe[made_by]
+    assert _close(f["told"], f["held"]) and f["clone_told"] == f["told"], f
+    assert f["told"] < 0.35 * probe["float_told"], (f, probe["float_told"])  # int8 codes, not the float size
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("made_by", ["quantized", "loaded"])
+def test_a_partial_load_counts_the_quantized_modules_as_they_are(probe, made_by):
+    f = probe[made_by]
+    loaded, offloaded = f["partial"]
+    assert loaded > 0 and offloaded > 0, f
+    assert _close(loaded + offloaded, f["held"]), f
+
+
+@pytest.mark.slow
+@pytest.mark.ade
+def test_the_quantized_motion_patcher_tells_its_own_bytes(probe):
+    if ade_path() is None:
+        pytest.skip("ComfyUI-AnimateDiff-Evolved not found: set ADE_PATH or check it out under "
+                    ".cache/ComfyUI-AnimateDiff-Evolved")
+    (m,) = probe["motion"]
+    assert _close(m["told"], m["held"]) and m["told"] < 0.35 * m["float_told"], m
+
+
+@pytest.mark.slow
+def test_a_whole_load_with_a_lora_does_no_float_work_on_quantized_layers(probe):
+    """ComfyUI merged each LoRA patch into a float copy of the int8 codes and threw it away (3 x 60 convert_weight and
+    set_weight calls here, the load 5.8x slower than without the LoRA); the LoRA and a bias patch still apply, the same
+    loaded whole or partially, and are gone when the MODEL without them loads."""
+    f = probe["lora_load"]
+    print(f"\nload with a LoRA on {f['patched_layers']} quantized layers: {f['seconds']['lora'] * 1e3:.1f} ms, "
+          f"without: {f['seconds']['plain'] * 1e3:.1f} ms")
+    assert f["float_work_calls"] == {"convert_weight": 0, "set_weight": 0}, f
+    assert f["seconds"]["lora"] < 1.5 * f["seconds"]["plain"], f["seconds"]
+    assert f["patch_effect"] > 0.01 and f["whole_vs_partial"] < 1e-6 and f["plain_again_equal"], f
