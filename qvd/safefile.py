@@ -4,8 +4,9 @@ A file holds its tensors and two metadata keys: ``<key>`` (the kind's JSON metad
 a SHA-256 over that JSON text and every tensor's name, dtype, shape and bytes. ``read`` parses the
 safetensors header itself, bounded by the file's size (no allocation the file's size does not justify; no
 dimension larger than the data section), checks the tensor table, compares the checksum over the raw bytes,
-and only then builds tensors; every problem raises the caller's error type naming the file. ``write`` is atomic (temp file + link), never replaces an existing file, checks
-the name before writing a byte, and leaves the file readable like other model files (mode 0666 less umask).
+and only then builds tensors; every problem raises the caller's error type naming the file. ``write`` is
+atomic (temp file + link), never replaces an existing file, checks the name before writing a byte, and leaves
+the file readable like other model files (mode 0666 less umask).
 """
 from __future__ import annotations
 

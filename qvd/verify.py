@@ -125,8 +125,8 @@ def check_against_model(path, meta: dict, tensors: dict[str, torch.Tensor], name
                        f"stride {m.stride}, padding {m.padding} (dilation {m.dilation}, groups {m.groups}) as in "
                        f"this model")
         slack = precision_slack(dtypes.get(n), m.weight.dtype)
-        check_weights(c, n, m.weight.detach(), tensors[f"{n}.weight"], tensors[f"{n}.weight_scale"], info["w_bits"], cfg.weight_clip,
-                      scri[n], slack)
+        check_weights(c, n, m.weight.detach(), tensors[f"{n}.weight"], tensors[f"{n}.weight_scale"], info["w_bits"],
+                      cfg.weight_clip, scri[n], slack)
         b = tensors.get(f"{n}.bias")
         if (m.bias is None) != (b is None):
             c.mismatch(f"layer {n}", "the file has " + ("a bias" if b is not None else "no bias"),
@@ -150,12 +150,13 @@ def _check_norms(c: _Check, meta: dict, tensors: dict, named: dict[str, nn.Modul
             c.mismatch(f"norm {norm_name}", f"a {meta['norms'][norm_name]} in the file",
                        f"a norm of that type in this model (found {type(norm).__name__ if norm else 'none'})")
         block = _enclosing_block(named, norm_name)
-        wrong = [m for m in members if not m.startswith(block + ".")] if block else []
-        if wrong or not norm_group_folds(norm, members, {m: named[m] for m in members}, cfg) or any(
-                _input_width(named[m]) != norm.weight.numel() for m in members):
-            bad = (wrong or [m for m in members if _input_width(named[m]) != norm.weight.numel()] or members)[0]
+        width = norm.weight.numel() if getattr(norm, "weight", None) is not None else 0
+        wrong = [m for m in members if block and not m.startswith(block + ".")] or [
+            m for m in members if _input_width(named[m]) != width]
+        if wrong or not norm_group_folds(norm, members, {m: named[m] for m in members}, cfg):
+            bad = (wrong or members)[0]
             c.mismatch(f"layer {bad}", f"its SCRI is folded into norm {norm_name} ({type(norm).__name__}, "
-                       f"{norm.weight.numel()} channels{', in block ' + block if block else ''})",
+                       f"{width} channels{', in block ' + block if block else ''})",
                        f"the norm that feeds it: a LayerNorm before Linears or a GroupNorm before 1x1 convs, of its "
                        f"input width ({_input_width(named[bad])}), in its own block")
         first = scri[members[0]]

@@ -149,12 +149,16 @@ def _lora_load(quantized, lora: str, positive, patching) -> dict:
             times["lora"].append(load(with_lora))
         float_work = dict(calls)
         whole, partial, plain = load(with_lora, run=True), load(with_lora, BUDGET, run=True), load(quantized, run=True)
+        with_lora.patch_model(device_to=cpu, lowvram_model_memory=0)
+        deltas = sum(m.delta.nbytes() for m in with_lora.object_patches.values() if getattr(m, "delta", None))
+        with_lora.unpatch_model(cpu)
     finally:
         for (cls, f), fn in originals.items():
             setattr(cls, f, fn)
     rel = lambda a, b: float((a - b).norm() / b.norm())
     return {"float_work_calls": float_work, "seconds": {k: statistics.median(v) for k, v in times.items()},
-            "patched_layers": sum(k.endswith(".weight") for k in with_lora.patches),
+            "patched_layers": sum(k.endswith(".weight") for k in with_lora.patches), "delta_bytes": deltas,
+            "lora_file_bytes": Path(lora).stat().st_size,
             "whole_vs_partial": rel(whole, partial), "patch_effect": rel(whole, plain),
             "plain_again_equal": bool(torch.equal(plain, load(quantized, run=True)))}
 

@@ -72,3 +72,14 @@ def test_a_whole_load_with_a_lora_does_no_float_work_on_quantized_layers(probe):
     assert f["float_work_calls"] == {"convert_weight": 0, "set_weight": 0}, f
     assert f["seconds"]["lora"] < 1.5 * f["seconds"]["plain"], f["seconds"]
     assert f["patch_effect"] > 0.01 and f["whole_vs_partial"] < 1e-6 and f["plain_again_equal"], f
+
+
+@pytest.mark.slow
+def test_the_vram_bench_states_these_figures(probe):
+    """``python -m bench.vram`` prints this probe's figures (the README's VRAM table comes from it)."""
+    from bench.vram import table
+
+    text = table(probe)
+    print("\n" + text)
+    assert f"{probe['quantized']['held'] / 2**20:,.0f} MiB" in text and f"{probe['float_told'] / 2**20:,.0f} MiB" in text
+    assert text.count("| mm_sd_v15_v2") == len(probe["motion"])
