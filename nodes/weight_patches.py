@@ -11,9 +11,11 @@ the int8 weights. A layer ComfyUI leaves offloaded reads the ``LowVramPatch`` qu
 How (``delta_for``), from a layer's list of ComfyUI patches:
 - additive adapters with a low-rank form become one low-rank branch (stacked along the rank): LoRA / LoCon
   (``up @ down``, LoCon's mid folded into down), LoHa without Tucker cores (``(A1 B1) * (A2 B2) = (A1 . A2)
-  (B1 . B2)``, rank r1 r2) and LoKr on a Linear / 1x1 conv (``kron(P1 Q1, P2 Q2) = kron(P1, P2) kron(Q1, Q2)``),
-  each only where its rank R makes ``R (K + N) < K N``; other additive ones (a LoKr on a 3x3 conv, a plain
-  diff) become one dense difference, computed by ComfyUI's own ``calculate_weight``;
+  (B1 . B2)``, rank r1 r2), LoKr on a Linear / 1x1 conv (``kron(P1 Q1, P2 Q2) = kron(P1, P2) kron(Q1, Q2)``) and
+  a plain difference that is exactly low rank (AnimateDiff-Evolved merges a motion LoRA into ``up @ down`` diffs
+  before ComfyUI sees it: ``_factored`` recovers the factors and checks them), each only where its rank R makes
+  ``R (K + N) < K N``; other additive ones (a LoKr on a 3x3 conv, a full-rank diff) become one dense difference,
+  computed by ComfyUI's own ``calculate_weight``;
 - a list with any non-additive patch (DoRA, OFT / BOFT, GLoRA, set, strength_model != 1, offsets, functions)
   becomes the exact dense difference ``calculate_weight(patches, W) - W`` on the layer's float weight ``W``
   (the dequantized codes: the weight the layer computes with).
@@ -23,6 +25,7 @@ layer's weight is refused, naming the adapter and the layer.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -172,6 +175,15 @@ def _low_rank(adapter, strength: float, shape: tuple, key: str):
         up, down = torch.kron(p1, p2), torch.kron(q1, q2)
         dim = w2b.shape[0] if w2 is None else w1b.shape[0] if w1 is None else None
         scale = 1.0 if alpha is None or dim is None else float(alpha) / dim
+    elif _plain_diff(adapter) is not None:
+        diff = _plain_diff(adapter)
+        if tuple(diff.shape) != shape:
+            return None
+        factors = _factored_once(diff, n, k)
+        if factors is None:
+            return None
+        up, down = factors
+        scale = 1.0
     else:
         return None
     if up.shape[0] != n or down.numel() != up.shape[1] * k:
@@ -181,6 +193,56 @@ def _low_rank(adapter, strength: float, shape: tuple, key: str):
     if rank * (k + n) >= k * n:
         return None
     return up * (strength * scale), down.reshape(rank, *shape[1:])
+
+
+def _plain_diff(adapter) -> torch.Tensor | None:
+    """The tensor of a plain difference patch: ``(diff,)`` (AnimateDiff-Evolved's) or ``("diff", (diff, ...))``."""
+    if isinstance(adapter, tuple) and len(adapter) == 1 and isinstance(adapter[0], torch.Tensor):
+        return adapter[0]
+    if isinstance(adapter, tuple) and len(adapter) == 2 and isinstance(adapter[0], str) and adapter[0] == "diff" \
+            and isinstance(adapter[1], (tuple, list)) and adapter[1] and isinstance(adapter[1][0], torch.Tensor):
+        return adapter[1][0]
+    return None
+
+
+_FACTORED: dict[int, tuple] = {}  # id of a plain difference -> (weak reference to it, its _factored result)
+_EXACT = 1e-5  # a recovered factorization reproduces the difference to this relative (Frobenius) error
+
+
+def _factored_once(diff: torch.Tensor, n: int, k: int):
+    """``_factored`` of a difference tensor, computed once while it lives: every load of every MODEL holding it (the
+    motion patchers of one ADE graph, loaded again for each prompt) reuses the factors."""
+    hit = _FACTORED.get(id(diff))
+    if hit is None or hit[0]() is not diff:
+        hit = (weakref.ref(diff), _factored(diff.float().reshape(n, k)))
+        _FACTORED[id(diff)] = hit
+        weakref.finalize(diff, _FACTORED.pop, id(diff), None)
+    return hit[1]
+
+
+def _factored(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(up [N, R], down [R, K])`` with ``up @ down == d`` (to ``_EXACT``) and the smallest such R that pays
+    (``R (K + N) < K N``), or None when ``d`` has no such rank. A seeded range finder of growing width (``d`` times
+    a Gaussian K x m, orthonormalized) finds range(d) when rank(d) <= m; the SVD of the m x K projection gives the
+    rank and the factors, which are then checked against ``d``."""
+    n, k = d.shape
+    pays = (n * k) // (n + k)
+    norm = d.norm()
+    if norm == 0:
+        return d.new_zeros(n, 0), d.new_zeros(0, k)
+    gen = torch.Generator(device=d.device).manual_seed(0)
+    m = min(64, pays)
+    while True:
+        q = torch.linalg.qr(d @ torch.randn(k, m, generator=gen, device=d.device)).Q
+        b = q.t() @ d
+        if (d - q @ b).norm() <= _EXACT * norm:
+            u, sv, vh = torch.linalg.svd(b, full_matrices=False)
+            r = int((sv > sv[0] * _EXACT).sum())
+            up, down = q @ (u[:, :r] * sv[:r]), vh[:r]
+            return (up, down) if r < pays and (d - up @ down).norm() <= _EXACT * norm else None
+        if m >= pays:
+            return None
+        m = min(4 * m, pays)
 
 
 def _factors(full, a, b) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ time against the load without, and the bias patch's output whole against partial
 """
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import sys
@@ -27,8 +28,8 @@ from lowvram_probe import load_pack
 BUDGET = 64 << 20  # bytes "usable" for weights in the partial load
 
 
-def _load_ade(ade_dir: str, motion_file: str, model):
-    """The checkpoint's MODEL with the motion model applied by ADE's nodes (as workflow (a) does)."""
+def _load_ade(ade_dir: str, motion_file: str):
+    """ADE's node classes, with ``motion_file``'s folder among its motion models."""
     import folder_paths
     import importlib.util
 
@@ -38,10 +39,14 @@ def _load_ade(ade_dir: str, motion_file: str, model):
     sys.modules[spec.name] = ade
     spec.loader.exec_module(ade)
     folder_paths.add_model_folder_path("animatediff_models", str(Path(motion_file).parent))
-    nodes = ade.NODE_CLASS_MAPPINGS
-    motion = nodes["ADE_LoadAnimateDiffModel"]().load_motion_model(Path(motion_file).name)[0]
-    m_models = nodes["ADE_ApplyAnimateDiffModelSimple"]().apply_motion_model(motion)[0]
-    return nodes["ADE_UseEvolvedSampling"]().use_evolved_sampling(model, "autoselect", m_models)[0]
+    return ade.NODE_CLASS_MAPPINGS
+
+
+def _with_motion(ade: dict, motion_file: str, model, motion_lora=None):
+    """``model`` with the motion model (and a MOTION_LORA) applied by ADE's nodes, as workflow (a) does."""
+    motion = ade["ADE_LoadAnimateDiffModel"]().load_motion_model(Path(motion_file).name)[0]
+    m_models = ade["ADE_ApplyAnimateDiffModelSimple"]().apply_motion_model(motion, motion_lora=motion_lora)[0]
+    return ade["ADE_UseEvolvedSampling"]().use_evolved_sampling(model, "autoselect", m_models)[0]
 
 
 def main(checkpoint: str, pack_dir: str, lora: str, ade_dir: str | None = None, motion_file: str | None = None) -> dict:
@@ -57,9 +62,11 @@ def main(checkpoint: str, pack_dir: str, lora: str, ade_dir: str | None = None, 
     patching = sys.modules["qvd_pack_probe.nodes.patching"]
     from qvd_pack_probe.qvd import load_quantized, save_quantized
 
-    model, clip, _ = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False)[:3]
+    checkpoint_model, clip, _ = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False)[:3]
+    model = checkpoint_model
     if ade_dir:
-        model = _load_ade(ade_dir, motion_file, model)
+        ade = _load_ade(ade_dir, motion_file)
+        model = _with_motion(ade, motion_file, checkpoint_model)
     positive = nodes.CLIPTextEncode().encode(clip, "a red fox running")[0]
     negative = nodes.CLIPTextEncode().encode(clip, "")[0]
     latent = nodes.EmptyLatentImage().generate(64, 64, 2)[0]
@@ -101,7 +108,65 @@ def main(checkpoint: str, pack_dir: str, lora: str, ade_dir: str | None = None, 
     for fp, q in zip(patching.motion_patchers(model), patching.motion_patchers(quantized)):
         facts["motion"].append({"float_told": fp.model_size(), "told": q.model_size(), "held": held(q)})
     facts["lora_load"] = _lora_load(quantized, lora, positive, patching)
+    if ade_dir:
+        shapes = {k: tuple(v.shape) for k, v in patching.motion_patchers(model)[0].model.state_dict().items()}
+        del quantized, loaded, model
+        gc.collect()
+        facts["motion_lora"] = _motion_lora(qvd, patching, ade, motion_file, shapes, checkpoint_model, calibration)
     return facts
+
+
+def _motion_lora(qvd, patching, ade, motion_file: str, shapes: dict, checkpoint_model, calibration) -> dict:
+    """A rank-8 motion LoRA in ADE's file format through ADE's own loader (ADE merges it into ``up @ down``
+    differences on the motion patcher), on the quantized motion model: per patched layer, whether its branch is low
+    rank, its bytes against the LoRA's factors at the branch's dtype, and its output against FP's ``dW x``."""
+    import folder_paths
+    from safetensors.torch import save_file
+
+    cpu = torch.device("cpu")
+    folder = Path(tempfile.mkdtemp())
+    gen = torch.Generator().manual_seed(7)
+    factors, tensors = {}, {}
+    for key, shape in shapes.items():
+        proj = next((p for p in ("to_q", "to_k", "to_v", "to_out.0") if key.endswith(f"attention_blocks.0.{p}.weight")
+                     or key.endswith(f"attention_blocks.1.{p}.weight")), None)
+        if proj is None:
+            continue
+        up, down = torch.randn(shape[0], 8, generator=gen) * 0.05, torch.randn(8, shape[1], generator=gen) * 0.05
+        stem = key[: -len(f"{proj}.weight")] + f"processor.{proj.removesuffix('.0')}_lora"
+        tensors[f"{stem}.up.weight"], tensors[f"{stem}.down.weight"] = up.half(), down.half()
+        factors[key.removesuffix(".weight")] = (up.half().float(), down.half().float())
+    save_file(tensors, str(folder / "motion_lora.safetensors"))
+    folder_paths.add_model_folder_path("animatediff_motion_lora", str(folder))
+    motion_lora = ade["ADE_AnimateDiffLoRALoader"]().load_motion_lora("motion_lora.safetensors", 0.8)[0]
+    with_lora = _with_motion(ade, motion_file, checkpoint_model, motion_lora)
+    quantized = qvd["QVDQuantizeModel"]().quantize(with_lora, calibration, 8, 8, True, True,
+                                                  "diffusion_model.*")["result"][0]
+    patcher = patching.motion_patchers(quantized)[0]
+    start = time.perf_counter()
+    patcher.patch_model(device_to=cpu, lowvram_model_memory=0)
+    seconds = time.perf_counter() - start
+    layers = []
+    try:
+        for name, (up, down) in factors.items():
+            m = patcher.model.get_submodule(name)
+            if not getattr(m, "qvd_quantized", False) or m.delta is None:
+                layers.append({"name": name, "quantized": getattr(m, "qvd_quantized", False), "delta": False})
+                continue
+            x = torch.randn(16, m.in_features, generator=gen)
+            scri = m.scri if getattr(m, "scri_in_norm", False) else None
+            x_in = x if scri is None else scri.apply(x)
+            got = m.delta(x_in, torch.zeros(16, m.out_features), offset=m._delta_offset(cpu))
+            want = x @ (0.8 * up @ down).t()
+            own = (up.numel() + down.numel()) * m.delta.up.element_size() if m.delta.up is not None else 1
+            layers.append({"name": name, "quantized": True, "delta": True, "dense": m.delta.dense is not None,
+                           "bytes_vs_lora": m.delta.nbytes() / own, "delta_bytes": m.delta.nbytes(),
+                           "dense_bytes": m.weight.numel() * 4,
+                           "cos": float(torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), 0)),
+                           "norm_ratio": float(got.norm() / want.norm())})
+    finally:
+        patcher.unpatch_model(cpu)
+    return {"layers": layers, "load_seconds": seconds, "lora_file_bytes": (folder / "motion_lora.safetensors").stat().st_size}
 
 
 def _lora_load(quantized, lora: str, positive, patching) -> dict:

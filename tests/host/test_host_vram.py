@@ -83,3 +83,24 @@ def test_the_vram_bench_states_these_figures(probe):
     print("\n" + text)
     assert f"{probe['quantized']['held'] / 2**20:,.0f} MiB" in text and f"{probe['float_told'] / 2**20:,.0f} MiB" in text
     assert text.count("| mm_sd_v15_v2") == len(probe["motion"])
+
+
+@pytest.mark.slow
+@pytest.mark.ade
+def test_a_motion_lora_through_ades_loader_is_exact_and_compact(probe):
+    """ADE merges a motion LoRA into ``up @ down`` differences before ComfyUI sees it (a dense N x K delta per layer,
+    ~660 MB on mm_sd_v15_v2): the quantized motion layers recover the factors, checked for exactness, so each branch
+    holds the LoRA's own bytes and adds exactly FP's ``dW x``."""
+    if "motion_lora" not in probe:
+        pytest.skip("ComfyUI-AnimateDiff-Evolved not found: set ADE_PATH or check it out under "
+                    ".cache/ComfyUI-AnimateDiff-Evolved")
+    layers = probe["motion_lora"]["layers"]
+    quantized = [f for f in layers if f["quantized"]]
+    assert quantized and all(f["delta"] and not f["dense"] for f in quantized), layers
+    worst = min(f["cos"] for f in quantized)
+    assert worst >= 0.999 and all(abs(f["norm_ratio"] - 1) < 1e-3 for f in quantized), layers
+    assert max(f["bytes_vs_lora"] for f in quantized) <= 1.2, layers
+    print(f"\nmotion LoRA on {len(quantized)} quantized layers: worst cosine {worst:.6f}; branches hold "
+          f"{sum(f['delta_bytes'] for f in quantized) / 2**20:.2f} MiB (dense deltas: "
+          f"{sum(f['dense_bytes'] for f in quantized) / 2**20:.1f} MiB); first load "
+          f"{probe['motion_lora']['load_seconds']:.1f} s")
