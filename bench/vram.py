@@ -1,5 +1,6 @@
 """VRAM as ComfyUI's planner sees it: the bytes a MODEL tells (``model_size()``) and the bytes it holds, full precision
-against QVD W8A8, for the synthetic SD1.5 UNet and (with AnimateDiff-Evolved) mm_sd_v15_v2, with a UNet LoRA.
+against QVD W8A8, for the synthetic SD1.5 UNet and (with AnimateDiff-Evolved) mm_sd_v15_v2, with a UNet LoRA and a
+motion LoRA.
 
 Runs ``tests/host/size_probe.py`` in a ComfyUI process (the managed 0.3.75 host by default, ``--comfyui`` for another
 tree, which is only read) on the seeded synthetic checkpoints the host tests build, and prints a markdown table.
@@ -48,7 +49,19 @@ def table(f: dict) -> str:
         f"MiB): side branches hold {lora['delta_bytes'] / 2**20:.2f} MiB beside the int8 kernels (not in the size "
         f"told); its whole load {lora['seconds']['lora'] * 1e3:.1f} ms vs {lora['seconds']['plain'] * 1e3:.1f} ms "
         f"without it, {sum(lora['float_work_calls'].values())} float merges of quantized weights.",
-    ])
+    ] + _motion_lora_line(f.get("motion_lora")))
+
+
+def _motion_lora_line(m: dict | None) -> list[str]:
+    if not m:
+        return []
+    q = [x for x in m["layers"] if x["quantized"]]
+    low = [x for x in q if x["delta"] and not x["dense"]]
+    return [f"A rank-8 motion LoRA through ADE's loader (file {m['lora_file_bytes'] / 2**20:.2f} MiB, fp16) on {len(q)} "
+            f"quantized motion layers: {len(low)} low-rank branches holding "
+            f"{sum(x['delta_bytes'] for x in q) / 2**20:.2f} MiB (as dense deltas: "
+            f"{sum(x['dense_bytes'] for x in q) / 2**20:.0f} MiB), worst cosine against FP's dW x "
+            f"{min(x['cos'] for x in q):.6f}."]
 
 
 def main(argv=None) -> None:
