@@ -34,8 +34,7 @@ from torch import nn
 
 from . import safefile
 from .calibrate import Calibration, LayerStats
-from .config import QVDConfig
-from .config import matches
+from .config import QVDConfig, matches
 from .errors import CalibrationFileError, QuantizedFileError, QVDError
 from .identity import fingerprint, install
 from .modules import HiDiTQLinear, QConv2d, QLinear

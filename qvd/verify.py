@@ -29,9 +29,10 @@ from .errors import ModelMismatchError, QuantizedFileError
 from .identity import check_layers, layer_signature
 from .quantize import norm_group_folds
 from .quantizers import MSE_SMALLEST_CLIP, weight_qmax
+from .safefile import DTYPES as _FILE_DTYPES
 from .scri import ScriTransform
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+DTYPES = {k: v for k, v in _FILE_DTYPES.items() if v.is_floating_point}  # a layer's source weight_dtype
 _ARITHMETIC = 2.0 ** -20  # relative slack for fp32 recomputation (an inverse stored as 1 / s, summation order)
 
 
@@ -70,10 +71,6 @@ class _Check:
                           f"{float(got.reshape(-1)[i]):.9g})", f"{float(want.reshape(-1)[i]):.9g}")
 
 
-def _per_input(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return v.view(1, -1, *([1] * (w.dim() - 2)))
-
-
 _CHUNK = 1 << 22  # values compared at a time: bounds the check's memory on the widest layers
 
 
@@ -83,7 +80,7 @@ def check_weights(c: _Check, name: str, w: torch.Tensor, codes: torch.Tensor, sc
     qmax = weight_qmax(bits)
     rel, tiny = _ARITHMETIC + slack[0], slack[1] / qmax
     rows_w, rows_q = w.reshape(w.shape[0], -1), codes.reshape(w.shape[0], -1)
-    col_scale = None if scri is None else _per_input(scri.scale, w).expand(1, *w.shape[1:]).reshape(1, -1)
+    col_scale = None if scri is None else scri.scale.view(-1, *([1] * (w.dim() - 2))).expand(w.shape[1:]).reshape(1, -1)
     step = max(1, _CHUNK // rows_w.shape[1])
     for r0 in range(0, rows_w.shape[0], step):
         rows = rows_w[r0:r0 + step].float().cpu()
