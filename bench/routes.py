@@ -1,6 +1,8 @@
-"""CPU routes pinned one at a time: oneDNN int8 ops vs NHWC im2col / plain ``torch._int_mm`` (both with
-quantize and epilogue, through ``qvd.kernels``), on SD1.5 shapes at latent 16x16, batch 16. The
-default route (``QVD_CPU_ROUTE=auto``) makes this choice per shape at run time. Prints a markdown table.
+"""CPU routes pinned one at a time, against the float layer: the exact integer routes (oneDNN int8 ops, NHWC im2col /
+plain ``torch._int_mm``, integer codes through the fp32 GEMM split along K), each with quantize and epilogue, and the
+weight-only route (codes dequantized per call, float op), on SD1.5 shapes at latent 16x16, batch 16. ``auto``
+(the default) picks the fastest integer route per shape and then the faster of it and weight-only
+(``qvd.kernels``). Prints a markdown table; ratios are against fp32 in the same run.
 
     python -m bench.routes [--threads N]
 """
@@ -10,6 +12,7 @@ import argparse
 
 import torch
 
+import qvd.kernels as K
 from bench._common import W8A8, machine, median_ms, table
 from bench.layers import build
 from qvd.kernels import cpu
@@ -25,6 +28,13 @@ CASES = [("conv3x3 320->320 @16x16", "conv", (16, 320, 16, 320, 3, 1)),
          ("linear 4096x1280->320", "linear", (4096, 1280, 320)),
          ("linear 256x1280->1280", "linear", (256, 1280, 1280)),
          ("linear 16x1280->1280", "linear", (16, 1280, 1280))]
+INT_ROUTES = ("onednn", "int_mm", "float")
+
+
+def weight_only(ours: W8A8):
+    if ours.conv:
+        return lambda x: K.conv2d_weight_only(x, ours.w_q, ours.w_scale, ours.bias, None, ours.stride, ours.padding)
+    return lambda x: K.linear_weight_only(x, ours.w_q, ours.w_scale, ours.bias)
 
 
 def main():
@@ -34,7 +44,8 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device("cpu")
-    print(f"machine: {machine()}\n")
+    exact = cpu._onednn_ok()
+    print(f"machine: {machine()}; oneDNN int8 {'exact' if exact else 'inexact or missing: not used'}\n")
     rows = []
     saved = cpu.ROUTE
     try:
@@ -42,17 +53,23 @@ def main():
             for name, kind, args in CASES:
                 layer, x = build(kind, args, dev)
                 ours = W8A8(layer, x.abs().max().item())
-                times = []
-                for route in ("onednn", "int_mm"):
+                fp = median_ms(lambda: layer(x), dev)
+                times = {}
+                for route in INT_ROUTES if exact else INT_ROUTES[1:]:
                     cpu.ROUTE = route
-                    times.append(median_ms(lambda: ours(x), dev))
-                rows.append([name, f"{times[0]:.2f}", f"{times[1]:.2f}", f"{times[1] / times[0]:.2f}x"])
-                print(f"  {name}: oneDNN {times[0]:.2f} ms, im2col/_int_mm {times[1]:.2f} ms", flush=True)
+                    times[route] = median_ms(lambda: ours(x), dev)
+                wo = weight_only(ours)
+                times["weight-only"] = median_ms(lambda: wo(x), dev)
+                best_int = min(times[r] for r in INT_ROUTES if r in times)
+                auto = min(best_int, times["weight-only"])
+                rows.append([name, f"{fp:.2f}"] + [f"{times[r]:.2f}" if r in times else "-" for r in INT_ROUTES]
+                            + [f"{times['weight-only']:.2f}", f"{fp / best_int:.2f}x", f"{fp / auto:.2f}x"])
+                print(f"  {name}: fp32 {fp:.2f} ms, " + ", ".join(f"{r} {t:.2f}" for r, t in times.items()), flush=True)
     finally:
         cpu.ROUTE = saved
     print()
-    print(table(["layer (quantize + int8 op + epilogue)", "oneDNN ms", "NHWC im2col / _int_mm ms", "oneDNN speed-up"],
-                rows))
+    print(table(["layer", "fp32 ms", "oneDNN int8 ms", "im2col / _int_mm ms", "int codes in fp32 GEMM ms",
+                 "weight-only ms", "best int8 vs fp32", "auto vs fp32"], rows))
 
 
 if __name__ == "__main__":

@@ -18,10 +18,10 @@ from .config import QVDConfig
 from .errors import (CalibrationError, CalibrationFileError, ModelMismatchError, NonFiniteActivationError,
                      QuantizedFileError, QVDError)
 from .io import load_calibration, load_quantized, save_calibration, save_quantized
-from .modules import HiDiTQLinear, QConv2d, QLinear, set_mode
+from .modules import HiDiTQLinear, QConv2d, QLinear, set_compute, set_mode
 from .quantize import QuantizeResult, quantize_model
 
 __all__ = ["Calibration", "Calibrator", "QVDConfig", "QVDError", "CalibrationError", "CalibrationFileError",
            "ModelMismatchError", "NonFiniteActivationError", "QuantizedFileError", "load_calibration", "load_quantized",
            "save_calibration", "save_quantized", "HiDiTQLinear",
-           "QConv2d", "QLinear", "set_mode", "QuantizeResult", "quantize_model"]
+           "QConv2d", "QLinear", "set_compute", "set_mode", "QuantizeResult", "quantize_model"]

@@ -2,7 +2,8 @@
 
 ``QLinear`` / ``QConv2d`` (W8A8): int8 weights with per-output-channel fp32 scales, a static activation
 quantizer (scale, zero point) and optional SCRI input shift / scale. ``mode = "int"`` (default) runs the
-integer kernels from ``qvd.kernels``; ``mode = "fake"`` simulates the same rounding in floating point.
+kernels from ``qvd.kernels`` on the layer's compute route (``compute``: ``auto`` / ``int8`` / ``weight-only``,
+``kernels.run_route``; ``set_compute``); ``mode = "fake"`` simulates the W8A8 rounding in floating point.
 ``HiDiTQLinear``: the time-projection layers; HiDi-TQ look-up-table activations, int8 weights.
 All tensors are ``nn.Parameter(requires_grad=False)`` so hosts that move / offload parameters see them;
 ``forward`` brings them to the input's device when a host left them elsewhere (low-VRAM offloading). The int8
@@ -145,6 +146,7 @@ class _QuantizedBase(_HostHooks):
         self.w_bits, self.a_bits = int(w_bits), int(a_bits)
         self.qmin, self.qmax = act_qrange(self.a_bits)
         self.mode = "int"
+        self.compute = "int8"  # the file's own W8A8 semantics; the ComfyUI nodes default to "auto"
         self._cache = {}
 
     def _cached(self, kind: str, device, deps, build):
@@ -215,6 +217,42 @@ class _QuantizedBase(_HostHooks):
             return None, None
         return self.scri_shift.to(device), self.scri_inv_scale.to(device)
 
+    def _float_operands(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(float weight, bias) of the weight-only route, in ``dtype``. With SCRI in the kernel the layer reads its
+        own input (``W = dequant / s``, its own bias); after a SCRI norm it reads ``(x - z) / s`` (bias ``b + W z``).
+        On the CPU the float weight is kept (dequantizing a large weight per call costs more than the float op
+        there); elsewhere it is made per call (device memory bandwidth makes that cheap; int8 memory is kept)."""
+        in_norm = self.scri_in_norm and self.scri_shift is not None
+        if in_norm:
+            w, b = self._operands(device, epilogue=False)
+        else:
+            w, b, _ = self._call_weights(device)
+        col = None if in_norm or self.scri_inv_scale is None else self.scri_inv_scale.to(device)
+        build = lambda: kernels.dequantize(w, self.weight_scale.to(device), col, dtype)
+        if device.type == "cpu":
+            wf = self._cached(f"float_weight_{dtype}", device, (self.weight, self.weight_scale, self.scri_inv_scale),
+                              build)
+        else:
+            wf = build()
+        return wf, None if b is None else b.to(dtype)
+
+    def float_weight_bytes(self) -> int:
+        """Bytes of the float weight the weight-only route keeps on the CPU (0 when none)."""
+        return sum(hit[1].numel() * hit[1].element_size() for k, hit in self._cache.items()
+                   if k.startswith("float_weight_"))
+
+    def drop_float_weight(self) -> None:
+        """Free the weight-only route's kept float weight (``auto`` chose the integer kernels)."""
+        for kind in [k for k in self._cache if k.startswith("float_weight_")]:
+            del self._cache[kind]
+
+    def _route(self, x: torch.Tensor, int8_fn, float_fn) -> torch.Tensor:
+        key = (type(self).__name__, tuple(x.shape), tuple(self.weight.shape), self.scri_shift is not None, x.dtype)
+        y, route = kernels.run_route(self.compute, key, x.device, int8_fn, float_fn)
+        if route == "int8" and self._cache:
+            self.drop_float_weight()
+        return y
+
     def _fake_input(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
         shift, inv = self._kernel_scri(x.device)
         q = kernels.reference.quantize_activation(x, self.act_scale.to(x.device), self.zero_point, self.qmin,
@@ -240,7 +278,7 @@ class _QuantizedBase(_HostHooks):
 
     def extra_repr(self) -> str:
         scri = "norm" if self.scri_in_norm else self.scri_shift is not None
-        return f"w_bits={self.w_bits}, a_bits={self.a_bits}, scri={scri}, mode={self.mode}"
+        return f"w_bits={self.w_bits}, a_bits={self.a_bits}, scri={scri}, mode={self.mode}, compute={self.compute}"
 
 
 class QLinear(_QuantizedBase):
@@ -254,11 +292,18 @@ class QLinear(_QuantizedBase):
         if self.mode == "fake":
             y = self._fake_forward(x, lambda w, b: F.linear(self._fake_input(x, -1), w, b))
         else:
-            shift, inv = self._kernel_scri(dev)
-            w, bias = self._operands(dev, epilogue=True)
-            y = kernels.linear_w8a8(x, self.packed_weight(w), bias, self.act_scale.to(dev),
-                                    self.zero_point, self.qmin, self.qmax, shift, inv)
+            y = self._route(x, lambda: self._int8(x), lambda: self._weight_only(x))
         return y if delta is None else delta(x, y, offset=self._delta_offset(dev))
+
+    def _int8(self, x: torch.Tensor) -> torch.Tensor:
+        dev = x.device
+        shift, inv = self._kernel_scri(dev)
+        w, bias = self._operands(dev, epilogue=True)
+        return kernels.linear_w8a8(x, self.packed_weight(w), bias, self.act_scale.to(dev), self.zero_point,
+                                   self.qmin, self.qmax, shift, inv)
+
+    def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, *self._float_operands(x.device, x.dtype))
 
 
 class QConv2d(_QuantizedBase):
@@ -276,11 +321,19 @@ class QConv2d(_QuantizedBase):
             xp = F.pad(x, (self.padding,) * 4) if self.padding else x
             y = self._fake_forward(x, lambda w, b: F.conv2d(self._fake_input(xp, 1), w, b, self.stride))
         else:
-            shift, inv = self._kernel_scri(dev)
-            w, bias = self._operands(dev, epilogue=True)
-            y = kernels.conv2d_w8a8(x, self.packed_weight(w), bias, self.act_scale.to(dev),
-                                    self.zero_point, self.qmin, self.qmax, shift, inv, self.stride, self.padding)
+            y = self._route(x, lambda: self._int8(x), lambda: self._weight_only(x))
         return y if delta is None else delta(x, y, self.stride, self.padding, self._delta_offset(dev))
+
+    def _int8(self, x: torch.Tensor) -> torch.Tensor:
+        dev = x.device
+        shift, inv = self._kernel_scri(dev)
+        w, bias = self._operands(dev, epilogue=True)
+        return kernels.conv2d_w8a8(x, self.packed_weight(w), bias, self.act_scale.to(dev), self.zero_point,
+                                   self.qmin, self.qmax, shift, inv, self.stride, self.padding)
+
+    def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
+        w, bias = self._float_operands(x.device, x.dtype)
+        return F.conv2d(x.contiguous(), w, bias, self.stride, self.padding)  # the float layer's own layout
 
 
 class HiDiTQLinear(_HostHooks):
@@ -318,6 +371,17 @@ class HiDiTQLinear(_HostHooks):
 
     def extra_repr(self) -> str:
         return f"w_bits={self.w_bits}, levels={self.levels.numel()}"
+
+
+def set_compute(tree: nn.Module, compute: str) -> None:
+    """Compute route of every W8A8 layer under ``tree``: ``auto`` (the faster of the two, measured per layer shape
+    and device at first use), ``int8`` (the W8A8 integer kernels) or ``weight-only`` (codes dequantized into the
+    activation dtype, float op on the unquantized input; see ``qvd.kernels``)."""
+    if compute not in kernels.COMPUTE:
+        raise ValueError(f"compute={compute!r}: use one of {kernels.COMPUTE}")
+    for m in tree.modules():
+        if isinstance(m, (QLinear, QConv2d)):
+            m.compute = compute
 
 
 def set_mode(tree: nn.Module, mode: str) -> None:

@@ -17,7 +17,7 @@ TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=5e-2
        torch.float16: dict(atol=1e-2, rtol=2e-3)}
 
 
-@pytest.fixture(params=["onednn", "int_mm"])
+@pytest.fixture(params=["onednn", "int_mm", "float"])
 def route(request, monkeypatch):
     if request.param == "onednn" and not cpu._onednn_ok():
         pytest.skip("oneDNN int8 ops unavailable or inexact on this CPU")

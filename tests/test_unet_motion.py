@@ -108,7 +108,10 @@ def test_first_and_last_convolutions_quantize_at_8_bit_when_not_kept_in_float(un
     assert by_name["down_blocks.0.resnets.0.conv1"]["w_bits"] == 4
 
 
-def test_int8_layers_run_integer_kernels(inputs, quantized):
+def test_int8_layers_run_integer_kernels(inputs, quantized, monkeypatch):
+    from qvd.kernels import cpu
+    # the int8 ops proper (the exact "float" CPU route runs the same codes through float GEMMs: tests/test_kernels.py)
+    monkeypatch.setattr(cpu, "ROUTE", "onednn" if cpu._onednn_ok() else "int_mm")
     q, _ = quantized
     n_int = sum(isinstance(m, (QLinear, QConv2d)) for m in q.modules())
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -7,7 +7,12 @@ per-channel affine), run an int8 x int8 -> int32 GEMM / convolution and apply th
 Weights travel as a ``PackedWeight``: the int8 codes in the one layout every route reads (K-major
 ``[N, K]``, ``k = (tap, channel)`` for convs), built once by the layer and kept as its state.
 
-Routes: CUDA tensors -> Triton (``triton_kernels.py``: fused quantize, GEMM / implicit-GEMM conv with
+Compute routes (a layer's ``compute``: ``auto`` / ``int8`` / ``weight-only``, ``run_route``): ``int8`` is the W8A8
+kernels below; ``weight-only`` dequantizes the codes into the activation dtype (``dequantize``) and runs the
+float op on the unquantized input (activations are not rounded). ``auto`` times both at the first call of each shape on each device and keeps the faster; devices with no
+int8 kernels here (Apple MPS, ROCm, Intel XPU, DirectML) and ``QVD_INT8=off`` get ``weight-only``.
+
+Integer routes: CUDA tensors -> Triton (``triton_kernels.py``: fused quantize, GEMM / implicit-GEMM conv with
 the epilogue in-kernel). If Triton is missing: one log line and the torch route for everything; if a kernel
 fails for one shape: one log line and the torch route for that (kernel, shape) only (``cpu.py``: cuBLAS
 ``_int_mm``). CUDA out-of-memory and interrupts propagate. CPU -> ``cpu.py`` (oneDNN int8 ops, else
@@ -16,14 +21,19 @@ fails for one shape: one log line and the torch route for that (kernel, shape) o
 from __future__ import annotations
 
 import logging
+import os
+import time
+from dataclasses import dataclass
 
 import torch
 
+from ..errors import QVDError
 from . import cpu, reference
 from .cpu import int_mm
 
-__all__ = ["PackedWeight", "linear_w8a8", "conv2d_w8a8", "quantize_activation", "hiditq_encode",
-           "hiditq_decode", "int_mm", "reference", "triton_available"]
+__all__ = ["PackedWeight", "linear_w8a8", "conv2d_w8a8", "dequantize", "run_route",
+           "int8_unavailable", "decisions", "COMPUTE", "quantize_activation", "hiditq_encode", "hiditq_decode",
+           "int_mm", "reference", "triton_available"]
 
 log = logging.getLogger("qvd")
 _TRITON = None  # the triton_kernels module, False once unavailable
@@ -168,3 +178,85 @@ def hiditq_decode(codes: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Look-up-table decode of HiDi-TQ codes."""
     y = _on_triton(codes, ("hiditq_decode", levels.numel()), lambda tk: tk.hiditq_decode(codes, levels))
     return reference.hiditq_decode(codes, levels) if y is None else y
+
+
+def dequantize(w_q: torch.Tensor, w_scale: torch.Tensor, col_scale, dtype: torch.dtype) -> torch.Tensor:
+    """The weight-only route's float weight: ``w_q * w_scale[n] * col_scale[c]`` in ``dtype``, contiguous (the
+    layout of the float layer it replaces; ``col_scale``: SCRI's inverse scale, or None)."""
+    view = (1,) * (w_q.dim() - 2)
+    w = w_q.to(dtype, memory_format=torch.contiguous_format).mul_(w_scale.to(dtype).view(-1, 1, *view))
+    return w if col_scale is None else w.mul_(col_scale.to(dtype).view(1, -1, *view))
+
+
+COMPUTE = ("auto", "int8", "weight-only")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The route ``auto`` keeps for one layer shape on one device, and the times it measured (ms)."""
+    route: str
+    int8_ms: float | None = None
+    float_ms: float | None = None
+
+
+_DECIDED: dict[tuple, Decision] = {}
+
+
+def decisions() -> dict[tuple, Decision]:
+    """Every shape ``auto`` has decided, keyed ``(kind, input shape, weight shape, ..., dtype, device)``."""
+    return dict(_DECIDED)
+
+
+def describe_decisions(made: list[Decision]) -> str:
+    """One line on what ``auto`` chose for ``made`` (e.g. the decisions of one sampling run)."""
+    n_int = sum(d.route == "int8" for d in made)
+    chosen = sum(min(d.int8_ms, d.float_ms) for d in made)
+    wo = sum(d.float_ms for d in made)
+    return (f"int8 kernels on {n_int} of {len(made)} layer shapes, weight-only on {len(made) - n_int}; at first use "
+            f"the kept routes took {chosen:.0f} ms where weight-only everywhere took {wo:.0f} ms "
+            f"({chosen / max(wo, 1e-9):.2f}x)")
+
+
+def int8_unavailable(device: torch.device) -> str | None:
+    """Why ``device`` runs no int8 kernels (then every layer computes weight-only), or None."""
+    if os.environ.get("QVD_INT8", "").strip().lower() in ("0", "off", "false", "no"):
+        return "QVD_INT8=off"
+    if device.type == "cpu" or (device.type == "cuda" and torch.version.hip is None):
+        return None
+    return f"no int8 kernels for {'ROCm' if device.type == 'cuda' else device.type} devices here"
+
+
+def _timed(fn, device) -> tuple[float, torch.Tensor]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return (time.perf_counter() - t0) * 1e3, out
+
+
+def run_route(compute: str, key: tuple, device: torch.device, int8_fn, float_fn) -> tuple[torch.Tensor, str]:
+    """(output, route) of ``int8_fn`` or ``float_fn`` (weight-only) per ``compute``; ``auto`` times both (after a
+    warm-up call each) at the first call of ``key`` on ``device`` and keeps the faster for every later call."""
+    if compute not in COMPUTE:
+        raise ValueError(f"compute={compute!r}: use one of {COMPUTE}")
+    reason = int8_unavailable(device)
+    if compute == "weight-only":
+        return float_fn(), compute
+    if reason:
+        if compute == "int8":
+            raise QVDError(f"compute='int8' but {reason}: choose compute 'auto' or 'weight-only'")
+        return float_fn(), "weight-only"
+    if compute == "int8":
+        return int8_fn(), compute
+    key = key + (str(device),)
+    hit = _DECIDED.get(key)
+    if hit is not None:
+        return (int8_fn if hit.route == "int8" else float_fn)(), hit.route
+    int8_fn(), float_fn()  # warm-up: kernel tuning, oneDNN packing, the CPU route's own choice
+    t_int, y_int = _timed(int8_fn, device)
+    t_float, y_float = _timed(float_fn, device)
+    route = "int8" if t_int <= t_float else "weight-only"
+    _DECIDED[key] = Decision(route, t_int, t_float)
+    log.debug("qvd: %s -> %s (int8 %.2f ms, weight-only %.2f ms)", key, route, t_int, t_float)
+    return (y_int if route == "int8" else y_float), route

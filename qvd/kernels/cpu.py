@@ -1,13 +1,17 @@
 """Torch routes (CPU, and CUDA when Triton is unavailable); semantics: ``reference.py``.
 
-CPU routes: oneDNN's int8 ops (``torch.ops.onednn.qlinear_pointwise`` / ``qconv2d_pointwise``: u8
-activations x s8 weights, int32 accumulate, ``acc * x_scale * w_scale + bias`` epilogue in the kernel)
-and ``torch._int_mm`` (conv: NHWC int8 im2col from strided views) plus a separate epilogue. Neither
-wins everywhere (docs/benchmarks.md: oneDNN is ahead on large-N GEMMs, ``_int_mm`` on weight-bound
-convs), so by default (``QVD_CPU_ROUTE=auto``) the first call of each shape times both and keeps the
-faster; ``QVD_CPU_ROUTE=onednn`` / ``int_mm`` pins one. Codes are stored +128 as uint8 with oneDNN zero point 128, so the int32
-accumulator is over the raw codes exactly as in the reference (the code zero point is folded into the
-effective bias). int8 (s8) activations are avoided: oneDNN runs them on a reference path, 10-1000x slower.
+CPU routes, all exact (the int32 accumulator of the reference, bit for bit):
+- ``onednn``: oneDNN's int8 ops (``torch.ops.onednn.qlinear_pointwise`` / ``qconv2d_pointwise``: u8 activations x s8
+  weights, int32 accumulate, ``acc * x_scale * w_scale + bias`` epilogue in the kernel);
+- ``int_mm``: ``torch._int_mm`` (conv: NHWC int8 im2col from strided views) plus a separate epilogue;
+- ``float``: the same integer codes as fp32 through the float GEMM / conv (MKL, oneDNN fp32), split along K into
+  chunks of at most ``EXACT_TERMS`` products, so every partial sum is an integer below 2**24 and exact in fp32
+  whatever the summation order; chunks are added in float64. On CPUs without VNNI (AVX2: many desktop, AMD Zen 2/3
+  and laptop CPUs), where oneDNN int8 is inexact and ``_int_mm`` is many times slower than fp32, this is the fast one.
+None wins everywhere (docs/benchmarks.md), so by default (``QVD_CPU_ROUTE=auto``) the first call of each shape times
+them and keeps the fastest; ``QVD_CPU_ROUTE=onednn`` / ``int_mm`` / ``float`` pins one. For oneDNN codes are stored
++128 as uint8 with oneDNN zero point 128, so the int32 accumulator is over the raw codes exactly as in the reference
+(the code zero point is folded into the effective bias). int8 (s8) activations are avoided: oneDNN runs them on a reference path, 10-1000x slower.
 oneDNN's prepacked weights are kept on the layer's ``PackedWeight``. Before first use a probe checks that the
 oneDNN route is exact (no int16 saturation on CPUs without VNNI); otherwise ``torch._int_mm`` is used.
 On CUDA (Triton unavailable) the epilogue stays on the device: no host sync per layer.
@@ -24,29 +28,62 @@ import torch.nn.functional as F
 log = logging.getLogger("qvd")
 
 _ONEDNN_OK: bool | None = None
-ROUTES = ("auto", "onednn", "int_mm")
+ROUTES = ("auto", "onednn", "int_mm", "float")
 ROUTE = os.environ.get("QVD_CPU_ROUTE", "auto")
-_CHOICE: dict[tuple, bool] = {}  # shape key -> oneDNN was faster
+_CHOICE: dict[tuple, str] = {}  # shape key -> the fastest route's name
+# |activation code| <= 128 and |weight code| <= 128: a product is at most 2**14, a sum of 2**10 of them below 2**24
+EXACT_TERMS = 1 << 10
 
 
-def _run(key: tuple, onednn_fn, int_mm_fn):
-    """Run the pinned route, or (auto) the faster one for this shape, timing both on first sight."""
+def _run(key: tuple, routes: dict):
+    """Run the pinned route, or (auto) the fastest for this shape, timing each on first sight."""
     if ROUTE not in ROUTES:
         raise ValueError(f"QVD_CPU_ROUTE={ROUTE!r}: use one of {ROUTES}")
-    if not _onednn_ok() or ROUTE == "int_mm":
-        return int_mm_fn()
-    if ROUTE == "onednn":
-        return onednn_fn()
+    if not _onednn_ok():
+        routes = {k: v for k, v in routes.items() if k != "onednn"}
+    if ROUTE != "auto":
+        return routes.get(ROUTE, routes["int_mm"])()
     if key in _CHOICE:
-        return (onednn_fn if _CHOICE[key] else int_mm_fn)()
-    times, outs = [], []
-    for fn in (onednn_fn, int_mm_fn):
+        return routes[_CHOICE[key]]()
+    best = None
+    for name, fn in routes.items():
         fn()  # warm-up: oneDNN packs weights and creates primitives on first use
         t0 = time.perf_counter()
-        outs.append(fn())
-        times.append(time.perf_counter() - t0)
-    _CHOICE[key] = times[0] <= times[1]
-    return outs[0] if _CHOICE[key] else outs[1]
+        out = fn()
+        t = time.perf_counter() - t0
+        if best is None or t < best[0]:
+            best = (t, name, out)
+    _CHOICE[key] = best[1]
+    return best[2]
+
+
+def float_mm_exact(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Exact ``a @ w.T`` for integer-valued fp32 ``a [M, K]`` and int8 codes ``w [N, K]`` (|values| <= 128): fp32
+    GEMMs over K chunks of ``EXACT_TERMS``, summed in float64 (returned fp32 when one chunk, else float64)."""
+    k = a.shape[1]
+    wf = w.float()
+    if k <= EXACT_TERMS:
+        return a @ wf.t()
+    acc = None
+    for s in range(0, k, EXACT_TERMS):
+        part = (a[:, s:s + EXACT_TERMS] @ wf[:, s:s + EXACT_TERMS].t()).double()
+        acc = part if acc is None else acc.add_(part)
+    return acc
+
+
+def float_conv_exact(q: torch.Tensor, w: torch.Tensor, stride: int) -> torch.Tensor:
+    """Exact conv of integer-valued fp32 ``q [N, C, H, W]`` (padded) with int8 codes ``w [O, C, KH, KW]``: fp32
+    convolutions over input-channel chunks of at most ``EXACT_TERMS`` products each, summed in float64."""
+    c, taps = w.shape[1], w.shape[2] * w.shape[3]
+    step = max(1, EXACT_TERMS // taps)
+    wf = w.float()
+    if c <= step:
+        return F.conv2d(q, wf, None, stride)
+    acc = None
+    for s in range(0, c, step):
+        part = F.conv2d(q[:, s:s + step], wf[:, s:s + step], None, stride).double()
+        acc = part if acc is None else acc.add_(part)
+    return acc
 
 
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -153,8 +190,14 @@ def linear_w8a8(x, weight, bias, act_scale, zero_point, qmin, qmax, shift=None, 
                           qmin, qmax, shift, inv_scale)
         return _epilogue(int_mm(q, weight.mat.t()), act_scale, weight.scale, bias, x.dtype)
 
+    def float_route():
+        q = quantize_into(torch.empty(x2.shape, dtype=torch.float32), x2, act_scale, zero_point, qmin, qmax,
+                          shift, inv_scale)
+        return _epilogue(float_mm_exact(q, weight.mat), act_scale, weight.scale, bias, x.dtype)
+
     if x.device.type == "cpu":
-        y = _run(("linear", x2.shape[0], k, n, x.dtype), onednn, int_mm_route)
+        y = _run(("linear", x2.shape[0], k, n, x.dtype), {"onednn": onednn, "int_mm": int_mm_route,
+                                                           "float": float_route})
     else:
         y = int_mm_route()
     return y.reshape(*lead, n)
@@ -209,6 +252,14 @@ def conv2d_w8a8(x, weight, bias, act_scale, zero_point, qmin, qmax, shift=None, 
         y = _epilogue(acc, act_scale, weight.scale, bias, x.dtype)
         return y.view(n, oh, ow, cout).permute(0, 3, 1, 2)
 
+    def float_route():
+        q = quantize_padded_nhwc(x, act_scale, zero_point, qmin, qmax, shift, inv_scale, padding,
+                                 dtype=torch.float32)
+        acc = float_conv_exact(q.permute(0, 3, 1, 2), weight.conv_view(), stride)
+        view = (1, -1, 1, 1)
+        return _epilogue(acc, act_scale, weight.scale.view(view), None if bias is None else bias.view(view), x.dtype)
+
     if x.device.type == "cpu":
-        return _run(("conv", tuple(x.shape), weight.shape, stride, padding, x.dtype), onednn, int_mm_route)
+        return _run(("conv", tuple(x.shape), weight.shape, stride, padding, x.dtype),
+                    {"onednn": onednn, "int_mm": int_mm_route, "float": float_route})
     return int_mm_route()
