@@ -12,13 +12,14 @@ shifting indices), so every tree walk happens inside ``ejected(model)``. Names i
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..qvd import Calibrator, QuantizeResult, QVDConfig, QVDError
+from ..qvd import Calibrator, QuantizeResult, QVDConfig, QVDError, kernels, set_compute
 from . import weight_patches
 
 ADE_KEY = "ADE"
@@ -131,9 +132,10 @@ def without_weight_patches(model):
     return base
 
 
-def quantize(model, build) -> tuple:
+def quantize(model, build, compute: str = "auto") -> tuple:
     """Clone ``model`` and install ``build(tree) -> QuantizeResult`` (QVD Quantize Model's quantization, QVD Load
-    Quantized's file), made from the checkpoint's own weights: a file is checked against them.
+    Quantized's file), made from the checkpoint's own weights: a file is checked against them. The quantized layers
+    run on the ``compute`` route (``qvd.set_compute``).
 
     Weight patches already on the MODEL (a LoRA before the QVD node) stay on the clone and run beside the int8
     layers exactly, like a LoRA loaded after (rounding them into the int8 weights would lose most of an ordinary
@@ -143,20 +145,38 @@ def quantize(model, build) -> tuple:
     with ejected(base):
         tree = model_tree(base)
         result = build(tree)
+        for module in result.modules.values():
+            _normal_tensors(module)
+            set_compute(module, compute)
+        _prepare(base, result.modules)
         sizes = _quantized_sizes(base, tree, result.modules)
     return install(model.clone(), result, sizes), result
+
+
+def _prepare(model, modules: dict[str, nn.Module]) -> None:
+    """What the layers' compute route keeps on the device ComfyUI runs ``model`` on, made now rather than in the first
+    sampling step (on a CPU where the route is weight-only: the float weights, in the model's compute dtype)."""
+    import comfy.model_management
+
+    device = comfy.model_management.get_torch_device()
+    dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+    for module in modules.values():
+        if hasattr(module, "prepare"):
+            module.prepare(device, dtype)
 
 
 def _quantized_sizes(model, tree: nn.ModuleDict, modules: dict[str, nn.Module]) -> dict[str, int]:
     """Bytes each patcher's model holds with ``modules`` in place of its own layers (key ``diffusion_model``: the
     MODEL's whole ``BaseModel``; ``motion_<i>``: a motion model), counted as ComfyUI counts (``module_size``: every
-    tensor of the state dict); call inside ``ejected(model)``."""
+    tensor of the state dict) plus the float weights a weight-only route keeps (``_prepare``); call inside
+    ``ejected(model)``."""
     from comfy.model_management import module_size
 
     sizes = {key: module_size(model.model if key == UNET else m) for key, m in tree.items()}
     for name, module in modules.items():
         key = name.partition(".")[0]
-        sizes[key] += module_size(module) - module_size(tree.get_submodule(name))
+        kept = module.float_weight_bytes() if hasattr(module, "float_weight_bytes") else 0
+        sizes[key] += module_size(module) + kept - module_size(tree.get_submodule(name))
     return sizes
 
 
@@ -171,6 +191,21 @@ def _normal_tensors(module: nn.Module) -> None:
             for name, b in m._buffers.items():
                 if b is not None and b.is_inference():
                     m._buffers[name] = b.clone()
+
+
+def _log_routes(result: QuantizeResult):
+    """An OUTER_SAMPLE wrapper: after a sampling run in which ``auto`` chose routes for new layer shapes, one log line
+    says what it chose and what the weight-only route keeps in memory."""
+    def wrapper(executor, *args, **kwargs):
+        before = len(kernels.decisions())
+        out = executor(*args, **kwargs)
+        made = list(kernels.decisions().values())[before:]
+        if made:
+            kept = sum(m.float_weight_bytes() for m in result.modules.values() if hasattr(m, "float_weight_bytes"))
+            logging.info("QVD compute auto: %s%s", kernels.describe_decisions(made),
+                         f"; weight-only layers keep {kept / 2**20:.0f} MiB of float weights on the CPU" if kept else "")
+        return out
+    return wrapper
 
 
 def _refuse_float_save(*_args, **_kwargs):
@@ -188,7 +223,6 @@ def install(clone, result: QuantizeResult, sizes: dict[str, int]):
     (``weight_patches``). ComfyUI's own model-saving nodes are refused on the result (they would save int8 codes
     as float weights)."""
     for module in result.modules.values():
-        _normal_tensors(module)
         if getattr(module, "qvd_quantized", False):
             module.read_host_patches = weight_patches.call_time_delta
     motions = motion_patchers(clone)
@@ -199,6 +233,8 @@ def install(clone, result: QuantizeResult, sizes: dict[str, int]):
             target.add_object_patch(name, module)
     for p in (clone, *patched_motions):
         weight_patches.attach(p)
+    import comfy.patcher_extension
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "qvd_compute", _log_routes(result))
     for i, p in enumerate(patched_motions):
         p.patches_uuid = uuid.uuid4()
         p.size = sizes[f"motion_{i}"]

@@ -9,7 +9,8 @@ import os
 import re
 import time
 
-from ..qvd import Calibration, QVDConfig, QVDError, load_quantized, quantize_model, save_calibration, save_quantized
+from ..qvd import (Calibration, QVDConfig, QVDError, kernels, load_quantized, quantize_model, save_calibration,
+                   save_quantized)
 from ..qvd.safefile import check_name
 from . import patching
 
@@ -52,6 +53,37 @@ def _new_file(name: str, suffix: str, what: str) -> str:
     if os.path.exists(path):
         raise QVDError(f"{path} already exists and is never overwritten: choose another {what} name")
     return path
+
+
+COMPUTE_INPUT = (list(kernels.COMPUTE), {"default": "auto", "tooltip":
+                 "How the quantized layers compute. auto: per layer shape, whichever of int8 and weight-only measures "
+                 "faster on this device at first use (the console log says what it chose). int8: the W8A8 integer "
+                 "kernels. weight-only: int8 weights dequantized into the model's float type and float math on "
+                 "unquantized activations (the route for devices without int8 kernels: Apple MPS, ROCm, Intel XPU)."})
+
+
+def _compute_line(compute: str) -> str:
+    """The report's line on the compute route, for the device ComfyUI runs the model on."""
+    import comfy.model_management
+
+    device = comfy.model_management.get_torch_device()
+    reason = kernels.int8_unavailable(device)
+    if reason and compute == "int8":
+        raise QVDError(f"compute 'int8' was chosen but {reason}: choose 'auto' or 'weight-only'")
+    if reason:
+        return f"compute: weight-only on {device} ({reason})"
+    if compute == "auto" and kernels.auto_skips_int8(device):
+        return f"compute: auto on {device}: weight-only ({kernels.auto_skips_int8(device)})"
+    if compute == "auto":
+        return (f"compute: auto on {device}: int8 kernels where they measure faster than weight-only, per layer shape "
+                f"at first use (logged)")
+    return f"compute: {compute} on {device}"
+
+
+def _kept(result) -> str:
+    """What the weight-only route keeps beside the int8 codes (in the size ComfyUI is told)."""
+    kept = sum(m.float_weight_bytes() for m in result.modules.values() if hasattr(m, "float_weight_bytes"))
+    return f"; its float weights kept in memory: {kept / 2**20:,.0f} MiB" if kept else ""
 
 
 def _skip_patterns(text: str) -> tuple[str, ...]:
@@ -135,6 +167,7 @@ class QVDQuantizeModel:
                                     "tooltip": "Layer-name patterns kept in full precision (fnmatch, comma or "
                                                "newline separated), e.g. *.attn1.to_q"}),
             },
+            "optional": {"compute": COMPUTE_INPUT},
         }
 
     RETURN_TYPES = ("MODEL", "STRING")
@@ -143,7 +176,8 @@ class QVDQuantizeModel:
     CATEGORY = "QVD"
     DESCRIPTION = "Returns a quantized copy of the MODEL; the input MODEL is left unchanged."
 
-    def quantize(self, model, calibration, weight_bits, activation_bits, htdq, scri, skip):
+    def quantize(self, model, calibration, weight_bits, activation_bits, htdq, scri, skip, compute="auto"):
+        compute_line = _compute_line(compute)
         if not isinstance(calibration, Calibration):
             raise QVDError("calibration input is not a QVD calibration: connect QVD Calibrate's output")
         config = QVDConfig(w_bits=weight_bits, a_bits=activation_bits, htdq=htdq, scri=scri,
@@ -159,8 +193,8 @@ class QVDQuantizeModel:
 
         start = time.monotonic()
         clone, result = patching.quantize(
-            model, lambda tree: quantize_model(tree, calibration, config, apply=False, progress=progress))
-        report = describe(result)
+            model, lambda tree: quantize_model(tree, calibration, config, apply=False, progress=progress), compute)
+        report = describe(result) + "\n" + compute_line + _kept(result)
         logging.info("QVD Quantize Model: %d modules in %.1f s\n%s", len(result.modules), time.monotonic() - start, report)
         return {"ui": {"text": [report]}, "result": (clone, report)}
 
@@ -192,21 +226,22 @@ class QVDLoadQuantized:
         import folder_paths
 
         names = [n for n in folder_paths.get_filename_list(MODEL_FOLDER) if not n.endswith(CALIBRATION_SUFFIX)]
-        return {"required": {"model": ("MODEL",), "qvd_name": (names,)}}
+        return {"required": {"model": ("MODEL",), "qvd_name": (names,)}, "optional": {"compute": COMPUTE_INPUT}}
 
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("model", "report")
     FUNCTION = "load"
     CATEGORY = "QVD"
 
-    def load(self, model, qvd_name):
+    def load(self, model, qvd_name, compute="auto"):
         import folder_paths
 
+        compute_line = _compute_line(compute)
         path = folder_paths.get_full_path(MODEL_FOLDER, qvd_name)
         if path is None:
             raise QVDError(f"{qvd_name} is not in models/{MODEL_FOLDER}: refresh the node list or pick another file")
-        clone, result = patching.quantize(model, lambda tree: load_quantized(path, tree, apply=False))
-        report = describe(result)
+        clone, result = patching.quantize(model, lambda tree: load_quantized(path, tree, apply=False), compute)
+        report = describe(result) + "\n" + compute_line + _kept(result)
         return {"ui": {"text": [report]}, "result": (clone, report)}
 
 

@@ -149,8 +149,8 @@ class _QuantizedBase(_HostHooks):
         self.compute = "int8"  # the file's own W8A8 semantics; the ComfyUI nodes default to "auto"
         self._cache = {}
 
-    def _cached(self, kind: str, device, deps, build):
-        key = (kind, str(device)) + tuple(k for t in deps for k in _key(t, device))
+    def _cached(self, kind: str, device, deps, build, extra: tuple = ()):
+        key = (kind, str(device)) + extra + tuple(k for t in deps for k in _key(t, device))
         hit = self._cache.get(kind)
         if hit is None or hit[0] != key:
             hit = (key, build())
@@ -230,26 +230,32 @@ class _QuantizedBase(_HostHooks):
         col = None if in_norm or self.scri_inv_scale is None else self.scri_inv_scale.to(device)
         build = lambda: kernels.dequantize(w, self.weight_scale.to(device), col, dtype)
         if device.type == "cpu":
-            wf = self._cached(f"float_weight_{dtype}", device, (self.weight, self.weight_scale, self.scri_inv_scale),
-                              build)
+            wf = self._cached("float_weight", device, (self.weight, self.weight_scale, self.scri_inv_scale), build,
+                              (dtype,))
         else:
             wf = build()
         return wf, None if b is None else b.to(dtype)
 
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> int:
+        """Make at load time what this layer's route keeps on ``device``: on a CPU where the route is weight-only
+        without timing (``kernels.fixed_route``), its float weight in ``dtype``. Returns the bytes kept."""
+        if self.mode == "int" and device.type == "cpu" and kernels.fixed_route(self.compute, device) == "weight-only":
+            self._float_operands(device, dtype)
+        return self.float_weight_bytes()
+
     def float_weight_bytes(self) -> int:
         """Bytes of the float weight the weight-only route keeps on the CPU (0 when none)."""
-        return sum(hit[1].numel() * hit[1].element_size() for k, hit in self._cache.items()
-                   if k.startswith("float_weight_"))
+        hit = self._cache.get("float_weight")
+        return 0 if hit is None else hit[1].numel() * hit[1].element_size()
 
     def drop_float_weight(self) -> None:
         """Free the weight-only route's kept float weight (``auto`` chose the integer kernels)."""
-        for kind in [k for k in self._cache if k.startswith("float_weight_")]:
-            del self._cache[kind]
+        self._cache.pop("float_weight", None)
 
     def _route(self, x: torch.Tensor, int8_fn, float_fn) -> torch.Tensor:
         key = (type(self).__name__, tuple(x.shape), tuple(self.weight.shape), self.scri_shift is not None, x.dtype)
         y, route = kernels.run_route(self.compute, key, x.device, int8_fn, float_fn)
-        if route == "int8" and self._cache:
+        if route == "int8":
             self.drop_float_weight()
         return y
 

@@ -163,3 +163,17 @@ def test_float_gemm_integer_route_is_exact_at_the_worst_case_sums(monkeypatch, k
     want = (ref.linear_w8a8(x, w_q, scale, *args) if kind == "linear"
             else ref.conv2d_w8a8(x, w_q, scale, *args, padding=1))
     torch.testing.assert_close(outs["float"], want, atol=0, rtol=1e-6)
+
+
+def test_weight_only_output_does_not_depend_on_how_the_codes_are_strided():
+    """A 1x1 conv's channels-last codes also count as contiguous: quantized in memory, loaded from a file, both give
+    the float op the same canonical weight, so a saved and reloaded model samples bit-identically."""
+    g = torch.Generator().manual_seed(6)
+    m = _qconv(g, c=32, n=32, k=1, padding=0)
+    other = copy.deepcopy(m)
+    cl = torch.empty_strided((32, 32, 1, 1), (32, 1, 32, 32), dtype=torch.int8).copy_(m.weight)  # as quantizing gives
+    other.weight = torch.nn.Parameter(cl, requires_grad=False)
+    assert m.weight.stride() != other.weight.stride() and torch.equal(m.weight, other.weight)
+    set_compute(m, "weight-only"), set_compute(other, "weight-only")
+    x = torch.randn(4, 32, 8, 8, generator=g)
+    assert torch.equal(m(x), other(x))

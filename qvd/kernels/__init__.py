@@ -10,7 +10,8 @@ Weights travel as a ``PackedWeight``: the int8 codes in the one layout every rou
 Compute routes (a layer's ``compute``: ``auto`` / ``int8`` / ``weight-only``, ``run_route``): ``int8`` is the W8A8
 kernels below; ``weight-only`` dequantizes the codes into the activation dtype (``dequantize``) and runs the
 float op on the unquantized input (activations are not rounded). ``auto`` times both at the first call of each shape on each device and keeps the faster; devices with no
-int8 kernels here (Apple MPS, ROCm, Intel XPU, DirectML) and ``QVD_INT8=off`` get ``weight-only``.
+int8 kernels here (Apple MPS, ROCm, Intel XPU, DirectML), ``QVD_INT8=off`` and CPUs without VNNI
+(``auto_skips_int8``) get ``weight-only``.
 
 Integer routes: CUDA tensors -> Triton (``triton_kernels.py``: fused quantize, GEMM / implicit-GEMM conv with
 the epilogue in-kernel). If Triton is missing: one log line and the torch route for everything; if a kernel
@@ -184,7 +185,10 @@ def dequantize(w_q: torch.Tensor, w_scale: torch.Tensor, col_scale, dtype: torch
     """The weight-only route's float weight: ``w_q * w_scale[n] * col_scale[c]`` in ``dtype``, contiguous (the
     layout of the float layer it replaces; ``col_scale``: SCRI's inverse scale, or None)."""
     view = (1,) * (w_q.dim() - 2)
-    w = w_q.to(dtype, memory_format=torch.contiguous_format).mul_(w_scale.to(dtype).view(-1, 1, *view))
+    # canonical strides (a 1x1 conv's channels-last codes count as contiguous, and the float op would take another,
+    # not bit-identical path for them); a channels-last weight is permuted as int8, 1 byte a code
+    w = torch.empty(w_q.shape, dtype=dtype, device=w_q.device).copy_(w_q.contiguous())
+    w.mul_(w_scale.to(dtype).view(-1, 1, *view))
     return w if col_scale is None else w.mul_(col_scale.to(dtype).view(1, -1, *view))
 
 
@@ -226,6 +230,27 @@ def int8_unavailable(device: torch.device) -> str | None:
     return f"no int8 kernels for {'ROCm' if device.type == 'cuda' else device.type} devices here"
 
 
+def auto_skips_int8(device: torch.device) -> str | None:
+    """Why ``auto`` runs weight-only on ``device`` without timing the integer kernels, or None. On a CPU whose oneDNN
+    int8 is inexact (no VNNI: AVX2 desktops, AMD Zen 2/3, many laptops) the exact integer routes are ``_int_mm``
+    (many times slower than fp32 there) and the float GEMM plus quantization (never faster than weight-only)."""
+    if device.type == "cpu" and not cpu._onednn_ok():
+        return "oneDNN int8 is inexact on this CPU (no VNNI): its integer routes are slower than its float GEMM"
+    return None
+
+
+def fixed_route(compute: str, device: torch.device) -> str | None:
+    """The route ``compute`` takes on ``device`` when no timing decides it ("int8" / "weight-only"), else None."""
+    if compute not in COMPUTE:
+        raise ValueError(f"compute={compute!r}: use one of {COMPUTE}")
+    reason = int8_unavailable(device)
+    if compute == "int8" and reason:
+        raise QVDError(f"compute='int8' but {reason}: choose compute 'auto' or 'weight-only'")
+    if compute == "weight-only" or reason or (compute == "auto" and auto_skips_int8(device)):
+        return "weight-only"
+    return "int8" if compute == "int8" else None
+
+
 def _timed(fn, device) -> tuple[float, torch.Tensor]:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
@@ -238,17 +263,9 @@ def _timed(fn, device) -> tuple[float, torch.Tensor]:
 def run_route(compute: str, key: tuple, device: torch.device, int8_fn, float_fn) -> tuple[torch.Tensor, str]:
     """(output, route) of ``int8_fn`` or ``float_fn`` (weight-only) per ``compute``; ``auto`` times both (after a
     warm-up call each) at the first call of ``key`` on ``device`` and keeps the faster for every later call."""
-    if compute not in COMPUTE:
-        raise ValueError(f"compute={compute!r}: use one of {COMPUTE}")
-    reason = int8_unavailable(device)
-    if compute == "weight-only":
-        return float_fn(), compute
-    if reason:
-        if compute == "int8":
-            raise QVDError(f"compute='int8' but {reason}: choose compute 'auto' or 'weight-only'")
-        return float_fn(), "weight-only"
-    if compute == "int8":
-        return int8_fn(), compute
+    fixed = fixed_route(compute, device)
+    if fixed:
+        return (int8_fn if fixed == "int8" else float_fn)(), fixed
     key = key + (str(device),)
     hit = _DECIDED.get(key)
     if hit is not None:

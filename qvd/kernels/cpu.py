@@ -9,7 +9,7 @@ CPU routes, all exact (the int32 accumulator of the reference, bit for bit):
   whatever the summation order; chunks are added in float64. On CPUs without VNNI (AVX2: many desktop, AMD Zen 2/3
   and laptop CPUs), where oneDNN int8 is inexact and ``_int_mm`` is many times slower than fp32, this is the fast one.
 None wins everywhere (docs/benchmarks.md), so by default (``QVD_CPU_ROUTE=auto``) the first call of each shape times
-them and keeps the fastest; ``QVD_CPU_ROUTE=onednn`` / ``int_mm`` / ``float`` pins one. For oneDNN codes are stored
+them (``float`` only where oneDNN int8 is inexact) and keeps the fastest; ``QVD_CPU_ROUTE=onednn`` / ``int_mm`` / ``float`` pins one. For oneDNN codes are stored
 +128 as uint8 with oneDNN zero point 128, so the int32 accumulator is over the raw codes exactly as in the reference
 (the code zero point is folded into the effective bias). int8 (s8) activations are avoided: oneDNN runs them on a reference path, 10-1000x slower.
 oneDNN's prepacked weights are kept on the layer's ``PackedWeight``. Before first use a probe checks that the
@@ -41,6 +41,8 @@ def _run(key: tuple, routes: dict):
         raise ValueError(f"QVD_CPU_ROUTE={ROUTE!r}: use one of {ROUTES}")
     if not _onednn_ok():
         routes = {k: v for k, v in routes.items() if k != "onednn"}
+    elif ROUTE == "auto":  # with exact oneDNN int8 (VNNI) the float GEMM is never the fastest integer route
+        routes = {k: v for k, v in routes.items() if k != "float"}
     if ROUTE != "auto":
         return routes.get(ROUTE, routes["int_mm"])()
     if key in _CHOICE:

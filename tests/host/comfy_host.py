@@ -74,7 +74,7 @@ def free_port() -> int:
 class ComfyServer:
     """A ComfyUI server subprocess on 127.0.0.1 and small JSON helpers for its HTTP API."""
 
-    def __init__(self, base: Path, extra_args: tuple[str, ...] = ()):
+    def __init__(self, base: Path, extra_args: tuple[str, ...] = (), env: dict | None = None):
         self.base = base
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -84,7 +84,8 @@ class ComfyServer:
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(base), "--disable-auto-launch", "--database-url", f"sqlite:///{base / 'comfyui.db'}",
                *extra_args]
-        env = dict(os.environ, **HOST_ENV, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+        env = dict(os.environ, **HOST_ENV, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
+                   **(env or {}))
         self.proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         deadline = time.monotonic() + SERVER_START_TIMEOUT

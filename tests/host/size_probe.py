@@ -82,11 +82,13 @@ def main(checkpoint: str, pack_dir: str, lora: str, ade_dir: str | None = None, 
 
     def held(patcher) -> int:
         """Bytes of every tensor the patcher's model holds with its object patches applied (ADE's motion modules
-        ejected from the UNet: the motion patchers count them)."""
+        ejected from the UNet: the motion patchers count them), with the float weights a weight-only compute route
+        keeps on the CPU."""
         patcher.patch_model(device_to=cpu, lowvram_model_memory=0)
         try:
             with patching.ejected(patcher):
-                return mm.module_size(patcher.model)
+                kept = sum(m.float_weight_bytes() for m in patcher.model.modules() if hasattr(m, "float_weight_bytes"))
+                return mm.module_size(patcher.model) + kept
         finally:
             patcher.unpatch_model(cpu)
 

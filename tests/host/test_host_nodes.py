@@ -17,9 +17,9 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 QVD_INPUTS = {
     "QVDCalibrate": {"model", "positive", "negative", "latent_image", "seed", "steps", "cfg", "sampler_name",
                      "scheduler", "calibration_seeds", "save_name"},
-    "QVDQuantizeModel": {"model", "calibration", "weight_bits", "activation_bits", "htdq", "scri", "skip"},
+    "QVDQuantizeModel": {"model", "calibration", "weight_bits", "activation_bits", "htdq", "scri", "skip", "compute"},
     "QVDSaveQuantized": {"model", "filename"},
-    "QVDLoadQuantized": {"model", "qvd_name"},
+    "QVDLoadQuantized": {"model", "qvd_name", "compute"},
 }
 
 def ui_to_api(ui: dict, object_info: dict) -> dict:

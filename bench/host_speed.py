@@ -1,0 +1,77 @@
+"""Is the quantized MODEL faster than full precision in the real host? ComfyUI (the managed 0.3.75 by default,
+``--comfyui`` for another tree, only read) with AnimateDiff-Evolved (``--ade``), the seeded synthetic SD1.5 checkpoint
+and mm_sd_v15_v2 the host tests build, 128 px, 8 frames, 2 steps by default: KSampler runs of the FP MODEL and of the
+QVD Quantize Model output (``--compute``, default auto) alternated in one process (``tests/host/speed_probe.py``).
+Prints a markdown table; the ratio is FP seconds / QVD seconds of the runs after the first of each (the first QVD run
+also pays ``auto``'s per-shape timing and is shown apart).
+
+    python -m bench.host_speed [--comfyui PATH] [--ade PATH] [--compute auto|int8|weight-only] [--runs 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+from bench._common import machine
+
+HOST_TESTS = Path(__file__).resolve().parent.parent / "tests" / "host"
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown ISA"
+    have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return "+".join(have) or "no AVX2"
+
+
+def measure(comfyui: Path, ade: Path | None, compute: str, size: int, frames: int, steps: int, runs: int) -> dict:
+    os.environ["COMFYUI_PATH"] = str(comfyui)  # read by comfy_host at import
+    sys.path.insert(0, str(HOST_TESTS))
+    from comfy_host import CKPT_NAME, MOTION_NAME, REPO, build_model, run_probe
+
+    checkpoint = build_model("sd15", CKPT_NAME)
+    extra = (ade, build_model("motion", MOTION_NAME)) if ade else ()
+    return run_probe("speed_probe.py", checkpoint, REPO, compute, size, frames, steps, runs, *extra, timeout=7200)
+
+
+def table(f: dict, args) -> str:
+    fp, q = f["seconds"]["fp"], f["seconds"]["qvd"]
+    warm_fp, warm_q = statistics.median(fp[1:] or fp), statistics.median(q[1:] or q)
+    rows = ["| run | FP s | QVD s | FP / QVD |", "|---|---:|---:|---:|"]
+    rows += [f"| {i + 1} | {a:.1f} | {b:.1f} | {a / b:.2f} |" for i, (a, b) in enumerate(zip(fp, q))]
+    return "\n".join(rows + [
+        "",
+        f"Ratio FP / QVD (median of runs 2..{len(fp)}): **{warm_fp / warm_q:.2f}** (>= 1: QVD is faster); first run "
+        f"{fp[0] / q[0]:.2f}. Graph: {args.size} px, {args.frames} frames, {args.steps} steps, "
+        f"{'with' if args.ade else 'without'} the motion model; compute {args.compute}; torch threads {f['threads']}; "
+        f"CPU ISA {cpu_flags()}.",
+        f"Routes: {f['routes']['summary']}" + (f" ({f['routes']['skips_int8']})" if f["routes"]["skips_int8"] else "")
+        + f". Output latent vs FP: relative error {f['rel_err']:.3f}.",
+    ])
+
+
+def main(argv=None) -> None:
+    repo = Path(__file__).resolve().parent.parent
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--comfyui", type=Path, default=Path(os.environ.get("COMFYUI_PATH", repo / ".cache" / "comfyui")))
+    p.add_argument("--ade", type=Path, default=os.environ.get("ADE_PATH"),
+                   help="ComfyUI-AnimateDiff-Evolved checkout: adds the motion model")
+    p.add_argument("--compute", default="auto", choices=("auto", "int8", "weight-only"))
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--runs", type=int, default=3)
+    args = p.parse_args(argv)
+    if not (args.comfyui / "main.py").is_file():
+        raise SystemExit(f"no ComfyUI at {args.comfyui}: run `make host`, or pass --comfyui")
+    print(f"machine: {machine()}\n")
+    print(table(measure(args.comfyui, args.ade, args.compute, args.size, args.frames, args.steps, args.runs), args))
+
+
+if __name__ == "__main__":
+    main()
