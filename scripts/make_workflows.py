@@ -30,10 +30,10 @@ NODE_TYPES = {
                      ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler",
                       "calibration_seeds", "save_name"], [("calibration", "QVD_CALIBRATION")]),
     "QVDQuantizeModel": ([("model", "MODEL"), ("calibration", "QVD_CALIBRATION")],
-                         ["weight_bits", "activation_bits", "htdq", "scri", "skip"],
+                         ["weight_bits", "activation_bits", "htdq", "scri", "skip", "compute"],
                          [("model", "MODEL"), ("report", "STRING")]),
     "QVDSaveQuantized": ([("model", "MODEL")], ["filename"], []),
-    "QVDLoadQuantized": ([("model", "MODEL")], ["qvd_name"], [("model", "MODEL"), ("report", "STRING")]),
+    "QVDLoadQuantized": ([("model", "MODEL")], ["qvd_name", "compute"], [("model", "MODEL"), ("report", "STRING")]),
     "ADE_LoadAnimateDiffModel": ([("ad_settings", "AD_SETTINGS")], ["model_name"],
                                  [("MOTION_MODEL", "MOTION_MODEL_ADE")]),
     "ADE_ApplyAnimateDiffModelSimple": ([("motion_model", "MOTION_MODEL_ADE"), ("motion_lora", "MOTION_LORA"),
@@ -78,7 +78,7 @@ def _calibrate_quantize(model_ref):
                               "seed": 0, "control_after_generate": "fixed", **SAMPLING, "calibration_seeds": 2,
                               "save_name": ""}),
         11: ("QVDQuantizeModel", {"model": model_ref, "calibration": (10, 0), "weight_bits": 8,
-                                  "activation_bits": 8, "htdq": True, "scri": True, "skip": ""}),
+                                  "activation_bits": 8, "htdq": True, "scri": True, "skip": "", "compute": "auto"}),
         12: ("QVDSaveQuantized", {"model": (11, 0), "filename": "qvd_w8a8"}),
     }
 
@@ -89,7 +89,7 @@ WORKFLOWS = {
     # (b) the same with a saved QVD file.
     "qvd_ade_txt2vid_load_quantized": {
         **_base((13, 0)), **_ade((1, 0)),
-        13: ("QVDLoadQuantized", {"model": (7, 0), "qvd_name": "qvd_w8a8.safetensors"})},
+        13: ("QVDLoadQuantized", {"model": (7, 0), "qvd_name": "qvd_w8a8.safetensors", "compute": "auto"})},
     # (c) core nodes only (no AnimateDiff): the frames are a plain image batch.
     "qvd_core_txt2vid_calibrate_quantize": {**_base((11, 0), frames=8), **_calibrate_quantize((1, 0))},
 }

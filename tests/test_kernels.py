@@ -152,38 +152,46 @@ def test_missing_triton_logs_once(monkeypatch, caplog):
     assert len([r for r in caplog.records if "Triton kernels unavailable" in r.message]) == 1
 
 
-def test_triton_failure_falls_back_per_shape_and_oom_propagates(monkeypatch, caplog):
-    """A kernel that fails for one shape sends that shape to the torch route (one log line) and keeps Triton
-    for the others; CUDA out-of-memory is the user's to see, not a silent switch to a slower route."""
+def test_triton_failure_switches_that_kernel_off_and_python_errors_propagate(monkeypatch, caplog):
+    """A kernel error (Triton, CUDA launch) switches the kernels of that call off for the arch, whatever the shape
+    (one log line, the torch route from then on); CUDA out-of-memory and Python errors are the user's to see."""
     calls = []
 
     class FlakyTriton:
+        fail_with = None
+
         def quantize(self, x, *a):
             calls.append(tuple(x.shape))
-            if x.shape[0] == 3:
-                raise RuntimeError("no kernel image for this shape")
-            if x.shape[0] == 4:
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            if self.fail_with is not None:
+                raise self.fail_with
             return ref.quantize_activation(x, *a)
 
         def linear(self, q, w_k, w_scale, bias, act_scale, dtype):
             return ref.int8_linear(q, w_k, act_scale, w_scale, bias, dtype)
 
-    monkeypatch.setattr(K, "_TRITON", FlakyTriton())
+    flaky = FlakyTriton()
+    monkeypatch.setattr(K, "_TRITON", flaky)
     monkeypatch.setattr(K, "_TRITON_DEVICES", ("cpu",))
-    monkeypatch.setattr(K, "_FAILED", set())
+    monkeypatch.setattr(K, "_OFF", set())
+    monkeypatch.setattr(K, "_CHECKED", {("quantize", "cpu"), ("linear", "cpu")})
     g = torch.Generator().manual_seed(13)
     w_q, w_scale, b, _, _ = _layer(g, 8, 16, affine=False)
     w = K.PackedWeight(w_q, w_scale)
+    run = lambda m: K.linear_w8a8(torch.randn(m, 16, generator=g), w, b, 0.02, 0, -128, 127)  # noqa: E731
+    for error in (torch.cuda.OutOfMemoryError("CUDA out of memory"), TypeError("a bug in the launch code")):
+        flaky.fail_with = error
+        with pytest.raises(type(error)):
+            run(3)
+    assert not K._OFF
+    flaky.fail_with = RuntimeError("CUDA error: no kernel image is available for execution on the device")
     with caplog.at_level(logging.WARNING, logger="qvd"):
-        for m in (3, 3, 5, 3):
+        for m in (3, 3, 5):
             x = torch.randn(m, 16, generator=g)
             torch.testing.assert_close(K.linear_w8a8(x, w, b, 0.02, 0, -128, 127),
                                        ref.linear_w8a8(x, w_q, w_scale, b, 0.02, 0, -128, 127), **TOL[torch.float32])
-    assert calls == [(3, 16), (5, 16)]  # shape 3 tried once; shape 5 still on Triton
-    assert len([r for r in caplog.records if "failed for" in r.message]) == 1
-    with pytest.raises(torch.cuda.OutOfMemoryError):
-        K.linear_w8a8(torch.randn(4, 16), w, b, 0.02, 0, -128, 127)
+    assert calls == [(3, 16), (3, 16), (3, 16)]  # tried once after the kernel error: shape 5 never reaches Triton
+    assert K._OFF == {("quantize", "cpu"), ("linear", "cpu")}
+    assert len([r for r in caplog.records if "failed on cpu" in r.message]) == 1
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels compiled)")

@@ -174,3 +174,46 @@ def test_hiditq_roundtrip(n_levels):
 def test_hiditq_too_many_levels():
     with pytest.raises(ValueError, match="at most 256 levels"):
         tk.hiditq_encode(torch.zeros(3), torch.arange(300.0))
+
+
+def test_self_check_trusts_the_kernels_once_per_arch_and_switches_off_one_that_disagrees(monkeypatch, caplog):
+    """The dispatcher checks each Triton kernel against the reference the first time it runs on an arch (here the
+    interpreted kernels on the CPU): agreeing kernels are trusted from then on; a kernel whose output is off by 1 %
+    is switched off with one log line and its calls take the torch route, still exact."""
+    import logging
+
+    import qvd.kernels as K
+
+    class OffByOnePercent:
+        def __getattr__(self, name):
+            return getattr(tk, name)
+
+        def linear(self, *args, **kwargs):
+            return tk.linear(*args, **kwargs) * 1.01
+
+    g = torch.Generator().manual_seed(21)
+    w_q, w_scale, bias = _weights(g, 24, 40)
+    x = torch.randn(9, 40, generator=g)
+    want = ref.linear_w8a8(x, w_q, w_scale, bias, 0.03, 0, -128, 127)
+    monkeypatch.setattr(K, "_TRITON_DEVICES", ("cpu",))
+    for module, trusted in ((tk, True), (OffByOnePercent(), False)):
+        monkeypatch.setattr(K, "_TRITON", module)
+        monkeypatch.setattr(K, "_OFF", set())
+        monkeypatch.setattr(K, "_CHECKED", set())
+        with caplog.at_level(logging.WARNING, logger="qvd"):
+            caplog.clear()
+            for _ in range(2):
+                torch.testing.assert_close(K.linear_w8a8(x, K.PackedWeight(w_q, w_scale), bias, 0.03, 0, -128, 127),
+                                           want, atol=1e-4, rtol=1e-4)
+        if trusted:
+            assert K._CHECKED == {("quantize", "cpu"), ("linear", "cpu")} and not K._OFF and not caplog.records
+        else:
+            assert K._OFF == {("linear", "cpu")}
+            assert len([r for r in caplog.records if "disagrees with the reference" in r.message]) == 1
+
+
+@pytest.mark.parametrize("name", ["quantize", "linear", "conv2d", "hiditq_encode", "hiditq_decode"])
+def test_self_check_passes_for_every_interpreted_kernel(name):
+    import qvd.kernels as K
+
+    assert K._self_check(name, tk, torch.device("cpu")) is None

@@ -14,10 +14,12 @@ int8 kernels here (Apple MPS, ROCm, Intel XPU, DirectML), ``QVD_INT8=off`` and C
 (``auto_skips_int8``) get ``weight-only``.
 
 Integer routes: CUDA tensors -> Triton (``triton_kernels.py``: fused quantize, GEMM / implicit-GEMM conv with
-the epilogue in-kernel). If Triton is missing: one log line and the torch route for everything; if a kernel
-fails for one shape: one log line and the torch route for that (kernel, shape) only (``cpu.py``: cuBLAS
-``_int_mm``). CUDA out-of-memory and interrupts propagate. CPU -> ``cpu.py`` (oneDNN int8 ops, else
-``torch._int_mm``).
+the epilogue in-kernel). Each Triton kernel is checked against ``reference.py`` on a small problem the first time it
+runs on a GPU arch (``_self_check``); a kernel that disagrees, or that fails with a CUDA / Triton / compile error,
+is switched off for that arch with one log line, and its calls take the torch route (``cpu.py``: cuBLAS
+``_int_mm``). If Triton is missing: one log line and the torch route for everything. CUDA out-of-memory, Python
+errors and interrupts propagate. CPU -> ``cpu.py`` (oneDNN int8 ops, ``torch._int_mm`` or integer codes in fp32
+GEMMs, the fastest exact one).
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ __all__ = ["PackedWeight", "linear_w8a8", "conv2d_w8a8", "dequantize", "run_rout
 
 log = logging.getLogger("qvd")
 _TRITON = None  # the triton_kernels module, False once unavailable
-_FAILED: set[tuple] = set()  # (kernel, shape) keys whose Triton launch failed: torch route from then on
+_OFF: set[tuple] = set()  # (kernel, arch) switched off (self-check mismatch or a kernel error): torch route
+_CHECKED: set[tuple] = set()  # (kernel, arch) that passed the self-check
 _TRITON_DEVICES = ("cuda",)  # tensors on these devices go to Triton
 
 
@@ -92,19 +95,86 @@ def triton_available() -> bool:
     return bool(_triton())
 
 
-def _on_triton(t: torch.Tensor, key: tuple, fn):
-    """Run a Triton kernel for CUDA tensors; None means 'use the torch route' (for this key from now on if
-    the kernel failed: a compile error on this GPU, an unsupported shape)."""
-    if t.device.type not in _TRITON_DEVICES or key in _FAILED or not _triton():
+def _arch(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"sm_{major}{minor}"
+    return device.type
+
+
+def _kernel_error(e: BaseException) -> bool:
+    """A failure of the kernel itself (Triton compile / resources / PTX, a CUDA launch error), not of Python code."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return False
+    if type(e).__module__.startswith("triton"):
+        return True
+    accel = getattr(torch, "AcceleratorError", ())
+    return isinstance(e, accel) or (type(e) is RuntimeError and ("CUDA" in str(e) or "PTX" in str(e)))
+
+
+def _self_check(name: str, tk, device: torch.device) -> str | None:
+    """Run Triton kernel ``name`` on a small problem on ``device`` against ``reference.py``: None when it agrees,
+    else what differs. Odd sizes exercise the masks; codes must be equal, float outputs within fp32 rounding."""
+    g = torch.Generator().manual_seed(0)
+    shift, inv = torch.randn(40, generator=g) * 0.2, torch.rand(40, generator=g) + 0.5
+    x = torch.randn(37, 40, generator=g) * 3
+    w_q = torch.randint(-127, 128, (24, 40), generator=g, dtype=torch.int8)
+    w_scale, bias = torch.rand(24, generator=g) * 0.01 + 1e-3, torch.randn(24, generator=g)
+    on = lambda *ts: [t.to(device) for t in ts]  # noqa: E731
+    if name == "quantize":
+        want = reference.quantize_activation(x, 0.05, 3, -128, 127, shift, inv)
+        got = tk.quantize(*on(x), 0.05, 3, -128, 127, *on(shift, inv))
+        return None if torch.equal(got.cpu(), want) else "activation codes differ"
+    if name == "linear":
+        q = reference.quantize_activation(x, 0.05, 0, -128, 127)
+        want = reference.int8_linear(q, w_q, 0.05, w_scale, bias)
+        got = tk.linear(*on(q, w_q, w_scale, bias), 0.05, torch.float32).cpu()
+    elif name == "conv2d":
+        xc = torch.randn(2, 40, 5, 6, generator=g)
+        wc = torch.randint(-127, 128, (24, 40, 3, 3), generator=g, dtype=torch.int8)
+        want = reference.conv2d_w8a8(xc, wc, w_scale, bias, 0.05, 0, -128, 127, padding=1)
+        q = tk.quantize(*on(xc), 0.05, 0, -128, 127, None, None)
+        pad = torch.zeros(40, dtype=torch.int8, device=device)
+        w_k = PackedWeight(wc.contiguous(memory_format=torch.channels_last), w_scale).mat
+        got = tk.conv2d(q, pad, *on(w_k), 3, 3, *on(w_scale, bias), 0.05, 1, 1, torch.float32).cpu()
+    else:  # hiditq_encode / hiditq_decode
+        levels = torch.sort(torch.randn(33, generator=g)).values
+        codes = reference.hiditq_encode(x, levels)
+        got = (tk.hiditq_encode(*on(x, levels)) if name == "hiditq_encode"
+               else tk.hiditq_decode(*on(codes, levels))).cpu()
+        want = codes if name == "hiditq_encode" else reference.hiditq_decode(codes, levels)
+        return None if torch.equal(got, want) else "codes / levels differ"
+    err = float((got.double() - want.double()).abs().max())
+    return None if err <= 1e-4 * float(want.abs().max()) else f"max error {err:.3g}"
+
+
+def _on_triton(t: torch.Tensor, names: tuple[str, ...], fn):
+    """Run ``fn(triton_kernels)``, which launches the Triton kernels ``names``, for a tensor on a Triton device; None
+    means 'use the torch route' (one of them is off on this arch: it failed its self-check or raised a kernel
+    error, which switches off every kernel of the call)."""
+    if t.device.type not in _TRITON_DEVICES or not _triton():
+        return None
+    arch = _arch(t.device)
+    if any((n, arch) in _OFF for n in names):
         return None
     try:
+        for name in names:
+            if (name, arch) in _CHECKED:
+                continue
+            wrong = _self_check(name, _TRITON, t.device)
+            if wrong:
+                _OFF.add((name, arch))
+                log.warning("qvd: Triton %s disagrees with the reference on %s (%s); it is off, the torch int8 route "
+                            "runs instead", name, arch, wrong)
+                return None
+            _CHECKED.add((name, arch))
         return fn(_TRITON)
-    except torch.cuda.OutOfMemoryError:
-        raise
     except Exception as e:
-        _FAILED.add(key)
-        log.warning("qvd: Triton %s failed for %s (%s: %s); this shape uses the torch int8 route from now on",
-                    key[0], key[1:], type(e).__name__, e)
+        if not _kernel_error(e):
+            raise
+        _OFF.update((n, arch) for n in names)
+        log.warning("qvd: Triton %s failed on %s (%s: %s); off from now on, the torch int8 route runs instead",
+                    " + ".join(names), arch, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return None
 
 
@@ -142,7 +212,7 @@ def linear_w8a8(x, weight: PackedWeight, bias, act_scale, zero_point, qmin, qmax
         y = tk.linear(q, weight.mat, weight.scale, bias, act_scale, x.dtype)
         return y.reshape(*lead, weight.shape[0])
 
-    y = _on_triton(x, ("linear", x.numel() // x.shape[-1], weight.shape, x.dtype), run)
+    y = _on_triton(x, ("quantize", "linear"), run)
     if y is None:
         y = cpu.linear_w8a8(x, weight, bias, act_scale, zero_point, qmin, qmax, shift, inv_scale)
     return y
@@ -161,7 +231,7 @@ def conv2d_w8a8(x, weight: PackedWeight, bias, act_scale, zero_point, qmin, qmax
                                 act_scale, zero_point, qmin, qmax, shift, inv_scale)
         return tk.conv2d(q, pad, weight.mat, kh, kw, weight.scale, bias, act_scale, stride, padding, x.dtype)
 
-    y = _on_triton(x, ("conv2d", tuple(x.shape), weight.shape, stride, padding, x.dtype), run)
+    y = _on_triton(x, ("quantize", "conv2d"), run)
     if y is None:
         y = cpu.conv2d_w8a8(x, weight, bias, act_scale, zero_point, qmin, qmax, shift, inv_scale, stride, padding)
     return y
@@ -171,13 +241,13 @@ def hiditq_encode(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """uint8 index of the nearest of the sorted ``levels`` (ties go to the lower level)."""
     if not 1 <= levels.numel() <= 256:
         raise ValueError(f"hiditq_encode: uint8 codes need 1..256 levels, got {levels.numel()}")
-    y = _on_triton(x, ("hiditq_encode", levels.numel()), lambda tk: tk.hiditq_encode(x, levels))
+    y = _on_triton(x, ("hiditq_encode",), lambda tk: tk.hiditq_encode(x, levels))
     return reference.hiditq_encode(x, levels) if y is None else y
 
 
 def hiditq_decode(codes: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Look-up-table decode of HiDi-TQ codes."""
-    y = _on_triton(codes, ("hiditq_decode", levels.numel()), lambda tk: tk.hiditq_decode(codes, levels))
+    y = _on_triton(codes, ("hiditq_decode",), lambda tk: tk.hiditq_decode(codes, levels))
     return reference.hiditq_decode(codes, levels) if y is None else y
 
 
