@@ -52,6 +52,7 @@ def table(f: dict, args) -> str:
         f"CPU ISA {cpu_flags()}.",
         f"Routes: {f['routes']['summary']}" + (f" ({f['routes']['skips_int8']})" if f["routes"]["skips_int8"] else "")
         + f". Output latent vs FP: relative error {f['rel_err']:.3f}.",
+        "QVD Quantize Model's report: " + next((ln for ln in f["report"].splitlines() if ln.startswith("compute:")), ""),
     ])
 
 
