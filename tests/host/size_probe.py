@@ -72,11 +72,13 @@ def main(checkpoint: str, pack_dir: str, lora: str, ade_dir: str | None = None, 
     latent = nodes.EmptyLatentImage().generate(64, 64, 2)[0]
     calibration = qvd["QVDCalibrate"]().calibrate(model, positive, negative, latent, 0, 1, 5.0, "euler", "normal",
                                                   1)["result"][0]
-    quantized = qvd["QVDQuantizeModel"]().quantize(model, calibration, 8, 8, True, True, "")["result"][0]
+    # compute int8: the W8A8 model's own bytes (on a CPU, weight-only also keeps float weights: measured apart)
+    quantized = qvd["QVDQuantizeModel"]().quantize(model, calibration, 8, 8, True, True, "", "int8")["result"][0]
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "q.safetensors")
         save_quantized(path, patching.attached_result(quantized))
-        loaded = patching.quantize(model, lambda tree: load_quantized(path, tree, apply=False))[0]
+        loaded = patching.quantize(model, lambda tree: load_quantized(path, tree, apply=False), "int8")[0]
+        weight_only = patching.quantize(model, lambda tree: load_quantized(path, tree, apply=False), "weight-only")[0]
     mm.unload_all_models()
     cpu = torch.device("cpu")
 
@@ -107,6 +109,11 @@ def main(checkpoint: str, pack_dir: str, lora: str, ade_dir: str | None = None, 
     for label, patcher in (("quantized", quantized), ("loaded", loaded)):
         facts[label] = {"told": patcher.model_size(), "clone_told": patcher.clone().model_size(),
                         "held": held(patcher), "partial": partial(patcher)}
+    kept = sum(m.float_weight_bytes() for n, m in patching.attached_result(weight_only).modules.items()
+               if hasattr(m, "float_weight_bytes") and n.startswith(patching.UNET + "."))  # the MODEL's own layers
+    facts["weight_only"] = {"told": weight_only.model_size(), "held": held(weight_only), "kept": kept}
+    del weight_only
+    gc.collect()
     for fp, q in zip(patching.motion_patchers(model), patching.motion_patchers(quantized)):
         facts["motion"].append({"float_told": fp.model_size(), "told": q.model_size(), "held": held(q)})
     facts["lora_load"] = _lora_load(quantized, lora, positive, patching)

@@ -43,6 +43,14 @@ def test_the_quantized_model_tells_the_planner_the_bytes_it_holds(probe, made_by
 
 
 @pytest.mark.slow
+def test_a_weight_only_model_on_the_cpu_tells_the_float_weights_it_keeps(probe):
+    """On a CPU the weight-only route keeps each layer's float weight (made at load): ComfyUI is told those bytes too."""
+    f = probe["weight_only"]
+    assert f["kept"] > 2 * probe["quantized"]["told"], f  # fp32 copies: ~4x the int8 codes
+    assert _close(f["told"], f["held"]) and _close(f["told"] - f["kept"], probe["quantized"]["told"]), f
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("made_by", ["quantized", "loaded"])
 def test_a_partial_load_counts_the_quantized_modules_as_they_are(probe, made_by):
     f = probe[made_by]
