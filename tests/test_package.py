@@ -3,6 +3,7 @@ import importlib.util
 import json
 import runpy
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,29 @@ def test_save_names_are_checked_before_anything_is_written(pack, tmp_path, monke
         with pytest.raises(nodes.QVDError, match=match):  # the pack's own copy of qvd
             nodes._new_file(name, suffix, "file")
     assert list(tmp_path.iterdir()) == [tmp_path / "models"] and list(folder.iterdir()) == []
+
+
+def test_a_sampling_run_logs_what_auto_chose_once(pack, monkeypatch, caplog):
+    """The OUTER_SAMPLE wrapper QVD puts on a quantized MODEL: after a run in which ``auto`` decided new layer
+    shapes, one log line with the routes and the float weights kept; nothing when no shape was new."""
+    import logging
+
+    import torch
+
+    patching = sys.modules["comfyui_qvd_pack.nodes.patching"]
+    kernels = sys.modules["comfyui_qvd_pack.qvd.kernels"]
+    modules = sys.modules["comfyui_qvd_pack.qvd.modules"]
+    layer = modules.QLinear(8, 4, weight_q=torch.ones(4, 8, dtype=torch.int8), weight_scale=torch.ones(4), bias=None,
+                            act_scale=0.1, zero_point=0, w_bits=8, a_bits=8)
+    monkeypatch.setattr(kernels, "_DECIDED", {})
+    wrapper = patching._log_routes(types.SimpleNamespace(modules={"diffusion_model.x": layer}))
+
+    def sample():
+        kernels._DECIDED[("QLinear", len(kernels._DECIDED))] = kernels.Decision("weight-only", 2.0, 1.0)
+        return "latent"
+
+    with caplog.at_level(logging.INFO):
+        assert wrapper(sample) == "latent"
+        assert wrapper(lambda: "again") == "again"
+    lines = [r.message for r in caplog.records if "QVD compute auto" in r.message]
+    assert len(lines) == 1 and "weight-only on 1" in lines[0] and "(1.00x)" in lines[0], lines
