@@ -4,7 +4,9 @@
    shapes and odd ones: fp16 and bf16 activations, SCRI shift / scale, a non-zero zero point, strides 1 and 2,
    padding; quantize codes must be equal, outputs within the dtype's rounding. Any kernel that fell back to the
    torch route is a failure.
-2. Per layer: W8A8 (fp16 in / out) against cuBLAS fp16 / bf16 and ``torch._int_mm`` on ready int8 operands.
+2. Per layer: W8A8 (fp16 in / out) against cuBLAS fp16 / bf16, ``torch._int_mm`` on ready int8 operands, the
+   activation-quantize pass alone (its share of the W8A8 call) and the weight-only route (codes dequantized into
+   fp16 per call, cuBLAS fp16: what ``compute auto`` weighs the integer kernels against).
 3. Whole UNet step: a diffusers ``UNetMotionModel`` with SD1.5 + mm_sd_v15_v2 shapes (random seeded weights),
    512x512, 16 frames, CFG (batch 2), W8A8 from ``quantize_model`` on a real calibration, against fp16 and
    bf16 (torchao int8 dynamic when installed); the first W8A8 step's compile + tune seconds; peak VRAM.
@@ -128,6 +130,14 @@ def time_layers(device, smoke: bool, samples: int) -> list[dict]:
                 row[label] = median_ms(lambda: F.conv2d(xw, ww, bw, stride, pad), device, samples)
             row["int_mm"] = None
         row["w8a8"] = median_ms(ours, device, samples)
+        tk = K._triton() if device.type in K._TRITON_DEVICES else None
+        x2 = x16.reshape(-1, x16.shape[-1]) if kind == "linear" else x16
+        row["quantize"] = median_ms((lambda: tk.quantize(x2, 0.05, 0, -128, 127)) if tk else
+                                    (lambda: K.quantize_activation(x2, 0.05, 0, -128, 127, channel_dim=-1 if kind ==
+                                                                   "linear" else 1)), device, samples)
+        wo = (lambda: F.linear(x16, K.dequantize(w_q, w_scale, None, torch.float16), bias.half())) if kind == "linear" \
+            else (lambda: F.conv2d(x16, K.dequantize(w_q, w_scale, None, torch.float16), bias.half(), stride, pad))
+        row["weight_only"] = median_ms(wo, device, samples)
         rows.append(row)
     return rows
 
@@ -201,9 +211,11 @@ def report(res: dict) -> str:
                    [[r["case"], r["dtype"], f"{r['rel_err']:.2e}", r["codes_equal"], "yes" if r["ok"] else "**NO**"]
                     for r in c]),
              "\n## Per layer (ms, median; W8A8 with fp16 in / out)\n",
-             table(["layer", "fp16", "bf16", "_int_mm (int8 operands)", "W8A8", "W8A8 vs fp16", "W8A8 vs bf16"],
+             table(["layer", "fp16", "bf16", "_int_mm (int8 operands)", "W8A8", "quantize pass (share of W8A8)",
+                    "weight-only (per call)", "W8A8 vs fp16", "W8A8 vs bf16"],
                    [[r["layer"], f"{r['fp16']:.3f}", f"{r['bf16']:.3f}",
                      "" if r["int_mm"] is None else f"{r['int_mm']:.3f}", f"{r['w8a8']:.3f}",
+                     f"{r['quantize']:.3f} ({r['quantize'] / r['w8a8']:.0%})", f"{r['weight_only']:.3f}",
                      f"{r['fp16'] / r['w8a8']:.2f}x", f"{r['bf16'] / r['w8a8']:.2f}x"] for r in res["layers"]])]
     u = res["unet"]
     v = {k: x for k, x in u["variants"].items() if isinstance(x, dict)}
