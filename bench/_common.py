@@ -1,11 +1,14 @@
 """Shared helpers for the benchmarks: timing (medians), machine facts, W8A8 layer construction, tables."""
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -118,3 +121,31 @@ def size_options(p, runs: int) -> None:
 def apply_threads(a) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
+
+
+HOST_TESTS = Path(__file__).resolve().parent.parent / "tests" / "host"
+
+
+def host_parser(description: str) -> argparse.ArgumentParser:
+    """Options of the benches that run in a ComfyUI process: --comfyui (the managed 0.3.75 by default; another tree
+    is only read) and --ade (AnimateDiff-Evolved: adds the motion model)."""
+    repo = HOST_TESTS.parent.parent
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--comfyui", type=Path, default=Path(os.environ.get("COMFYUI_PATH", repo / ".cache" / "comfyui")))
+    p.add_argument("--ade", type=Path, default=os.environ.get("ADE_PATH"),
+                   help="ComfyUI-AnimateDiff-Evolved checkout: adds the motion model")
+    return p
+
+
+def host_probe(args, script: str, *probe_args, extra_files=lambda checkpoint: ()) -> dict:
+    """Run ``tests/host/<script> CHECKPOINT REPO PROBE_ARGS... [extra files] [ADE MOTION]`` in a ComfyUI process on
+    the seeded synthetic checkpoints the host tests build (``args`` from ``host_parser``)."""
+    if not (args.comfyui / "main.py").is_file():
+        raise SystemExit(f"no ComfyUI at {args.comfyui}: run `make host`, or pass --comfyui")
+    os.environ["COMFYUI_PATH"] = str(args.comfyui)  # read by comfy_host at import
+    sys.path.insert(0, str(HOST_TESTS))
+    from comfy_host import CKPT_NAME, MOTION_NAME, REPO, build_model, run_probe
+
+    checkpoint = build_model("sd15", CKPT_NAME)
+    ade = (args.ade, build_model("motion", MOTION_NAME)) if args.ade else ()
+    return run_probe(script, checkpoint, REPO, *probe_args, *extra_files(checkpoint), *ade, timeout=7200)

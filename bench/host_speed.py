@@ -9,16 +9,10 @@ also pays ``auto``'s per-shape timing and is shown apart).
 """
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
-import sys
 from pathlib import Path
 
-from bench._common import machine
-
-HOST_TESTS = Path(__file__).resolve().parent.parent / "tests" / "host"
-
+from bench._common import host_parser, host_probe, machine
 
 def cpu_flags() -> str:
     try:
@@ -27,16 +21,6 @@ def cpu_flags() -> str:
         return "unknown ISA"
     have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
     return "+".join(have) or "no AVX2"
-
-
-def measure(comfyui: Path, ade: Path | None, compute: str, size: int, frames: int, steps: int, runs: int) -> dict:
-    os.environ["COMFYUI_PATH"] = str(comfyui)  # read by comfy_host at import
-    sys.path.insert(0, str(HOST_TESTS))
-    from comfy_host import CKPT_NAME, MOTION_NAME, REPO, build_model, run_probe
-
-    checkpoint = build_model("sd15", CKPT_NAME)
-    extra = (ade, build_model("motion", MOTION_NAME)) if ade else ()
-    return run_probe("speed_probe.py", checkpoint, REPO, compute, size, frames, steps, runs, *extra, timeout=7200)
 
 
 def table(f: dict, args) -> str:
@@ -57,21 +41,15 @@ def table(f: dict, args) -> str:
 
 
 def main(argv=None) -> None:
-    repo = Path(__file__).resolve().parent.parent
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--comfyui", type=Path, default=Path(os.environ.get("COMFYUI_PATH", repo / ".cache" / "comfyui")))
-    p.add_argument("--ade", type=Path, default=os.environ.get("ADE_PATH"),
-                   help="ComfyUI-AnimateDiff-Evolved checkout: adds the motion model")
+    p = host_parser(__doc__.split("\n\n")[0])
     p.add_argument("--compute", default="auto", choices=("auto", "int8", "weight-only"))
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--runs", type=int, default=3)
     args = p.parse_args(argv)
-    if not (args.comfyui / "main.py").is_file():
-        raise SystemExit(f"no ComfyUI at {args.comfyui}: run `make host`, or pass --comfyui")
     print(f"machine: {machine()}\n")
-    print(table(measure(args.comfyui, args.ade, args.compute, args.size, args.frames, args.steps, args.runs), args))
+    print(table(host_probe(args, "speed_probe.py", args.compute, args.size, args.frames, args.steps, args.runs), args))
 
 
 if __name__ == "__main__":

@@ -9,27 +9,18 @@ tree, which is only read) on the seeded synthetic checkpoints the host tests bui
 """
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import tempfile
 from pathlib import Path
 
-HOST_TESTS = Path(__file__).resolve().parent.parent / "tests" / "host"
+from bench._common import host_parser, host_probe
 
 
-def measure(comfyui: Path, ade: Path | None) -> dict:
-    os.environ["COMFYUI_PATH"] = str(comfyui)  # read by comfy_host at import
-    sys.path.insert(0, str(HOST_TESTS))
-    from comfy_host import CKPT_NAME, MOTION_NAME, REPO, build_model, run_probe
+def _lora(checkpoint, folder: str) -> tuple:
     from synthetic_models import write_lora
 
-    checkpoint = build_model("sd15", CKPT_NAME)
-    extra = (ade, build_model("motion", MOTION_NAME)) if ade else ()
-    with tempfile.TemporaryDirectory() as tmp:
-        lora = Path(tmp) / "lora.safetensors"
-        write_lora(checkpoint, lora)
-        return run_probe("size_probe.py", checkpoint, REPO, lora, *extra, timeout=3600)
+    lora = Path(folder) / "lora.safetensors"
+    write_lora(checkpoint, lora)
+    return (lora,)
 
 
 def table(f: dict) -> str:
@@ -65,15 +56,9 @@ def _motion_lora_line(m: dict | None) -> list[str]:
 
 
 def main(argv=None) -> None:
-    repo = Path(__file__).resolve().parent.parent
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--comfyui", type=Path, default=Path(os.environ.get("COMFYUI_PATH", repo / ".cache" / "comfyui")))
-    p.add_argument("--ade", type=Path, default=os.environ.get("ADE_PATH"),
-                   help="ComfyUI-AnimateDiff-Evolved checkout: adds the motion model")
-    args = p.parse_args(argv)
-    if not (args.comfyui / "main.py").is_file():
-        raise SystemExit(f"no ComfyUI at {args.comfyui}: run `make host`, or pass --comfyui")
-    print(table(measure(args.comfyui, args.ade)))
+    args = host_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        print(table(host_probe(args, "size_probe.py", extra_files=lambda checkpoint: _lora(checkpoint, tmp))))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lowvram_probe import load_pack
+from lowvram_probe import SKIP, load_pack
 
 BUDGET = 64 << 20  # bytes "usable" for weights in the partial load
 
@@ -74,11 +74,10 @@ def main(checkpoint: str, pack_dir: str, lora: str, ade_dir: str | None = None, 
                                                   1)["result"][0]
     # compute int8: the W8A8 model's own bytes (on a CPU, weight-only also keeps float weights: measured apart)
     quantized = qvd["QVDQuantizeModel"]().quantize(model, calibration, 8, 8, True, True, "", "int8")["result"][0]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / "q.safetensors")
-        save_quantized(path, patching.attached_result(quantized))
-        loaded = patching.quantize(model, lambda tree: load_quantized(path, tree, apply=False), "int8")[0]
-        weight_only = patching.quantize(model, lambda tree: load_quantized(path, tree, apply=False), "weight-only")[0]
+    tmp = tempfile.TemporaryDirectory()
+    path = str(Path(tmp.name) / "q.safetensors")
+    save_quantized(path, patching.attached_result(quantized))
+    loaded = patching.quantize(model, lambda tree: load_quantized(path, tree, apply=False), "int8")[0]
     mm.unload_all_models()
     cpu = torch.device("cpu")
 
@@ -109,17 +108,26 @@ def main(checkpoint: str, pack_dir: str, lora: str, ade_dir: str | None = None, 
     for label, patcher in (("quantized", quantized), ("loaded", loaded)):
         facts[label] = {"told": patcher.model_size(), "clone_told": patcher.clone().model_size(),
                         "held": held(patcher), "partial": partial(patcher)}
+    for fp, q in zip(patching.motion_patchers(model), patching.motion_patchers(quantized)):
+        facts["motion"].append({"float_told": fp.model_size(), "told": q.model_size(), "held": held(q)})
+    facts["lora_load"] = _lora_load(quantized, lora, positive, patching)
+    del quantized, loaded
+    mm.unload_all_models()  # ComfyUI's loaded-model list holds the patchers
+    gc.collect()
+    # on a CPU weight-only keeps float weights (~4x the codes): measured alone, the int8 models freed, on the blocks
+    # the tiny host tests quantize (the whole model's float copies would add ~5 GB to this process)
+    weight_only = qvd["QVDQuantizeModel"]().quantize(model, calibration, 8, 8, True, True, SKIP,
+                                                     "weight-only")["result"][0]
     kept = sum(m.float_weight_bytes() for n, m in patching.attached_result(weight_only).modules.items()
                if hasattr(m, "float_weight_bytes") and n.startswith(patching.UNET + "."))  # the MODEL's own layers
     facts["weight_only"] = {"told": weight_only.model_size(), "held": held(weight_only), "kept": kept}
     del weight_only
+    mm.unload_all_models()
     gc.collect()
-    for fp, q in zip(patching.motion_patchers(model), patching.motion_patchers(quantized)):
-        facts["motion"].append({"float_told": fp.model_size(), "told": q.model_size(), "held": held(q)})
-    facts["lora_load"] = _lora_load(quantized, lora, positive, patching)
+    tmp.cleanup()
     if ade_dir:
         shapes = {k: tuple(v.shape) for k, v in patching.motion_patchers(model)[0].model.state_dict().items()}
-        del quantized, loaded, model
+        del model
         gc.collect()
         facts["motion_lora"] = _motion_lora(qvd, patching, ade, motion_file, shapes, checkpoint_model, calibration)
     return facts
