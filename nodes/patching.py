@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..qvd import Calibrator, QuantizeResult, QVDConfig, QVDError, kernels, set_compute
+from ..qvd.modules import kept_float_bytes
 from . import weight_patches
 
 ADE_KEY = "ADE"
@@ -175,8 +176,7 @@ def _quantized_sizes(model, tree: nn.ModuleDict, modules: dict[str, nn.Module]) 
     sizes = {key: module_size(model.model if key == UNET else m) for key, m in tree.items()}
     for name, module in modules.items():
         key = name.partition(".")[0]
-        kept = module.float_weight_bytes() if hasattr(module, "float_weight_bytes") else 0
-        sizes[key] += module_size(module) + kept - module_size(tree.get_submodule(name))
+        sizes[key] += module_size(module) + kept_float_bytes([module]) - module_size(tree.get_submodule(name))
     return sizes
 
 
@@ -201,7 +201,7 @@ def _log_routes(result: QuantizeResult):
         out = executor(*args, **kwargs)
         made = list(kernels.decisions().values())[before:]
         if made:
-            kept = sum(m.float_weight_bytes() for m in result.modules.values() if hasattr(m, "float_weight_bytes"))
+            kept = kept_float_bytes(result.modules.values())
             logging.info("QVD compute auto: %s%s", kernels.describe_decisions(made),
                          f"; weight-only layers keep {kept / 2**20:.0f} MiB of float weights on the CPU" if kept else "")
         return out

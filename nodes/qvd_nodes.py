@@ -11,6 +11,7 @@ import time
 
 from ..qvd import (Calibration, QVDConfig, QVDError, kernels, load_quantized, quantize_model, save_calibration,
                    save_quantized)
+from ..qvd.modules import kept_float_bytes
 from ..qvd.safefile import check_name
 from . import patching
 
@@ -67,13 +68,13 @@ def _compute_line(compute: str) -> str:
     import comfy.model_management
 
     device = comfy.model_management.get_torch_device()
+    kernels.fixed_route(compute, device)  # refuses int8 where there are no int8 kernels, before any work
     reason = kernels.int8_unavailable(device)
-    if reason and compute == "int8":
-        raise QVDError(f"compute 'int8' was chosen but {reason}: choose 'auto' or 'weight-only'")
     if reason:
         return f"compute: weight-only on {device} ({reason})"
-    if compute == "auto" and kernels.auto_skips_int8(device):
-        return f"compute: auto on {device}: weight-only ({kernels.auto_skips_int8(device)})"
+    skips = compute == "auto" and kernels.auto_skips_int8(device)
+    if skips:
+        return f"compute: auto on {device}: weight-only ({skips})"
     if compute == "auto":
         return (f"compute: auto on {device}: int8 kernels where they measure faster than weight-only, per layer shape "
                 f"at first use (logged)")
@@ -82,7 +83,7 @@ def _compute_line(compute: str) -> str:
 
 def _kept(result) -> str:
     """What the weight-only route keeps beside the int8 codes (in the size ComfyUI is told)."""
-    kept = sum(m.float_weight_bytes() for m in result.modules.values() if hasattr(m, "float_weight_bytes"))
+    kept = kept_float_bytes(result.modules.values())
     return f"; its float weights kept in memory: {kept / 2**20:,.0f} MiB" if kept else ""
 
 

@@ -379,6 +379,11 @@ class HiDiTQLinear(_HostHooks):
         return f"w_bits={self.w_bits}, levels={self.levels.numel()}"
 
 
+def kept_float_bytes(modules) -> int:
+    """Bytes of float weights the weight-only route keeps over ``modules`` (``float_weight_bytes``)."""
+    return sum(m.float_weight_bytes() for m in modules if isinstance(m, _QuantizedBase))
+
+
 def set_compute(tree: nn.Module, compute: str) -> None:
     """Compute route of every W8A8 layer under ``tree``: ``auto`` (the faster of the two, measured per layer shape
     and device at first use), ``int8`` (the W8A8 integer kernels) or ``weight-only`` (codes dequantized into the
