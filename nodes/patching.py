@@ -1,9 +1,10 @@
 """ComfyUI glue: one module tree over a MODEL and its AnimateDiff motion models, calibration by real
 sampling, and quantized layers installed as object patches on clones (the input MODEL is never mutated).
 
-Every node first makes its own MODEL current (``make_current``: loaded as for sampling, its weight patches
-applied): the UNet and motion modules are shared by every MODEL made from one checkpoint, and under ComfyUI's
-default caching they hold whatever the MODEL loaded last left in them.
+The UNet and motion modules are shared by every MODEL made from one checkpoint, and under ComfyUI's default
+caching they hold whatever the MODEL loaded last left in them (its LoRA merged, its object patches). Nodes read
+them through ``own_view``: for a moment the modules this MODEL's object patches put there, holding the checkpoint's
+own weights (from ComfyUI's backup, where the loaded MODEL merged a patch), with nothing loaded, moved or unpatched.
 Layer names are those of the ejected model (ADE inserts motion modules into UNet blocks at patch time,
 shifting indices), so every tree walk happens inside ``ejected(model)``. Names in the tree are
 ``motion_<i>.<path>`` for the i-th motion model in ``additional_models["ADE"]`` and
@@ -60,14 +61,42 @@ def model_tree(model) -> nn.ModuleDict:
     return nn.ModuleDict({UNET: unet, **motions})
 
 
-def make_current(model) -> None:
-    """Load ``model`` and its motion models as ComfyUI does before sampling, every weight patch applied (also
-    on layers a low-VRAM load leaves offloaded), so the shared UNet and motion modules hold exactly this
-    MODEL's weights and object patches. Under ComfyUI's default caching they otherwise hold whatever the MODEL
-    loaded last left in them (its LoRA, its quantized layers)."""
-    import comfy.model_management
+@contextlib.contextmanager
+def own_view(model):
+    """Inside: the shared modules of ``model`` and its motion models (ejected) as ``model``'s object patches make
+    them, holding the checkpoint's weights (what a loaded MODEL merged a weight patch into reads its backup: the
+    original tensor, on the offload device). Nothing is loaded, copied or unpatched; on exit every module and tensor
+    is put back, so the MODEL ComfyUI has loaded stays loaded as it was. Backups and object-patch backups are shared
+    by all clones of one model (ComfyUI's ``clone``), so any MODEL sees what the loaded one changed."""
+    with ejected(model), contextlib.ExitStack() as stack:
+        for patcher in (model, *motion_patchers(model)):
+            stack.enter_context(_viewed(patcher))
+        yield
 
-    comfy.model_management.load_models_gpu([model, *motion_patchers(model)], force_patch_weights=True)
+
+@contextlib.contextmanager
+def _viewed(patcher):
+    import comfy.utils
+
+    root, swapped = patcher.model, []
+
+    def swap(key, value):
+        swapped.append((key, comfy.utils.set_attr(root, key, value)))
+
+    try:
+        for key, bk in list(patcher.backup.items()):  # weights first: the backup belongs to the modules in place now
+            swap(key, torch.nn.Parameter(bk.weight, requires_grad=False))
+        for key, buf in list(getattr(patcher, "backup_buffers", {}).items()):
+            swap(key, buf)
+        originals = patcher.object_patches_backup
+        for key in {*originals, *patcher.object_patches}:
+            want = patcher.object_patches.get(key, originals.get(key))
+            if comfy.utils.get_attr(root, key) is not want:
+                swap(key, want)
+        yield
+    finally:
+        for key, value in reversed(swapped):
+            comfy.utils.set_attr(root, key, value)
 
 
 def calibrate(model, config: QVDConfig, seeds, sample_fn):
@@ -79,8 +108,7 @@ def calibrate(model, config: QVDConfig, seeds, sample_fn):
     import comfy.patcher_extension
 
     clone = model.clone()
-    make_current(clone)
-    with ejected(clone):
+    with own_view(clone):
         tree = model_tree(clone)
         if any(getattr(m, "qvd_quantized", False) for m in tree.modules()):
             raise QVDError("this MODEL is already quantized: calibrate the full-precision MODEL (the one before QVD "
@@ -121,36 +149,24 @@ def weight_patches_on(patcher, names) -> list[str]:
     return [k for k in patcher.patches if k.rpartition(".")[0] in names]
 
 
-def without_weight_patches(model):
-    """A clone of ``model`` (and of its motion models) with no weight patches: the plain checkpoint's weights."""
-    base = model.clone()
-    base.patches, base.patches_uuid = {}, uuid.uuid4()
-    motions = [p.clone() for p in motion_patchers(model)]
-    for p in motions:
-        p.patches, p.patches_uuid = {}, uuid.uuid4()
-    if motions:
-        base.set_additional_models(ADE_KEY, motions)
-    return base
-
-
 def quantize(model, build, compute: str = "auto") -> tuple:
     """Clone ``model`` and install ``build(tree) -> QuantizeResult`` (QVD Quantize Model's quantization, QVD Load
-    Quantized's file), made from the checkpoint's own weights: a file is checked against them. The quantized layers
-    run on the ``compute`` route (``qvd.set_compute``).
+    Quantized's file), made from the checkpoint's own weights where they are (``own_view``): a file is checked
+    against them. The quantized layers run on the ``compute`` route (``qvd.set_compute``) and are kept on ComfyUI's
+    offload device, from which ComfyUI loads them like any other weights.
 
     Weight patches already on the MODEL (a LoRA before the QVD node) stay on the clone and run beside the int8
     layers exactly, like a LoRA loaded after (rounding them into the int8 weights would lose most of an ordinary
     LoRA: ``docs/lora.md``)."""
-    base = without_weight_patches(model)
-    make_current(base)
-    with ejected(base):
-        tree = model_tree(base)
+    with own_view(model):
+        tree = model_tree(model)
         result = build(tree)
         for module in result.modules.values():
             _normal_tensors(module)
+            module.to(model.offload_device)
             set_compute(module, compute)
-        _prepare(base, result.modules)
-        sizes = _quantized_sizes(base, tree, result.modules)
+        _prepare(model, result.modules)
+        sizes = _quantized_sizes(model, tree, result.modules)
     return install(model.clone(), result, sizes), result
 
 
@@ -255,10 +271,11 @@ def attached_result(model) -> QuantizeResult:
     return att.result
 
 
-def result_to_save(model) -> QuantizeResult:
-    """The quantized layers of ``model``, for QVD Save Quantized: refused when weight patches (a LoRA, before or
-    after quantization) sit on them, since a file holds the quantized checkpoint alone; else made current (a bias
-    patch that another MODEL sharing these layers applied is removed first)."""
+@contextlib.contextmanager
+def result_to_save(model):
+    """Inside: the quantized layers of ``model``, for QVD Save Quantized, seen through ``own_view`` (a bias patch that
+    a loaded MODEL sharing these layers merged is not in them). Refused when weight patches (a LoRA, before or after
+    quantization) sit on them, since a file holds the quantized checkpoint alone."""
     result = attached_result(model)
     patched = [k for p, group in _per_patcher(model, result.modules) for k in weight_patches_on(p, group)]
     if patched:
@@ -267,5 +284,5 @@ def result_to_save(model) -> QuantizeResult:
                        f"missing from it. Save a MODEL quantized without the LoRA (put the LoRA loader after QVD "
                        f"Quantize Model and take QVD Save Quantized's input from before it), and load the LoRA after "
                        f"QVD Load Quantized")
-    make_current(model)
-    return result
+    with own_view(model):
+        yield result

@@ -214,8 +214,8 @@ class QVDSaveQuantized:
 
     def save(self, model, filename):
         path = _new_file(filename, EXTENSION, "file")
-        result = patching.result_to_save(model)
-        save_quantized(path, result)
+        with patching.result_to_save(model) as result:
+            save_quantized(path, result)
         return {"ui": {"text": [f"saved {os.path.basename(path)}"]}}
 
 

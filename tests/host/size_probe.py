@@ -13,6 +13,7 @@ time against the load without, and the bias patch's output whole against partial
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import statistics
@@ -70,14 +71,19 @@ def main(checkpoint: str, pack_dir: str, lora: str, ade_dir: str | None = None, 
     positive = nodes.CLIPTextEncode().encode(clip, "a red fox running")[0]
     negative = nodes.CLIPTextEncode().encode(clip, "")[0]
     latent = nodes.EmptyLatentImage().generate(64, 64, 2)[0]
-    calibration = qvd["QVDCalibrate"]().calibrate(model, positive, negative, latent, 0, 1, 5.0, "euler", "normal",
-                                                  1)["result"][0]
-    # compute int8: the W8A8 model's own bytes (on a CPU, weight-only also keeps float weights: measured apart)
-    quantized = qvd["QVDQuantizeModel"]().quantize(model, calibration, 8, 8, True, True, "", "int8")["result"][0]
     tmp = tempfile.TemporaryDirectory()
     path = str(Path(tmp.name) / "q.safetensors")
-    save_quantized(path, patching.attached_result(quantized))
-    loaded = patching.quantize(model, lambda tree: load_quantized(path, tree, apply=False), "int8")[0]
+    # the MODEL already loaded (as after a sampler ran it): the QVD nodes must not unpatch or reload it
+    mm.load_models_gpu([model, *patching.motion_patchers(model)])
+    with _reloads(model) as reloads:
+        calibration = qvd["QVDCalibrate"]().calibrate(model, positive, negative, latent, 0, 1, 5.0, "euler",
+                                                      "normal", 1)["result"][0]
+        # compute int8: the W8A8 model's own bytes (on a CPU, weight-only also keeps float weights: measured apart)
+        quantized = qvd["QVDQuantizeModel"]().quantize(model, calibration, 8, 8, True, True, "", "int8")["result"][0]
+        with patching.result_to_save(quantized) as result:
+            save_quantized(path, result)
+        loaded = patching.quantize(model, lambda tree: load_quantized(path, tree, apply=False), "int8")[0]
+    still_loaded = any(m.model is model for m in mm.current_loaded_models)
     mm.unload_all_models()
     cpu = torch.device("cpu")
 
@@ -104,7 +110,7 @@ def main(checkpoint: str, pack_dir: str, lora: str, ade_dir: str | None = None, 
         finally:
             patcher.unpatch_model(cpu)
 
-    facts = {"float_told": model.model_size(), "motion": []}
+    facts = {"float_told": model.model_size(), "motion": [], "reloads": reloads, "still_loaded": still_loaded}
     for label, patcher in (("quantized", quantized), ("loaded", loaded)):
         facts[label] = {"told": patcher.model_size(), "clone_told": patcher.clone().model_size(),
                         "held": held(patcher), "partial": partial(patcher)}
@@ -184,6 +190,30 @@ def _motion_lora(qvd, patching, ade, motion_file: str, shapes: dict, checkpoint_
     finally:
         patcher.unpatch_model(cpu)
     return {"layers": layers, "load_seconds": seconds, "lora_file_bytes": (folder / "motion_lora.safetensors").stat().st_size}
+
+
+@contextlib.contextmanager
+def _reloads(model):
+    """Inside: every ``ModelPatcher.load`` and weight-restoring ``unpatch_model`` on ``model``'s UNet, listed as
+    ``(call, patcher is model)``."""
+    from comfy.model_patcher import ModelPatcher
+
+    calls, load, unpatch = [], ModelPatcher.load, ModelPatcher.unpatch_model
+
+    def counted_load(self, *a, **k):
+        if self.model is model.model:
+            calls.append(("load", self is model))
+        return load(self, *a, **k)
+
+    def counted_unpatch(self, device_to=None, unpatch_weights=True):
+        if self.model is model.model and unpatch_weights and self.model.current_weight_patches_uuid is not None:
+            calls.append(("unpatch", self is model))
+        return unpatch(self, device_to, unpatch_weights)
+    ModelPatcher.load, ModelPatcher.unpatch_model = counted_load, counted_unpatch
+    try:
+        yield calls
+    finally:
+        ModelPatcher.load, ModelPatcher.unpatch_model = load, unpatch
 
 
 def _lora_load(quantized, lora: str, positive, patching) -> dict:

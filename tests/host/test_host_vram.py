@@ -35,6 +35,14 @@ def probe(sd15_checkpoint, motion_model, tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_the_qvd_nodes_never_reload_a_model_already_loaded(probe):
+    """QVD Calibrate (its sampling included), Quantize Model, Save Quantized and the Load Quantized path on a MODEL
+    ComfyUI has loaded: no load, no unpatch of its weights; it stays loaded."""
+    assert probe["reloads"] == [], probe["reloads"]
+    assert probe["still_loaded"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("made_by", ["quantized", "loaded"])
 def test_the_quantized_model_tells_the_planner_the_bytes_it_holds(probe, made_by):
     f = probe[made_by]
