@@ -43,6 +43,7 @@ class _HostHooks(nn.Module):
 
     comfy_cast_weights = False
     read_host_patches = None  # (layer, weight_function) -> WeightDelta | None; set by the host glue
+    delta_dtype = None  # the dtype the host glue keeps this layer's delta in (its activation dtype)
 
     def __init__(self):
         super().__init__()
@@ -95,11 +96,10 @@ class _HostHooks(nn.Module):
     def _call_weights(self, device) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """(int8 codes, float bias, patched) for this call on ``device``; ``patched`` when the host's queued
         bias patches changed the bias (then nothing derived from the stored bias may be reused)."""
-        w = self.weight.to(device)
+        w = _to(self.weight, device)
         if not self.comfy_cast_weights or not self.bias_function:
-            b = self._bias()
-            return w, None if b is None else b.to(device), False
-        b = None if self.bias is None else self.bias.to(device)
+            return w, _to(self._bias(), device), False
+        b = _to(self.bias, device)
         for f in self.bias_function:
             b = f(b)
         return w, b, True
@@ -111,6 +111,14 @@ class _HostHooks(nn.Module):
                    **_) -> torch.Tensor | None:
         self.unresolved_patch = True
         return self.weight if return_weight else None
+
+
+def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
+    """``t`` on ``device``: itself when it is there, else a copy, non-blocking towards an accelerator (from pinned
+    memory, e.g. an offloaded layer's codes that ComfyUI pinned, it overlaps other work)."""
+    if t is None or t.device == device:
+        return t
+    return t.to(device, non_blocking=torch.device(device).type != "cpu")
 
 
 def _key(t: torch.Tensor | None, device) -> tuple:
@@ -163,47 +171,56 @@ class _QuantizedBase(_HostHooks):
         """The SCRI transform of this layer's input (done by the kernel, or by the preceding norm)."""
         return ScriTransform.stored(self.scri_shift, self.scri_inv_scale)
 
-    def _scri_bias(self, weight: torch.Tensor, bias: torch.Tensor | None, device) -> torch.Tensor:
-        """``b + W z`` for int8 codes ``weight`` and float ``bias``: the bias of the SCRI-transformed input."""
-        b = torch.zeros(weight.shape[0], device=device) if bias is None else bias.to(device).float()
-        scri = self.scri
-        if scri is not None:
-            b = scri.folded_bias(dequantize_weight(weight.to(device), self.weight_scale.to(device)), b)
-        return b.detach()
+    def _weight_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``W z``, ``s_x s_w zp sum_k W_q``), [N] fp32: the bias terms the stored codes determine, computed once per
+        weight version on the layer's own device (an offloaded layer's call copies N floats, never recomputes them)."""
+        home = self.weight.device
 
-    def _epilogue(self, weight: torch.Tensor, scri_bias: torch.Tensor, device) -> torch.Tensor:
-        """``b + W z - s_x s_w zp sum_k W_q``: the integer kernels' epilogue bias."""
-        rowsum = weight.to(device).flatten(1).sum(1, dtype=torch.int32).float()
-        corr = self.act_scale.to(device).float() * self.weight_scale.to(device) * (self.zero_point * rowsum)
-        return (scri_bias - corr).detach()
+        def build():
+            scri = self.scri
+            wz = (torch.zeros(self.weight.shape[0], device=home) if scri is None
+                  else scri.folded_bias(dequantize_weight(self.weight, self.weight_scale), None))
+            rowsum = self.weight.flatten(1).sum(1, dtype=torch.int32).float()
+            corr = self.act_scale.float() * self.weight_scale * (self.zero_point * rowsum)
+            return wz.detach(), corr.detach()
+        return self._cached("weight_terms", home, (self.weight, self.weight_scale, self.act_scale, self.scri_shift,
+                                                   self.scri_inv_scale), build)
+
+    def _bias_of(self, bias: torch.Tensor | None, device, epilogue: bool) -> torch.Tensor:
+        """``b + W z`` (the bias of the SCRI-transformed input; fake mode, weight-only after a SCRI norm) or, for
+        the integer kernels, the epilogue bias ``b + W z - s_x s_w zp sum_k W_q``, for the float bias ``bias``."""
+        wz, corr = (_to(t, device) for t in self._weight_terms())
+        b = wz if bias is None else _to(bias, device).float() + wz
+        return b - corr if epilogue else b
 
     def scri_bias(self, device=None) -> torch.Tensor:
-        """``b + W z`` with ``W = dequant(weight) / s`` (cached): the float op's bias (fake mode)."""
-        device = self.weight.device if device is None else device
-        return self._cached("scri_bias", device, (self.weight, self.weight_scale, self._bias(), self.scri_shift),
-                            lambda: self._scri_bias(self.weight, self._bias(), device))
+        """``b + W z`` for the layer's bias (cached on the layer's device)."""
+        home = self.weight.device
+        b = self._cached("scri_bias", home, (self.weight, self.weight_scale, self._bias(), self.scri_shift,
+                                             self.scri_inv_scale), lambda: self._bias_of(self._bias(), home, False))
+        return _to(b, home if device is None else device)
 
     def epilogue_bias(self, device=None) -> torch.Tensor:
-        """The integer kernels' epilogue bias for the stored weight (cached)."""
-        device = self.weight.device if device is None else device
-        return self._cached("epilogue_bias", device, (self.weight, self.weight_scale, self._bias(), self.act_scale,
-                                                      self.scri_shift),
-                            lambda: self._epilogue(self.weight, self.scri_bias(device), device))
+        """The integer kernels' epilogue bias for the layer's bias (cached on the layer's device)."""
+        home = self.weight.device
+        b = self._cached("epilogue_bias", home, (self.weight, self.weight_scale, self._bias(), self.act_scale,
+                                                 self.scri_shift, self.scri_inv_scale),
+                         lambda: self._bias_of(self._bias(), home, True))
+        return _to(b, home if device is None else device)
 
     def packed_weight(self, weight: torch.Tensor) -> kernels.PackedWeight:
-        """The codes ``weight`` (the stored ones, on the call's device) in the kernels' K-major layout, built
-        once per device and weight version and kept as this layer's state."""
+        """The codes ``weight`` (the stored ones, on the call's device) in the kernels' K-major layout: kept as this
+        layer's state on its own device; for an offloaded layer's call, views of the copied codes."""
         return self._cached("packed_weight", weight.device, (self.weight, self.weight_scale),
-                            lambda: kernels.PackedWeight(weight, self.weight_scale.to(weight.device)))
+                            lambda: kernels.PackedWeight(weight, _to(self.weight_scale, weight.device)))
 
     def _operands(self, device, epilogue: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(int8 codes, bias) for this call: the epilogue bias (integer kernels) or the SCRI bias (fake mode);
-        cached unless host patches apply now."""
+        from the cache unless the host's queued bias patches apply now."""
         w, b, patched = self._call_weights(device)
-        if not patched:
-            return w, self.epilogue_bias(device) if epilogue else self.scri_bias(device)
-        scri_bias = self._scri_bias(w, b, device)
-        return w, self._epilogue(w, scri_bias, device) if epilogue else scri_bias
+        if patched:
+            return w, self._bias_of(b, device, epilogue)
+        return w, self.epilogue_bias(device) if epilogue else self.scri_bias(device)
 
     def _delta_offset(self, device) -> torch.Tensor | None:
         """``z / s``: what the delta adds to a norm-transformed input ``(x - z) / s`` to read ``x / s``."""
