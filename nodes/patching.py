@@ -108,21 +108,22 @@ def calibrate(model, config: QVDConfig, seeds, sample_fn):
     import comfy.patcher_extension
 
     clone = model.clone()
-    with own_view(clone):
-        tree = model_tree(clone)
-        if any(getattr(m, "qvd_quantized", False) for m in tree.modules()):
-            raise QVDError("this MODEL is already quantized: calibrate the full-precision MODEL (the one before QVD "
-                           "Quantize Model / QVD Load Quantized)")
-        calibrator = Calibrator(tree, config)
+    with contextlib.ExitStack() as hooked:
+        with own_view(clone):  # the hooks go on the modules this MODEL runs, whatever is loaded now
+            tree = model_tree(clone)
+            if any(getattr(m, "qvd_quantized", False) for m in tree.modules()):
+                raise QVDError("this MODEL is already quantized: calibrate the full-precision MODEL (the one before "
+                               "QVD Quantize Model / QVD Load Quantized)")
+            calibrator = hooked.enter_context(Calibrator(tree, config))
 
-    def record_timestep(executor, *args, **kwargs):
-        t = args[1] if len(args) > 1 else kwargs.get("timesteps")
-        if t is not None:
-            calibrator.set_timestep(t)
-        return executor(*args, **kwargs)
+        def record_timestep(executor, *args, **kwargs):
+            t = args[1] if len(args) > 1 else kwargs.get("timesteps")
+            if t is not None:
+                calibrator.set_timestep(t)
+            return executor(*args, **kwargs)
 
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "qvd_calibrate", record_timestep)
-    with calibrator:
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "qvd_calibrate",
+                                   record_timestep)
         for seed in seeds:
             sample_fn(clone, seed)
     return calibrator.result()
@@ -209,10 +210,16 @@ def _normal_tensors(module: nn.Module) -> None:
                     m._buffers[name] = b.clone()
 
 
-def _log_routes(result: QuantizeResult):
-    """An OUTER_SAMPLE wrapper: after a sampling run in which ``auto`` chose routes for new layer shapes, one log line
-    says what it chose and what the weight-only route keeps in memory."""
+def _sampling(result: QuantizeResult):
+    """An OUTER_SAMPLE wrapper, run before ComfyUI loads the MODEL being sampled: its weight patches reach the quantized
+    layers first (``weight_patches.before_load``: the size the planner reads counts them). After a sampling run in
+    which ``auto`` chose routes for new layer shapes, one log line says what it chose and what the weight-only route
+    keeps in memory."""
     def wrapper(executor, *args, **kwargs):
+        patcher = getattr(getattr(executor, "class_obj", None), "model_patcher", None)
+        if patcher is not None:
+            for p in (patcher, *motion_patchers(patcher)):
+                weight_patches.before_load(p)
         before = len(kernels.decisions())
         out = executor(*args, **kwargs)
         made = list(kernels.decisions().values())[before:]
@@ -247,10 +254,10 @@ def install(clone, result: QuantizeResult, sizes: dict[str, int]):
         target = clone if patcher is clone else patched_motions[motions.index(patcher)]
         for name, module in group.items():
             target.add_object_patch(name, module)
-    for p in (clone, *patched_motions):
-        weight_patches.attach(p)
+    for p, key in zip((clone, *patched_motions), (UNET, *(f"motion_{i}" for i in range(len(patched_motions))))):
+        weight_patches.attach(p, sizes[key])
     import comfy.patcher_extension
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "qvd_compute", _log_routes(result))
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "qvd_compute", _sampling(result))
     for i, p in enumerate(patched_motions):
         p.patches_uuid = uuid.uuid4()
         p.size = sizes[f"motion_{i}"]

@@ -3,7 +3,8 @@
 
 When: ``on_load`` is an ON_LOAD callback on every quantized MODEL and its motion models, so each time ComfyUI
 loads one (whole, partial, or 0.33's dynamic VRAM), every quantized layer gets that MODEL's patches (or none),
-bias patches as a patched copy of the float bias. ComfyUI itself never merges a patch into a quantized layer (the
+bias patches as a patched copy of the float bias; a sampling run also does it just before ComfyUI plans the load
+(``before_load``), so the size the MODEL tells counts the branches. ComfyUI itself never merges a patch into a quantized layer (the
 layer says its weights are patched already: ``comfy_patched_weights``), so a load with a LoRA does no float work on
 the int8 weights. A layer ComfyUI leaves offloaded reads the ``LowVramPatch`` queued on it at call time
 (``call_time_delta``; its bias ones apply to the stored bias).
@@ -19,8 +20,8 @@ How (``delta_for``), from a layer's list of ComfyUI patches:
 - a list with any non-additive patch (DoRA, OFT / BOFT, GLoRA, set, strength_model != 1, offsets, functions)
   becomes the exact dense difference ``calculate_weight(patches, W) - W`` on the layer's float weight ``W``
   (the dequantized codes: the weight the layer computes with).
-Tensors are kept in the adapters' dtype on the layer's device. A patch whose result has another shape than the
-layer's weight is refused, naming the adapter and the layer.
+Tensors are kept in the activation dtype (the model's compute dtype) on the layer's device. A patch whose result has
+another shape than the layer's weight is refused, naming the adapter and the layer.
 """
 from __future__ import annotations
 
@@ -35,26 +36,115 @@ from ..qvd.delta import WeightDelta
 CALLBACK_KEY = "qvd"
 
 
-def attach(patcher) -> None:
-    """Give ``patcher`` (and every clone made from it) the ON_LOAD callback."""
+def attach(patcher, base: int) -> None:
+    """Give ``patcher`` (and every clone made from it) the ON_LOAD callback; ``base``: the bytes its model holds with
+    QVD's layers and no weight patches."""
     from comfy.patcher_extension import CallbacksMP
 
     patcher.remove_callbacks_with_key(CallbacksMP.ON_LOAD, CALLBACK_KEY)
-    patcher.add_callback_with_key(CallbacksMP.ON_LOAD, CALLBACK_KEY, on_load)
+    patcher.add_callback_with_key(CallbacksMP.ON_LOAD, CALLBACK_KEY, OnLoad(base))
 
 
-def on_load(patcher, *_args) -> None:
-    """ComfyUI loaded ``patcher``: every quantized layer in its model now carries exactly its weight patches."""
-    for name, module in patcher.model.named_modules():
+class OnLoad:
+    """The ON_LOAD callback: ``on_load`` with the patcher's bytes without weight patches."""
+
+    def __init__(self, base: int):
+        self.base = base
+
+    def __call__(self, patcher, device_to=None, *_args) -> None:
+        on_load(patcher, self.base, device_to)
+
+
+def before_load(patcher) -> None:
+    """Before ComfyUI plans the load of ``patcher`` (a sampling run): its quantized layers get its weight patches now,
+    so the size it tells the planner already counts their branches."""
+    from comfy.patcher_extension import CallbacksMP
+
+    for callback in patcher.get_callbacks(CallbacksMP.ON_LOAD, CALLBACK_KEY):
+        callback(patcher)
+
+
+def on_load(patcher, base: int, device_to=None) -> None:
+    """ComfyUI loaded ``patcher`` (``device_to``; None: about to): every quantized layer in its model now carries
+    exactly its weight patches, as branches in the activation dtype on the layer's device, and the patcher tells
+    the planner ``base`` plus their bytes (``model_size()``, and the loaded bytes of this load).
+
+    0.33's dynamic-VRAM loader (CUDA) streams weights through ComfyUI's own ops, which QVD layers are not: their
+    tensors are force-loaded to the device the way that loader force-loads small weights (backed up, counted,
+    given back when it frees memory). An offloaded (low-VRAM) conv's channels-last codes, which ComfyUI's pinning
+    refuses as non-contiguous, are pinned through a contiguous view of the same bytes (ComfyUI unpins them)."""
+    dynamic = getattr(patcher, "is_dynamic", lambda: False)()
+    dtype = _activation_dtype(patcher.model)
+    held = loaded = 0
+    for name, module in patcher.object_patches.items():  # QVD's layers and folded norms: also before the load
         keys = (f"{name}.weight", f"{name}.bias")
         if getattr(module, "qvd_scri_norm", False) and any(k in patcher.patches for k in keys):
             raise QVDError(f"a weight patch (LoRA, ...) targets {name}, a norm into which QVD folded its SCRI input "
                            f"transform: the patch would apply to the folded weights. Quantize this model with the "
                            f"norm's consumers in QVD Quantize Model's skip list, or use a LoRA without norm weights")
-        if getattr(module, "qvd_quantized", False):
-            patches = patcher.patches.get(keys[0])
-            module.set_delta(_cached(module, patches, keys[0]) if patches else None,
-                             _patched_bias(patcher, module, keys[1]))
+        if not getattr(module, "qvd_quantized", False):
+            continue
+        if device_to is not None and dynamic:
+            _force_load(patcher, name, module, device_to)
+        elif device_to is not None and module.comfy_cast_weights:
+            _pin_codes(patcher, keys[0], module.weight)
+        patches = patcher.patches.get(keys[0])
+        module.set_delta(_cached(module, patches, keys[0], dtype) if patches else None,
+                         _patched_bias(patcher, module, keys[1]))
+        nbytes = 0 if module.delta is None else module.delta.nbytes()
+        held += nbytes
+        loaded += 0 if module.comfy_cast_weights else nbytes
+    patcher.size = base + held
+    if device_to is not None and not dynamic:
+        if patcher.model.model_lowvram:
+            patcher.model.model_loaded_weight_memory += loaded
+        else:
+            patcher.model.model_loaded_weight_memory = patcher.size
+
+
+def _activation_dtype(model) -> torch.dtype:
+    """The dtype the model computes in: ComfyUI's manual cast dtype, else its weights' (a motion model: the dtype of
+    most of its float parameters outside QVD's layers)."""
+    dtype = getattr(model, "manual_cast_dtype", None)
+    if dtype is None and hasattr(model, "get_dtype"):
+        dtype = model.get_dtype()
+    if dtype is None:
+        counts: dict = {}
+        for m in model.modules():
+            if not getattr(m, "qvd_quantized", False):
+                for p in m.parameters(recurse=False):
+                    if p.is_floating_point():
+                        counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+        dtype = max(counts, key=counts.get) if counts else torch.float32
+    return dtype
+
+
+def _force_load(patcher, name: str, module, device) -> None:
+    import collections
+
+    import comfy.utils
+
+    backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])
+    for pname, p in list(module.named_parameters(recurse=False)):
+        key = f"{name}.{pname}"
+        if p.device == torch.device(device):
+            continue
+        if key not in patcher.backup:
+            patcher.backup[key] = backup(p, False)
+        moved = p.detach().to(device)
+        comfy.utils.set_attr_param(patcher.model, key, moved)
+        patcher.model.model_loaded_weight_memory += moved.numel() * moved.element_size()
+    module.comfy_cast_weights = False
+
+
+def _pin_codes(patcher, key: str, weight: torch.Tensor) -> None:
+    import comfy.model_management
+
+    if key in patcher.pinned or weight.device.type != "cpu" or weight.is_contiguous() or weight.dim() != 4:
+        return
+    view = torch.nn.Parameter(weight.detach().permute(0, 2, 3, 1), requires_grad=False)  # channels-last: contiguous
+    if view.is_contiguous() and comfy.model_management.pin_memory(view):
+        patcher.pinned.add(key)
 
 
 def _patched_bias(patcher, module, key: str) -> torch.Tensor | None:
@@ -84,19 +174,21 @@ def call_time_delta(module, functions: list) -> WeightDelta | None:
         lists.append((f.key, f.patches[f.key]))
     if any(p is not lists[0][1] for _, p in lists):
         raise QVDError(f"{lists[0][0]}: several different weight patch lists are queued on one quantized layer")
-    return _cached(module, lists[0][1], lists[0][0])
+    return _cached(module, lists[0][1], lists[0][0], module.delta_dtype)
 
 
-def _cached(module, patches: list, key: str) -> WeightDelta:
+def _cached(module, patches: list, key: str, dtype: torch.dtype | None) -> WeightDelta:
+    module.delta_dtype = dtype
     delta = module.delta
-    if delta is not None and delta.same_source(tuple(patches)):
+    if delta is not None and delta.same_source(tuple(patches)) and dtype in (None, delta.dtype):
         return delta
-    return delta_for(module, patches, key)
+    return delta_for(module, patches, key, dtype)
 
 
-def delta_for(module, patches: list, key: str) -> WeightDelta:
+def delta_for(module, patches: list, key: str, dtype: torch.dtype | None = None) -> WeightDelta:
     """The ``WeightDelta`` of ComfyUI ``patches`` (entries ``(strength, adapter, strength_model, offset, function)``)
-    for the quantized layer ``module`` (its weight patch key ``key``); see the module docstring."""
+    for the quantized layer ``module`` (its weight patch key ``key``), in ``dtype`` (None: the adapters'); see the
+    module docstring."""
     import comfy.lora
 
     shape, device = tuple(module.weight.shape), module.weight.device
@@ -109,7 +201,7 @@ def delta_for(module, patches: list, key: str) -> WeightDelta:
         else:
             ups.append(factors[0].to(device))
             downs.append(factors[1].to(device))
-    dtype = _dtype(patches)
+    dtype = dtype or _dtype(patches)
     dense = None
     if not additive:
         w = module.convert_weight(module.weight)

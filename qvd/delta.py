@@ -35,6 +35,10 @@ class WeightDelta:
     def device(self) -> torch.device:
         return (self.up if self.up is not None else self.dense).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.up if self.up is not None else self.dense).dtype
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.down, self.up, self.dense) if t is not None)
 

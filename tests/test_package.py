@@ -93,7 +93,7 @@ def test_a_sampling_run_logs_what_auto_chose_once(pack, monkeypatch, caplog):
     layer = modules.QLinear(8, 4, weight_q=torch.ones(4, 8, dtype=torch.int8), weight_scale=torch.ones(4), bias=None,
                             act_scale=0.1, zero_point=0, w_bits=8, a_bits=8)
     monkeypatch.setattr(kernels, "_DECIDED", {})
-    wrapper = patching._log_routes(types.SimpleNamespace(modules={"diffusion_model.x": layer}))
+    wrapper = patching._sampling(types.SimpleNamespace(modules={"diffusion_model.x": layer}))
 
     def sample():
         kernels._DECIDED[("QLinear", len(kernels._DECIDED))] = kernels.Decision("weight-only", 2.0, 1.0)

@@ -77,13 +77,21 @@ def main(checkpoint: str, lora: str, pack_dir: str) -> dict:
         patcher.patch_model(device_to=cpu, lowvram_model_memory=0)  # whole
         out[name] = output(patcher)
         patcher.unpatch_model(cpu)
-    with_lora.patch_model(device_to=cpu, lowvram_model_memory=BUDGET)  # partial
+    offered, pin = [], mm.pin_memory  # what is offered for pinning (a CPU pins nothing: recorded, refused)
+    mm.pin_memory = lambda t: offered.append((t.data_ptr(), t.is_contiguous())) and False
+    try:
+        with_lora.patch_model(device_to=cpu, lowvram_model_memory=BUDGET)  # partial
+    finally:
+        mm.pin_memory = pin
     layers = quantized_layers(with_lora)
     offloaded = [m for m in layers if m.comfy_cast_weights]
+    codes = [m.weight for m in offloaded if m.weight.dim() == 4 and m.weight.shape[2:] != (1, 1)]
+    facts_pin = {"offloaded_3x3_codes": len(codes),
+                 "pinnable_3x3_codes": sum((w.data_ptr(), True) in offered for w in codes)}
     out["q_lora_lowvram"] = output(with_lora)
     facts = {"quantized_layers": len(layers), "offloaded": len(offloaded),
              "offloaded_with_lora": sum(bool(m.weight_function) for m in offloaded),
-             "model_lowvram": bool(with_lora.model.model_lowvram)}
+             "model_lowvram": bool(with_lora.model.model_lowvram), **facts_pin}
     with_lora.unpatch_model(cpu)
     facts["flags_cleared"] = not any(m.comfy_cast_weights or m.weight_function for m in quantized_layers(with_lora))
     with_lora.patch_model(device_to=cpu, lowvram_model_memory=0)  # whole, then offload loaded layers

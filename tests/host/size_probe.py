@@ -219,6 +219,7 @@ def _reloads(model):
 def _lora_load(quantized, lora: str, positive, patching) -> dict:
     """A whole load of ``quantized`` with a LoRA and a bias patch: float work on quantized layers, seconds against
     the load without (medians of alternated loads), and the output whole vs partial vs without the patches."""
+    import comfy.model_management as mm
     import comfy.sd
     import comfy.utils
     from qvd_pack_probe.qvd import HiDiTQLinear, QConv2d, QLinear
@@ -261,8 +262,18 @@ def _lora_load(quantized, lora: str, positive, patching) -> dict:
             times["lora"].append(load(with_lora))
         float_work = dict(calls)
         whole, partial, plain = load(with_lora, run=True), load(with_lora, BUDGET, run=True), load(quantized, run=True)
+        fresh = with_lora.clone()  # told before its first load: what a sampling run's planner reads
+        sys.modules["qvd_pack_probe.nodes.weight_patches"].before_load(fresh)
+        told_before = fresh.model_size()
         with_lora.patch_model(device_to=cpu, lowvram_model_memory=0)
-        deltas = sum(m.delta.nbytes() for m in with_lora.object_patches.values() if getattr(m, "delta", None))
+        branches = [m.delta for m in with_lora.object_patches.values() if getattr(m, "delta", None) is not None]
+        deltas = sum(d.nbytes() for d in branches)
+        with patching.ejected(with_lora):
+            held = mm.module_size(with_lora.model) + deltas
+        sizes = {"told_before_load": told_before, "told": with_lora.model_size(), "held": held,
+                 "loaded": int(with_lora.model.model_loaded_weight_memory), "plain_told": quantized.model_size(),
+                 "delta_dtypes": sorted({str(d.dtype) for d in branches}),
+                 "model_dtype": str(with_lora.model.manual_cast_dtype or with_lora.model.get_dtype())}
         with_lora.unpatch_model(cpu)
     finally:
         for (cls, f), fn in originals.items():
@@ -270,6 +281,7 @@ def _lora_load(quantized, lora: str, positive, patching) -> dict:
     rel = lambda a, b: float((a - b).norm() / b.norm())
     return {"float_work_calls": float_work, "seconds": {k: statistics.median(v) for k, v in times.items()},
             "patched_layers": sum(k.endswith(".weight") for k in with_lora.patches), "delta_bytes": deltas,
+            "with_lora": sizes,
             "lora_file_bytes": Path(lora).stat().st_size,
             "whole_vs_partial": rel(whole, partial), "patch_effect": rel(whole, plain),
             "plain_again_equal": bool(torch.equal(plain, load(quantized, run=True)))}

@@ -28,6 +28,14 @@ def test_partial_load_offloads_quantized_layers_and_queues_the_lora(probe):
 
 
 @pytest.mark.slow
+def test_offloaded_channels_last_codes_are_offered_for_pinning_contiguous(probe):
+    """ComfyUI pins offloaded weights only when ``is_contiguous()``; a 3x3 conv's channels-last codes are offered
+    through a contiguous view of the same bytes (so a GPU copies them non-blocking from pinned memory)."""
+    assert probe["offloaded_3x3_codes"] > 0, probe
+    assert probe["pinnable_3x3_codes"] == probe["offloaded_3x3_codes"], probe
+
+
+@pytest.mark.slow
 def test_offloaded_quantized_layers_give_the_whole_load_output_with_the_lora(probe):
     assert probe["finite"] and probe["lora_effect"] > 0.05, probe
     assert probe["lowvram_equal"], probe["lowvram_vs_whole"]

@@ -90,6 +90,20 @@ def test_a_whole_load_with_a_lora_does_no_float_work_on_quantized_layers(probe):
 
 
 @pytest.mark.slow
+def test_a_model_with_a_lora_tells_its_branches(probe):
+    """The LoRA's branches on the quantized layers are in the size told (before the first load too: a sampling run
+    gives them to the layers before ComfyUI plans the load) and in the loaded bytes; kept in the model's dtype."""
+    f = probe["lora_load"]["with_lora"]
+    grew = f["told"] - f["plain_told"]
+    print(f"\nwith a LoRA: told {f['told'] / 2**20:.1f} MiB (before load {f['told_before_load'] / 2**20:.1f}), "
+          f"held {f['held'] / 2**20:.1f} MiB, branches {grew / 2**20:.2f} MiB")
+    assert grew == probe["lora_load"]["delta_bytes"] > 0, f
+    assert f["told_before_load"] == f["told"] == f["loaded"], f
+    assert _close(f["told"], f["held"], 0.01), f
+    assert f["delta_dtypes"] == [f["model_dtype"]], f
+
+
+@pytest.mark.slow
 def test_the_vram_bench_states_these_figures(probe):
     """``python -m bench.vram`` prints this probe's figures (the README's VRAM table comes from it)."""
     from bench.vram import table
