@@ -212,14 +212,20 @@ def _normal_tensors(module: nn.Module) -> None:
 
 def _sampling(result: QuantizeResult):
     """An OUTER_SAMPLE wrapper, run before ComfyUI loads the MODEL being sampled: its weight patches reach the quantized
-    layers first (``weight_patches.before_load``: the size the planner reads counts them). After a sampling run in
+    layers first (``weight_patches.before_load``: the size the planner reads counts them), and attention patches get
+    the norm outputs QVD folded SCRI into in their own domain (``_unfold_for_patches``). After a sampling run in
     which ``auto`` chose routes for new layer shapes, one log line says what it chose and what the weight-only route
     keeps in memory."""
+    norms = [m for m in result.modules.values() if getattr(m, "qvd_scri_norm", False)]
+
     def wrapper(executor, *args, **kwargs):
-        patcher = getattr(getattr(executor, "class_obj", None), "model_patcher", None)
+        guider = getattr(executor, "class_obj", None)
+        patcher = getattr(guider, "model_patcher", None)
         if patcher is not None:
             for p in (patcher, *motion_patchers(patcher)):
                 weight_patches.before_load(p)
+        if norms and isinstance(getattr(guider, "model_options", None), dict):
+            _unfold_for_patches(guider.model_options, norms)  # this run's copy of the MODEL's options
         before = len(kernels.decisions())
         out = executor(*args, **kwargs)
         made = list(kernels.decisions().values())[before:]
@@ -229,6 +235,43 @@ def _sampling(result: QuantizeResult):
                          f"; weight-only layers keep {kept / 2**20:.0f} MiB of float weights on the CPU" if kept else "")
         return out
     return wrapper
+
+
+NORM_READERS = ("attn1_patch", "attn2_patch")  # ComfyUI's transformer block hands these its norm1 / norm2 output
+
+
+def _unfold_for_patches(model_options: dict, norms: list) -> None:
+    """Wrap the attention patches of a sampling run's ``model_options`` (a hypernetwork, IPAdapter-style or any other
+    ``attn1_patch`` / ``attn2_patch``) so they see what they would without QVD (``_Unfolded``)."""
+    options = model_options.get("transformer_options", {})
+    patches = options.get("patches", {})
+    kinds = [k for k in NORM_READERS if patches.get(k) and not isinstance(patches[k][0], _Unfolded)]
+    if kinds:
+        model_options["transformer_options"] = {**options, "patches": {
+            **patches, **{k: [_Unfolded(tuple(patches[k]), norms)] for k in kinds}}}
+
+
+class _Unfolded:
+    """ComfyUI attention patches ``(n, context, value, extra_options) -> (n, context, value)`` run on the values they
+    would see without QVD: an argument that is the output of a norm QVD folded SCRI into, ``(x - z) / s``, is handed
+    over as ``x`` (``ScriTransform.unapply``), and what the patches return in its place goes back to ``(x - z) / s``
+    for the folded layers that read it. Other arguments (the text context of cross-attention) pass unchanged."""
+
+    def __init__(self, patches: tuple, norms: list):
+        self.patches, self.norms = patches, norms
+
+    def __call__(self, n, context, value, extra_options):
+        from ..qvd.scri import folded_output_transform
+
+        scri = folded_output_transform(n, self.norms)
+        args = (n, context, value)
+        folded = [scri is not None and t is n for t in args]
+        if scri is not None:
+            plain = scri.unapply(n).to(n.dtype)
+            args = tuple(plain if f else t for t, f in zip(args, folded))
+        for patch in self.patches:
+            args = patch(*args, extra_options)
+        return tuple(scri.apply(t).to(t.dtype) if f else t for t, f in zip(args, folded))
 
 
 def _refuse_float_save(*_args, **_kwargs):

@@ -364,8 +364,9 @@ def load_quantized(path: str, root: nn.Module, apply: bool = True) -> QuantizeRe
         fields = _TEMPORAL_FIELDS if info["kind"] == "temporal" else _W8A8_FIELDS
         q = _build(info, {f: tensors.get(f"{name}.{f}") for f in fields})
         modules[name] = q.to(named[name].weight.device)
-    for name in meta["norms"]:
-        modules[name] = folded_norm(named[name], tensors[f"{name}.weight"], tensors[f"{name}.bias"])
+    for name in meta["norms"]:  # one transform for all the layers a norm feeds (checked): any of them has it
+        scri = next(modules[n].scri for n, info in meta["layers"].items() if info.get("scri") == f"norm:{name}")
+        modules[name] = folded_norm(named[name], tensors[f"{name}.weight"], tensors[f"{name}.bias"], scri)
     if apply:
         install(root, modules)
     return QuantizeResult(modules, meta["report"], cfg, meta["signatures"], meta.get("calibrated", {}))

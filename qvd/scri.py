@@ -16,6 +16,7 @@ which makes the compensation exact at the borders too.
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -103,18 +104,36 @@ class ScriTransform:
     def fold_norm(self, norm: nn.Module) -> nn.Module:
         """A copy of an affine LayerNorm / GroupNorm whose output is already ``(y - z) / s``."""
         z, s = self.shift.to(norm.weight.device), self.scale.to(norm.weight.device)
-        return folded_norm(norm, norm.weight.float() / s, (norm.bias.float() - z) / s)
+        return folded_norm(norm, norm.weight.float() / s, (norm.bias.float() - z) / s, self)
 
 
-def folded_norm(norm: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
-    """A copy of ``norm`` with the folded affine ``weight`` / ``bias``, marked ``qvd_scri_norm`` (a host must not
-    patch its affine as the original's)."""
+def folded_norm(norm: nn.Module, weight: torch.Tensor, bias: torch.Tensor, scri: ScriTransform) -> nn.Module:
+    """A copy of ``norm`` with the folded affine ``weight`` / ``bias`` (its output is ``scri.apply`` of the original's),
+    marked ``qvd_scri_norm`` (a host must not patch its affine as the original's). It keeps ``qvd_scri`` and a weak
+    reference to its last output (``folded_output_transform``), so a host hook handed that output can read it in the
+    original's domain."""
     new = copy.deepcopy(norm)
     with torch.no_grad():
         new.weight.copy_(weight)
         new.bias.copy_(bias)
     new.qvd_scri_norm = True
+    new.qvd_scri = scri
+    new.qvd_last_output = None
+    new.register_forward_hook(_remember_output)
     return new
+
+
+def _remember_output(module: nn.Module, _inputs, output) -> None:
+    module.qvd_last_output = weakref.ref(output) if torch.is_tensor(output) else None
+
+
+def folded_output_transform(t: torch.Tensor, norms) -> ScriTransform | None:
+    """The SCRI transform of ``t`` when it is the last output of one of the folded ``norms`` (None otherwise)."""
+    for norm in norms:
+        ref = getattr(norm, "qvd_last_output", None)
+        if ref is not None and ref() is t:
+            return norm.qvd_scri
+    return None
 
 
 def foldable_norm(norm: nn.Module) -> bool:

@@ -104,3 +104,49 @@ def test_a_sampling_run_logs_what_auto_chose_once(pack, monkeypatch, caplog):
         assert wrapper(lambda: "again") == "again"
     lines = [r.message for r in caplog.records if "QVD compute auto" in r.message]
     assert len(lines) == 1 and "weight-only on 1" in lines[0] and "(1.00x)" in lines[0], lines
+
+
+def test_attention_patches_see_a_folded_norms_output_in_its_own_domain(pack):
+    """ComfyUI hands ``attn1_patch`` / ``attn2_patch`` (a hypernetwork, ...) its norm's output. Where QVD folded SCRI
+    into that norm the output is ``(x - z) / s``: the wrapper QVD puts around the patches for a sampling run hands
+    them ``x`` and returns what they give back to the folded layers' domain; the text context passes unchanged."""
+    import torch
+
+    patching = sys.modules["comfyui_qvd_pack.nodes.patching"]
+    scri_mod = sys.modules["comfyui_qvd_pack.qvd.scri"]
+    g = torch.Generator().manual_seed(0)
+    norm = torch.nn.LayerNorm(8)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(8, generator=g) + 0.5)
+        norm.bias.copy_(torch.randn(8, generator=g))
+    scri = scri_mod.ScriTransform(torch.randn(8, generator=g), torch.rand(8, generator=g) + 0.2)
+    folded = scri.fold_norm(norm)
+    x, text = torch.randn(2, 5, 8, generator=g), torch.randn(2, 7, 8, generator=g)
+    seen = []
+
+    def patch(n, context, value, extra_options):
+        seen.append((n, context, value))
+        return n + 1.0, context * 2.0, value
+
+    model_options = {"transformer_options": {"patches": {"attn1_patch": [patch], "attn2_patch": [patch]}}}
+    patching._unfold_for_patches(model_options, [folded])
+    patches = model_options["transformer_options"]["patches"]
+    true = norm(x)
+    with torch.no_grad():
+        n = folded(x)
+        torch.testing.assert_close(n, scri.apply(true), rtol=1e-5, atol=1e-5)
+        q, k, v = patches["attn1_patch"][0](n, n, n, {})  # self-attention: all three are the norm's output
+        torch.testing.assert_close(seen[-1][0], true, rtol=1e-5, atol=1e-5)
+        assert seen[-1][1] is seen[-1][0] and seen[-1][2] is seen[-1][0]
+        torch.testing.assert_close(q, scri.apply(true + 1.0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(k, scri.apply(true * 2.0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, n, rtol=1e-5, atol=1e-5)
+        q, k, v = patches["attn2_patch"][0](n, text, text, {})  # cross-attention: the context is not the norm's
+        assert seen[-1][1] is text and seen[-1][2] is text
+        torch.testing.assert_close(k, text * 2.0)
+        other = torch.randn(2, 5, 8, generator=g)  # not a folded norm's output: handed over as is
+        q, _, _ = patches["attn1_patch"][0](other, other, other, {})
+        assert seen[-1][0] is other and torch.equal(q, other + 1.0)
+    patching._unfold_for_patches(model_options, [folded])  # a second wrap of the same options is a no-op
+    assert len(model_options["transformer_options"]["patches"]["attn1_patch"]) == 1
+    assert model_options["transformer_options"]["patches"]["attn1_patch"][0].patches == (patch,)
