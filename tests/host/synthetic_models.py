@@ -224,3 +224,18 @@ if __name__ == "__main__":
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     kind, out = sys.argv[1], sys.argv[2]
     {"sd15": build_sd15_checkpoint, "motion": build_motion_model}[kind](out)
+
+
+def write_hypernetwork(path, dims=(320, 640, 1280, 768), std: float = 0.02) -> None:
+    """A seeded hypernetwork in the format ComfyUI's HypernetworkLoader reads: per attention width, two MLPs
+    (dim -> 2 dim -> dim, ReLU) added to the keys and the values."""
+    gen = torch.Generator().manual_seed(LORA_SEED + 1)
+
+    def mlp(dim: int) -> dict:
+        return {"linear.0.weight": torch.randn(2 * dim, dim, generator=gen) * std,
+                "linear.0.bias": torch.zeros(2 * dim),
+                "linear.1.weight": torch.randn(dim, 2 * dim, generator=gen) * std,
+                "linear.1.bias": torch.zeros(dim)}
+    sd = {dim: [mlp(dim), mlp(dim)] for dim in dims}
+    sd.update(activation_func="relu", is_layer_norm=False, use_dropout=False)
+    torch.save(sd, str(path))
