@@ -239,3 +239,16 @@ def write_hypernetwork(path, dims=(320, 640, 1280, 768), std: float = 0.02) -> N
     sd = {dim: [mlp(dim), mlp(dim)] for dim in dims}
     sd.update(activation_func="relu", is_layer_norm=False, use_dropout=False)
     torch.save(sd, str(path))
+
+
+def sd15_controlnet_state_dict(seed: int = SEED + 2) -> dict[str, torch.Tensor]:
+    """A seeded SD1.5 ControlNet (ComfyUI's ``cldm.ControlNet``, 3-channel hint) in the ``control_model.`` layout of
+    the original .pth / .safetensors files, fp16; its zero convolutions seeded non-zero so the control acts."""
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    config = {k: v for k, v in SD15_UNET_CONFIG.items() if k != "out_channels"}
+    net = comfy.cldm.cldm.ControlNet(**config, hint_channels=3, operations=comfy.ops.disable_weight_init,
+                                     dtype=torch.float32, device="cpu")
+    init_seeded_([net], seed)
+    return {f"control_model.{k}": v.to(torch.float16) for k, v in net.state_dict().items()}
