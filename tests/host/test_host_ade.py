@@ -63,3 +63,31 @@ def test_calibration_of_the_ade_model_does_not_fit_the_plain_model(ade_server):
         "30": {"class_type": "QVDSaveQuantized", "inputs": {"model": ["11", 0], "filename": "never"}}}))
     err = execution_error(entry)
     assert err["node_type"] == "QVDQuantizeModel" and "different model" in err["exception_message"], err
+
+
+def test_context_windows_over_24_frames(ade_server):
+    """ADE's context options (Standard Uniform, windows of 16 frames with overlap 4) over 24 frames: calibrated and
+    sampled through the windows, the quantized output stays within the synthetic model's usual error of FP, and the
+    saved file loads to the same output (issue 28)."""
+    skip = TINY["skip"] + ", down_blocks.[1-3].*, up_blocks.[0-2].*"
+    wf = tiny(load_api("qvd_ade_txt2vid_calibrate_quantize"), model_name=MOTION_NAME, skip=skip, batch_size=24)
+    wf["8"] = {"class_type": "ADE_StandardUniformContextOptions",
+               "inputs": {"context_length": 16, "context_stride": 1, "context_overlap": 4}}
+    wf["7"]["inputs"]["context_options"] = ["8", 0]
+    wf["12"]["inputs"]["filename"] = "ade_context"
+    wf["10"]["inputs"]["seed"] = wf["20"]["inputs"]["seed"]
+    fp_prompt = with_latent_output(without(copy.deepcopy(wf), "10", "11", "12"), "20", "ctx_fp")
+    fp_prompt["20"]["inputs"]["model"] = ["7", 0]
+    fp = read_latent(ade_server, ade_server.run(fp_prompt), "save_ctx_fp")
+    q = read_latent(ade_server, ade_server.run(with_latent_output(wf, "20", "ctx_q")), "save_ctx_q")
+    assert fp.shape[0] == 24 and torch.isfinite(q).all()
+    assert "Sliding context window sampling activated" in ade_server.log()
+    rel = float((q - fp).norm() / fp.norm())
+    print(f"\ncontext windows, 24 frames: W8A8 vs FP {rel:.4f}")
+    assert 0 < rel < 0.2, rel
+    loaded = tiny(load_api("qvd_ade_txt2vid_load_quantized"), model_name=MOTION_NAME, batch_size=24,
+                  qvd_name="ade_context.safetensors")
+    loaded["8"] = copy.deepcopy(wf["8"])
+    loaded["7"]["inputs"]["context_options"] = ["8", 0]
+    entry = ade_server.run(with_latent_output(loaded, "20", "ctx_loaded"))
+    assert torch.equal(read_latent(ade_server, entry, "save_ctx_loaded"), q)
