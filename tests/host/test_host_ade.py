@@ -91,3 +91,38 @@ def test_context_windows_over_24_frames(ade_server):
     loaded["7"]["inputs"]["context_options"] = ["8", 0]
     entry = ade_server.run(with_latent_output(loaded, "20", "ctx_loaded"))
     assert torch.equal(read_latent(ade_server, entry, "save_ctx_loaded"), q)
+
+
+def test_freeinit_iterations(ade_server):
+    """ADE's FreeInit (2 iterations, gaussian filter) through its sample settings: every iteration samples the
+    quantized MODEL (calibrated the same way), within the usual error of FP; the file loads to the same output."""
+    skip = TINY["skip"] + ", down_blocks.[1-3].*, up_blocks.[0-2].*"
+    wf = tiny(load_api("qvd_ade_txt2vid_calibrate_quantize"), model_name=MOTION_NAME, skip=skip, batch_size=8)
+    settings = {
+        "8": {"class_type": "ADE_IterationOptsFreeInit",
+              "inputs": {"iterations": 2, "filter": "gaussian", "d_s": 0.25, "d_t": 0.25, "n_butterworth": 4,
+                         "sigma_step": 999, "apply_to_1st_iter": False, "init_type": "FreeInit [sampler sigma]"}},
+        "9": {"class_type": "ADE_AnimateDiffSamplingSettings",
+              "inputs": {"batch_offset": 0, "noise_type": "default", "seed_gen": "comfy", "seed_offset": 0,
+                         "iteration_opts": ["8", 0]}}}
+    wf.update(copy.deepcopy(settings))
+    wf["7"]["inputs"]["sample_settings"] = ["9", 0]
+    wf["12"]["inputs"]["filename"] = "ade_freeinit"
+    wf["10"]["inputs"]["seed"] = wf["20"]["inputs"]["seed"]
+    fp_prompt = with_latent_output(without(copy.deepcopy(wf), "10", "11", "12"), "20", "fi_fp")
+    fp_prompt["20"]["inputs"]["model"] = ["7", 0]
+    fp = read_latent(ade_server, ade_server.run(fp_prompt), "save_fi_fp")
+    plain = copy.deepcopy(fp_prompt)
+    del plain["7"]["inputs"]["sample_settings"]
+    plain = with_latent_output(without(plain, "8", "9", "save_fi_fp"), "20", "fi_plain")
+    assert not torch.equal(read_latent(ade_server, ade_server.run(plain), "save_fi_plain"), fp)  # FreeInit acted
+    q = read_latent(ade_server, ade_server.run(with_latent_output(wf, "20", "fi_q")), "save_fi_q")
+    rel = float((q - fp).norm() / fp.norm())
+    print(f"\nFreeInit, 2 iterations: W8A8 vs FP {rel:.4f}")
+    assert torch.isfinite(q).all() and 0 < rel < 0.2, rel
+    loaded = tiny(load_api("qvd_ade_txt2vid_load_quantized"), model_name=MOTION_NAME, batch_size=8,
+                  qvd_name="ade_freeinit.safetensors")
+    loaded.update(copy.deepcopy(settings))
+    loaded["7"]["inputs"]["sample_settings"] = ["9", 0]
+    entry = ade_server.run(with_latent_output(loaded, "20", "fi_loaded"))
+    assert torch.equal(read_latent(ade_server, entry, "save_fi_loaded"), q)
