@@ -4,9 +4,9 @@
 When: ``on_load`` is an ON_LOAD callback on every quantized MODEL and its motion models, so each time ComfyUI
 loads one (whole, partial, or 0.33's dynamic VRAM), every quantized layer gets that MODEL's patches (or none),
 bias patches as a patched copy of the float bias; a sampling run also does it just before ComfyUI plans the load
-(``before_load``), so the size the MODEL tells counts the branches. ComfyUI itself never merges a patch into a quantized layer (the
-layer says its weights are patched already: ``comfy_patched_weights``), so a load with a LoRA does no float work on
-the int8 weights. A layer ComfyUI leaves offloaded reads the ``LowVramPatch`` queued on it at call time
+(``before_load``), so the size the MODEL tells counts the branches. ComfyUI itself never merges a patch into a
+quantized layer (the layer says its weights are patched already: ``comfy_patched_weights``), so a load with a LoRA
+does no float work on the int8 weights. A layer ComfyUI leaves offloaded reads the ``LowVramPatch`` queued on it at call time
 (``call_time_delta``; its bias ones apply to the stored bias).
 
 How (``delta_for``), from a layer's list of ComfyUI patches:
