@@ -6,8 +6,8 @@ loads one (whole, partial, or 0.33's dynamic VRAM), every quantized layer gets t
 bias patches as a patched copy of the float bias; a sampling run also does it just before ComfyUI plans the load
 (``before_load``), so the size the MODEL tells counts the branches. ComfyUI itself never merges a patch into a
 quantized layer (the layer says its weights are patched already: ``comfy_patched_weights``), so a load with a LoRA
-does no float work on the int8 weights. A layer ComfyUI leaves offloaded reads the ``LowVramPatch`` queued on it at call time
-(``call_time_delta``; its bias ones apply to the stored bias).
+does no float work on the int8 weights. A layer ComfyUI leaves offloaded reads the ``LowVramPatch`` queued on it at
+call time (``call_time_delta``; its bias ones apply to the stored bias).
 
 How (``delta_for``), from a layer's list of ComfyUI patches:
 - additive adapters with a low-rank form become one low-rank branch (stacked along the rank): LoRA / LoCon

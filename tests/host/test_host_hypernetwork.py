@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def probe(sd15_checkpoint, tmp_path_factory):
     path = tmp_path_factory.mktemp("hypernetwork") / "hn.pt"
-    write_hypernetwork(path, dims=(320,), std=0.04)  # the self-attention width of the quantized blocks (lowvram_probe.SKIP)
+    write_hypernetwork(path, dims=(320,), std=0.04)  # the attention width of the blocks SKIP leaves quantized
     facts = run_probe("hypernetwork_probe.py", sd15_checkpoint, REPO, path, timeout=1200)
     print(f"\nhypernetwork: {facts}")
     return facts
