@@ -65,39 +65,45 @@ def test_calibration_of_the_ade_model_does_not_fit_the_plain_model(ade_server):
     assert err["node_type"] == "QVDQuantizeModel" and "different model" in err["exception_message"], err
 
 
+def _ade_with(server, prefix: str, frames: int, extra: dict, use: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """(the FP prompt, its latent, the W8A8 latent) of the ADE graph with ``extra`` nodes and ``use`` set on ADE's Use
+    Evolved Sampling, quantized as in ``test_ade_workflow_quantizes_unet_and_motion_model``; asserts that the saved
+    file, loaded by QVD Load Quantized into the same graph, samples the same latent."""
+    skip = TINY["skip"] + ", down_blocks.[1-3].*, up_blocks.[0-2].*"
+    wf = tiny(load_api("qvd_ade_txt2vid_calibrate_quantize"), model_name=MOTION_NAME, skip=skip, batch_size=frames)
+    loaded = tiny(load_api("qvd_ade_txt2vid_load_quantized"), model_name=MOTION_NAME, batch_size=frames,
+                  qvd_name=f"{prefix}.safetensors")
+    for prompt in (wf, loaded):
+        prompt.update(copy.deepcopy(extra))
+        prompt["7"]["inputs"].update(use)
+    wf["12"]["inputs"]["filename"] = prefix
+    wf["10"]["inputs"]["seed"] = wf["20"]["inputs"]["seed"]
+    fp_prompt = with_latent_output(without(copy.deepcopy(wf), "10", "11", "12"), "20", f"{prefix}_fp")
+    fp_prompt["20"]["inputs"]["model"] = ["7", 0]
+    fp = read_latent(server, server.run(fp_prompt), f"save_{prefix}_fp")
+    q = read_latent(server, server.run(with_latent_output(wf, "20", f"{prefix}_q")), f"save_{prefix}_q")
+    entry = server.run(with_latent_output(loaded, "20", f"{prefix}_loaded"))
+    assert torch.equal(read_latent(server, entry, f"save_{prefix}_loaded"), q)
+    return fp_prompt, fp, q
+
+
 def test_context_windows_over_24_frames(ade_server):
     """ADE's context options (Standard Uniform, windows of 16 frames with overlap 4) over 24 frames: calibrated and
     sampled through the windows, the quantized output stays within the synthetic model's usual error of FP, and the
     saved file loads to the same output (issue 28)."""
-    skip = TINY["skip"] + ", down_blocks.[1-3].*, up_blocks.[0-2].*"
-    wf = tiny(load_api("qvd_ade_txt2vid_calibrate_quantize"), model_name=MOTION_NAME, skip=skip, batch_size=24)
-    wf["8"] = {"class_type": "ADE_StandardUniformContextOptions",
-               "inputs": {"context_length": 16, "context_stride": 1, "context_overlap": 4}}
-    wf["7"]["inputs"]["context_options"] = ["8", 0]
-    wf["12"]["inputs"]["filename"] = "ade_context"
-    wf["10"]["inputs"]["seed"] = wf["20"]["inputs"]["seed"]
-    fp_prompt = with_latent_output(without(copy.deepcopy(wf), "10", "11", "12"), "20", "ctx_fp")
-    fp_prompt["20"]["inputs"]["model"] = ["7", 0]
-    fp = read_latent(ade_server, ade_server.run(fp_prompt), "save_ctx_fp")
-    q = read_latent(ade_server, ade_server.run(with_latent_output(wf, "20", "ctx_q")), "save_ctx_q")
+    options = {"8": {"class_type": "ADE_StandardUniformContextOptions",
+                     "inputs": {"context_length": 16, "context_stride": 1, "context_overlap": 4}}}
+    _, fp, q = _ade_with(ade_server, "ade_context", 24, options, {"context_options": ["8", 0]})
     assert fp.shape[0] == 24 and torch.isfinite(q).all()
     assert "Sliding context window sampling activated" in ade_server.log()
     rel = float((q - fp).norm() / fp.norm())
     print(f"\ncontext windows, 24 frames: W8A8 vs FP {rel:.4f}")
     assert 0 < rel < 0.2, rel
-    loaded = tiny(load_api("qvd_ade_txt2vid_load_quantized"), model_name=MOTION_NAME, batch_size=24,
-                  qvd_name="ade_context.safetensors")
-    loaded["8"] = copy.deepcopy(wf["8"])
-    loaded["7"]["inputs"]["context_options"] = ["8", 0]
-    entry = ade_server.run(with_latent_output(loaded, "20", "ctx_loaded"))
-    assert torch.equal(read_latent(ade_server, entry, "save_ctx_loaded"), q)
 
 
 def test_freeinit_iterations(ade_server):
     """ADE's FreeInit (2 iterations, gaussian filter) through its sample settings: every iteration samples the
     quantized MODEL (calibrated the same way), within the usual error of FP; the file loads to the same output."""
-    skip = TINY["skip"] + ", down_blocks.[1-3].*, up_blocks.[0-2].*"
-    wf = tiny(load_api("qvd_ade_txt2vid_calibrate_quantize"), model_name=MOTION_NAME, skip=skip, batch_size=8)
     settings = {
         "8": {"class_type": "ADE_IterationOptsFreeInit",
               "inputs": {"iterations": 2, "filter": "gaussian", "d_s": 0.25, "d_t": 0.25, "n_butterworth": 4,
@@ -105,24 +111,11 @@ def test_freeinit_iterations(ade_server):
         "9": {"class_type": "ADE_AnimateDiffSamplingSettings",
               "inputs": {"batch_offset": 0, "noise_type": "default", "seed_gen": "comfy", "seed_offset": 0,
                          "iteration_opts": ["8", 0]}}}
-    wf.update(copy.deepcopy(settings))
-    wf["7"]["inputs"]["sample_settings"] = ["9", 0]
-    wf["12"]["inputs"]["filename"] = "ade_freeinit"
-    wf["10"]["inputs"]["seed"] = wf["20"]["inputs"]["seed"]
-    fp_prompt = with_latent_output(without(copy.deepcopy(wf), "10", "11", "12"), "20", "fi_fp")
-    fp_prompt["20"]["inputs"]["model"] = ["7", 0]
-    fp = read_latent(ade_server, ade_server.run(fp_prompt), "save_fi_fp")
+    fp_prompt, fp, q = _ade_with(ade_server, "ade_freeinit", 8, settings, {"sample_settings": ["9", 0]})
     plain = copy.deepcopy(fp_prompt)
     del plain["7"]["inputs"]["sample_settings"]
-    plain = with_latent_output(without(plain, "8", "9", "save_fi_fp"), "20", "fi_plain")
+    plain = with_latent_output(without(plain, "8", "9", "save_ade_freeinit_fp"), "20", "fi_plain")
     assert not torch.equal(read_latent(ade_server, ade_server.run(plain), "save_fi_plain"), fp)  # FreeInit acted
-    q = read_latent(ade_server, ade_server.run(with_latent_output(wf, "20", "fi_q")), "save_fi_q")
     rel = float((q - fp).norm() / fp.norm())
     print(f"\nFreeInit, 2 iterations: W8A8 vs FP {rel:.4f}")
     assert torch.isfinite(q).all() and 0 < rel < 0.2, rel
-    loaded = tiny(load_api("qvd_ade_txt2vid_load_quantized"), model_name=MOTION_NAME, batch_size=8,
-                  qvd_name="ade_freeinit.safetensors")
-    loaded.update(copy.deepcopy(settings))
-    loaded["7"]["inputs"]["sample_settings"] = ["9", 0]
-    entry = ade_server.run(with_latent_output(loaded, "20", "fi_loaded"))
-    assert torch.equal(read_latent(ade_server, entry, "save_fi_loaded"), q)
