@@ -22,6 +22,7 @@ from torch import nn
 
 from ..qvd import Calibrator, QuantizeResult, QVDConfig, QVDError, kernels, set_compute
 from ..qvd.modules import kept_float_bytes
+from ..qvd.scri import folded_output_transform
 from . import weight_patches
 
 ADE_KEY = "ADE"
@@ -261,8 +262,6 @@ class _Unfolded:
         self.patches, self.norms = patches, norms
 
     def __call__(self, n, context, value, extra_options):
-        from ..qvd.scri import folded_output_transform
-
         scri = folded_output_transform(n, self.norms)
         args = (n, context, value)
         folded = [scri is not None and t is n for t in args]

@@ -195,17 +195,17 @@ class _QuantizedBase(_HostHooks):
 
     def scri_bias(self, device=None) -> torch.Tensor:
         """``b + W z`` for the layer's bias (cached on the layer's device)."""
-        home = self.weight.device
-        b = self._cached("scri_bias", home, (self.weight, self.weight_scale, self._bias(), self.scri_shift,
-                                             self.scri_inv_scale), lambda: self._bias_of(self._bias(), home, False))
-        return _to(b, home if device is None else device)
+        return self._stored_bias(False, device)
 
     def epilogue_bias(self, device=None) -> torch.Tensor:
         """The integer kernels' epilogue bias for the layer's bias (cached on the layer's device)."""
+        return self._stored_bias(True, device)
+
+    def _stored_bias(self, epilogue: bool, device) -> torch.Tensor:
         home = self.weight.device
-        b = self._cached("epilogue_bias", home, (self.weight, self.weight_scale, self._bias(), self.act_scale,
-                                                 self.scri_shift, self.scri_inv_scale),
-                         lambda: self._bias_of(self._bias(), home, True))
+        deps = (self.weight, self.weight_scale, self._bias(), self.act_scale, self.scri_shift, self.scri_inv_scale)
+        b = self._cached("epilogue_bias" if epilogue else "scri_bias", home, deps,
+                         lambda: self._bias_of(self._bias(), home, epilogue))
         return _to(b, home if device is None else device)
 
     def packed_weight(self, weight: torch.Tensor) -> kernels.PackedWeight:
