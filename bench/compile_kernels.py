@@ -1,5 +1,8 @@
 """Compile every Triton kernel at every tile its autotuner may pick, for sm_80 / 86 / 89 / 90, without a GPU.
 
+GEMM kernels: ``linear`` / ``conv3x3`` / ``conv1x1`` on int8 codes, and their ``_fused`` variants that quantize the
+float input (fp16; bf16 at one tile) in the A-tile load.
+
 ``triton.compile`` lowers to PTX and runs the wheel's ptxas on this machine. For each (kernel, tile, arch) it
 records the compile seconds (a fresh Triton cache: nothing reused), registers, spilled bytes, shared memory
 against the arch's per-block limit, and whether the GEMMs use int8 tensor-core instructions (``mma.sync ...
@@ -24,6 +27,7 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes of shar
 MMA = {"sm80": re.compile(r"mma\.sync\.aligned\.m16n8k32\.row\.col(\.satfinite)?\.s32\.s8\.s8\.s32"),
        "sm90": re.compile(r"wgmma\.mma_async\.sync\.aligned\.m\d+n\d+k32\.s32\.s8\.s8")}
 _PTR = {"int8": "*i8", "fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32", "u8": "*u8"}
+GEMMS = ("linear", "conv3x3", "conv1x1", "linear_fused", "conv3x3_fused", "conv1x1_fused")
 
 
 def _classes(arch: int) -> list[str]:
@@ -37,9 +41,9 @@ def jobs(archs=ARCHS) -> list[dict]:
     from qvd.kernels import triton_kernels as tk
     out = []
     for arch in archs:
-        tiles = {str(c): c for cls in _classes(arch) for c in tk.SHAPE_CLASSES[cls]}
-        for i, cfg in enumerate(tiles.values()):
-            for kernel in ("linear", "conv3x3", "conv1x1"):
+        for kernel in GEMMS:
+            tiles = {str(c): c for cls in _classes(arch) for c in tk.classes_of(kernel)[cls]}
+            for i, cfg in enumerate(tiles.values()):
                 out.append(dict(kernel=kernel, arch=arch, tile=dict(cfg.kwargs), warps=cfg.num_warps,
                                 stages=cfg.num_stages, out="fp16"))
                 if i == 0:
@@ -54,14 +58,19 @@ def _source(job: dict):
 
     from qvd.kernels import triton_kernels as tk
     kind, out = job["kernel"], _PTR[job["out"]]
-    if kind in ("linear", "conv3x3", "conv1x1"):
-        fn = tk._linear_kernel if kind == "linear" else tk._conv_kernel
+    if kind in GEMMS:
+        fused = kind.endswith("_fused")
+        fn = getattr(tk, f"_{'linear' if kind.startswith('linear') else 'conv'}{'_fused' if fused else ''}_kernel")
         sig = {a: "i32" for a in fn.arg_names}
-        sig.update(a_ptr="*i8", x_ptr="*i8", pad_ptr="*i8", b_ptr="*i8", out_ptr=out, wscale_ptr="*fp32",
-                   bias_ptr="*fp32", scale_ptr="*fp32", scale_val="fp32")
+        # the fused kernels read the float input (in the output's dtype) and quantize it with SCRI
+        sig.update(a_ptr="*i8", x_ptr=out if fused else "*i8", pad_ptr="*i8", b_ptr="*i8", out_ptr=out,
+                   wscale_ptr="*fp32", bias_ptr="*fp32", scale_ptr="*fp32", scale_val="fp32", shift_ptr="*fp32",
+                   inv_scale_ptr="*fp32")
         const = dict(HAS_BIAS=True, SCALE_PTR=True, **job["tile"])
-        if kind != "linear":
-            const.update(KH=3, KW=3) if kind == "conv3x3" else const.update(KH=1, KW=1)
+        if fused:
+            const.update(HAS_SHIFT=True, HAS_SMOOTH=True)
+        if kind.startswith("conv"):
+            const.update(KH=3, KW=3) if kind.startswith("conv3x3") else const.update(KH=1, KW=1)
     elif kind == "quantize":
         fn = tk._quant_kernel
         sig = {a: "i32" for a in fn.arg_names}
@@ -76,12 +85,14 @@ def _source(job: dict):
         fn = tk._decode_kernel
         sig = dict(codes_ptr="*u8", levels_ptr="*fp32", out_ptr="*fp32", numel="i32")
         const = dict(BLOCK=tk.GPU_LUT_BLOCK)
-    if kind == "linear":
+    if kind.startswith("linear"):
         const["s_on"] = 1  # as Triton's JIT specialises an int argument equal to 1
+        if fused:
+            const["s_xk"] = 1  # a contiguous input's K stride
     sig = {a: sig[a] for a in fn.arg_names if a not in const} | {a: "constexpr" for a in const}
     # what the JIT sees at run time: 16-byte aligned torch allocations, channel counts / row strides that are
     # multiples of 16 (SD1.5 and motion-module layers)
-    div16 = {a for a, t in sig.items() if t.startswith("*")} | {"K", "N", "C", "s_am", "s_bn", "s_om"}
+    div16 = {a for a, t in sig.items() if t.startswith("*")} | {"K", "N", "C", "s_am", "s_bn", "s_om", "s_xm"}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in div16 if a in sig and a not in const}
     return ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
 
@@ -105,7 +116,7 @@ def compile_one(job: dict) -> dict:
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     ptx = k.asm["ptx"]
-    gemm = job["kernel"] in ("linear", "conv3x3", "conv1x1")
+    gemm = job["kernel"] in GEMMS
     # sm_90 runs tiles with BM >= 64 on wgmma, smaller ones on mma.sync
     return {**job, "seconds": round(seconds, 2), "registers": int(regs.group(1)) if regs else None,
             "spill_bytes": int(spill.group(1)) + int(spill.group(2)) if spill else 0,

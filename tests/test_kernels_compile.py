@@ -1,4 +1,4 @@
-"""Every Triton kernel at every tile its autotuner may pick compiles for sm_80 / 86 / 89 / 90 on this CPU
+"""Every Triton kernel (the fused-quantize GEMMs included) at every tile its autotuner may pick compiles for sm_80 / 86 / 89 / 90 on this CPU
 (``triton.compile`` + the wheel's ptxas, no GPU): int8 tensor-core instructions in the GEMM and conv PTX, no
 register spills, shared memory within each arch's limit, and the conv's flat K loop compiling fast."""
 from __future__ import annotations
@@ -25,9 +25,9 @@ def test_every_kernel_tile_and_arch_is_compiled(results):
     for arch in ck.ARCHS:
         for m in (1, 100, 5000):
             for n in (64, 320, 1280):
-                for cfg in tk.SHAPE_CLASSES[tk.shape_class(tk._bucket(m), n, arch)]:
-                    name = ck.tile_name({"tile": cfg.kwargs, "warps": cfg.num_warps, "stages": cfg.num_stages})
-                    for kernel in ("linear", "conv3x3", "conv1x1"):
+                for kernel in ck.GEMMS:
+                    for cfg in tk.classes_of(kernel)[tk.shape_class(tk._bucket(m), n, arch)]:
+                        name = ck.tile_name({"tile": cfg.kwargs, "warps": cfg.num_warps, "stages": cfg.num_stages})
                         assert (kernel, arch, name) in done
         for kernel in ("quantize", "hiditq_encode", "hiditq_decode"):
             assert (kernel, arch, "-") in done
@@ -37,12 +37,12 @@ def test_no_spills_shared_memory_within_limits_int8_mma(results):
     bad = [f"{r['kernel']} sm_{r['arch']} {ck.tile_name(r)} {r['out']}: {'; '.join(ck.problems(r))}"
            for r in results if ck.problems(r)]
     assert not bad, "\n".join(bad)
-    assert all(r["int8_mma"] for r in results if r["kernel"] in ("linear", "conv3x3", "conv1x1"))
+    assert all(r["int8_mma"] for r in results if r["kernel"] in ck.GEMMS)
 
 
 def test_conv_compiles_fast(results):
     """The flat K loop: one pipelined loop, not KH x KW unrolled copies (which took 13-19 s per tile)."""
-    conv = [r["seconds"] for r in results if r["kernel"] == "conv3x3"]
+    conv = [r["seconds"] for r in results if r["kernel"].startswith("conv3x3")]
     print(f"conv3x3 compile s: median {statistics.median(conv):.1f}, max {max(conv):.1f} over {len(conv)}")
     assert statistics.median(conv) <= 4.0
     assert max(conv) <= 10.0

@@ -7,10 +7,19 @@
   in the output dtype (fp16 / bf16 / fp32).
 - ``conv2d``: int8 implicit-GEMM conv on NHWC codes, one flat K loop over (tap, channel); padded pixels
   read the per-channel code of 0.0.
+- ``linear_fused`` / ``conv2d_fused``: the same GEMMs with the activation quantization (SCRI shift / inv_scale
+  included) done on the A tile as it is loaded from the float input: no int8 copy of the activations is written
+  or read back; each column block of the output quantizes its rows again (the dispatcher times both variants
+  per shape class and keeps the faster: ``qvd.kernels``).
 - ``hiditq_encode`` / ``hiditq_decode``: nearest-level codes (binary search) and their look-up.
 
-Both GEMMs read the weight K-major, ``[N, K]`` (``qvd.kernels.PackedWeight``). Tiles: at most 4 candidates
-per shape class (``shape_class``: M bucket, N, arch), timed once per key and kept in Triton's cache dir.
+All GEMMs read the weight K-major, ``[N, K]`` (``qvd.kernels.PackedWeight``). Tiles: at most 4 candidates
+per shape class (``shape_class``: M bucket, N, arch; ``classes_of`` the kernel), timed once per key and kept in
+Triton's cache dir. Tuning
+is bounded: coarse M buckets (``M_BUCKETS``: a new resolution or frame count rarely needs new timings), a cache-flush
+buffer the size of the GPU's L2 allocated once (``_bench``; Triton's own allocates 256 MB per timing), a few
+timed runs per tile, and a budget (``QVD_TUNE_BUDGET_S``, 120 s a process): past it new shapes take their class's
+first tile untimed. The seconds spent are logged.
 
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the same kernels run on CPU tensors with one
 real GPU tile (``INTERP_CONFIG``, or the caller's ``config``) instead of autotuning; that is how the tests
@@ -20,6 +29,7 @@ variable was set.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -46,7 +56,27 @@ SHAPE_CLASSES = {
     "large_sm90": [_cfg(128, 128, 64, 4, 8), _cfg(128, 256, 64, 3, 8), _cfg(128, 128, 128, 3, 8),
                    _cfg(64, 128, 64, 4, 4)],
 }
-CONFIGS = list({str(c): c for cs in SHAPE_CLASSES.values() for c in cs}.values())  # every tile any class uses
+# The fused kernels hold the float A tile and its gather offsets in registers as well: their tiles are those that
+# compile without spills for them (128 x 128 tiles spill in the fused conv, or overflow sm_86 / sm_89's shared memory).
+FUSED_SHAPE_CLASSES = {
+    "small_m": [_cfg(16, 64, 64, 4, 4), _cfg(16, 128, 128, 4, 4), _cfg(32, 64, 64, 4, 4), _cfg(32, 128, 64, 3, 8)],
+    "medium": [_cfg(64, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 8), _cfg(128, 64, 64, 4, 4), _cfg(64, 64, 128, 3, 8)],
+    "large": [_cfg(128, 64, 64, 4, 8), _cfg(64, 128, 64, 4, 8), _cfg(128, 64, 64, 4, 4), _cfg(64, 64, 128, 3, 8)],
+    "large_sm90": [_cfg(128, 128, 128, 3, 8), _cfg(128, 64, 64, 4, 8), _cfg(64, 128, 64, 4, 8),
+                   _cfg(128, 64, 64, 4, 4)],
+}
+
+
+def classes_of(kernel: str) -> dict:
+    """The candidate tiles per shape class of a GEMM kernel (``linear``, ``conv``, ``linear_fused``, ...)."""
+    return FUSED_SHAPE_CLASSES if kernel.endswith("fused") else SHAPE_CLASSES
+
+
+def _configs(classes: dict) -> list:
+    return list({str(c): c for cs in classes.values() for c in cs}.values())  # every tile any class uses
+
+
+CONFIGS = _configs(SHAPE_CLASSES) + _configs(FUSED_SHAPE_CLASSES)  # every tile any GEMM may run
 # The interpreter runs one real tile (a GPU compiles it too); tests may pass others via ``config``.
 INTERP_CONFIG = {"BM": 32, "BN": 64, "BK": 64, "GROUP_M": 8}
 GPU_Q_BLOCK, GPU_LUT_BLOCK = (64, 64), 1024  # elementwise blocks (smaller under the interpreter)
@@ -63,20 +93,65 @@ def shape_class(m_bucket: int, n: int, arch: int) -> str:
     return "large_sm90" if arch >= 90 else "large"
 
 
-def _prune(configs, nargs, **_):
-    arch = torch.cuda.get_device_capability(nargs["out_ptr"].device)
-    cls = SHAPE_CLASSES[shape_class(nargs["M_BUCKET"], nargs["N"], arch[0] * 10 + arch[1])]
-    return [c for c in configs if any(str(c) == str(k) for k in cls)]
+M_BUCKETS = (16, 32, 64, 256, 512, 2048, 8192, 32768)  # rows are tuned per bucket; beyond the last, its tile
+TUNE_BUDGET_S = float(os.environ.get("QVD_TUNE_BUDGET_S", "120"))
+_TIMED_RUNS = (2, 10, 20.0)  # per tile: warm-up runs, at most this many timed runs, within about this many ms
 
 
-def _tuned(kernel):
-    """Autotuned on a GPU among its shape class's tiles, keyed on the M bucket, N, K and (conv) the kernel
-    size and stride; timings persist in Triton's cache dir, so a restart does not tune again."""
+def _bucket(m: int) -> int:
+    """The M bucket of ``m`` rows (the tuning key's M)."""
+    return next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
+
+
+def _pruner(classes: dict):
+    """The autotuner's pruning for a kernel with these tile ``classes``: its shape class's tiles, or (tuning budget
+    spent) that class's first tile, which the autotuner then runs untimed and keeps nothing on disk for."""
+    def prune(configs, nargs, **_):
+        arch = torch.cuda.get_device_capability(nargs["out_ptr"].device)
+        cls = classes[shape_class(nargs["M_BUCKET"], nargs["N"], arch[0] * 10 + arch[1])]
+        if first_runs.over_budget():
+            cls = cls[:1]
+        own = {str(c): c for c in configs}  # the autotuner's own Config objects, in the class's order
+        return [own[str(c)] for c in cls if str(c) in own]
+    return prune
+
+
+_FLUSH: dict[int, torch.Tensor] = {}
+
+
+def _bench(kernel_call, quantiles=None):
+    """The autotuner's timing of one tile (median, and ``quantiles`` when asked): a couple of warm-up runs, then up
+    to ``_TIMED_RUNS`` runs, each after overwriting one L2-sized buffer (allocated once per GPU, not per timing)."""
+    dev = torch.cuda.current_device()
+    if dev not in _FLUSH:
+        l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or 64 << 20
+        _FLUSH[dev] = torch.empty(l2, dtype=torch.int8, device=dev)
+    warm, most, budget_ms = _TIMED_RUNS
+    for _ in range(warm):
+        kernel_call()
+    times = []
+    while len(times) < most and (len(times) < 3 or sum(times) < budget_ms):
+        _FLUSH[dev].zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        kernel_call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    t = torch.tensor(times)
+    return [float(t.quantile(q)) for q in quantiles] if quantiles else float(t.median())
+
+
+def _tuned(kernel, classes: dict):
+    """Autotuned on a GPU among its shape class's tiles (bounded: see the module docstring), keyed on the M bucket,
+    N, K and (conv) the kernel size and stride; timings persist in Triton's cache dir, so a restart does not tune
+    again."""
     if INTERPRET:
         return kernel
     key = ["M_BUCKET", "N", "K"] + (["KH", "KW", "stride"] if "KH" in kernel.arg_names else [])
-    return triton.autotune(configs=CONFIGS, key=key, prune_configs_by={"early_config_prune": _prune},
-                           cache_results=True)(kernel)
+    bench = {"do_bench": _bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs=_configs(classes), key=key, prune_configs_by={"early_config_prune": _pruner(classes)},
+                           cache_results=True, **bench)(kernel)
 
 
 @triton.jit
@@ -95,6 +170,20 @@ def _load_scale(scale_ptr, scale_val, SCALE_PTR: tl.constexpr):
 
 
 @triton.jit
+def _codes(v, shift_ptr, inv_scale_ptr, rc, c_ok, scale, zp, qmin, qmax,
+           HAS_SHIFT: tl.constexpr, HAS_SMOOTH: tl.constexpr):
+    """int8 activation codes of a [rows, channels] tile ``v`` (channels ``rc``), as ``reference.quantize_activation``:
+    SCRI shift / inv_scale, IEEE division by the scale, round-half-even, zero point, clamp."""
+    v = v.to(tl.float32)
+    if HAS_SHIFT:
+        v = v - tl.load(shift_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_SMOOTH:
+        v = v * tl.load(inv_scale_ptr + rc, mask=c_ok, other=1.0).to(tl.float32)[None, :]
+    v = tl.math.div_rn(v, scale)
+    return tl.minimum(tl.maximum(_round_half_even(v) + zp, qmin), qmax).to(tl.int8)
+
+
+@triton.jit
 def _quant_kernel(x_ptr, out_ptr, shift_ptr, inv_scale_ptr, scale_ptr, scale_val,
                   P, C, H, W, s_n, s_c, s_h, s_w, zp, qmin, qmax,
                   HAS_SHIFT: tl.constexpr, HAS_SMOOTH: tl.constexpr, SCALE_PTR: tl.constexpr,
@@ -108,15 +197,11 @@ def _quant_kernel(x_ptr, out_ptr, shift_ptr, inv_scale_ptr, scale_ptr, scale_val
     w = rp % W
     src = (n.to(tl.int64) * s_n + h * s_h + w * s_w)[:, None] + (rc * s_c)[None, :]
     mask = (rp < P)[:, None] & (rc < C)[None, :]
-    v = tl.load(x_ptr + src, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SHIFT:
-        v = v - tl.load(shift_ptr + rc, mask=rc < C, other=0.0).to(tl.float32)[None, :]
-    if HAS_SMOOTH:
-        v = v * tl.load(inv_scale_ptr + rc, mask=rc < C, other=1.0).to(tl.float32)[None, :]
-    v = tl.math.div_rn(v, _load_scale(scale_ptr, scale_val, SCALE_PTR))
-    q = tl.minimum(tl.maximum(_round_half_even(v) + zp, qmin), qmax)
+    v = tl.load(x_ptr + src, mask=mask, other=0.0)
+    q = _codes(v, shift_ptr, inv_scale_ptr, rc, rc < C, _load_scale(scale_ptr, scale_val, SCALE_PTR), zp, qmin, qmax,
+               HAS_SHIFT, HAS_SMOOTH)
     dst = rp.to(tl.int64)[:, None] * C + rc[None, :]
-    tl.store(out_ptr + dst, q.to(tl.int8), mask=mask)
+    tl.store(out_ptr + dst, q, mask=mask)
 
 
 @triton.jit
@@ -202,6 +287,67 @@ def _conv_kernel(x_ptr, pad_ptr, b_ptr, out_ptr, wscale_ptr, bias_ptr, scale_ptr
 
 
 @triton.jit
+def _linear_fused_kernel(x_ptr, b_ptr, out_ptr, wscale_ptr, bias_ptr, scale_ptr, scale_val, shift_ptr, inv_scale_ptr,
+                         M, N, K, M_BUCKET, s_xm, s_xk, s_bn, s_om, s_on, zp, qmin, qmax,
+                         HAS_BIAS: tl.constexpr, SCALE_PTR: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                         HAS_SMOOTH: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """``_linear_kernel`` on the float input x [M, K] (any strides): each A tile is quantized as it is loaded."""
+    rm, rn = _tile_ids(M, N, BM, BN, GROUP_M)
+    rk = tl.arange(0, BK)
+    scale = _load_scale(scale_ptr, scale_val, SCALE_PTR)
+    x_rows = rm[:, None] * s_xm
+    row_ok = (rm < M)[:, None]
+    b_cols = (rn * s_bn)[None, :]
+    acc = tl.full((BM, BN), 0, tl.int32)
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        k_ok = kk < K
+        v = tl.load(x_ptr + x_rows + (kk * s_xk)[None, :], mask=row_ok & k_ok[None, :], other=0.0)
+        a = _codes(v, shift_ptr, inv_scale_ptr, kk, k_ok, scale, zp, qmin, qmax, HAS_SHIFT, HAS_SMOOTH)
+        b = tl.load(b_ptr + kk[:, None] + b_cols, mask=k_ok[:, None] & (rn < N)[None, :], other=0)
+        acc = tl.dot(a, b, acc)
+    _epilogue_store(acc, rm, rn, M, N, out_ptr, wscale_ptr, bias_ptr, scale_ptr, scale_val,
+                    s_om, s_on, HAS_BIAS, SCALE_PTR)
+
+
+@triton.jit
+def _conv_fused_kernel(x_ptr, b_ptr, out_ptr, wscale_ptr, bias_ptr, scale_ptr, scale_val, shift_ptr, inv_scale_ptr,
+                       M, N, K, M_BUCKET, C, H, W, OH, OW, stride, padding, s_xn, s_xc, s_xh, s_xw, s_bn,
+                       zp, qmin, qmax,
+                       KH: tl.constexpr, KW: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, SCALE_PTR: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                       HAS_SMOOTH: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """``_conv_kernel`` on the float NCHW input (any strides): each A tile is gathered and quantized as it is
+    loaded; a padded pixel loads 0.0, so it gets its channel's code of 0.0 (the reference's padding)."""
+    rm, rn = _tile_ids(M, N, BM, BN, GROUP_M)
+    rk = tl.arange(0, BK)
+    scale = _load_scale(scale_ptr, scale_val, SCALE_PTR)
+    ohw = OH * OW
+    ih0 = ((rm % ohw) // OW) * stride - padding
+    iw0 = (rm % OW) * stride - padding
+    img = (rm // ohw) * s_xn
+    row_ok = rm < M
+    b_cols = (rn * s_bn)[None, :]
+    acc = tl.full((BM, BN), 0, tl.int32)
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        k_ok = kk < K
+        tap = kk // C
+        cc = kk % C
+        ih = ih0[:, None] + (tap // KW)[None, :]
+        iw = iw0[:, None] + (tap % KW)[None, :]
+        inside = row_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & k_ok[None, :]
+        v = tl.load(x_ptr + img[:, None] + ih * s_xh + iw * s_xw + (cc * s_xc)[None, :], mask=inside, other=0.0)
+        a = _codes(v, shift_ptr, inv_scale_ptr, cc, k_ok, scale, zp, qmin, qmax, HAS_SHIFT, HAS_SMOOTH)
+        b = tl.load(b_ptr + kk[:, None] + b_cols, mask=k_ok[:, None] & (rn < N)[None, :], other=0)
+        acc = tl.dot(a, b, acc)
+    _epilogue_store(acc, rm, rn, M, N, out_ptr, wscale_ptr, bias_ptr, scale_ptr, scale_val,
+                    N, 1, HAS_BIAS, SCALE_PTR)
+
+
+@triton.jit
 def _encode_kernel(x_ptr, mid_ptr, out_ptr, numel, n_mid, STEPS: tl.constexpr, BLOCK: tl.constexpr):
     """code = number of midpoints strictly below x (== torch.bucketize(x, mid), right=False)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -224,8 +370,10 @@ def _decode_kernel(codes_ptr, levels_ptr, out_ptr, numel, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, tl.load(levels_ptr + c, mask=mask), mask=mask)
 
 
-_linear_run = _tuned(_linear_kernel)
-_conv_run = _tuned(_conv_kernel)
+_linear_run = _tuned(_linear_kernel, SHAPE_CLASSES)
+_conv_run = _tuned(_conv_kernel, SHAPE_CLASSES)
+_linear_fused_run = _tuned(_linear_fused_kernel, FUSED_SHAPE_CLASSES)
+_conv_fused_run = _tuned(_conv_fused_kernel, FUSED_SHAPE_CLASSES)
 
 
 def _scale_args(act_scale, device):
@@ -266,16 +414,27 @@ def quantize(x: torch.Tensor, act_scale, zero_point: int, qmin: int, qmax: int,
 
 class _FirstRuns:
     """Seconds spent on shapes seen for the first time in this process (compile + tune, or a disk-cache load);
-    one log line per burst of new shapes (the first sampling, a new resolution), never per layer."""
+    one log line per burst of new shapes (the first sampling, a new resolution), never per layer; past
+    ``TUNE_BUDGET_S`` in all, new shapes are not timed (``_prune``), said once."""
 
     def __init__(self):
-        self.seen, self.new, self.seconds, self.total_s = set(), 0, 0.0, 0.0
+        self.seen, self.new, self.seconds, self.total_s, self.budget_said = set(), 0, 0.0, 0.0, False
+
+    def over_budget(self) -> bool:
+        if self.total_s < TUNE_BUDGET_S:
+            return False
+        if not self.budget_said:
+            self.budget_said = True
+            log.info("qvd: Triton tuning has used its %.0f s budget (QVD_TUNE_BUDGET_S) in this process: new kernel "
+                     "shapes take their class's first tile untimed", TUNE_BUDGET_S)
+        return True
 
     def launch(self, key, go):
         if key in self.seen:
             if self.new:
-                log.info("qvd: Triton compiled / tuned %d new kernel shapes in %.1f s (timings kept in Triton's "
-                         "cache dir; a restart reuses them)", self.new, self.seconds)
+                log.info("qvd: Triton compiled / tuned %d new kernel shapes in %.1f s (%.1f s in this process; "
+                         "timings kept in Triton's cache dir, a restart reuses them)", self.new, self.seconds,
+                         self.total_s)
                 self.new, self.seconds = 0, 0.0
             return go()
         if INTERPRET:
@@ -297,8 +456,9 @@ first_runs = _FirstRuns()
 def _offsets_fit(*tensors):
     """The GEMM kernels address with 32-bit offsets (64-bit ones cost registers and spill)."""
     for t in tensors:
-        if t.numel() >= 2**31:
-            raise ValueError(f"a tensor of {t.numel()} elements is beyond the int8 GEMM's 32-bit offsets")
+        span = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+        if max(t.numel(), span) >= 2**31:
+            raise ValueError(f"a tensor spanning {span} elements is beyond the int8 GEMM's 32-bit offsets")
 
 
 def _unit_k_stride(w_k):
@@ -310,10 +470,6 @@ def _mm_launch(run, key, m, n, args, kwargs, config):
     meta = {} if not INTERPRET else dict(config or INTERP_CONFIG)
     grid = lambda meta_: (triton.cdiv(m, meta_["BM"]) * triton.cdiv(n, meta_["BN"]),)  # noqa: E731
     first_runs.launch(key, lambda: run[grid](*args, **kwargs, **meta))
-
-
-def _bucket(m: int) -> int:
-    return 1 << max(m - 1, 0).bit_length()
 
 
 def linear(q: torch.Tensor, w_k: torch.Tensor, w_scale: torch.Tensor, bias, act_scale,
@@ -357,6 +513,55 @@ def conv2d(q_nhwc: torch.Tensor, pad_codes: torch.Tensor, w_k: torch.Tensor, kh:
             m, n, k, _bucket(m), c, h, w, oh, ow, stride, padding, w_k.stride(0))
     _mm_launch(_conv_run, ("conv", _bucket(m), n, k, kh, kw, stride, out_dtype, bias is None, is_ptr), m, n, args,
                dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, SCALE_PTR=is_ptr), config)
+    return out.permute(0, 3, 1, 2)
+
+
+def _act_args(x, act_scale, zero_point, qmin, qmax, shift, inv_scale):
+    """The fused kernels' activation-quantizer arguments and constexprs."""
+    sp, sv, is_ptr = _scale_args(act_scale, x.device)
+    shift, inv_scale = _channel(shift, x.device), _channel(inv_scale, x.device)
+    return ((sp, sv, shift, inv_scale), (int(zero_point), int(qmin), int(qmax)),
+            dict(SCALE_PTR=is_ptr, HAS_SHIFT=shift is not None, HAS_SMOOTH=inv_scale is not None))
+
+
+def linear_fused(x: torch.Tensor, w_k: torch.Tensor, w_scale: torch.Tensor, bias, act_scale, zero_point: int,
+                 qmin: int, qmax: int, shift=None, inv_scale=None, config: dict | None = None) -> torch.Tensor:
+    """``quantize`` + ``linear`` in one kernel: float x [M, K] (any strides) -> [M, N] in x's dtype."""
+    _unit_k_stride(w_k)
+    m, k = x.shape
+    n = w_k.shape[0]
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    _offsets_fit(x, w_k, out)
+    (sp, sv, shift, inv), ints, flags = _act_args(x, act_scale, zero_point, qmin, qmax, shift, inv_scale)
+    bias = _channel(bias, x.device)
+    args = (x, w_k, out, _channel(w_scale, x.device), bias, sp, sv, shift, inv, m, n, k, _bucket(m),
+            x.stride(0), x.stride(1), w_k.stride(0), out.stride(0), out.stride(1), *ints)
+    _mm_launch(_linear_fused_run, ("linear_fused", _bucket(m), n, k, x.dtype, bias is None, *flags.values()), m, n,
+               args, dict(HAS_BIAS=bias is not None, **flags), config)
+    return out
+
+
+def conv2d_fused(x: torch.Tensor, w_k: torch.Tensor, kh: int, kw: int, w_scale: torch.Tensor, bias, act_scale,
+                 zero_point: int, qmin: int, qmax: int, shift, inv_scale, stride: int, padding: int,
+                 config: dict | None = None) -> torch.Tensor:
+    """``quantize`` + ``conv2d`` in one kernel: float NCHW x (any strides) -> NCHW-shaped output in x's dtype,
+    stored channels-last."""
+    _unit_k_stride(w_k)
+    nb, c, h, w = x.shape
+    n = w_k.shape[0]
+    oh = (h + 2 * padding - kh) // stride + 1
+    ow = (w + 2 * padding - kw) // stride + 1
+    m = nb * oh * ow
+    out = torch.empty((nb, oh, ow, n), device=x.device, dtype=x.dtype)
+    _offsets_fit(x, w_k, out)
+    (sp, sv, shift, inv), ints, flags = _act_args(x, act_scale, zero_point, qmin, qmax, shift, inv_scale)
+    bias = _channel(bias, x.device)
+    k = kh * kw * c
+    args = (x, w_k, out, _channel(w_scale, x.device), bias, sp, sv, shift, inv, m, n, k, _bucket(m), c, h, w, oh, ow,
+            stride, padding, *x.stride(), w_k.stride(0), *ints)
+    _mm_launch(_conv_fused_run, ("conv_fused", _bucket(m), n, k, kh, kw, stride, x.dtype, bias is None,
+                                 *flags.values()), m, n, args, dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, **flags),
+               config)
     return out.permute(0, 3, 1, 2)
 
 
