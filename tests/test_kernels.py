@@ -160,11 +160,21 @@ def test_triton_failure_switches_that_kernel_off_and_python_errors_propagate(mon
     class FlakyTriton:
         fail_with = None
 
+        @staticmethod
+        def _bucket(m):
+            return 16
+
         def quantize(self, x, *a):
-            calls.append(tuple(x.shape))
+            calls.append(("quantize", tuple(x.shape)))
             if self.fail_with is not None:
                 raise self.fail_with
             return ref.quantize_activation(x, *a)
+
+        def linear_fused(self, x, w_k, w_scale, bias, act_scale, *a):
+            calls.append(("linear_fused", tuple(x.shape)))
+            if self.fail_with is not None:
+                raise self.fail_with
+            return ref.linear_w8a8(x, w_k, w_scale, bias, act_scale, *a)
 
         def linear(self, q, w_k, w_scale, bias, act_scale, dtype):
             return ref.int8_linear(q, w_k, act_scale, w_scale, bias, dtype)
@@ -173,7 +183,8 @@ def test_triton_failure_switches_that_kernel_off_and_python_errors_propagate(mon
     monkeypatch.setattr(K, "_TRITON", flaky)
     monkeypatch.setattr(K, "_TRITON_DEVICES", ("cpu",))
     monkeypatch.setattr(K, "_OFF", set())
-    monkeypatch.setattr(K, "_CHECKED", {("quantize", "cpu"), ("linear", "cpu")})
+    monkeypatch.setattr(K, "_CHECKED", {("quantize", "cpu"), ("linear", "cpu"), ("linear_fused", "cpu")})
+    monkeypatch.setattr(K, "_VARIANT", {})
     g = torch.Generator().manual_seed(13)
     w_q, w_scale, b, _, _ = _layer(g, 8, 16, affine=False)
     w = K.PackedWeight(w_q, w_scale)
@@ -189,9 +200,11 @@ def test_triton_failure_switches_that_kernel_off_and_python_errors_propagate(mon
             x = torch.randn(m, 16, generator=g)
             torch.testing.assert_close(K.linear_w8a8(x, w, b, 0.02, 0, -128, 127),
                                        ref.linear_w8a8(x, w_q, w_scale, b, 0.02, 0, -128, 127), **TOL[torch.float32])
-    assert calls == [(3, 16), (3, 16), (3, 16)]  # tried once after the kernel error: shape 5 never reaches Triton
-    assert K._OFF == {("quantize", "cpu"), ("linear", "cpu")}
-    assert len([r for r in caplog.records if "failed on cpu" in r.message]) == 1
+    # each variant tried once after the kernel error (the fused kernel, then the quantize + GEMM pair): shape 5 never
+    # reaches Triton
+    assert calls == [("linear_fused", (3, 16))] * 3 + [("quantize", (3, 16))]
+    assert K._OFF == {("quantize", "cpu"), ("linear", "cpu"), ("linear_fused", "cpu")}
+    assert len([r for r in caplog.records if "failed on cpu" in r.message]) == 2
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels compiled)")

@@ -41,6 +41,8 @@ tk = _load_interpreted()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # the interpreter's default tile and the smallest tile of each shape class
 TILES = [tk.INTERP_CONFIG] + [dict(c.kwargs) for c in (tk.SHAPE_CLASSES["small_m"][0], tk.SHAPE_CLASSES["medium"][0])]
+FUSED_TILES = [tk.INTERP_CONFIG] + [dict(c.kwargs) for c in (tk.FUSED_SHAPE_CLASSES["small_m"][0],
+                                                             tk.FUSED_SHAPE_CLASSES["medium"][0])]
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1e-2, 5e-2)}
 
 
@@ -95,7 +97,7 @@ def test_quantize_nchw_to_nhwc(channels_last):
 def test_tiles_are_ones_a_gpu_compiles():
     for cfg in TILES + [dict(c.kwargs) for c in tk.CONFIGS]:
         assert cfg["BK"] >= 32 and cfg["BM"] >= 16 and cfg["BN"] >= 16, cfg
-    assert all(len(cs) <= 4 for cs in tk.SHAPE_CLASSES.values())
+    assert all(len(cs) <= 4 for classes in (tk.SHAPE_CLASSES, tk.FUSED_SHAPE_CLASSES) for cs in classes.values())
 
 
 @pytest.mark.parametrize("tile", range(len(TILES)))
@@ -176,44 +178,166 @@ def test_hiditq_too_many_levels():
         tk.hiditq_encode(torch.zeros(3), torch.arange(300.0))
 
 
-def test_self_check_trusts_the_kernels_once_per_arch_and_switches_off_one_that_disagrees(monkeypatch, caplog):
+def _dispatch_to(monkeypatch, module):
+    """Route the dispatcher's 'Triton devices' to the CPU, with ``module`` as its Triton kernels, state reset."""
+    import qvd.kernels as K
+    monkeypatch.setattr(K, "_TRITON_DEVICES", ("cpu",))
+    monkeypatch.setattr(K, "_TRITON", module)
+    for name in ("_OFF", "_CHECKED"):
+        monkeypatch.setattr(K, name, set())
+    monkeypatch.setattr(K, "_VARIANT", {})
+    return K
+
+
+class _Wrapped:
+    """The interpreted kernels with some of them replaced."""
+
+    def __init__(self, **replaced):
+        self.replaced = replaced
+
+    def __getattr__(self, name):
+        return self.replaced.get(name, getattr(tk, name))
+
+
+def _off_by_one_percent(fn):
+    return lambda *a, **kw: fn(*a, **kw) * 1.01
+
+
+@pytest.mark.parametrize("wrong", [(), ("linear",), ("linear", "linear_fused")])
+def test_self_check_trusts_the_kernels_once_per_arch_and_switches_off_one_that_disagrees(monkeypatch, caplog, wrong):
     """The dispatcher checks each Triton kernel against the reference the first time it runs on an arch (here the
     interpreted kernels on the CPU): agreeing kernels are trusted from then on; a kernel whose output is off by 1 %
-    is switched off with one log line and its calls take the torch route, still exact."""
+    is switched off with one log line and its calls take the other variant (fused / separate), or the torch route
+    when both are off: exact either way."""
     import logging
 
-    import qvd.kernels as K
-
-    class OffByOnePercent:
-        def __getattr__(self, name):
-            return getattr(tk, name)
-
-        def linear(self, *args, **kwargs):
-            return tk.linear(*args, **kwargs) * 1.01
-
+    K = _dispatch_to(monkeypatch, _Wrapped(**{n: _off_by_one_percent(getattr(tk, n)) for n in wrong}))
     g = torch.Generator().manual_seed(21)
     w_q, w_scale, bias = _weights(g, 24, 40)
     x = torch.randn(9, 40, generator=g)
     want = ref.linear_w8a8(x, w_q, w_scale, bias, 0.03, 0, -128, 127)
-    monkeypatch.setattr(K, "_TRITON_DEVICES", ("cpu",))
-    for module, trusted in ((tk, True), (OffByOnePercent(), False)):
-        monkeypatch.setattr(K, "_TRITON", module)
-        monkeypatch.setattr(K, "_OFF", set())
-        monkeypatch.setattr(K, "_CHECKED", set())
-        with caplog.at_level(logging.WARNING, logger="qvd"):
-            caplog.clear()
-            for _ in range(2):
-                torch.testing.assert_close(K.linear_w8a8(x, K.PackedWeight(w_q, w_scale), bias, 0.03, 0, -128, 127),
-                                           want, atol=1e-4, rtol=1e-4)
-        if trusted:
-            assert K._CHECKED == {("quantize", "cpu"), ("linear", "cpu")} and not K._OFF and not caplog.records
-        else:
-            assert K._OFF == {("linear", "cpu")}
-            assert len([r for r in caplog.records if "disagrees with the reference" in r.message]) == 1
+    with caplog.at_level(logging.WARNING, logger="qvd"):
+        for _ in range(2):
+            torch.testing.assert_close(K.linear_w8a8(x, K.PackedWeight(w_q, w_scale), bias, 0.03, 0, -128, 127),
+                                       want, atol=1e-4, rtol=1e-4)
+    assert K._OFF == {(n, "cpu") for n in wrong}
+    assert len([r for r in caplog.records if "disagrees with the reference" in r.message]) == len(wrong)
+    assert K._CHECKED == {(n, "cpu") for n in ("quantize", "linear", "linear_fused")} - K._OFF
+    if len(wrong) == 2:
+        assert not K.variants_chosen()  # nothing ran on Triton: the torch route did
 
 
-@pytest.mark.parametrize("name", ["quantize", "linear", "conv2d", "hiditq_encode", "hiditq_decode"])
+@pytest.mark.parametrize("slow", ["linear_fused", "conv2d_fused", "quantize"])
+def test_the_faster_variant_is_kept_per_shape_class(monkeypatch, slow):
+    """The first call of a shape class times the fused kernel and the separate quantize + GEMM pair and keeps the
+    faster for every later call of that class (another M in the same bucket reuses it); both give the same result."""
+    import time
+
+    calls = []
+
+    def slowed(*a, **kw):
+        calls.append(slow)
+        time.sleep(0.3)
+        return getattr(tk, slow)(*a, **kw)
+
+    K = _dispatch_to(monkeypatch, _Wrapped(**{slow: slowed}))
+    g = torch.Generator().manual_seed(22)
+    if slow != "conv2d_fused":
+        w_q, w_scale, bias = _weights(g, 24, 40)
+        run = lambda m: K.linear_w8a8(torch.randn(m, 40, generator=g), K.PackedWeight(w_q, w_scale), bias, 0.03, 0,
+                                      -128, 127)  # noqa: E731
+    else:
+        w_q, w_scale, bias = _weights(g, 8, 6, 3, 3)
+        wp = K.PackedWeight(w_q.contiguous(memory_format=torch.channels_last), w_scale)
+        run = lambda m: K.conv2d_w8a8(torch.randn(1, 6, m, 5, generator=g), wp, bias, 0.03, 0, -128, 127,
+                                      padding=1)  # noqa: E731
+    run(7)
+    chosen = list(K.variants_chosen().values())
+    assert chosen == ["separate" if slow.endswith("fused") else "fused"]
+    calls.clear()
+    run(8)  # another size in the same M bucket: no new timing, the kept variant only
+    assert not calls and len(K.variants_chosen()) == 1
+
+
+@pytest.mark.parametrize("name", ["quantize", "linear", "conv2d", "linear_fused", "conv2d_fused", "hiditq_encode",
+                                  "hiditq_decode"])
 def test_self_check_passes_for_every_interpreted_kernel(name):
     import qvd.kernels as K
 
     assert K._self_check(name, tk, torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("tile", range(len(FUSED_TILES)))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine,zp", [(False, 0), (True, 3)])
+def test_fused_linear_quantizes_the_a_tile_as_the_two_pass_pair_does(tile, dtype, affine, zp):
+    """``linear_fused`` reads the float input (strided here) and quantizes each A tile as it loads it: the same codes,
+    so the same int32 accumulator as ``quantize`` + ``linear``, and the reference's output."""
+    g = torch.Generator().manual_seed(11)
+    m, k, n = 19, 150, 71
+    x = (torch.randn(k, m, generator=g) * 3).to(dtype).t()  # K-strided rows
+    x[0, :4] = torch.tensor([0.0, 1e4, -1e4, 0.5]).to(dtype)  # saturating values and a tie
+    w_q, w_scale, bias = _weights(g, n, k)
+    shift, inv = _qparams(g, k, affine)
+    scale = 0.04 if affine else 0.5
+    got = tk.linear_fused(x, w_q, w_scale, bias, scale, zp, -128, 127, shift, inv, config=FUSED_TILES[tile])
+    want = ref.linear_w8a8(x, w_q, w_scale, bias, scale, zp, -128, 127, shift, inv)
+    assert got.dtype == dtype and got.shape == (m, n)
+    torch.testing.assert_close(got, want, atol=TOL[dtype][0] * 10, rtol=TOL[dtype][1])
+    pair = tk.linear(tk.quantize(x, scale, zp, -128, 127, shift, inv), w_q, w_scale, bias, scale, dtype,
+                     config=TILES[tile])
+    assert torch.equal(got, pair)
+    xf = x.float()  # the integer part exactly: scale 1, no bias, fp32 out
+    acc = tk.linear_fused(xf, w_q, torch.ones(n), None, 1.0, zp, -128, 127, shift,
+                          None if inv is None else inv / scale, config=FUSED_TILES[tile])
+    q_ref = ref.quantize_activation(xf, 1.0, zp, -128, 127, shift, None if inv is None else inv / scale)
+    assert torch.equal(acc.double(), q_ref.double() @ w_q.double().t())
+
+
+@pytest.mark.parametrize("tile", range(len(FUSED_TILES)))
+@pytest.mark.parametrize("c,stride,ks", [(11, 1, 3), (37, 2, 3), (70, 1, 1), (24, 2, 1)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_conv_pads_with_the_code_of_zero(tile, c, stride, ks, dtype, channels_last):
+    """``conv2d_fused`` gathers the A tile from the float NCHW input and quantizes it: padded pixels load 0.0 and get
+    each channel's code of 0.0 (zero point and SCRI shift make it non-zero), as the reference pads."""
+    g = torch.Generator().manual_seed(12 + c)
+    nb, h, w, n = 2, 7, 6, 13
+    x = (torch.randn(nb, c, h, w, generator=g) * 2).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w_q, w_scale, bias = _weights(g, n, c, ks, ks)
+    shift, inv = _qparams(g, c, True)
+    pad = ks // 2
+    got = tk.conv2d_fused(x, _k_major(w_q), ks, ks, w_scale, bias, 0.03, 5, -128, 127, shift, inv, stride, pad,
+                          config=FUSED_TILES[tile])
+    want = ref.conv2d_w8a8(x, w_q, w_scale, bias, 0.03, 5, -128, 127, shift, inv, stride, pad)
+    assert got.shape == want.shape and got.dtype == dtype
+    torch.testing.assert_close(got, want, atol=TOL[dtype][0] * 10, rtol=TOL[dtype][1])
+    codes = tk.quantize(x, 0.03, 5, -128, 127, shift, inv)
+    pad_codes = ref.quantize_activation(torch.zeros(c), 0.03, 5, -128, 127, shift, inv)
+    pair = tk.conv2d(codes, pad_codes, _k_major(w_q), ks, ks, w_scale, bias, 0.03, stride, pad, dtype,
+                     config=TILES[tile])
+    assert torch.equal(got, pair)
+
+
+def test_tuning_is_bounded(monkeypatch, caplog):
+    """Rows are tuned per coarse M bucket (a new resolution / frame count mostly reuses timings; beyond the last
+    bucket, always); once the process has spent its tuning budget, new shapes get their class's first tile untimed,
+    said once in the log."""
+    import logging
+
+    assert [tk._bucket(m) for m in (1, 16, 17, 33, 100, 300, 600, 5000, 20000, 10**6)] == \
+        [16, 16, 32, 64, 256, 512, 2048, 8192, 32768, 32768]
+    assert len({tk._bucket(m) for m in range(1, 300_000, 7)}) == len(tk.M_BUCKETS)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (8, 6))
+    monkeypatch.setattr(tk, "first_runs", tk._FirstRuns())
+    for classes in (tk.SHAPE_CLASSES, tk.FUSED_SHAPE_CLASSES):
+        prune = tk._pruner(classes)
+        nargs = {"out_ptr": torch.empty(1), "M_BUCKET": tk._bucket(131072), "N": 1280}
+        assert [str(c) for c in prune(tk.CONFIGS, nargs)] == [str(c) for c in classes["large"]]
+        tk.first_runs.total_s = tk.TUNE_BUDGET_S + 1
+        with caplog.at_level(logging.INFO, logger="qvd"):
+            assert [str(c) for c in prune(tk.CONFIGS, nargs)] == [str(classes["large"][0])]
+        tk.first_runs.total_s = 0.0
+    assert len([r for r in caplog.records if "budget" in r.message]) == 1

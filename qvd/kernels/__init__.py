@@ -13,8 +13,9 @@ float op on the unquantized input (activations are not rounded). ``auto`` times 
 int8 kernels here (Apple MPS, ROCm, Intel XPU, DirectML), ``QVD_INT8=off`` and CPUs without VNNI
 (``auto_skips_int8``) get ``weight-only``.
 
-Integer routes: CUDA tensors -> Triton (``triton_kernels.py``: fused quantize, GEMM / implicit-GEMM conv with
-the epilogue in-kernel). Each Triton kernel is checked against ``reference.py`` on a small problem the first time it
+Integer routes: CUDA tensors -> Triton (``triton_kernels.py``: GEMM / implicit-GEMM conv with the epilogue
+in-kernel, after a separate quantize pass or with the quantization fused into the A-tile load; the first call of each
+shape class times both variants and keeps the faster, ``_fastest_on_triton``). Each Triton kernel is checked against ``reference.py`` on a small problem the first time it
 runs on a GPU arch (``_self_check``); a kernel that disagrees, or that fails with a CUDA / Triton / compile error,
 is switched off for that arch with one log line, and its calls take the torch route (``cpu.py``: cuBLAS
 ``_int_mm``). If Triton is missing: one log line and the torch route for everything. CUDA out-of-memory, Python
@@ -42,6 +43,7 @@ log = logging.getLogger("qvd")
 _TRITON = None  # the triton_kernels module, False once unavailable
 _OFF: set[tuple] = set()  # (kernel, arch) switched off (self-check mismatch or a kernel error): torch route
 _CHECKED: set[tuple] = set()  # (kernel, arch) that passed the self-check
+_VARIANT: dict[tuple, str] = {}  # (shape class, arch) -> the faster Triton variant ("fused" / "separate")
 _TRITON_DEVICES = ("cuda",)  # tensors on these devices go to Triton
 
 
@@ -129,6 +131,16 @@ def _self_check(name: str, tk, device: torch.device) -> str | None:
         q = reference.quantize_activation(x, 0.05, 0, -128, 127)
         want = reference.int8_linear(q, w_q, 0.05, w_scale, bias)
         got = tk.linear(*on(q, w_q, w_scale, bias), 0.05, torch.float32).cpu()
+    elif name == "linear_fused":
+        want = reference.linear_w8a8(x, w_q, w_scale, bias, 0.05, 3, -128, 127, shift, inv)
+        got = tk.linear_fused(*on(x, w_q, w_scale, bias), 0.05, 3, -128, 127, *on(shift, inv)).cpu()
+    elif name == "conv2d_fused":
+        xc = torch.randn(2, 40, 5, 6, generator=g)
+        wc = torch.randint(-127, 128, (24, 40, 3, 3), generator=g, dtype=torch.int8)
+        want = reference.conv2d_w8a8(xc, wc, w_scale, bias, 0.05, 3, -128, 127, shift, inv, padding=1)
+        w_k = PackedWeight(wc.contiguous(memory_format=torch.channels_last), w_scale).mat
+        got = tk.conv2d_fused(*on(xc, w_k), 3, 3, *on(w_scale, bias), 0.05, 3, -128, 127, *on(shift, inv), 1,
+                              1).cpu()
     elif name == "conv2d":
         xc = torch.randn(2, 40, 5, 6, generator=g)
         wc = torch.randint(-127, 128, (24, 40, 3, 3), generator=g, dtype=torch.int8)
@@ -178,6 +190,36 @@ def _on_triton(t: torch.Tensor, names: tuple[str, ...], fn):
         return None
 
 
+def _fastest_on_triton(t: torch.Tensor, rows: int, key: tuple, variants: dict):
+    """Run the faster of ``variants`` (name -> (Triton kernel names, fn(triton_kernels))) for ``t``; None: the torch
+    route (every variant is off on this arch). The first call of a shape class (``key``, the M bucket of ``rows``, the
+    arch) runs each variant once to compile / tune / self-check it, times each once more and keeps the faster."""
+    if t.device.type not in _TRITON_DEVICES or not _triton():
+        return None
+    key = key + (_TRITON._bucket(rows), _arch(t.device))
+    if key not in _VARIANT:
+        times = {}
+        for name, (names, fn) in variants.items():
+            if _on_triton(t, names, fn) is not None:
+                times[name], _ = _timed(lambda: _on_triton(t, names, fn), t.device)
+        if not times:
+            return None
+        _VARIANT[key] = min(times, key=times.get)
+        log.debug("qvd: Triton %s -> %s (%s)", key, _VARIANT[key],
+                  ", ".join(f"{n} {ms:.3f} ms" for n, ms in times.items()))
+    first = _VARIANT[key]
+    for name in [first] + [n for n in variants if n != first]:  # the other variant if the kept one was switched off
+        y = _on_triton(t, *variants[name])
+        if y is not None:
+            return y
+    return None
+
+
+def variants_chosen() -> dict[tuple, str]:
+    """The Triton variant kept per (shape class, arch): ``fused`` or ``separate`` (quantize pass + GEMM)."""
+    return dict(_VARIANT)
+
+
 def _check(x, weight: PackedWeight, conv: bool, kind: str):
     if not isinstance(weight, PackedWeight):
         raise TypeError(f"{kind}: weights must be a qvd.kernels.PackedWeight, got {type(weight).__name__}")
@@ -205,35 +247,56 @@ def quantize_activation(x, act_scale, zero_point, qmin, qmax, shift=None, inv_sc
 def linear_w8a8(x, weight: PackedWeight, bias, act_scale, zero_point, qmin, qmax, shift=None, inv_scale=None):
     """W8A8 linear on ``x [..., K]``."""
     _check(x, weight, False, "linear_w8a8")
-    lead = x.shape[:-1]
+    lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    act = (act_scale, zero_point, qmin, qmax)
 
-    def run(tk):
-        q = tk.quantize(x.reshape(-1, x.shape[-1]), act_scale, zero_point, qmin, qmax, shift, inv_scale)
-        y = tk.linear(q, weight.mat, weight.scale, bias, act_scale, x.dtype)
-        return y.reshape(*lead, weight.shape[0])
+    def separate(tk):
+        q = tk.quantize(x2, *act, shift, inv_scale)
+        return tk.linear(q, weight.mat, weight.scale, bias, act_scale, x.dtype)
 
-    y = _on_triton(x, ("quantize", "linear"), run)
+    def fused(tk):
+        return tk.linear_fused(x2, weight.mat, weight.scale, bias, *act, shift, inv_scale)
+
+    key = ("linear", weight.shape, x.dtype, shift is not None)
+    y = _fastest_on_triton(x, x2.shape[0], key, {"fused": (("linear_fused",), fused),
+                                    "separate": (("quantize", "linear"), separate)})
     if y is None:
-        y = cpu.linear_w8a8(x, weight, bias, act_scale, zero_point, qmin, qmax, shift, inv_scale)
-    return y
+        return cpu.linear_w8a8(x, weight, bias, act_scale, zero_point, qmin, qmax, shift, inv_scale)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def pad_codes(channels: int, act_scale, zero_point, qmin, qmax, shift=None, inv_scale=None,
+              device=None) -> torch.Tensor:
+    """Each input channel's code of 0.0: what a conv's zero padding reads (reference semantics), int8 ``[C]``."""
+    return quantize_activation(torch.zeros(channels, device=device), act_scale, zero_point, qmin, qmax, shift,
+                               inv_scale)
 
 
 def conv2d_w8a8(x, weight: PackedWeight, bias, act_scale, zero_point, qmin, qmax, shift=None, inv_scale=None,
-                stride: int = 1, padding: int = 0):
+                stride: int = 1, padding: int = 0, pad: torch.Tensor | None = None):
     """W8A8 conv2d on NCHW ``x``. The output is NCHW-shaped and stored channels-last (the layout the next
-    int8 conv reads fastest)."""
+    int8 conv reads fastest). ``pad``: ``pad_codes`` when the layer keeps them (made here otherwise)."""
     _check(x, weight, True, "conv2d_w8a8")
     _, c, kh, kw = weight.shape
+    act = (act_scale, zero_point, qmin, qmax)
+    if pad is None and padding:
+        pad = pad_codes(c, *act, shift, inv_scale, x.device)
 
-    def run(tk):
-        q = tk.quantize(x, act_scale, zero_point, qmin, qmax, shift, inv_scale)
-        pad = cpu.quantize_into(torch.empty(c, dtype=torch.int8, device=x.device), torch.zeros(c, device=x.device),
-                                act_scale, zero_point, qmin, qmax, shift, inv_scale)
-        return tk.conv2d(q, pad, weight.mat, kh, kw, weight.scale, bias, act_scale, stride, padding, x.dtype)
+    def separate(tk):
+        q = tk.quantize(x, *act, shift, inv_scale)
+        codes = pad if pad is not None else torch.zeros(c, dtype=torch.int8, device=x.device)  # unread: no padding
+        return tk.conv2d(q, codes, weight.mat, kh, kw, weight.scale, bias, act_scale, stride, padding, x.dtype)
 
-    y = _on_triton(x, ("quantize", "conv2d"), run)
+    def fused(tk):
+        return tk.conv2d_fused(x, weight.mat, kh, kw, weight.scale, bias, *act, shift, inv_scale, stride, padding)
+
+    rows = x.shape[0] * ((x.shape[2] + 2 * padding - kh) // stride + 1) * ((x.shape[3] + 2 * padding - kw) // stride + 1)
+    key = ("conv", weight.shape, stride, padding, x.dtype, shift is not None)
+    y = _fastest_on_triton(x, rows, key, {"fused": (("conv2d_fused",), fused),
+                                    "separate": (("quantize", "conv2d"), separate)})
     if y is None:
-        y = cpu.conv2d_w8a8(x, weight, bias, act_scale, zero_point, qmin, qmax, shift, inv_scale, stride, padding)
+        y = cpu.conv2d_w8a8(x, weight, bias, act_scale, zero_point, qmin, qmax, shift, inv_scale, stride, padding,
+                            pad)
     return y
 
 

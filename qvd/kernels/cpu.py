@@ -206,16 +206,21 @@ def linear_w8a8(x, weight, bias, act_scale, zero_point, qmin, qmax, shift=None, 
 
 
 def quantize_padded_nhwc(x: torch.Tensor, act_scale, zero_point: int, qmin: int, qmax: int, shift, inv_scale,
-                         padding: int, offset: int = 0, dtype: torch.dtype = torch.int8) -> torch.Tensor:
-    """NCHW float ``x`` -> padded NHWC codes; the border holds each channel's code of 0.0."""
+                         padding: int, offset: int = 0, dtype: torch.dtype = torch.int8,
+                         pad: torch.Tensor | None = None) -> torch.Tensor:
+    """NCHW float ``x`` -> padded NHWC codes; the border holds each channel's code of 0.0 (``pad``: those int8 codes
+    when the caller keeps them, else made here)."""
     n, c, h, w = x.shape
     out = torch.empty((n, h + 2 * padding, w + 2 * padding, c), dtype=dtype, device=x.device)
     p = padding
     quantize_into(out[:, p:p + h, p:p + w], x.permute(0, 2, 3, 1), act_scale, zero_point, qmin, qmax,
                   shift, inv_scale, offset)
     if p:
-        pad = quantize_into(torch.empty(c, dtype=dtype, device=x.device), torch.zeros(c, device=x.device),
-                            act_scale, zero_point, qmin, qmax, shift, inv_scale, offset)
+        if pad is None:
+            pad = quantize_into(torch.empty(c, dtype=dtype, device=x.device), torch.zeros(c, device=x.device),
+                                act_scale, zero_point, qmin, qmax, shift, inv_scale, offset)
+        else:
+            pad = (pad.to(torch.int16) + offset).to(dtype)
         out[:, :p] = pad
         out[:, h + p:] = pad
         out[:, :, :p] = pad
@@ -224,15 +229,15 @@ def quantize_padded_nhwc(x: torch.Tensor, act_scale, zero_point: int, qmin: int,
 
 
 def conv2d_w8a8(x, weight, bias, act_scale, zero_point, qmin, qmax, shift=None, inv_scale=None,
-                stride: int = 1, padding: int = 0):
-    """W8A8 conv2d on NCHW ``x`` (torch route); ``weight`` a ``PackedWeight``; output NCHW-shaped, stored
-    channels-last."""
+                stride: int = 1, padding: int = 0, pad: torch.Tensor | None = None):
+    """W8A8 conv2d on NCHW ``x`` (torch route); ``weight`` a ``PackedWeight``; ``pad``: the int8 codes of 0.0 per
+    channel (``qvd.kernels.pad_codes``) or None; output NCHW-shaped, stored channels-last."""
     n, c, h, w = x.shape
     cout, _, kh, kw = weight.shape
 
     def onednn():
         q = quantize_padded_nhwc(x, act_scale, zero_point, qmin, qmax, shift, inv_scale, padding,
-                                 offset=128, dtype=torch.uint8)
+                                 offset=128, dtype=torch.uint8, pad=pad)
         zeros = torch.zeros(cout, dtype=torch.int32)
         b = None if bias is None else bias.float()
         y = torch.ops.onednn.qconv2d_pointwise(q.permute(0, 3, 1, 2), float(act_scale), 128, _packed(weight, stride),
@@ -241,7 +246,7 @@ def conv2d_w8a8(x, weight, bias, act_scale, zero_point, qmin, qmax, shift=None, 
         return y.to(x.dtype)
 
     def int_mm_route():
-        q = quantize_padded_nhwc(x, act_scale, zero_point, qmin, qmax, shift, inv_scale, padding)
+        q = quantize_padded_nhwc(x, act_scale, zero_point, qmin, qmax, shift, inv_scale, padding, pad=pad)
         hp, wp = h + 2 * padding, w + 2 * padding
         oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
         if kh == 1 and kw == 1:
@@ -256,7 +261,7 @@ def conv2d_w8a8(x, weight, bias, act_scale, zero_point, qmin, qmax, shift=None, 
 
     def float_route():
         q = quantize_padded_nhwc(x, act_scale, zero_point, qmin, qmax, shift, inv_scale, padding,
-                                 dtype=torch.float32)
+                                 dtype=torch.float32, pad=pad)
         acc = float_conv_exact(q.permute(0, 3, 1, 2), weight.conv_view(), stride)
         view = (1, -1, 1, 1)
         return _epilogue(acc, act_scale, weight.scale.view(view), None if bias is None else bias.view(view), x.dtype)
