@@ -240,7 +240,7 @@ def _plan_hiditq(name: str, module: nn.Module, calibration: Calibration, cfg: QV
     w_hat = dequantize_weight(wq, ws)
     levels = search_hiditq(f, cfg.a_bits, cfg.htdq_lambda, cfg.htdq_window)
     y = f @ w.t() + (0 if b is None else b)
-    yq = HiDiTQLinear.compute(f, levels.levels, wq, ws, b)
+    yq = HiDiTQLinear.compute(f, levels.levels, wq.float(), ws, b)
     err = float((yq - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30))
     w_err = float((w_hat - w).norm() / w.norm().clamp_min(1e-30))
     fit = TemporalFit(levels, wq, ws, err, w_err, int(f.shape[0]))

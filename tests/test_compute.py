@@ -177,3 +177,44 @@ def test_weight_only_output_does_not_depend_on_how_the_codes_are_strided():
     set_compute(m, "weight-only"), set_compute(other, "weight-only")
     x = torch.randn(4, 32, 8, 8, generator=g)
     assert torch.equal(m(x), other(x))
+
+
+def test_a_padded_conv_keeps_its_pad_codes_and_remakes_them_when_its_quantizer_changes(monkeypatch):
+    """The codes the zero padding reads (each channel's code of 0.0: with a SCRI shift, not 0) are made once per
+    activation quantizer, not per call; the integer route reads them and stays exact against the reference."""
+    g = torch.Generator().manual_seed(31)
+    m = _qconv(g)
+    x = torch.randn(2, 16, 6, 5, generator=g)
+    made = []
+    real = K.pad_codes
+    monkeypatch.setattr(K, "pad_codes", lambda *a, **kw: made.append(1) or real(*a, **kw))
+    for _ in range(3):
+        y = m(x)
+    assert len(made) == 1
+    want_pad = ref.quantize_activation(torch.zeros(16), m.act_scale, 0, -128, 127, m.scri_shift, m.scri_inv_scale)
+    assert torch.equal(m.pad_codes(), want_pad) and want_pad.abs().sum() > 0
+    want = ref.conv2d_w8a8(x, m.weight, m.weight_scale, m.epilogue_bias(), m.act_scale, 0, -128, 127,
+                           m.scri_shift, m.scri_inv_scale, 1, 1)
+    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        m.act_scale.mul_(2)  # a new quantizer (in place): new codes
+    m(x)
+    assert len(made) == 2
+    assert _qconv(g, padding=0).pad_codes() is None
+
+
+def test_hiditq_layer_keeps_its_float_codes_on_the_cpu_and_says_so():
+    """HiDi-TQ's GEMM reads the int8 codes as fp32: on the CPU they are made at load (``prepare``) and kept, counted
+    in the bytes the size told includes; the output is the same as from per-call conversion."""
+    from qvd.modules import HiDiTQLinear, kept_float_bytes
+    g = torch.Generator().manual_seed(32)
+    w_q = torch.randint(-127, 128, (64, 48), generator=g, dtype=torch.int8)
+    scale, bias = torch.rand(64, generator=g) * 0.01, torch.randn(64, generator=g)
+    levels = torch.sort(torch.randn(33, generator=g)).values
+    m = HiDiTQLinear(48, 64, w_q, scale, bias, levels, 8)
+    x = torch.randn(4, 48, generator=g)
+    want = HiDiTQLinear.compute(x, levels, w_q.float(), scale, bias)
+    assert kept_float_bytes([m]) == 0
+    assert m.prepare(torch.device("cpu"), torch.float16) == 64 * 48 * 4 == kept_float_bytes([m])
+    kept = m._cache["float_weight"][1]
+    assert torch.equal(m(x), want) and m._cache["float_weight"][1] is kept
