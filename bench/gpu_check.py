@@ -4,9 +4,11 @@
    shapes and odd ones: fp16 and bf16 activations, SCRI shift / scale, a non-zero zero point, strides 1 and 2,
    padding; quantize codes must be equal, outputs within the dtype's rounding. Any kernel that fell back to the
    torch route is a failure.
-2. Per layer: W8A8 (fp16 in / out) against cuBLAS fp16 / bf16, ``torch._int_mm`` on ready int8 operands, the
-   activation-quantize pass alone (its share of the W8A8 call) and the weight-only route (codes dequantized into
-   fp16 per call, cuBLAS fp16: what ``compute auto`` weighs the integer kernels against).
+2. Per layer: W8A8 (fp16 in / out, the variant the dispatcher keeps) against cuBLAS fp16 / bf16, ``torch._int_mm``
+   on ready int8 operands, the activation-quantize pass alone (its share of the separate pair), the separate
+   quantize + GEMM pair, the fused kernel (quantization in the A-tile load), which of the two is faster, and the
+   weight-only route (codes dequantized into fp16 per call, cuBLAS fp16: what ``compute auto`` weighs the integer
+   kernels against). HiDi-TQ's time-embedding GEMM with its fp32 codes made per call and kept.
 3. Whole UNet step: a diffusers ``UNetMotionModel`` with SD1.5 + mm_sd_v15_v2 shapes (random seeded weights),
    512x512, 16 frames, CFG (batch 2), W8A8 from ``quantize_model`` on a real calibration, against fp16 and
    bf16 (torchao int8 dynamic when installed); the first W8A8 step's compile + tune seconds; peak VRAM.
@@ -135,11 +137,41 @@ def time_layers(device, smoke: bool, samples: int) -> list[dict]:
         row["quantize"] = median_ms((lambda: tk.quantize(x2, 0.05, 0, -128, 127)) if tk else
                                     (lambda: K.quantize_activation(x2, 0.05, 0, -128, 127, channel_dim=-1 if kind ==
                                                                    "linear" else 1)), device, samples)
+        row["separate"] = row["fused"] = None
+        if tk:
+            if kind == "linear":
+                sep = lambda: tk.linear(tk.quantize(x2, 0.05, 0, -128, 127), weight.mat, weight.scale, bias, 0.05,  # noqa
+                                        torch.float16)
+                fus = lambda: tk.linear_fused(x2, weight.mat, weight.scale, bias, 0.05, 0, -128, 127)  # noqa: E731
+            else:
+                ks, codes = args[4], K.pad_codes(args[1], 0.05, 0, -128, 127, device=device)
+                sep = lambda: tk.conv2d(tk.quantize(x16, 0.05, 0, -128, 127), codes, weight.mat, ks, ks,  # noqa
+                                        weight.scale, bias, 0.05, stride, pad, torch.float16)
+                fus = lambda: tk.conv2d_fused(x16, weight.mat, ks, ks, weight.scale, bias, 0.05, 0, -128, 127,  # noqa
+                                              None, None, stride, pad)
+            row["separate"], row["fused"] = median_ms(sep, device, samples), median_ms(fus, device, samples)
         wo = (lambda: F.linear(x16, K.dequantize(w_q, w_scale, None, torch.float16), bias.half())) if kind == "linear" \
             else (lambda: F.conv2d(x16, K.dequantize(w_q, w_scale, None, torch.float16), bias.half(), stride, pad))
         row["weight_only"] = median_ms(wo, device, samples)
         rows.append(row)
     return rows
+
+
+def time_hiditq(device, smoke: bool, samples: int) -> dict:
+    """A time-embedding layer (1280 -> 1280, 32 rows: 16 frames x CFG): HiDi-TQ with its fp32 codes made per call
+    (what a GPU layer does) and kept (what a CPU layer does)."""
+    from qvd.modules import HiDiTQLinear
+    g = torch.Generator().manual_seed(3)
+    n = 64 if smoke else 1280
+    w_q = torch.randint(-127, 128, (n, n), generator=g, dtype=torch.int8).to(device)
+    scale, bias = (torch.rand(n, generator=g) * 0.01).to(device), torch.randn(n, generator=g).to(device)
+    levels = torch.sort(torch.randn(64, generator=g)).values.to(device)
+    x = torch.randn(32, n, generator=g).to(device)
+    kept = w_q.float()
+    return dict(layer=f"HiDi-TQ {n}x{n}, 32 rows",
+                per_call=median_ms(lambda: HiDiTQLinear.compute(x, levels, w_q.float(), scale, bias), device, samples),
+                kept=median_ms(lambda: HiDiTQLinear.compute(x, levels, kept, scale, bias), device, samples),
+                kept_mib=kept.numel() * 4 / 2**20)
 
 
 def unet_step(device, smoke: bool, samples: int) -> dict:
@@ -201,6 +233,10 @@ def unet_step(device, smoke: bool, samples: int) -> dict:
     return out
 
 
+def _ms(v) -> str:
+    return "" if v is None else f"{v:.3f}"
+
+
 def report(res: dict) -> str:
     c = res["correctness"]
     lines = [f"# GPU check\n\nmachine: {res['machine']}  \nwritten by `python -m bench.gpu_check"
@@ -211,12 +247,20 @@ def report(res: dict) -> str:
                    [[r["case"], r["dtype"], f"{r['rel_err']:.2e}", r["codes_equal"], "yes" if r["ok"] else "**NO**"]
                     for r in c]),
              "\n## Per layer (ms, median; W8A8 with fp16 in / out)\n",
-             table(["layer", "fp16", "bf16", "_int_mm (int8 operands)", "W8A8", "quantize pass (share of W8A8)",
-                    "weight-only (per call)", "W8A8 vs fp16", "W8A8 vs bf16"],
+             "W8A8: the dispatched call (the variant it keeps per shape class); quantize pass: its share of the "
+             "separate pair; fused: quantization in the GEMM's A-tile load.\n",
+             table(["layer", "fp16", "bf16", "_int_mm (int8 operands)", "W8A8", "quantize pass (share of pair)",
+                    "separate pair", "fused", "faster", "weight-only (per call)", "W8A8 vs fp16", "W8A8 vs bf16"],
                    [[r["layer"], f"{r['fp16']:.3f}", f"{r['bf16']:.3f}",
                      "" if r["int_mm"] is None else f"{r['int_mm']:.3f}", f"{r['w8a8']:.3f}",
-                     f"{r['quantize']:.3f} ({r['quantize'] / r['w8a8']:.0%})", f"{r['weight_only']:.3f}",
-                     f"{r['fp16'] / r['w8a8']:.2f}x", f"{r['bf16'] / r['w8a8']:.2f}x"] for r in res["layers"]])]
+                     f"{r['quantize']:.3f}" + (f" ({r['quantize'] / r['separate']:.0%})" if r["separate"] else ""),
+                     _ms(r["separate"]), _ms(r["fused"]),
+                     "" if r["fused"] is None else ("fused" if r["fused"] < r["separate"] else "separate"),
+                     f"{r['weight_only']:.3f}", f"{r['fp16'] / r['w8a8']:.2f}x", f"{r['bf16'] / r['w8a8']:.2f}x"]
+                    for r in res["layers"]])]
+    h = res["hiditq"]
+    lines.append(f"\n{h['layer']}: fp32 codes made per call {h['per_call']:.3f} ms, kept {h['kept']:.3f} ms "
+                 f"({h['kept_mib']:.1f} MiB kept).")
     u = res["unet"]
     v = {k: x for k, x in u["variants"].items() if isinstance(x, dict)}
     lines += [f"\n## Whole UNet step ({u['size']}; {u['w8a8_layers']} W8A8 layers)\n",
@@ -252,6 +296,7 @@ def main(argv=None):
     res["correctness"] = check_correctness(device, a.smoke)
     print("per-layer times ...", flush=True)
     res["layers"] = time_layers(device, a.smoke, 1 if a.smoke else a.samples)
+    res["hiditq"] = time_hiditq(device, a.smoke, 1 if a.smoke else a.samples)
     print("whole UNet step ...", flush=True)
     res["unet"] = unet_step(device, a.smoke, 1 if a.smoke else a.samples)
     res["seconds"] = time.time() - t0

@@ -21,9 +21,11 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     assert res["smoke"] and res["correctness"] and all(c["ok"] for c in res["correctness"])
     assert {c["dtype"] for c in res["correctness"]} >= {"float16", "bfloat16"}
     assert len(res["layers"]) == 4 and all(row["w8a8"] > 0 for row in res["layers"])
-    assert all(row["quantize"] > 0 and row["weight_only"] > 0 for row in res["layers"])
+    assert all(row["quantize"] > 0 and row["weight_only"] > 0 and row["separate"] > 0 and row["fused"] > 0
+               for row in res["layers"])
+    assert res["hiditq"]["per_call"] > 0 and res["hiditq"]["kept"] > 0
     unet = res["unet"]
     assert unet["w8a8_layers"] > 0 and {"fp16", "bf16", "W8A8 (QVD, rest fp16)"} <= set(unet["variants"])
     md = (tmp_path / "gpu-check.md").read_text()
     assert "smoke run" in md and "Whole UNet step" in md and "**NO**" not in md
-    assert "quantize pass (share of W8A8)" in md
+    assert "quantize pass (share of pair)" in md and "| fused |" in md and "HiDi-TQ" in md
