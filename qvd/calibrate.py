@@ -11,6 +11,7 @@ another node's attention patch, is watched for), since folding changes the tenso
 from __future__ import annotations
 
 import collections
+import copy
 import inspect
 
 import torch
@@ -132,6 +133,27 @@ class Calibration:
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.signatures)
+
+    def subset(self, heads: dict[str, str]) -> "Calibration":
+        """The statistics of the sub-models ``heads`` names (first name part, e.g. ``controlnet_<key>``), renamed to
+        their values (e.g. ``controlnet``): what one model of a calibrated graph quantizes from. Raises when none is
+        there."""
+        def renamed(name: str) -> str | None:
+            head, dot, rest = name.partition(".")
+            return heads[head] + dot + rest if head in heads else None
+
+        layers = {}
+        for name, stats in self.layers.items():
+            new = renamed(name)
+            if new is not None:
+                layers[new] = copy.copy(stats)
+                layers[new].name = new
+        if not layers:
+            raise CalibrationError(f"the calibration holds no layers of {', '.join(sorted(heads)) or 'this model'}: "
+                                   f"calibrate with it in the graph QVD Calibrate samples")
+        groups = {renamed(norm): [renamed(n) for n in names] for norm, names in self.norm_groups.items()
+                  if renamed(norm) is not None}
+        return Calibration(layers, list(self.timesteps), groups)
 
     def temporal_features(self, name: str) -> torch.Tensor:
         """Features of a temporal layer, one row per timestep in sampling order (t descending)."""

@@ -16,10 +16,12 @@ TEMPORAL_PATTERNS = ("time_emb_proj", "time_embedding.*", "emb_layers.*", "time_
 # First and last convolutions of the UNet (diffusers / ComfyUI names): 0.02 % of an SD1.5 UNet's MACs
 # (bench/first_last_share.py) and the layers whose quantization error reaches the sampled video most directly
 # (docs/results.md).
-FIRST_LAST_PATTERNS = ("conv_in", "conv_out", "input_blocks.0.0", "out.2")
+# A ControlNet's (ComfyUI names): the first conv of its hint block and its zero convs, the outputs added to the UNet.
+FIRST_LAST_PATTERNS = ("conv_in", "conv_out", "input_blocks.0.0", "out.2",
+                       "input_hint_block.0", "zero_convs.*", "middle_block_out.0")
 # Spatial cross-attention keys / values / output: diffusers (``*.attentions.*``; motion modules are
-# ``*.motion_modules.*``) and a ComfyUI UNet (``diffusion_model.*``; ADE motion modules use other names).
-CROSS_ATTENTION_PATTERNS = tuple(f"{root}.*.attn2.{p}" for root in ("attentions", "diffusion_model")
+# ``*.motion_modules.*``), a ComfyUI UNet (``diffusion_model.*``; ADE motion modules use other names) and ControlNet.
+CROSS_ATTENTION_PATTERNS = tuple(f"{root}.*.attn2.{p}" for root in ("attentions", "diffusion_model", "controlnet")
                                  for p in ("to_k", "to_v", "to_out.0"))
 
 

@@ -30,6 +30,15 @@ def fingerprint(layers: dict[str, list]) -> str:
     return hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def content_key(root: nn.Module, values: int = 8) -> str:
+    """A short key for the weights of ``root``: names, shapes and the first ``values`` weight values of each Linear /
+    Conv2d (two trained models of one architecture, e.g. two ControlNets, differ there; reading it copies a few
+    numbers per layer)."""
+    parts = [[n, list(m.weight.shape), m.weight.detach().flatten()[:values].double().cpu().tolist()]
+             for n, m in root.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
+
+
 def check_layers(expected: dict[str, list], model_layers: dict[str, list], what: str) -> None:
     """Raise ModelMismatchError naming the first differences between two name -> signature maps."""
     missing = sorted(set(expected) - set(model_layers))
