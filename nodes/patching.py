@@ -9,10 +9,16 @@ Layer names are those of the ejected model (ADE inserts motion modules into UNet
 shifting indices), so every tree walk happens inside ``ejected(model)``. Names in the tree are
 ``motion_<i>.<path>`` for the i-th motion model in ``additional_models["ADE"]`` and
 ``diffusion_model.<path>`` for the UNet, which is also the ComfyUI object-patch key of a UNet layer.
+
+ControlNets (core ComfyUI's, applied to the conditioning QVD Calibrate samples) are calibrated in the same run as
+``controlnet_<content key>.<path>``; a quantized ControlNet is a copy of the ControlNet object whose model is a new
+module tree sharing the original's float tensors, with the quantized layers in it (``quantize_controlnet``); its
+files name the layers ``controlnet.<path>``.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import uuid
 from dataclasses import dataclass
@@ -21,6 +27,7 @@ import torch
 from torch import nn
 
 from ..qvd import Calibrator, QuantizeResult, QVDConfig, QVDError, kernels, set_compute
+from ..qvd.identity import content_key, install as install_modules
 from ..qvd.modules import kept_float_bytes
 from ..qvd.scri import folded_output_transform
 from . import weight_patches
@@ -28,6 +35,7 @@ from . import weight_patches
 ADE_KEY = "ADE"
 ATTACHMENT = "qvd"
 UNET = "diffusion_model"
+CONTROLNET = "controlnet"
 
 
 @dataclass
@@ -100,11 +108,34 @@ def _viewed(patcher):
             comfy.utils.set_attr(root, key, value)
 
 
-def calibrate(model, config: QVDConfig, seeds, sample_fn):
-    """Run ``sample_fn(clone, seed)`` for each seed with Calibrator hooks on a clone.
+def control_model(control_net) -> nn.Module | None:
+    """The module tree of a core ComfyUI ControlNet (None for other control kinds: T2I adapters, ControlLoRA
+    before its first run)."""
+    model = getattr(control_net, "control_model", None)
+    return model if isinstance(model, nn.Module) else None
 
-    A DIFFUSION_MODEL wrapper on the clone records each call's timestep. The hooks are removed on exit,
-    also when sampling raises (e.g. the user cancels), so the shared modules are left untouched.
+
+def controlnets_in(*conditionings) -> dict[str, object]:
+    """The ControlNets applied to ``conditionings`` (each one's chain of earlier ControlNets too), keyed
+    ``controlnet_<content key>``: two ControlNets of one architecture get different keys."""
+    found = {}
+    for cond in conditionings:
+        for _, extra in cond:
+            c = extra.get("control")
+            while c is not None:
+                model = control_model(c)
+                if model is not None:
+                    found.setdefault(f"{CONTROLNET}_{content_key(model)}", c)
+                c = getattr(c, "previous_controlnet", None)
+    return found
+
+
+def calibrate(model, config: QVDConfig, seeds, sample_fn, controlnets: dict[str, object] | None = None):
+    """Run ``sample_fn(clone, seed)`` for each seed with Calibrator hooks on a clone and on ``controlnets`` (from
+    ``controlnets_in``; their layers are named under their keys).
+
+    A DIFFUSION_MODEL wrapper on the clone and a pre-hook on each ControlNet record each call's timestep. The hooks
+    are removed on exit, also when sampling raises (e.g. the user cancels), so the shared modules are left untouched.
     """
     import comfy.patcher_extension
 
@@ -112,10 +143,19 @@ def calibrate(model, config: QVDConfig, seeds, sample_fn):
     with contextlib.ExitStack() as hooked:
         with own_view(clone):  # the hooks go on the modules this MODEL runs, whatever is loaded now
             tree = model_tree(clone)
+            tree.update({key: control_model(c) for key, c in (controlnets or {}).items()})
             if any(getattr(m, "qvd_quantized", False) for m in tree.modules()):
-                raise QVDError("this MODEL is already quantized: calibrate the full-precision MODEL (the one before "
-                               "QVD Quantize Model / QVD Load Quantized)")
+                raise QVDError("this MODEL or ControlNet is already quantized: calibrate with the full-precision ones "
+                               "(before QVD Quantize Model / QVD Load Quantized / QVD Quantize ControlNet)")
             calibrator = hooked.enter_context(Calibrator(tree, config))
+
+        def control_timestep(_module, args, kwargs):
+            t = kwargs.get("timesteps", args[2] if len(args) > 2 else None)
+            if t is not None:
+                calibrator.set_timestep(t)
+
+        for c in (controlnets or {}).values():  # a ControlNet runs before the diffusion model in each step
+            hooked.callback(control_model(c).register_forward_pre_hook(control_timestep, with_kwargs=True).remove)
 
         def record_timestep(executor, *args, **kwargs):
             t = args[1] if len(args) > 1 else kwargs.get("timesteps")
@@ -271,6 +311,61 @@ class _Unfolded:
         for patch in self.patches:
             args = patch(*args, extra_options)
         return tuple(scri.apply(t).to(t.dtype) if f else t for t, f in zip(args, folded))
+
+
+def _structure_copy(module: nn.Module, memo: dict | None = None) -> nn.Module:
+    """A new module tree over the same parameters and buffers (no tensor is copied), with its own module, parameter
+    and hook dicts: layers can be replaced in it without touching ``module``."""
+    memo = {} if memo is None else memo
+    if id(module) not in memo:
+        new = copy.copy(module)
+        new.__dict__ = {k: copy.copy(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()}
+        memo[id(module)] = new
+        for name, child in module._modules.items():
+            new._modules[name] = None if child is None else _structure_copy(child, memo)
+    return memo[id(module)]
+
+
+def quantize_controlnet(control_net, build, compute: str = "auto") -> tuple:
+    """A copy of ``control_net`` running the quantized layers ``build(tree) -> QuantizeResult`` makes for the tree
+    ``{"controlnet": its model}``, on the ``compute`` route; ``control_net`` and its model are left unchanged (the
+    copy's model shares their float tensors). Its patcher tells ComfyUI's planner the bytes the copy holds."""
+    import comfy.model_management
+    import comfy.model_patcher
+
+    base = control_model(control_net)
+    if base is None:
+        raise QVDError(f"{type(control_net).__name__} is not a ControlNet QVD can quantize: use a ControlNet from "
+                       f"ComfyUI's ControlNet loader (T2I adapters and ControlLoRA stay as they are)")
+    if any(getattr(m, "qvd_quantized", False) for m in base.modules()):
+        raise QVDError("this ControlNet is already quantized: connect the ControlNet from its loader")
+    wrapped = control_net.control_model_wrapped
+    result = build(nn.ModuleDict({CONTROLNET: base}))
+    dtype = control_net.manual_cast_dtype or getattr(base, "dtype", None) or torch.float32
+    for module in result.modules.values():
+        _normal_tensors(module)
+        module.to(wrapped.offload_device)
+        set_compute(module, compute)
+        if hasattr(module, "prepare"):
+            module.prepare(comfy.model_management.get_torch_device(), dtype)
+    model = _structure_copy(base)
+    install_modules(model, {name.partition(".")[2]: m for name, m in result.modules.items()})
+    model.qvd_result = result  # QVD Save Quantized ControlNet reads it (copies of the ControlNet share the model)
+    out = control_net.copy()
+    out.control_model = model
+    size = comfy.model_management.module_size(model) + kept_float_bytes(result.modules.values())
+    out.control_model_wrapped = comfy.model_patcher.ModelPatcher(model, load_device=wrapped.load_device,
+                                                                 offload_device=wrapped.offload_device, size=size)
+    weight_patches.attach(out.control_model_wrapped, size)
+    return out, result
+
+
+def controlnet_result(control_net) -> QuantizeResult:
+    result = getattr(control_model(control_net), "qvd_result", None)
+    if result is None:
+        raise QVDError("this ControlNet is not quantized by QVD: connect the output of QVD Quantize ControlNet or "
+                       "QVD Load Quantized ControlNet")
+    return result
 
 
 def _refuse_float_save(*_args, **_kwargs):

@@ -11,6 +11,7 @@ import time
 
 from ..qvd import (Calibration, QVDConfig, QVDError, kernels, load_quantized, quantize_model, save_calibration,
                    save_quantized)
+from ..qvd.identity import content_key
 from ..qvd.modules import kept_float_bytes
 from ..qvd.safefile import check_name
 from . import patching
@@ -53,6 +54,15 @@ def _new_file(name: str, suffix: str, what: str) -> str:
     os.makedirs(folder, exist_ok=True)
     if os.path.exists(path):
         raise QVDError(f"{path} already exists and is never overwritten: choose another {what} name")
+    return path
+
+
+def _existing_file(name: str) -> str:
+    import folder_paths
+
+    path = folder_paths.get_full_path(MODEL_FOLDER, name)
+    if path is None:
+        raise QVDError(f"{name} is not in models/{MODEL_FOLDER}: refresh the node list or pick another file")
     return path
 
 
@@ -123,7 +133,8 @@ class QVDCalibrate:
     FUNCTION = "calibrate"
     OUTPUT_NODE = True
     CATEGORY = "QVD"
-    DESCRIPTION = "Runs real sampling with QVD observers on the UNet and motion models; outputs the statistics."
+    DESCRIPTION = ("Runs real sampling with QVD observers on the UNet, the motion models and the ControlNets applied to "
+                   "the conditioning; outputs the statistics.")
 
     def calibrate(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                   calibration_seeds, save_name=""):
@@ -142,13 +153,48 @@ class QVDCalibrate:
                                 callback=lambda *_: pbar.update(1))
 
         start = time.monotonic()
-        calibration = patching.calibrate(model, QVDConfig(), range(seed, seed + calibration_seeds), sample)
+        controlnets = patching.controlnets_in(positive, negative)
+        calibration = patching.calibrate(model, QVDConfig(), range(seed, seed + calibration_seeds), sample,
+                                         controlnets)
         logging.info("QVD Calibrate: %d layers in %.1f s", len(calibration.layers), time.monotonic() - start)
         if path is not None:
             save_calibration(path, calibration)
-        text = f"{len(calibration.layers)} layers, {len(calibration.timesteps)} timesteps"
+        in_cn = sum(n.startswith(patching.CONTROLNET) for n in calibration.layers)
+        text = (f"{len(calibration.layers)} layers" + (f" ({in_cn} in {len(controlnets)} ControlNet(s))" if in_cn else "")
+                + f", {len(calibration.timesteps)} timesteps")
         return {"ui": {"text": [text + (f", saved {os.path.basename(path)}" if path else "")]},
                 "result": (calibration,)}
+
+
+QUANTIZE_INPUTS = {
+    "calibration": ("QVD_CALIBRATION",),
+    "weight_bits": ("INT", {"default": 8, "min": 4, "max": 8}),
+    "activation_bits": ("INT", {"default": 8, "min": 6, "max": 8}),
+    "htdq": ("BOOLEAN", {"default": True, "tooltip": "HiDi-TQ quantizer for timestep-embedding layers."}),
+    "scri": ("BOOLEAN", {"default": True, "tooltip": "Per-channel shift/scale of activations (SCRI)."}),
+    "skip": ("STRING", {"default": "", "multiline": True,
+                        "tooltip": "Layer-name patterns kept in full precision (fnmatch, comma or newline separated), "
+                                   "e.g. *.attn1.to_q"}),
+}
+
+
+def _quantizer(calibration, weight_bits, activation_bits, htdq, scri, skip, heads):
+    """``build(tree)`` for ``patching.quantize`` / ``quantize_controlnet``: QVD's quantization of the tree's models from
+    their statistics in ``calibration`` (``heads(tree)``: calibration name -> tree name of each model), with a
+    progress bar."""
+    import comfy.utils
+
+    if not isinstance(calibration, Calibration):
+        raise QVDError("calibration input is not a QVD calibration: connect QVD Calibrate's output")
+    config = QVDConfig(w_bits=weight_bits, a_bits=activation_bits, htdq=htdq, scri=scri, skip=_skip_patterns(skip))
+    bar = []
+
+    def progress(done, total):
+        if not bar:
+            bar.append(comfy.utils.ProgressBar(total))
+        bar[0].update_absolute(done, total)
+
+    return lambda tree: quantize_model(tree, calibration.subset(heads(tree)), config, apply=False, progress=progress)
 
 
 class QVDQuantizeModel:
@@ -156,20 +202,7 @@ class QVDQuantizeModel:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL",),
-                "calibration": ("QVD_CALIBRATION",),
-                "weight_bits": ("INT", {"default": 8, "min": 4, "max": 8}),
-                "activation_bits": ("INT", {"default": 8, "min": 6, "max": 8}),
-                "htdq": ("BOOLEAN", {"default": True, "tooltip": "HiDi-TQ quantizer for timestep-embedding layers."}),
-                "scri": ("BOOLEAN", {"default": True, "tooltip": "Per-channel shift/scale of activations (SCRI)."}),
-                "skip": ("STRING", {"default": "", "multiline": True,
-                                    "tooltip": "Layer-name patterns kept in full precision (fnmatch, comma or "
-                                               "newline separated), e.g. *.attn1.to_q"}),
-            },
-            "optional": {"compute": COMPUTE_INPUT},
-        }
+        return {"required": {"model": ("MODEL",), **QUANTIZE_INPUTS}, "optional": {"compute": COMPUTE_INPUT}}
 
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("model", "report")
@@ -179,22 +212,9 @@ class QVDQuantizeModel:
 
     def quantize(self, model, calibration, weight_bits, activation_bits, htdq, scri, skip, compute="auto"):
         compute_line = _compute_line(compute)
-        if not isinstance(calibration, Calibration):
-            raise QVDError("calibration input is not a QVD calibration: connect QVD Calibrate's output")
-        config = QVDConfig(w_bits=weight_bits, a_bits=activation_bits, htdq=htdq, scri=scri,
-                           skip=_skip_patterns(skip))
-        import comfy.utils
-
-        bar = []
-
-        def progress(done, total):
-            if not bar:
-                bar.append(comfy.utils.ProgressBar(total))
-            bar[0].update_absolute(done, total)
-
+        build = _quantizer(calibration, weight_bits, activation_bits, htdq, scri, skip, lambda tree: {k: k for k in tree})
         start = time.monotonic()
-        clone, result = patching.quantize(
-            model, lambda tree: quantize_model(tree, calibration, config, apply=False, progress=progress), compute)
+        clone, result = patching.quantize(model, build, compute)
         report = describe(result) + "\n" + compute_line + _kept(result)
         logging.info("QVD Quantize Model: %d modules in %.1f s\n%s", len(result.modules), time.monotonic() - start, report)
         return {"ui": {"text": [report]}, "result": (clone, report)}
@@ -224,10 +244,14 @@ class QVDLoadQuantized:
 
     @classmethod
     def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "qvd_name": (cls.file_names(),)}, "optional": {"compute": COMPUTE_INPUT}}
+
+    @staticmethod
+    def file_names() -> list[str]:
+        """The quantized files in models/qvd (calibration files left out)."""
         import folder_paths
 
-        names = [n for n in folder_paths.get_filename_list(MODEL_FOLDER) if not n.endswith(CALIBRATION_SUFFIX)]
-        return {"required": {"model": ("MODEL",), "qvd_name": (names,)}, "optional": {"compute": COMPUTE_INPUT}}
+        return [n for n in folder_paths.get_filename_list(MODEL_FOLDER) if not n.endswith(CALIBRATION_SUFFIX)]
 
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("model", "report")
@@ -235,15 +259,83 @@ class QVDLoadQuantized:
     CATEGORY = "QVD"
 
     def load(self, model, qvd_name, compute="auto"):
-        import folder_paths
-
         compute_line = _compute_line(compute)
-        path = folder_paths.get_full_path(MODEL_FOLDER, qvd_name)
-        if path is None:
-            raise QVDError(f"{qvd_name} is not in models/{MODEL_FOLDER}: refresh the node list or pick another file")
+        path = _existing_file(qvd_name)
         clone, result = patching.quantize(model, lambda tree: load_quantized(path, tree, apply=False), compute)
         report = describe(result) + "\n" + compute_line + _kept(result)
         return {"ui": {"text": [report]}, "result": (clone, report)}
+
+
+class QVDQuantizeControlNet:
+    """Quantize a ControlNet calibrated by QVD Calibrate (it was applied to the conditioning QVD Calibrate sampled)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"control_net": ("CONTROL_NET",), **QUANTIZE_INPUTS}, "optional": {"compute": COMPUTE_INPUT}}
+
+    RETURN_TYPES = ("CONTROL_NET", "STRING")
+    RETURN_NAMES = ("control_net", "report")
+    FUNCTION = "quantize"
+    CATEGORY = "QVD"
+    DESCRIPTION = ("Returns a quantized copy of the ControlNet (apply it with Apply ControlNet as usual); the input "
+                   "ControlNet is left unchanged.")
+
+    def quantize(self, control_net, calibration, weight_bits, activation_bits, htdq, scri, skip, compute="auto"):
+        compute_line = _compute_line(compute)
+        model = patching.control_model(control_net)
+        key = f"{patching.CONTROLNET}_{content_key(model)}" if model is not None else None
+        if isinstance(calibration, Calibration) and model is not None and not any(
+                n.startswith(key + ".") for n in calibration.layers):
+            raise QVDError("this ControlNet was not in the graph the calibration sampled: apply it (Apply ControlNet) "
+                           "to the conditioning connected to QVD Calibrate, calibrate, then quantize it from that "
+                           "calibration")
+        build = _quantizer(calibration, weight_bits, activation_bits, htdq, scri, skip,
+                           lambda tree: {key: patching.CONTROLNET})
+        out, result = patching.quantize_controlnet(control_net, build, compute)
+        report = describe(result) + "\n" + compute_line + _kept(result)
+        logging.info("QVD Quantize ControlNet: %d modules\n%s", len(result.modules), report)
+        return {"ui": {"text": [report]}, "result": (out, report)}
+
+
+class QVDSaveQuantizedControlNet:
+    """Save the quantized layers of a QVD-quantized ControlNet to models/qvd."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"control_net": ("CONTROL_NET",), "filename": ("STRING", {"default": "qvd_controlnet"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = "QVD"
+
+    def save(self, control_net, filename):
+        result = patching.controlnet_result(control_net)
+        path = _new_file(filename, EXTENSION, "file")
+        save_quantized(path, result)
+        return {"ui": {"text": [f"saved {os.path.basename(path)}"]}}
+
+
+class QVDLoadQuantizedControlNet:
+    """Apply a saved QVD ControlNet file to the ControlNet it was made from."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"control_net": ("CONTROL_NET",), "qvd_name": (QVDLoadQuantized.file_names(),)},
+                "optional": {"compute": COMPUTE_INPUT}}
+
+    RETURN_TYPES = ("CONTROL_NET", "STRING")
+    RETURN_NAMES = ("control_net", "report")
+    FUNCTION = "load"
+    CATEGORY = "QVD"
+
+    def load(self, control_net, qvd_name, compute="auto"):
+        compute_line = _compute_line(compute)
+        path = _existing_file(qvd_name)
+        out, result = patching.quantize_controlnet(control_net, lambda tree: load_quantized(path, tree, apply=False),
+                                                   compute)
+        report = describe(result) + "\n" + compute_line + _kept(result)
+        return {"ui": {"text": [report]}, "result": (out, report)}
 
 
 def describe(result) -> str:
@@ -265,7 +357,8 @@ def summarize(report: list[dict]) -> str:
     float: why) and the mean relative output error."""
     groups: dict[tuple, list] = {}
     for r in report:
-        tree = "unet" if r["name"].startswith(patching.UNET + ".") else "motion"
+        head = r["name"].partition(".")[0]
+        tree = "unet" if head == patching.UNET else "controlnet" if head == patching.CONTROLNET else "motion"
         bits = "fp" if "skipped" in r else f"W{r['w_bits']}A{r['a_bits']}"
         groups.setdefault((tree, r["kind"], bits), []).append(r)
     lines = []
@@ -285,10 +378,16 @@ NODE_CLASS_MAPPINGS = {
     "QVDQuantizeModel": QVDQuantizeModel,
     "QVDSaveQuantized": QVDSaveQuantized,
     "QVDLoadQuantized": QVDLoadQuantized,
+    "QVDQuantizeControlNet": QVDQuantizeControlNet,
+    "QVDSaveQuantizedControlNet": QVDSaveQuantizedControlNet,
+    "QVDLoadQuantizedControlNet": QVDLoadQuantizedControlNet,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "QVDCalibrate": "QVD Calibrate",
     "QVDQuantizeModel": "QVD Quantize Model",
     "QVDSaveQuantized": "QVD Save Quantized",
     "QVDLoadQuantized": "QVD Load Quantized",
+    "QVDQuantizeControlNet": "QVD Quantize ControlNet",
+    "QVDSaveQuantizedControlNet": "QVD Save Quantized ControlNet",
+    "QVDLoadQuantizedControlNet": "QVD Load Quantized ControlNet",
 }

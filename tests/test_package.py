@@ -29,7 +29,8 @@ def pack():
 def test_imports_without_comfyui(pack):
     assert "comfy" not in sys.modules and "folder_paths" not in sys.modules
     assert set(pack.NODE_CLASS_MAPPINGS) == {"QVDCalibrate", "QVDQuantizeModel", "QVDSaveQuantized",
-                                             "QVDLoadQuantized"}
+                                             "QVDLoadQuantized", "QVDQuantizeControlNet",
+                                             "QVDSaveQuantizedControlNet", "QVDLoadQuantizedControlNet"}
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(pack.NODE_CLASS_MAPPINGS)
 
 
@@ -46,7 +47,7 @@ def test_node_classes_follow_the_v1_node_api(pack):
 
 def test_workflow_files_are_generated_from_their_spec():
     gen = runpy.run_path(str(ROOT / "scripts" / "make_workflows.py"))
-    assert len(gen["WORKFLOWS"]) == 3
+    assert len(gen["WORKFLOWS"]) == 4
     for name, spec in gen["WORKFLOWS"].items():
         ui = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
         api = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
@@ -150,3 +151,52 @@ def test_attention_patches_see_a_folded_norms_output_in_its_own_domain(pack):
     patching._unfold_for_patches(model_options, [folded])  # a second wrap of the same options is a no-op
     assert len(model_options["transformer_options"]["patches"]["attn1_patch"]) == 1
     assert model_options["transformer_options"]["patches"]["attn1_patch"][0].patches == (patch,)
+
+
+def test_a_controlnets_quantized_copy_leaves_the_original_module_tree_alone(pack):
+    """``_structure_copy`` (a quantized ControlNet's model): a new tree over the same tensors; replacing a layer, adding
+    a hook or a parameter in it changes nothing in the original."""
+    import torch
+    from torch import nn
+
+    patching = sys.modules["comfyui_qvd_pack.nodes.patching"]
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    shared = net[1]
+    net.add_module("again", shared)  # one module under two names stays one module in the copy
+    copy = patching._structure_copy(net)
+    assert copy is not net and copy[1] is not net[1] and copy.again is copy[1]
+    assert copy[0].weight is net[0].weight  # no tensor copied
+    copy[1][0] = nn.Identity()
+    copy[0].register_forward_hook(lambda *_: None)
+    copy[0].extra = nn.Parameter(torch.zeros(1))
+    assert isinstance(net[1][0], nn.Linear) and not net[0]._forward_hooks and not hasattr(net[0], "extra")
+
+
+def test_a_calibrations_subset_is_one_models_statistics_renamed():
+    """A calibration of a graph (UNet + ControlNets) gives each model its own statistics under its tree's names; a
+    model it never saw is refused by name."""
+    import torch
+    from torch import nn
+
+    from qvd import Calibrator, CalibrationError
+    from qvd.identity import content_key
+
+    g = torch.Generator().manual_seed(0)
+    unet, cn_a, cn_b = (nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4)) for _ in range(3))
+    with torch.no_grad():
+        cn_b[0].weight.add_(1.0)  # same architecture, other weights
+    assert content_key(cn_a) != content_key(cn_b) and content_key(cn_a) == content_key(cn_a)
+    tree = nn.ModuleDict({"diffusion_model": unet, f"controlnet_{content_key(cn_a)}": cn_a})
+    with Calibrator(tree) as cal:
+        cal.set_timestep(500)
+        for m in (unet, cn_a):
+            m(torch.randn(5, 8, generator=g))
+    calibration = cal.result()
+    sub = calibration.subset({f"controlnet_{content_key(cn_a)}": "controlnet"})
+    assert set(sub.layers) == {"controlnet.0", "controlnet.2"} and all(s.name == n for n, s in sub.layers.items())
+    assert calibration.layers[f"controlnet_{content_key(cn_a)}.0"].name.startswith("controlnet_")  # not renamed
+    assert all(n.startswith("controlnet.") for names in sub.norm_groups.values() for n in names)
+    assert set(calibration.subset({"diffusion_model": "diffusion_model"}).layers) == {"diffusion_model.0",
+                                                                                     "diffusion_model.2"}
+    with pytest.raises(CalibrationError, match=f"controlnet_{content_key(cn_b)}"):
+        calibration.subset({f"controlnet_{content_key(cn_b)}": "controlnet"})
