@@ -34,6 +34,18 @@ NODE_TYPES = {
                          [("model", "MODEL"), ("report", "STRING")]),
     "QVDSaveQuantized": ([("model", "MODEL")], ["filename"], []),
     "QVDLoadQuantized": ([("model", "MODEL")], ["qvd_name", "compute"], [("model", "MODEL"), ("report", "STRING")]),
+    "QVDQuantizeControlNet": ([("control_net", "CONTROL_NET"), ("calibration", "QVD_CALIBRATION")],
+                              ["weight_bits", "activation_bits", "htdq", "scri", "skip", "compute"],
+                              [("control_net", "CONTROL_NET"), ("report", "STRING")]),
+    "QVDSaveQuantizedControlNet": ([("control_net", "CONTROL_NET")], ["filename"], []),
+    "LoadVideo": ([], ["file", "upload"], [("VIDEO", "VIDEO")]),
+    "GetVideoComponents": ([("video", "VIDEO")], [], [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")]),
+    "VAEEncode": ([("pixels", "IMAGE"), ("vae", "VAE")], [], [("LATENT", "LATENT")]),
+    "ControlNetLoader": ([], ["control_net_name"], [("CONTROL_NET", "CONTROL_NET")]),
+    "ControlNetApplyAdvanced": ([("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                 ("control_net", "CONTROL_NET"), ("image", "IMAGE"), ("vae", "VAE")],
+                                ["strength", "start_percent", "end_percent"],
+                                [("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
     "ADE_LoadAnimateDiffModel": ([("ad_settings", "AD_SETTINGS")], ["model_name"],
                                  [("MOTION_MODEL", "MOTION_MODEL_ADE")]),
     "ADE_ApplyAnimateDiffModelSimple": ([("motion_model", "MOTION_MODEL_ADE"), ("motion_lora", "MOTION_LORA"),
@@ -83,6 +95,36 @@ def _calibrate_quantize(model_ref):
     }
 
 
+def _controlnet_vid2vid():
+    """Video frames -> VAE Encode -> KSampler at denoise 0.6 with a ControlNet (the frames as its hint: a tile
+    ControlNet); calibrated with the ControlNet applied, UNet, motion model and ControlNet quantized."""
+    cn = {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}
+    bits = {"weight_bits": 8, "activation_bits": 8, "htdq": True, "scri": True, "skip": "", "compute": "auto"}
+    base = _base((11, 0))
+    del base[4]
+    base[20] = ("KSampler", {**base[20][1], "positive": (36, 0), "negative": (36, 1), "latent_image": (32, 0),
+                             "denoise": 0.6})
+    base[22] = ("SaveAnimatedWEBP", {**base[22][1], "filename_prefix": "qvd/vid2vid"})
+    return {
+        **base, **_ade((1, 0)),
+        30: ("LoadVideo", {"file": "input_clip.mp4", "upload": "image"}),
+        31: ("GetVideoComponents", {"video": (30, 0)}),
+        32: ("VAEEncode", {"pixels": (31, 0), "vae": (1, 2)}),
+        33: ("ControlNetLoader", {"control_net_name": "control_v11f1e_sd15_tile.pth"}),
+        34: ("ControlNetApplyAdvanced", {"positive": (2, 0), "negative": (3, 0), "control_net": (33, 0),
+                                         "image": (31, 0), **cn}),
+        10: ("QVDCalibrate", {"model": (7, 0), "positive": (34, 0), "negative": (34, 1), "latent_image": (32, 0),
+                              "seed": 0, "control_after_generate": "fixed", **SAMPLING, "calibration_seeds": 2,
+                              "save_name": ""}),
+        11: ("QVDQuantizeModel", {"model": (7, 0), "calibration": (10, 0), **bits}),
+        12: ("QVDSaveQuantized", {"model": (11, 0), "filename": "qvd_w8a8_vid2vid"}),
+        35: ("QVDQuantizeControlNet", {"control_net": (33, 0), "calibration": (10, 0), **bits}),
+        36: ("ControlNetApplyAdvanced", {"positive": (2, 0), "negative": (3, 0), "control_net": (35, 0),
+                                         "image": (31, 0), **cn}),
+        37: ("QVDSaveQuantizedControlNet", {"control_net": (35, 0), "filename": "qvd_controlnet_tile"}),
+    }
+
+
 WORKFLOWS = {
     # (a) AnimateDiff-Evolved txt2vid, calibrated and quantized in the graph.
     "qvd_ade_txt2vid_calibrate_quantize": {**_base((11, 0)), **_ade((1, 0)), **_calibrate_quantize((7, 0))},
@@ -92,7 +134,10 @@ WORKFLOWS = {
         13: ("QVDLoadQuantized", {"model": (7, 0), "qvd_name": "qvd_w8a8.safetensors", "compute": "auto"})},
     # (c) core nodes only (no AnimateDiff): the frames are a plain image batch.
     "qvd_core_txt2vid_calibrate_quantize": {**_base((11, 0), frames=8), **_calibrate_quantize((1, 0))},
+    # (d) AnimateDiff-Evolved ControlNet vid2vid: UNet, motion model and ControlNet quantized from one calibration.
+    "qvd_ade_controlnet_vid2vid": _controlnet_vid2vid(),
 }
+FRONTEND_ONLY = ("control_after_generate", "upload")  # widgets the frontend keeps out of the API prompt
 
 
 def to_api(spec: dict) -> dict:
@@ -100,7 +145,7 @@ def to_api(spec: dict) -> dict:
     api = {}
     for nid, (ctype, values) in sorted(spec.items()):
         inputs = {k: [str(v[0]), v[1]] if isinstance(v, tuple) else v
-                  for k, v in values.items() if k != "control_after_generate"}
+                  for k, v in values.items() if k not in FRONTEND_ONLY}
         api[str(nid)] = {"class_type": ctype, "inputs": inputs}
     return api
 

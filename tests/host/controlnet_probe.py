@@ -1,9 +1,12 @@
 """ControlNet vid2vid on a QVD-quantized MODEL, in-process in ComfyUI (0.3.75, 0.33): video frames -> VAE Encode ->
 KSampler at denoise 0.6 with a ControlNet (core ``ControlNetApplyAdvanced``, the frames as hint) on the synthetic
-SD1.5 checkpoint, calibrated with the ControlNet on (QVD Calibrate -> QVD Quantize Model, every layer). Measured: the
-quantized output's error against FP with and without the ControlNet, the ControlNet's effect on the quantized model
-against its effect on FP, and the ControlNet's share of a sampling step (FP and W8A8), timed with forward hooks.
-Prints one JSON line.
+SD1.5 checkpoint, calibrated with the ControlNet on (QVD Calibrate -> QVD Quantize Model, every layer; QVD Quantize
+ControlNet from the same calibration). Measured: the quantized output's error against FP with and without the
+ControlNet, with the ControlNet full precision and quantized; the ControlNet's effect on the quantized model against
+its effect on FP; the ControlNet's share of a sampling step (FP, W8A8 UNet, W8A8 UNet + ControlNet), timed with
+forward hooks; the bytes the quantized ControlNet's patcher tells; its file round trip (QVD Save / Load Quantized
+ControlNet, in a temporary models/qvd) and the refusals (a UNet file, a damaged file, a ControlNet the calibration
+never saw). Prints one JSON line.
 
     python controlnet_probe.py CHECKPOINT PACK_DIR   (cwd = ComfyUI's directory, on PYTHONPATH)
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +34,11 @@ def main(checkpoint: str, pack_dir: str) -> dict:
     import comfy.sd
     import nodes
 
+    import folder_paths
+
     qvd = load_pack(Path(pack_dir))
+    files = tempfile.mkdtemp(prefix="qvd-probe-")  # models/qvd for this process: the ComfyUI tree is only read
+    folder_paths.folder_names_and_paths["qvd"] = ([files], {".safetensors"})
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(checkpoint)[:3]
     control = comfy.controlnet.load_controlnet_state_dict(sd15_controlnet_state_dict())
     positive = nodes.CLIPTextEncode().encode(clip, "a red fox running")[0]
@@ -47,6 +55,11 @@ def main(checkpoint: str, pack_dir: str) -> dict:
     calibration = qvd["QVDCalibrate"]().calibrate(model, pos_cn, neg_cn, latent, 0, 2, 5.0, "euler", "normal",
                                                   1)["result"][0]
     quantized = qvd["QVDQuantizeModel"]().quantize(model, calibration, 8, 8, True, True, "", "int8")["result"][0]
+    q_control, cn_report = qvd["QVDQuantizeControlNet"]().quantize(control, calibration, 8, 8, True, True, "",
+                                                                   "int8")["result"]
+    apply = lambda cn: nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, cn, frames, 1.0, 0.0,  # noqa
+                                                                        1.0)[:2]
+    pos_qcn, neg_qcn = apply(q_control)
 
     times = {"control": 0.0, "unet": 0.0}
 
@@ -59,11 +72,11 @@ def main(checkpoint: str, pack_dir: str) -> dict:
     def sample(m, pos, neg) -> torch.Tensor:
         return nodes.common_ksampler(m, 11, 3, 5.0, "euler", "normal", pos, neg, latent, denoise=DENOISE)[0]["samples"]
 
-    def share(m) -> float:
+    def share(m, cn, conds) -> float:
         times.update(control=0.0, unet=0.0)
-        hooks = timed(control.control_model, "control") + timed(m.model.diffusion_model, "unet")
+        hooks = timed(cn.control_model, "control") + timed(m.model.diffusion_model, "unet")
         try:
-            sample(m, pos_cn, neg_cn)
+            sample(m, *conds)
         finally:
             for h in hooks:
                 h.remove()
@@ -71,17 +84,63 @@ def main(checkpoint: str, pack_dir: str) -> dict:
 
     out = {k: sample(m, *c) for k, (m, c) in {"fp": (model, (positive, negative)), "fp_cn": (model, (pos_cn, neg_cn)),
                                                "q": (quantized, (positive, negative)),
-                                               "q_cn": (quantized, (pos_cn, neg_cn))}.items()}
-    err = lambda a, b: float((a - b).norm() / b.norm())
-    fp_effect, q_effect = out["fp_cn"] - out["fp"], out["q_cn"] - out["q"]
+                                               "q_cn": (quantized, (pos_cn, neg_cn)),
+                                               "q_qcn": (quantized, (pos_qcn, neg_qcn))}.items()}
+    err = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    cos = lambda a, b: float((a * b).sum() / (a.norm() * b.norm()))  # noqa: E731
+    fp_effect, q_effect, qq_effect = out["fp_cn"] - out["fp"], out["q_cn"] - out["q"], out["q_qcn"] - out["q"]
     sample(quantized, pos_cn, neg_cn)  # warm: compute routes decided, caches made
-    return {"error_without": err(out["q"], out["fp"]), "error_with": err(out["q_cn"], out["fp_cn"]),
-            "effect_size": float(fp_effect.norm() / out["fp"].norm()),
-            "effect_cosine": float((q_effect * fp_effect).sum() / (q_effect.norm() * fp_effect.norm())),
-            "effect_norm_ratio": float(q_effect.norm() / fp_effect.norm()),
-            "finite": bool(all(torch.isfinite(t).all() for t in out.values())),
-            "control_share_fp": share(model), "control_share_q": share(quantized),
-            "quantized_layers": len(sys.modules["qvd_pack_probe.nodes.patching"].attached_result(quantized).modules)}
+    sample(quantized, pos_qcn, neg_qcn)
+    facts = {"error_without": err(out["q"], out["fp"]), "error_with": err(out["q_cn"], out["fp_cn"]),
+             "error_with_quantized_cn": err(out["q_qcn"], out["fp_cn"]),
+             "effect_size": float(fp_effect.norm() / out["fp"].norm()),
+             "effect_cosine": cos(q_effect, fp_effect), "effect_norm_ratio": float(q_effect.norm() / fp_effect.norm()),
+             "quantized_cn_effect_cosine": cos(qq_effect, fp_effect),
+             "quantized_cn_effect_norm_ratio": float(qq_effect.norm() / fp_effect.norm()),
+             "finite": bool(all(torch.isfinite(t).all() for t in out.values())),
+             "control_share_fp": share(model, control, (pos_cn, neg_cn)),
+             "control_share_q": share(quantized, control, (pos_cn, neg_cn)),
+             "control_share_q_qcn": share(quantized, q_control, (pos_qcn, neg_qcn)),
+             "quantized_layers": len(sys.modules["qvd_pack_probe.nodes.patching"].attached_result(quantized).modules),
+             "cn_report": cn_report,
+             "cn_told_mib": q_control.control_model_wrapped.model_size() / 2**20,
+             "cn_float_told_mib": control.control_model_wrapped.model_size() / 2**20,
+             "original_cn_unchanged": bool(torch.equal(sample(model, pos_cn, neg_cn), out["fp_cn"]))}
+    return {**facts, **files_round_trip(qvd, nodes, quantized, control, q_control, apply, sample, out["q_qcn"], model,
+                                        positive, negative, latent)}
+
+
+def files_round_trip(qvd, nodes, quantized, control, q_control, apply, sample, want, model, positive, negative,
+                     latent) -> dict:
+    """Save the quantized ControlNet, load it onto the float one, sample; the refusals, as their messages."""
+    from qvd_pack_probe.qvd import QVDError
+
+    qvd["QVDSaveQuantizedControlNet"]().save(q_control, "cn")
+    qvd["QVDSaveQuantized"]().save(quantized, "unet")
+    loaded = qvd["QVDLoadQuantizedControlNet"]().load(control, "cn.safetensors", "int8")["result"][0]
+    facts = {"file_round_trip_equal": bool(torch.equal(sample(quantized, *apply(loaded)), want))}
+
+    def refused(fn) -> str:
+        try:
+            fn()
+        except QVDError as e:
+            return str(e)
+        return "NOT REFUSED"
+
+    import folder_paths
+    path = folder_paths.get_full_path("qvd", "cn.safetensors")
+    raw = bytearray(Path(path).read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    Path(path).with_name("damaged.safetensors").write_bytes(bytes(raw))
+    load = qvd["QVDLoadQuantizedControlNet"]().load
+    facts["refused_unet_file"] = refused(lambda: load(control, "unet.safetensors", "int8"))
+    facts["refused_damaged_file"] = refused(lambda: load(control, "damaged.safetensors", "int8"))
+    facts["refused_quantized_twice"] = refused(lambda: load(q_control, "cn.safetensors", "int8"))
+    bare = qvd["QVDCalibrate"]().calibrate(model, positive, negative, latent, 0, 1, 5.0, "euler", "normal",
+                                           1)["result"][0]
+    facts["refused_uncalibrated_cn"] = refused(
+        lambda: qvd["QVDQuantizeControlNet"]().quantize(control, bare, 8, 8, True, True, "", "int8"))
+    return facts
 
 
 if __name__ == "__main__":

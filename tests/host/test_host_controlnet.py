@@ -1,5 +1,6 @@
 """ControlNet vid2vid (issue 28), the most common AnimateDiff graph: frames -> VAE Encode -> KSampler at denoise 0.6
-with core ComfyUI's ControlNet on the synthetic SD1.5, calibrated with the ControlNet on (``controlnet_probe.py``)."""
+with core ComfyUI's ControlNet on the synthetic SD1.5, calibrated with the ControlNet on; the ControlNet full precision
+and quantized by QVD Quantize ControlNet from the same calibration, saved and loaded (``controlnet_probe.py``)."""
 from __future__ import annotations
 
 import pytest
@@ -27,5 +28,26 @@ def test_the_controlnets_effect_on_the_quantized_model_follows_fp(probe):
 
 
 def test_the_controlnets_share_of_a_step_is_measured(probe):
-    """ControlNet stays full precision: its share of a vid2vid step, FP and W8A8 (stated in the README)."""
+    """Its share of a vid2vid step, FP, beside a W8A8 UNet, and quantized too (stated in the README)."""
     assert 0 < probe["control_share_fp"] < probe["control_share_q"] < 1, probe
+    assert probe["control_share_q_qcn"] < probe["control_share_q"], probe
+
+
+def test_a_quantized_controlnet_keeps_the_output_and_its_effect(probe):
+    """QVD Quantize ControlNet from the calibration that sampled it: the output with both quantized stays within the
+    quantized UNet's own error of FP, the ControlNet's effect follows FP's, and its patcher tells ComfyUI the int8
+    size; the ControlNet it was made from samples as before."""
+    assert probe["error_with_quantized_cn"] <= 1.25 * probe["error_without"], probe
+    assert probe["quantized_cn_effect_cosine"] > 0.85 and abs(probe["quantized_cn_effect_norm_ratio"] - 1) < 0.15, \
+        probe
+    assert probe["cn_told_mib"] < 0.4 * probe["cn_float_told_mib"], probe
+    assert "controlnet conv" in probe["cn_report"] and "controlnet linear" in probe["cn_report"], probe["cn_report"]
+    assert probe["original_cn_unchanged"], probe
+
+
+def test_a_quantized_controlnet_file_round_trips_and_wrong_inputs_are_refused(probe):
+    assert probe["file_round_trip_equal"], probe
+    assert "different model" in probe["refused_unet_file"], probe["refused_unet_file"]
+    assert "NOT REFUSED" not in probe["refused_damaged_file"], probe["refused_damaged_file"]
+    assert "already quantized" in probe["refused_quantized_twice"], probe["refused_quantized_twice"]
+    assert "not in the graph the calibration sampled" in probe["refused_uncalibrated_cn"], probe

@@ -20,6 +20,10 @@ QVD_INPUTS = {
     "QVDQuantizeModel": {"model", "calibration", "weight_bits", "activation_bits", "htdq", "scri", "skip", "compute"},
     "QVDSaveQuantized": {"model", "filename"},
     "QVDLoadQuantized": {"model", "qvd_name", "compute"},
+    "QVDQuantizeControlNet": {"control_net", "calibration", "weight_bits", "activation_bits", "htdq", "scri", "skip",
+                              "compute"},
+    "QVDSaveQuantizedControlNet": {"control_net", "filename"},
+    "QVDLoadQuantizedControlNet": {"control_net", "qvd_name", "compute"},
 }
 
 def ui_to_api(ui: dict, object_info: dict) -> dict:
@@ -39,6 +43,8 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
                 inputs[name] = values.pop(0)
                 if len(spec) > 1 and spec[1].get("control_after_generate"):
                     values.pop(0)
+                if len(spec) > 1 and any("upload" in k for k in spec[1]) and values and values[0] == "image":
+                    values.pop(0)  # the frontend's upload button widget (LoadImage, LoadVideo) after the file combo
         assert not values, f"node {node['id']} ({node['type']}) has unused widget values {values}"
         api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return api
