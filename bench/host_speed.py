@@ -9,10 +9,15 @@ also pays ``auto``'s per-shape timing and is shown apart).
 """
 from __future__ import annotations
 
+import os
 import statistics
 from pathlib import Path
 
 from bench._common import host_parser, host_probe, machine
+
+# limits the libraries obey (set before the process starts), e.g. to run as an AVX2-only CPU would on a newer one
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+
 
 def cpu_flags() -> str:
     try:
@@ -20,7 +25,8 @@ def cpu_flags() -> str:
     except (OSError, StopIteration):
         return "unknown ISA"
     have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return "+".join(have) or "no AVX2"
+    limits = [f"{k}={os.environ[k]}" for k in ISA_LIMITS if os.environ.get(k)]
+    return ("+".join(have) or "no AVX2") + (f", limited by {' '.join(limits)}" if limits else "")
 
 
 def table(f: dict, args) -> str:
