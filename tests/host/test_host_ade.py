@@ -12,6 +12,9 @@ import torch
 
 from comfy_host import (MOTION_NAME, TINY, ComfyServer, ade_path, build_model, execution_error, load_api, make_base_dir,
                         read_latent, tiny, with_latent_output, without)
+from synthetic_models import write_lora
+
+LCM_LORA = "lcm_lora_stand_in.safetensors"  # a seeded rank-4 LoRA in the place of AnimateLCM's LoRA
 
 pytestmark = [pytest.mark.slow, pytest.mark.ade]
 
@@ -24,6 +27,8 @@ def ade_server(tmp_path_factory, sd15_checkpoint):
                     ".cache/ComfyUI-AnimateDiff-Evolved")
     motion = build_model("motion", MOTION_NAME)
     base = make_base_dir(tmp_path_factory.mktemp("comfy_ade"), sd15_checkpoint, motion, ade)
+    (base / "models" / "loras").mkdir(parents=True)
+    write_lora(sd15_checkpoint, base / "models" / "loras" / LCM_LORA)
     server = ComfyServer(base, ("--cache-none",))
     try:
         yield server
@@ -119,3 +124,53 @@ def test_freeinit_iterations(ade_server):
     rel = float((q - fp).norm() / fp.norm())
     print(f"\nFreeInit, 2 iterations: W8A8 vs FP {rel:.4f}")
     assert torch.isfinite(q).all() and 0 < rel < 0.2, rel
+
+
+def test_animatelcm_lcm_sampler_and_lcm_lora(ade_server):
+    """AnimateLCM as artists run it (issue 28): ADE with an LCM beta schedule, the LCM sampler (sgm_uniform, 4 steps,
+    CFG 1.5) and an LCM LoRA on the UNet (here a seeded rank-4 LoRA at strength 1). Calibrated and quantized with the
+    LoRA in the graph, and from a file quantized without it then loaded under it (the LoRA before QVD Load Quantized
+    stays a LoRA): each within the synthetic model's usual error of FP, and the LoRA's effect on the quantized model
+    follows its effect on FP."""
+    skip = TINY["skip"] + ", down_blocks.[1-3].*, up_blocks.[0-2].*"
+    lcm = {"sampler_name": "lcm", "scheduler": "sgm_uniform", "cfg": 1.5, "steps": 4}
+    lora = {"40": {"class_type": "LoraLoaderModelOnly",
+                   "inputs": {"model": ["1", 0], "lora_name": LCM_LORA, "strength_model": 1.0}}}
+
+    def graph(name: str, with_lora: bool, **over) -> dict:
+        wf = tiny(load_api(name), model_name=MOTION_NAME, skip=skip, **over)
+        for nid in ("10", "20"):
+            if nid in wf:
+                wf[nid]["inputs"].update(lcm)
+        wf["7"]["inputs"]["beta_schedule"] = "lcm avg(sqrt_linear,linear)"
+        if with_lora:
+            wf.update(copy.deepcopy(lora))
+            wf["7"]["inputs"]["model"] = ["40", 0]
+        if "10" in wf:
+            wf["10"]["inputs"]["seed"] = wf["20"]["inputs"]["seed"]
+        return wf
+
+    def run(prompt: dict, tag: str) -> torch.Tensor:
+        return read_latent(ade_server, ade_server.run(with_latent_output(prompt, "20", tag)), f"save_{tag}")
+
+    out = {}
+    for tag, with_lora in (("lcm_fp", False), ("lcm_fp_lora", True)):
+        fp = without(graph("qvd_ade_txt2vid_calibrate_quantize", with_lora), "10", "11", "12")
+        fp["20"]["inputs"]["model"] = ["7", 0]
+        out[tag] = run(fp, tag)
+    out["lcm_q_lora"] = run(without(graph("qvd_ade_txt2vid_calibrate_quantize", True), "12"), "lcm_q_lora")
+    plain = graph("qvd_ade_txt2vid_calibrate_quantize", False)
+    plain["12"]["inputs"]["filename"] = "lcm_w8a8"
+    out["lcm_q"] = run(plain, "lcm_q")
+    out["lcm_loaded_lora"] = run(graph("qvd_ade_txt2vid_load_quantized", True, qvd_name="lcm_w8a8.safetensors"),
+                                 "lcm_loaded_lora")
+    rel = lambda a, b: float((out[a] - out[b]).norm() / out[b].norm())  # noqa: E731
+    errors = {k: rel(k, ref) for k, ref in (("lcm_q", "lcm_fp"), ("lcm_q_lora", "lcm_fp_lora"),
+                                            ("lcm_loaded_lora", "lcm_fp_lora"))}
+    effect_fp, effect_q = out["lcm_fp_lora"] - out["lcm_fp"], out["lcm_loaded_lora"] - out["lcm_q"]
+    cos = float(torch.nn.functional.cosine_similarity(effect_q.flatten(), effect_fp.flatten(), 0))
+    size = float(effect_fp.norm() / out["lcm_fp"].norm())
+    print(f"\nAnimateLCM: W8A8 vs FP {errors}; the LoRA moves FP by {size:.3f}, cosine of its effects {cos:.3f}")
+    assert all(torch.isfinite(t).all() for t in out.values())
+    assert all(0 < e < 0.2 for e in errors.values()), errors
+    assert size > 0.05 and cos > 0.8, (size, cos)
