@@ -167,7 +167,33 @@ def calibrate(model, config: QVDConfig, seeds, sample_fn, controlnets: dict[str,
                                    record_timestep)
         for seed in seeds:
             sample_fn(clone, seed)
-    return calibrator.result()
+    calibration = calibrator.result()
+    calibration.patches = attention_patches(clone.model_options)
+    return calibration
+
+
+def attention_patches(model_options: dict) -> list[str]:
+    """Names of the attention patches in ``model_options`` (IPAdapter's cross-attention replacements, attention
+    patches of hypernetworks and other node packs): ``attn2 replace input 1``, ``attn1_patch``."""
+    options = model_options.get("transformer_options", {})
+    names = [f"{kind} replace {' '.join(map(str, key if isinstance(key, tuple) else (key,)))}"
+             for kind, table in options.get("patches_replace", {}).items() for key in table]
+    names += [kind for kind, fns in options.get("patches", {}).items() if fns]
+    return sorted(names)
+
+
+def _warn_new_patches(result: QuantizeResult, model_options: dict, said: set) -> None:
+    """One log line per sampling graph whose attention patches the calibration did not see: what they add to
+    cross-attention lies outside the ranges the static scales were fit to (IPAdapter applied after QVD Quantize
+    Model: docs/benchmarks.md)."""
+    seen = result.calibrated.get("patches")
+    new = sorted(set(attention_patches(model_options)) - set(seen)) if seen is not None else []
+    if new and tuple(new) not in said:
+        said.add(tuple(new))
+        logging.warning("QVD: this sampling runs %d attention patch(es) the calibration never saw (%s%s), e.g. an "
+                        "IPAdapter applied after QVD Quantize Model: the quantized layers after them see activations "
+                        "their static scales were not fit to. For the closest output, apply them before QVD Calibrate "
+                        "and calibrate with them", len(new), ", ".join(new[:3]), ", ..." if len(new) > 3 else "")
 
 
 def _per_patcher(model, modules: dict[str, nn.Module]) -> list[tuple[object, dict[str, nn.Module]]]:
@@ -253,11 +279,13 @@ def _normal_tensors(module: nn.Module) -> None:
 
 def _sampling(result: QuantizeResult):
     """An OUTER_SAMPLE wrapper, run before ComfyUI loads the MODEL being sampled: its weight patches reach the quantized
-    layers first (``weight_patches.before_load``: the size the planner reads counts them), and attention patches get
-    the norm outputs QVD folded SCRI into in their own domain (``_unfold_for_patches``). After a sampling run in
+    layers first (``weight_patches.before_load``: the size the planner reads counts them), attention patches get
+    the norm outputs QVD folded SCRI into in their own domain (``_unfold_for_patches``), and attention patches the
+    calibration never saw are said once (``_warn_new_patches``). After a sampling run in
     which ``auto`` chose routes for new layer shapes, one log line says what it chose and what the weight-only route
     keeps in memory."""
     norms = [m for m in result.modules.values() if getattr(m, "qvd_scri_norm", False)]
+    said: set = set()
 
     def wrapper(executor, *args, **kwargs):
         guider = getattr(executor, "class_obj", None)
@@ -265,8 +293,10 @@ def _sampling(result: QuantizeResult):
         if patcher is not None:
             for p in (patcher, *motion_patchers(patcher)):
                 weight_patches.before_load(p)
-        if norms and isinstance(getattr(guider, "model_options", None), dict):
-            _unfold_for_patches(guider.model_options, norms)  # this run's copy of the MODEL's options
+        if isinstance(getattr(guider, "model_options", None), dict):
+            _warn_new_patches(result, guider.model_options, said)
+            if norms:
+                _unfold_for_patches(guider.model_options, norms)  # this run's copy of the MODEL's options
         before = len(kernels.decisions())
         out = executor(*args, **kwargs)
         made = list(kernels.decisions().values())[before:]

@@ -343,9 +343,11 @@ def describe(result) -> str:
     quantized weights were taken at (a file's values checked against this model: ``qvd/verify.py``)."""
     lines = [summarize(result.report)]
     ts = result.calibrated.get("timesteps") or []
+    patches = result.calibrated.get("patches")
     if ts:
         lines.append(f"calibrated at {len(ts)} timestep(s), t = {max(ts):g} .. {min(ts):g}, on "
-                     f"{result.calibrated['layers']} layers")
+                     f"{result.calibrated['layers']} layers"
+                     + (f", with {len(patches)} attention patch(es) applied (e.g. {patches[0]})" if patches else ""))
     dtypes = sorted({r["weight_dtype"] for r in result.report if r.get("weight_dtype")})
     if dtypes:
         lines.append(f"weights quantized from {' / '.join(dtypes)}")

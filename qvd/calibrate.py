@@ -119,12 +119,16 @@ class LayerStats:
 
 
 class Calibration:
-    """Result of calibration: per-layer statistics, temporal features and the timesteps seen."""
+    """Result of calibration: per-layer statistics, temporal features and the timesteps seen. ``patches``: the
+    attention patches the host graph applied while it was calibrated (e.g. IPAdapter's), as the host glue names
+    them; None when unknown."""
 
-    def __init__(self, layers: dict[str, LayerStats], timesteps: list[float], norm_groups: dict[str, list[str]]):
+    def __init__(self, layers: dict[str, LayerStats], timesteps: list[float], norm_groups: dict[str, list[str]],
+                 patches: list[str] | None = None):
         self.layers = layers
         self.timesteps = timesteps
         self.norm_groups = norm_groups
+        self.patches = patches
 
     @property
     def signatures(self) -> dict[str, list]:
@@ -153,7 +157,7 @@ class Calibration:
                                    f"calibrate with it in the graph QVD Calibrate samples")
         groups = {renamed(norm): [renamed(n) for n in names] for norm, names in self.norm_groups.items()
                   if renamed(norm) is not None}
-        return Calibration(layers, list(self.timesteps), groups)
+        return Calibration(layers, list(self.timesteps), groups, self.patches)
 
     def temporal_features(self, name: str) -> torch.Tensor:
         """Features of a temporal layer, one row per timestep in sampling order (t descending)."""

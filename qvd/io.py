@@ -13,7 +13,8 @@ Quantized model: metadata key ``qvd``, format ``qvd-w8a8`` version 2. Tensors pe
 ``.scri_shift`` / ``.scri_inv_scale`` (F32 [in]); temporal layers ``.levels`` (F32, increasing HiDi-TQ table).
 Per norm that absorbed SCRI: ``<norm>.weight`` / ``<norm>.bias`` (F32 [C]). Metadata: ``format``,
 ``format_version``, ``config`` (``QVDConfig``), ``signatures`` (layer -> [kind, weight shape]) and their
-``fingerprint``, optional ``calibrated`` (the calibration's ``timesteps`` and ``layers`` count), ``layers``
+``fingerprint``, optional ``calibrated`` (the calibration's ``timesteps`` and ``layers`` count, optional
+``patches``: the host's attention patches applied while it ran), ``layers``
 (``kind``, ``in``, ``out``, ``w_bits``; W8A8: ``a_bits``, ``zero_point``,
 ``scri`` = "none" | "kernel" | "norm:<norm>"; convs: ``kernel``, ``stride``, ``padding``), ``norms`` (norm ->
 type name) and the per-layer ``report`` (``REPORT_FIELDS``; ``weight_dtype``: the precision the source model
@@ -22,7 +23,8 @@ held the layer's weight at).
 Calibration: metadata key ``qvd_calibration``, format ``qvd-calibration`` version 3. Tensors per layer:
 ``<name>::ch_min`` / ``::ch_max`` (F32 [C]), ``::rows`` (F32 [R, D], D = in features or C * kh * kw),
 ``::temporal`` (F32 [T, in], temporal layers). Metadata: ``layers`` (``signature``, ``temporal``, ``calls``,
-``temporal_timesteps``), ``timesteps``, ``norm_groups`` (norm -> consuming layers), ``fingerprint``.
+``temporal_timesteps``), ``timesteps``, ``norm_groups`` (norm -> consuming layers), ``fingerprint``, optional
+``patches`` (``Calibration.patches``).
 """
 from __future__ import annotations
 
@@ -260,10 +262,11 @@ def _check_quantized(s: _Schema, meta: dict) -> QVDConfig:
     except QVDError as e:
         s.fail("config", f"a valid QVDConfig ({e})", meta["config"])
     if "calibrated" in meta:
-        cal = s.obj(meta["calibrated"], "calibrated", ("timesteps", "layers"))
+        cal = s.obj(meta["calibrated"], "calibrated", ("timesteps", "layers"), ("patches",))
         for i, t in enumerate(s.list(cal["timesteps"], "calibrated.timesteps", 1 << 16)):
             s.num(t, f"calibrated.timesteps[{i}]")
         s.int(cal["layers"], "calibrated.layers", 1, MAX_DIM)
+        _patches(s, cal.get("patches"), "calibrated.patches")
     sigs = s.map(meta["signatures"], "signatures")
     for n, sig in sigs.items():
         s.signature(sig, f"signatures[{n!r}]")
@@ -295,6 +298,13 @@ def _check_quantized(s: _Schema, meta: dict) -> QVDConfig:
         _check_layer_tensors(s, n, info, sigs[n][1], cfg)
     s.no_other_tensors()
     return cfg
+
+
+def _patches(s: _Schema, v, where: str) -> list[str] | None:
+    """The optional list of attention-patch names a calibration recorded (``Calibration.patches``)."""
+    if v is None:
+        return None
+    return [s.str(p, f"{where}[{i}]") for i, p in enumerate(s.list(v, where, 1 << 12))]
 
 
 def _check_report_entry(s: _Schema, r, where: str) -> None:
@@ -387,6 +397,8 @@ def save_calibration(path: str, calibration: Calibration, overwrite: bool = Fals
     meta = {"format": CALIBRATION_FORMAT, "format_version": CALIBRATION_VERSION, "layers": layers,
             "timesteps": calibration.timesteps, "norm_groups": calibration.norm_groups,
             "fingerprint": calibration.fingerprint}
+    if calibration.patches is not None:
+        meta["patches"] = list(calibration.patches)
     safefile.write(path, tensors, CALIBRATION_KEY, meta, overwrite)
 
 
@@ -394,7 +406,8 @@ def load_calibration(path: str) -> Calibration:
     """Read a calibration file, verified: checksum, schema and every statistic's shape and values."""
     tensors, meta = safefile.read(path, CALIBRATION_KEY, CalibrationFileError, "QVD calibration")
     s = _Schema(path, CalibrationFileError, tensors)
-    s.obj(meta, "the metadata", ("format", "format_version", "layers", "timesteps", "norm_groups", "fingerprint"))
+    s.obj(meta, "the metadata", ("format", "format_version", "layers", "timesteps", "norm_groups", "fingerprint"),
+          ("patches",))
     s.str(meta["format"], "format", (CALIBRATION_FORMAT,))
     if meta["format_version"] != CALIBRATION_VERSION or type(meta["format_version"]) is not int:
         raise CalibrationFileError(f"{s.path} has calibration format version {_shown(meta['format_version'])}; "
@@ -429,7 +442,7 @@ def load_calibration(path: str) -> Calibration:
         for i, m in enumerate(s.list(members, f"norm_groups[{norm!r}]")):
             if not isinstance(m, str) or m not in layers:
                 s.fail(f"norm_groups[{norm!r}][{i}]", "a layer of the file", m)
-    calibration = Calibration(layers, timesteps, groups)
+    calibration = Calibration(layers, timesteps, groups, _patches(s, meta.get("patches"), "patches"))
     if s.str(meta["fingerprint"], "fingerprint") != calibration.fingerprint:
         s.fail("fingerprint", f"the fingerprint of its layers ({calibration.fingerprint})", meta["fingerprint"])
     s.no_other_tensors()

@@ -36,7 +36,8 @@ from .scri import ScriTransform, foldable_norm
 @dataclass
 class QuantizeResult:
     """Replacement modules (name relative to the root -> module), the per-layer report and what the calibration
-    covered (``calibrated``: its timesteps and layer count; empty when unknown)."""
+    covered (``calibrated``: its timesteps and layer count, and the host's attention patches applied while it ran when
+    known; empty when unknown)."""
     modules: dict[str, nn.Module]
     report: list[dict]
     config: QVDConfig
@@ -334,6 +335,8 @@ def plan(root: nn.Module, calibration: Calibration, config: QVDConfig | None = N
             decided[name] = _plan_layer(name, module, calibration, cfg)
             report()
     calibrated = {"timesteps": list(calibration.timesteps), "layers": len(calibration.layers)}
+    if calibration.patches is not None:
+        calibrated["patches"] = list(calibration.patches)
     return Plan([decided[n] for n in targets], norms, cfg, calibrated)
 
 

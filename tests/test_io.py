@@ -516,3 +516,26 @@ def test_a_motion_proj_in_naming_another_blocks_wider_norm_is_refused(unet, save
     fm.write_text(tmp_path / "motion.safetensors", tensors, KEY, json.dumps(meta))
     _refused(tmp_path / "motion.safetensors", unet, r"folded into norm mid_block\.attentions\.0\.norm \(GroupNorm, 64 "
              r"channels, in block mid_block\.attentions\.0\).*input width \(32\)", ModelMismatchError)
+
+
+def test_the_attention_patches_a_calibration_ran_with_travel_with_it_and_are_checked(unet, calibration, tmp_path):
+    """``Calibration.patches`` (what the host graph applied while calibrating, e.g. IPAdapter's cross-attention
+    replacements) survives a calibration file and goes into the quantized file's ``calibrated``; not a list of
+    strings there is refused by name; files without it read as unknown (None)."""
+    from qvd import quantize_model
+
+    with_patches = copy.copy(calibration)
+    with_patches.patches = ["attn2 replace input 1", "attn2 replace middle 1"]
+    path = tmp_path / "with.calibration.safetensors"
+    save_calibration(path, with_patches)
+    assert load_calibration(path).patches == with_patches.patches
+    plain = tmp_path / "plain.calibration.safetensors"
+    save_calibration(plain, calibration)
+    assert calibration.patches is None and load_calibration(plain).patches is None
+    result = quantize_model(copy.deepcopy(unet), load_calibration(path), apply=False)
+    assert result.calibrated["patches"] == with_patches.patches
+    saved = tmp_path / "q.safetensors"
+    save_quantized(saved, result)
+    assert load_quantized(saved, copy.deepcopy(unet), apply=False).calibrated["patches"] == with_patches.patches
+    bad = _edited(saved, tmp_path, lambda m: m["calibrated"].update(patches=[3]))
+    _refused(bad, copy.deepcopy(unet), r"calibrated\.patches\[0\]")

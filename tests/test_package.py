@@ -200,3 +200,21 @@ def test_a_calibrations_subset_is_one_models_statistics_renamed():
                                                                                      "diffusion_model.2"}
     with pytest.raises(CalibrationError, match=f"controlnet_{content_key(cn_b)}"):
         calibration.subset({f"controlnet_{content_key(cn_b)}": "controlnet"})
+
+
+def test_attention_patches_the_calibration_never_saw_are_said_once_per_graph(pack, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    patching = sys.modules["comfyui_qvd_pack.nodes.patching"]
+    ipadapter = {"transformer_options": {"patches_replace": {"attn2": {("input", 1): None, ("middle", 1): None}},
+                                         "patches": {"attn1_patch": [print], "attn2_patch": []}}}
+    assert patching.attention_patches(ipadapter) == ["attn1_patch", "attn2 replace input 1", "attn2 replace middle 1"]
+    assert patching.attention_patches({}) == []
+    said = set()
+    with caplog.at_level(logging.WARNING):
+        for calibrated, options in (({}, ipadapter), ({"patches": patching.attention_patches(ipadapter)}, ipadapter),
+                                    ({"patches": []}, {}), ({"patches": []}, ipadapter), ({"patches": []}, ipadapter)):
+            patching._warn_new_patches(SimpleNamespace(calibrated=calibrated), options, said)
+    lines = [r.message for r in caplog.records if "never saw" in r.message]
+    assert len(lines) == 1 and "3 attention patch(es)" in lines[0] and "attn2 replace input 1" in lines[0]

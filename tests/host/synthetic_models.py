@@ -252,3 +252,20 @@ def sd15_controlnet_state_dict(seed: int = SEED + 2) -> dict[str, torch.Tensor]:
                                      dtype=torch.float32, device="cpu")
     init_seeded_([net], seed)
     return {f"control_model.{k}": v.to(torch.float16) for k, v in net.state_dict().items()}
+
+
+# SD1.5's cross-attention layers in the order IPAdapter Plus numbers them (input blocks 1, 2, 4, 5, 7, 8, output
+# blocks 3..11, the middle block): their widths.
+IPADAPTER_SD15_WIDTHS = (320, 320, 640, 640, 1280, 1280) + (1280,) * 3 + (640,) * 3 + (320,) * 3 + (1280,)
+
+
+def sd15_ipadapter(seed: int = SEED + 3, clip_dim: int = 1024, std: float = 0.02) -> dict:
+    """A seeded SD1.5 IPAdapter (the plain one: 4 image tokens) as IPAdapter Plus holds a loaded model:
+    ``{"image_proj": {proj, norm}, "ip_adapter": {"<2i+1>.to_k_ip.weight", "<2i+1>.to_v_ip.weight"}}``."""
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen) * std  # noqa: E731
+    image_proj = {"proj.weight": rnd(4 * 768, clip_dim), "proj.bias": rnd(4 * 768),
+                  "norm.weight": torch.ones(768), "norm.bias": torch.zeros(768)}
+    ip_adapter = {f"{2 * i + 1}.to_{kv}_ip.weight": rnd(width, 768)
+                  for i, width in enumerate(IPADAPTER_SD15_WIDTHS) for kv in ("k", "v")}
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
