@@ -60,17 +60,22 @@ def _source(job: dict):
     kind, out = job["kernel"], _PTR[job["out"]]
     if kind in GEMMS:
         fused = kind.endswith("_fused")
-        fn = getattr(tk, f"_{'linear' if kind.startswith('linear') else 'conv'}{'_fused' if fused else ''}_kernel")
+        fn = tk._linear_kernel if kind.startswith("linear") else tk._conv_kernel
         sig = {a: "i32" for a in fn.arg_names}
-        # the fused kernels read the float input (in the output's dtype) and quantize it with SCRI
-        sig.update(a_ptr="*i8", x_ptr=out if fused else "*i8", pad_ptr="*i8", b_ptr="*i8", out_ptr=out,
-                   wscale_ptr="*fp32", bias_ptr="*fp32", scale_ptr="*fp32", scale_val="fp32", shift_ptr="*fp32",
-                   inv_scale_ptr="*fp32")
-        const = dict(HAS_BIAS=True, SCALE_PTR=True, **job["tile"])
-        if fused:
-            const.update(HAS_SHIFT=True, HAS_SMOOTH=True)
+        # the fused variant reads the float input (in the output's dtype) and quantizes it with SCRI
+        sig.update(x_ptr=out if fused else "*i8", pad_ptr="*i8", b_ptr="*i8", out_ptr=out, wscale_ptr="*fp32",
+                   bias_ptr="*fp32", scale_ptr="*fp32", scale_val="fp32", shift_ptr="*fp32", inv_scale_ptr="*fp32")
+        const = dict(HAS_BIAS=True, SCALE_PTR=True, FUSED=fused, HAS_SHIFT=fused, HAS_SMOOTH=fused, **job["tile"])
+        if not fused:  # arguments the launcher passes as None are constexpr None to the JIT
+            const.update(shift_ptr=None, inv_scale_ptr=None)
+        elif kind.startswith("conv"):
+            const.update(pad_ptr=None)
         if kind.startswith("conv"):
             const.update(KH=3, KW=3) if kind.startswith("conv3x3") else const.update(KH=1, KW=1)
+            # unit strides as the JIT specialises them: the codes' channels (NHWC), a float input's width (NCHW)
+            const.update(s_xw=1) if fused else const.update(s_xc=1)
+        else:
+            const.update(s_on=1, s_xk=1)  # a contiguous input's K stride, a contiguous output
     elif kind == "quantize":
         fn = tk._quant_kernel
         sig = {a: "i32" for a in fn.arg_names}
@@ -85,14 +90,11 @@ def _source(job: dict):
         fn = tk._decode_kernel
         sig = dict(codes_ptr="*u8", levels_ptr="*fp32", out_ptr="*fp32", numel="i32")
         const = dict(BLOCK=tk.GPU_LUT_BLOCK)
-    if kind.startswith("linear"):
-        const["s_on"] = 1  # as Triton's JIT specialises an int argument equal to 1
-        if fused:
-            const["s_xk"] = 1  # a contiguous input's K stride
     sig = {a: sig[a] for a in fn.arg_names if a not in const} | {a: "constexpr" for a in const}
     # what the JIT sees at run time: 16-byte aligned torch allocations, channel counts / row strides that are
     # multiples of 16 (SD1.5 and motion-module layers)
-    div16 = {a for a, t in sig.items() if t.startswith("*")} | {"K", "N", "C", "s_am", "s_bn", "s_om", "s_xm"}
+    div16 = {a for a, t in sig.items() if t.startswith("*")} | {"K", "N", "C", "s_bn", "s_om", "s_xm", "s_xn", "s_xc",
+                                                              "s_xh", "s_xw"}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in div16 if a in sig and a not in const}
     return ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
 

@@ -7,10 +7,10 @@
   in the output dtype (fp16 / bf16 / fp32).
 - ``conv2d``: int8 implicit-GEMM conv on NHWC codes, one flat K loop over (tap, channel); padded pixels
   read the per-channel code of 0.0.
-- ``linear_fused`` / ``conv2d_fused``: the same GEMMs with the activation quantization (SCRI shift / inv_scale
-  included) done on the A tile as it is loaded from the float input: no int8 copy of the activations is written
-  or read back; each column block of the output quantizes its rows again (the dispatcher times both variants
-  per shape class and keeps the faster: ``qvd.kernels``).
+- ``linear_fused`` / ``conv2d_fused``: the same two kernels with ``FUSED``: the activation quantization (SCRI
+  shift / inv_scale included) done on the A tile as it is loaded from the float input: no int8 copy of the
+  activations is written or read back; each column block of the output quantizes its rows again (the dispatcher
+  times both variants per shape class and keeps the faster: ``qvd.kernels``).
 - ``hiditq_encode`` / ``hiditq_decode``: nearest-level codes (binary search) and their look-up.
 
 All GEMMs read the weight K-major, ``[N, K]`` (``qvd.kernels.PackedWeight``). Tiles: at most 4 candidates
@@ -60,7 +60,7 @@ SHAPE_CLASSES = {
 # compile without spills for them (128 x 128 tiles spill in the fused conv, or overflow sm_86 / sm_89's shared memory).
 FUSED_SHAPE_CLASSES = {
     "small_m": [_cfg(16, 64, 64, 4, 4), _cfg(16, 128, 128, 4, 4), _cfg(32, 64, 64, 4, 4), _cfg(32, 128, 64, 3, 8)],
-    "medium": [_cfg(64, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 8), _cfg(128, 64, 64, 4, 4), _cfg(64, 64, 128, 3, 8)],
+    "medium": [_cfg(64, 64, 64, 3, 8), _cfg(64, 128, 64, 4, 8), _cfg(128, 64, 64, 4, 4), _cfg(64, 64, 128, 3, 8)],
     "large": [_cfg(128, 64, 64, 4, 8), _cfg(64, 128, 64, 4, 8), _cfg(128, 64, 64, 4, 4), _cfg(64, 64, 128, 3, 8)],
     "large_sm90": [_cfg(128, 128, 128, 3, 8), _cfg(128, 64, 64, 4, 8), _cfg(64, 128, 64, 4, 8),
                    _cfg(128, 64, 64, 4, 4)],
@@ -231,71 +231,16 @@ def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _linear_kernel(a_ptr, b_ptr, out_ptr, wscale_ptr, bias_ptr, scale_ptr, scale_val,
-                   M, N, K, M_BUCKET, s_am, s_bn, s_om, s_on,
-                   HAS_BIAS: tl.constexpr, SCALE_PTR: tl.constexpr,
+def _linear_kernel(x_ptr, b_ptr, out_ptr, wscale_ptr, bias_ptr, scale_ptr, scale_val, shift_ptr, inv_scale_ptr,
+                   M, N, K, M_BUCKET, s_xm, s_xk, s_bn, s_om, s_on, zp, qmin, qmax,
+                   HAS_BIAS: tl.constexpr, SCALE_PTR: tl.constexpr, FUSED: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                   HAS_SMOOTH: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """out[M, N] = (A[M, K] @ B[N, K]^T) * act_scale * w_scale[n] + bias[n]; A, B int8, both K-contiguous
-    (unit K stride: the loads vectorise and pipeline through shared memory)."""
+    """out[M, N] = (A[M, K] @ B[N, K]^T) * act_scale * w_scale[n] + bias[n], B int8 K-contiguous (unit K stride: the
+    loads vectorise and pipeline through shared memory). A: the int8 codes x [M, K]; ``FUSED``: the float input x,
+    any strides, each A tile quantized as it is loaded (``_codes``)."""
     rm, rn = _tile_ids(M, N, BM, BN, GROUP_M)
     rk = tl.arange(0, BK)
-    a_rows = rm[:, None] * s_am
-    b_cols = (rn * s_bn)[None, :]
-    acc = tl.full((BM, BN), 0, tl.int32)
-    for k0 in range(0, K, BK):
-        kk = k0 + rk
-        a = tl.load(a_ptr + a_rows + kk[None, :], mask=(rm < M)[:, None] & (kk < K)[None, :], other=0)
-        b = tl.load(b_ptr + kk[:, None] + b_cols, mask=(kk < K)[:, None] & (rn < N)[None, :], other=0)
-        acc = tl.dot(a, b, acc)
-    _epilogue_store(acc, rm, rn, M, N, out_ptr, wscale_ptr, bias_ptr, scale_ptr, scale_val,
-                    s_om, s_on, HAS_BIAS, SCALE_PTR)
-
-
-@triton.jit
-def _conv_kernel(x_ptr, pad_ptr, b_ptr, out_ptr, wscale_ptr, bias_ptr, scale_ptr, scale_val,
-                 M, N, K, M_BUCKET, C, H, W, OH, OW, stride, padding, s_bn,
-                 KH: tl.constexpr, KW: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, SCALE_PTR: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """Implicit-GEMM conv: x NHWC int8 [Nb, H, W, C], B = weights [N, K] with k = (kh * KW + kw) * C + c;
-    one flat loop over K (a tile may straddle two taps); out NHWC [M, N]."""
-    rm, rn = _tile_ids(M, N, BM, BN, GROUP_M)
-    rk = tl.arange(0, BK)
-    ohw = OH * OW
-    nb = rm // ohw
-    ih0 = ((rm % ohw) // OW) * stride - padding
-    iw0 = (rm % OW) * stride - padding
-    img = nb * H * W * C
-    row_ok = rm < M
-    b_cols = (rn * s_bn)[None, :]
-    acc = tl.full((BM, BN), 0, tl.int32)
-    for k0 in range(0, K, BK):
-        kk = k0 + rk
-        k_ok = kk < K
-        tap = kk // C
-        cc = kk % C
-        ih = ih0[:, None] + (tap // KW)[None, :]
-        iw = iw0[:, None] + (tap % KW)[None, :]
-        inside = row_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & k_ok[None, :]
-        a = tl.load(x_ptr + img[:, None] + (ih * W + iw) * C + cc[None, :], mask=inside, other=0)
-        pad = tl.load(pad_ptr + cc, mask=k_ok, other=0)
-        a = tl.where(inside, a, pad[None, :])
-        b = tl.load(b_ptr + kk[:, None] + b_cols, mask=k_ok[:, None] & (rn < N)[None, :], other=0)
-        acc = tl.dot(a, b, acc)
-    _epilogue_store(acc, rm, rn, M, N, out_ptr, wscale_ptr, bias_ptr, scale_ptr, scale_val,
-                    N, 1, HAS_BIAS, SCALE_PTR)
-
-
-@triton.jit
-def _linear_fused_kernel(x_ptr, b_ptr, out_ptr, wscale_ptr, bias_ptr, scale_ptr, scale_val, shift_ptr, inv_scale_ptr,
-                         M, N, K, M_BUCKET, s_xm, s_xk, s_bn, s_om, s_on, zp, qmin, qmax,
-                         HAS_BIAS: tl.constexpr, SCALE_PTR: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                         HAS_SMOOTH: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """``_linear_kernel`` on the float input x [M, K] (any strides): each A tile is quantized as it is loaded."""
-    rm, rn = _tile_ids(M, N, BM, BN, GROUP_M)
-    rk = tl.arange(0, BK)
-    scale = _load_scale(scale_ptr, scale_val, SCALE_PTR)
     x_rows = rm[:, None] * s_xm
     row_ok = (rm < M)[:, None]
     b_cols = (rn * s_bn)[None, :]
@@ -303,8 +248,10 @@ def _linear_fused_kernel(x_ptr, b_ptr, out_ptr, wscale_ptr, bias_ptr, scale_ptr,
     for k0 in range(0, K, BK):
         kk = k0 + rk
         k_ok = kk < K
-        v = tl.load(x_ptr + x_rows + (kk * s_xk)[None, :], mask=row_ok & k_ok[None, :], other=0.0)
-        a = _codes(v, shift_ptr, inv_scale_ptr, kk, k_ok, scale, zp, qmin, qmax, HAS_SHIFT, HAS_SMOOTH)
+        a = tl.load(x_ptr + x_rows + (kk * s_xk)[None, :], mask=row_ok & k_ok[None, :], other=0)
+        if FUSED:
+            a = _codes(a, shift_ptr, inv_scale_ptr, kk, k_ok, _load_scale(scale_ptr, scale_val, SCALE_PTR), zp,
+                       qmin, qmax, HAS_SHIFT, HAS_SMOOTH)
         b = tl.load(b_ptr + kk[:, None] + b_cols, mask=k_ok[:, None] & (rn < N)[None, :], other=0)
         acc = tl.dot(a, b, acc)
     _epilogue_store(acc, rm, rn, M, N, out_ptr, wscale_ptr, bias_ptr, scale_ptr, scale_val,
@@ -312,18 +259,18 @@ def _linear_fused_kernel(x_ptr, b_ptr, out_ptr, wscale_ptr, bias_ptr, scale_ptr,
 
 
 @triton.jit
-def _conv_fused_kernel(x_ptr, b_ptr, out_ptr, wscale_ptr, bias_ptr, scale_ptr, scale_val, shift_ptr, inv_scale_ptr,
-                       M, N, K, M_BUCKET, C, H, W, OH, OW, stride, padding, s_xn, s_xc, s_xh, s_xw, s_bn,
-                       zp, qmin, qmax,
-                       KH: tl.constexpr, KW: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, SCALE_PTR: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                       HAS_SMOOTH: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """``_conv_kernel`` on the float NCHW input (any strides): each A tile is gathered and quantized as it is
-    loaded; a padded pixel loads 0.0, so it gets its channel's code of 0.0 (the reference's padding)."""
+def _conv_kernel(x_ptr, pad_ptr, b_ptr, out_ptr, wscale_ptr, bias_ptr, scale_ptr, scale_val, shift_ptr, inv_scale_ptr,
+                 M, N, K, M_BUCKET, C, H, W, OH, OW, stride, padding, s_xn, s_xc, s_xh, s_xw, s_bn, zp, qmin, qmax,
+                 KH: tl.constexpr, KW: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SCALE_PTR: tl.constexpr, FUSED: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                 HAS_SMOOTH: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """Implicit-GEMM conv, B = weights [N, K] with k = (kh * KW + kw) * C + c; one flat loop over K (a tile may
+    straddle two taps); out NHWC [M, N]. x: int8 codes [Nb, H, W, C] (strides ``s_x*``), padded pixels read the
+    per-channel codes ``pad_ptr``; ``FUSED``: the float input (NCHW or channels-last strides), each A tile quantized
+    as it is gathered, a padded pixel loading 0.0 and so getting its channel's code of 0.0 (the reference's padding)."""
     rm, rn = _tile_ids(M, N, BM, BN, GROUP_M)
     rk = tl.arange(0, BK)
-    scale = _load_scale(scale_ptr, scale_val, SCALE_PTR)
     ohw = OH * OW
     ih0 = ((rm % ohw) // OW) * stride - padding
     iw0 = (rm % OW) * stride - padding
@@ -339,8 +286,12 @@ def _conv_fused_kernel(x_ptr, b_ptr, out_ptr, wscale_ptr, bias_ptr, scale_ptr, s
         ih = ih0[:, None] + (tap // KW)[None, :]
         iw = iw0[:, None] + (tap % KW)[None, :]
         inside = row_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & k_ok[None, :]
-        v = tl.load(x_ptr + img[:, None] + ih * s_xh + iw * s_xw + (cc * s_xc)[None, :], mask=inside, other=0.0)
-        a = _codes(v, shift_ptr, inv_scale_ptr, cc, k_ok, scale, zp, qmin, qmax, HAS_SHIFT, HAS_SMOOTH)
+        a = tl.load(x_ptr + img[:, None] + ih * s_xh + iw * s_xw + (cc * s_xc)[None, :], mask=inside, other=0)
+        if FUSED:
+            a = _codes(a, shift_ptr, inv_scale_ptr, cc, k_ok, _load_scale(scale_ptr, scale_val, SCALE_PTR), zp,
+                       qmin, qmax, HAS_SHIFT, HAS_SMOOTH)
+        else:
+            a = tl.where(inside, a, tl.load(pad_ptr + cc, mask=k_ok, other=0)[None, :])
         b = tl.load(b_ptr + kk[:, None] + b_cols, mask=k_ok[:, None] & (rn < N)[None, :], other=0)
         acc = tl.dot(a, b, acc)
     _epilogue_store(acc, rm, rn, M, N, out_ptr, wscale_ptr, bias_ptr, scale_ptr, scale_val,
@@ -372,8 +323,8 @@ def _decode_kernel(codes_ptr, levels_ptr, out_ptr, numel, BLOCK: tl.constexpr):
 
 _linear_run = _tuned(_linear_kernel, SHAPE_CLASSES)
 _conv_run = _tuned(_conv_kernel, SHAPE_CLASSES)
-_linear_fused_run = _tuned(_linear_fused_kernel, FUSED_SHAPE_CLASSES)
-_conv_fused_run = _tuned(_conv_fused_kernel, FUSED_SHAPE_CLASSES)
+_linear_fused_run = _tuned(_linear_kernel, FUSED_SHAPE_CLASSES)  # the same kernels with FUSED=True
+_conv_fused_run = _tuned(_conv_kernel, FUSED_SHAPE_CLASSES)
 
 
 def _scale_args(act_scale, device):
@@ -472,6 +423,10 @@ def _mm_launch(run, key, m, n, args, kwargs, config):
     first_runs.launch(key, lambda: run[grid](*args, **kwargs, **meta))
 
 
+_UNFUSED = dict(FUSED=False, HAS_SHIFT=False, HAS_SMOOTH=False)
+_UNUSED_ACT = (0, -128, 127)  # zero point and clamp bounds the unfused kernels never read
+
+
 def linear(q: torch.Tensor, w_k: torch.Tensor, w_scale: torch.Tensor, bias, act_scale,
            out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
     """Fused int8 GEMM + epilogue: q int8 [M, K], w_k int8 [N, K] (K-major) -> [M, N] out_dtype.
@@ -485,10 +440,10 @@ def linear(q: torch.Tensor, w_k: torch.Tensor, w_scale: torch.Tensor, bias, act_
     _offsets_fit(q, w_k, out)
     sp, sv, is_ptr = _scale_args(act_scale, q.device)
     bias = _channel(bias, q.device)
-    args = (q, w_k, out, _channel(w_scale, q.device), bias, sp, sv, m, n, k, _bucket(m),
-            q.stride(0), w_k.stride(0), out.stride(0), out.stride(1))
+    args = (q, w_k, out, _channel(w_scale, q.device), bias, sp, sv, None, None, m, n, k, _bucket(m),
+            q.stride(0), 1, w_k.stride(0), out.stride(0), out.stride(1), *_UNUSED_ACT)
     _mm_launch(_linear_run, ("linear", _bucket(m), n, k, out_dtype, bias is None, is_ptr), m, n, args,
-               dict(HAS_BIAS=bias is not None, SCALE_PTR=is_ptr), config)
+               dict(HAS_BIAS=bias is not None, SCALE_PTR=is_ptr, **_UNFUSED), config)
     return out
 
 
@@ -499,6 +454,7 @@ def conv2d(q_nhwc: torch.Tensor, pad_codes: torch.Tensor, w_k: torch.Tensor, kh:
 
     Returns NCHW-shaped output stored channels-last."""
     _unit_k_stride(w_k)
+    q_nhwc = q_nhwc.contiguous()
     nb, h, w, c = q_nhwc.shape
     n = w_k.shape[0]
     oh = (h + 2 * padding - kh) // stride + 1
@@ -509,10 +465,11 @@ def conv2d(q_nhwc: torch.Tensor, pad_codes: torch.Tensor, w_k: torch.Tensor, kh:
     sp, sv, is_ptr = _scale_args(act_scale, q_nhwc.device)
     bias = _channel(bias, q_nhwc.device)
     k = kh * kw * c
-    args = (q_nhwc, pad_codes, w_k, out, _channel(w_scale, q_nhwc.device), bias, sp, sv,
-            m, n, k, _bucket(m), c, h, w, oh, ow, stride, padding, w_k.stride(0))
+    s_n, s_h, s_w, s_c = q_nhwc.stride()
+    args = (q_nhwc, pad_codes, w_k, out, _channel(w_scale, q_nhwc.device), bias, sp, sv, None, None,
+            m, n, k, _bucket(m), c, h, w, oh, ow, stride, padding, s_n, s_c, s_h, s_w, w_k.stride(0), *_UNUSED_ACT)
     _mm_launch(_conv_run, ("conv", _bucket(m), n, k, kh, kw, stride, out_dtype, bias is None, is_ptr), m, n, args,
-               dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, SCALE_PTR=is_ptr), config)
+               dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, SCALE_PTR=is_ptr, **_UNFUSED), config)
     return out.permute(0, 3, 1, 2)
 
 
@@ -521,7 +478,7 @@ def _act_args(x, act_scale, zero_point, qmin, qmax, shift, inv_scale):
     sp, sv, is_ptr = _scale_args(act_scale, x.device)
     shift, inv_scale = _channel(shift, x.device), _channel(inv_scale, x.device)
     return ((sp, sv, shift, inv_scale), (int(zero_point), int(qmin), int(qmax)),
-            dict(SCALE_PTR=is_ptr, HAS_SHIFT=shift is not None, HAS_SMOOTH=inv_scale is not None))
+            dict(SCALE_PTR=is_ptr, FUSED=True, HAS_SHIFT=shift is not None, HAS_SMOOTH=inv_scale is not None))
 
 
 def linear_fused(x: torch.Tensor, w_k: torch.Tensor, w_scale: torch.Tensor, bias, act_scale, zero_point: int,
@@ -557,8 +514,8 @@ def conv2d_fused(x: torch.Tensor, w_k: torch.Tensor, kh: int, kw: int, w_scale: 
     (sp, sv, shift, inv), ints, flags = _act_args(x, act_scale, zero_point, qmin, qmax, shift, inv_scale)
     bias = _channel(bias, x.device)
     k = kh * kw * c
-    args = (x, w_k, out, _channel(w_scale, x.device), bias, sp, sv, shift, inv, m, n, k, _bucket(m), c, h, w, oh, ow,
-            stride, padding, *x.stride(), w_k.stride(0), *ints)
+    args = (x, None, w_k, out, _channel(w_scale, x.device), bias, sp, sv, shift, inv, m, n, k, _bucket(m), c, h, w,
+            oh, ow, stride, padding, *x.stride(), w_k.stride(0), *ints)
     _mm_launch(_conv_fused_run, ("conv_fused", _bucket(m), n, k, kh, kw, stride, x.dtype, bias is None,
                                  *flags.values()), m, n, args, dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, **flags),
                config)

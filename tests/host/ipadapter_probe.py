@@ -11,7 +11,6 @@ saw the sampled graph's attention patches. Prints one JSON line.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -22,15 +21,6 @@ from lowvram_probe import load_pack
 from synthetic_models import sd15_ipadapter
 
 
-def load_ipadapter_nodes(path: Path) -> dict:
-    spec = importlib.util.spec_from_file_location("ipadapter_plus_probe", path / "__init__.py",
-                                                  submodule_search_locations=[str(path)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.NODE_CLASS_MAPPINGS
-
-
 def main(checkpoint: str, pack_dir: str, ipadapter_dir: str) -> dict:
     torch.set_num_threads(2)
     from comfy.cli_args import args
@@ -39,7 +29,7 @@ def main(checkpoint: str, pack_dir: str, ipadapter_dir: str) -> dict:
     import nodes
 
     qvd = load_pack(Path(pack_dir))
-    embeds_node = load_ipadapter_nodes(Path(ipadapter_dir))["IPAdapterEmbeds"]()
+    embeds_node = load_pack(Path(ipadapter_dir), "ipadapter_plus_probe")["IPAdapterEmbeds"]()
     model, clip, _ = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False)[:3]
     positive = nodes.CLIPTextEncode().encode(clip, "a red fox running")[0]
     negative = nodes.CLIPTextEncode().encode(clip, "")[0]

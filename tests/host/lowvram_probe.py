@@ -21,8 +21,9 @@ SKIP = "input_blocks.[3-9].*, input_blocks.1[01].*, output_blocks.[0-8].*"
 BUDGET = 64 << 20  # bytes "usable" for weights: most of the ~3.4 GB UNet stays offloaded
 
 
-def load_pack(pack_dir: Path):
-    spec = importlib.util.spec_from_file_location("qvd_pack_probe", pack_dir / "__init__.py",
+def load_pack(pack_dir: Path, name: str = "qvd_pack_probe"):
+    """The NODE_CLASS_MAPPINGS of the node pack in ``pack_dir``, imported as ComfyUI imports a custom-node folder."""
+    spec = importlib.util.spec_from_file_location(name, pack_dir / "__init__.py",
                                                   submodule_search_locations=[str(pack_dir)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
