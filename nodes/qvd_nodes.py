@@ -348,6 +348,10 @@ def describe(result) -> str:
         lines.append(f"calibrated at {len(ts)} timestep(s), t = {max(ts):g} .. {min(ts):g}, on "
                      f"{result.calibrated['layers']} layers"
                      + (f", with {len(patches)} attention patch(es) applied (e.g. {patches[0]})" if patches else ""))
+    cond = [r["name"] for r in result.report if r.get("conditioning")]
+    if cond:
+        lines.append(f"conditioning path (input the same at every calibrated timestep, e.g. {cond[0]}): {len(cond)} "
+                     f"layers without prompt-specific SCRI")
     dtypes = sorted({r["weight_dtype"] for r in result.report if r.get("weight_dtype")})
     if dtypes:
         lines.append(f"weights quantized from {' / '.join(dtypes)}")

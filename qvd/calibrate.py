@@ -68,8 +68,13 @@ def _sample_rows(module: nn.Module, x: torch.Tensor, k: int, gen: torch.Generato
     return patches.reshape(k, kh * kw * c).float(), total
 
 
+_SEEN_PER_TIMESTEP = 64  # distinct inputs remembered per timestep (the conditioning-path test)
+
+
 class LayerStats:
-    """Bounded statistics of one layer's input."""
+    """Bounded statistics of one layer's input. ``conditioning_only``: the layer saw the same inputs at every timestep
+    of the calibration (its input depends on the conditioning alone: a text embedding, cross-attention keys /
+    values), decided by ``finish`` from a summary of each call's input."""
 
     def __init__(self, name: str, signature: list, temporal: bool, rows: int):
         self.name = name
@@ -82,13 +87,17 @@ class LayerStats:
         self.calls = 0
         self.temporal_vectors: dict[float, torch.Tensor] = {}
         self.norm_sources: set = set()
+        self.inputs_at: dict = {}  # timestep -> summaries of the inputs seen then
+        self.conditioning_only = False
 
     @classmethod
     def restore(cls, name: str, signature: list, temporal: bool, calls: int, ch_min: torch.Tensor,
-                ch_max: torch.Tensor, rows: torch.Tensor, temporal_vectors: dict) -> "LayerStats":
+                ch_max: torch.Tensor, rows: torch.Tensor, temporal_vectors: dict,
+                conditioning_only: bool = False) -> "LayerStats":
         """Finished statistics read back from a calibration file."""
         s = cls(name, signature, temporal, rows.shape[0])
         s.calls, s.ch_min, s.ch_max, s.rows, s.temporal_vectors = calls, ch_min, ch_max, rows, temporal_vectors
+        s.conditioning_only = conditioning_only
         return s
 
     def update(self, module: nn.Module, x: torch.Tensor, timestep, gen: torch.Generator, source) -> None:
@@ -108,9 +117,19 @@ class LayerStats:
         self.rows, self.keys = rows[keep], keys[keep]
         if self.temporal and timestep is not None:
             self.temporal_vectors[timestep] = x.reshape(-1, x.shape[-1])[0].float().cpu()
+        elif not self.temporal:
+            seen = self.inputs_at.setdefault(timestep, set())
+            if len(seen) < _SEEN_PER_TIMESTEP:
+                xf = x.float()
+                seen.add((tuple(x.shape), *torch.stack([xf.sum(), xf.abs().sum()]).tolist()))
 
     def finish(self) -> None:
-        """Keep the finished statistics on the CPU (a host caches them; they would hold accelerator memory)."""
+        """Decide ``conditioning_only`` (at least two timesteps, each with the same set of inputs) and keep the
+        finished statistics on the CPU (a host caches them; they would hold accelerator memory)."""
+        ts = [t for t in self.inputs_at if t is not None]
+        self.conditioning_only = len(ts) >= 2 and None not in self.inputs_at and all(
+            self.inputs_at[t] == self.inputs_at[ts[0]] for t in ts)
+        self.inputs_at = {}
         self.ch_min, self.ch_max, self.rows, self.keys = (t.cpu() for t in (self.ch_min, self.ch_max, self.rows,
                                                                             self.keys))
 

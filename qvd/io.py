@@ -23,7 +23,7 @@ held the layer's weight at).
 Calibration: metadata key ``qvd_calibration``, format ``qvd-calibration`` version 3. Tensors per layer:
 ``<name>::ch_min`` / ``::ch_max`` (F32 [C]), ``::rows`` (F32 [R, D], D = in features or C * kh * kw),
 ``::temporal`` (F32 [T, in], temporal layers). Metadata: ``layers`` (``signature``, ``temporal``, ``calls``,
-``temporal_timesteps``), ``timesteps``, ``norm_groups`` (norm -> consuming layers), ``fingerprint``, optional
+``temporal_timesteps``, optional ``conditioning_only``), ``timesteps``, ``norm_groups`` (norm -> consuming layers), ``fingerprint``, optional
 ``patches`` (``Calibration.patches``).
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ REPORT_FIELDS = {"name": str, "kind": ("linear", "conv", "temporal"), "w_bits": 
                  "weight_dtype": tuple(DTYPES), "weight": str, "act_range": str, "scri_fold": str,
                  "out_err_channels": int, "timesteps": int, "out_rel_err": _NUMBER, "w_rel_err": _NUMBER,
                  "tdscore": _NUMBER, "k": _NUMBER, "hiditq_clip": _NUMBER, "hiditq_tau": _NUMBER,
-                 "hiditq_neg_share": _NUMBER, "scri_alpha": _NUMBER}
+                 "hiditq_neg_share": _NUMBER, "scri_alpha": _NUMBER, "conditioning": str}
 
 
 class _Said(str):
@@ -394,6 +394,8 @@ def save_calibration(path: str, calibration: Calibration, overwrite: bool = Fals
         if ts:
             tensors[f"{n}::temporal"] = torch.stack([st.temporal_vectors[t] for t in ts]).float()
         layers[n] = {"signature": st.signature, "temporal": st.temporal, "calls": st.calls, "temporal_timesteps": ts}
+        if st.conditioning_only:
+            layers[n]["conditioning_only"] = True
     meta = {"format": CALIBRATION_FORMAT, "format_version": CALIBRATION_VERSION, "layers": layers,
             "timesteps": calibration.timesteps, "norm_groups": calibration.norm_groups,
             "fingerprint": calibration.fingerprint}
@@ -416,7 +418,7 @@ def load_calibration(path: str) -> Calibration:
     layers = {}
     for n, info in s.map(meta["layers"], "layers").items():
         where = f"layers[{n!r}]"
-        s.obj(info, where, ("signature", "temporal", "calls", "temporal_timesteps"))
+        s.obj(info, where, ("signature", "temporal", "calls", "temporal_timesteps"), ("conditioning_only",))
         kind, shape = s.signature(info["signature"], f"{where}.signature")
         c = shape[1]
         d = c if kind == "linear" else c * shape[2] * shape[3]
@@ -434,7 +436,8 @@ def load_calibration(path: str) -> Calibration:
         feats = s.tensor(f"{n}::temporal", torch.float32, (len(ts), c), optional=not ts)
         layers[n] = LayerStats.restore(n, info["signature"], s.bool(info["temporal"], f"{where}.temporal"),
                                        s.int(info["calls"], f"{where}.calls", 1, 1 << 62), ch_min, ch_max, rows,
-                                       dict(zip(ts, feats)) if ts else {})
+                                       dict(zip(ts, feats)) if ts else {},
+                                       s.bool(info.get("conditioning_only", False), f"{where}.conditioning_only"))
     if not layers:
         s.fail("layers", "at least one layer", meta["layers"])
     groups = s.map(meta["norm_groups"], "norm_groups")

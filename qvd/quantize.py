@@ -206,9 +206,15 @@ class _Rows:
         return dataclasses.replace(fit, weight_q=codes, weight_scale=ws, w_err=w_err)
 
 
-def _alphas(cfg: QVDConfig, names: list[str]) -> list:
-    """SCRI alphas to try for layers sharing one input (None = no SCRI)."""
-    allowed = cfg.scri and not any(matches(n, cfg.scri_skip) for n in names)
+CONDITIONING = "input the same at every calibrated timestep (conditioning path): no prompt-specific SCRI"
+
+
+def _alphas(cfg: QVDConfig, names: list[str], calibration: Calibration) -> list:
+    """SCRI alphas to try for layers sharing one input (None = no SCRI). None only for ``cfg.scri_skip`` and for
+    the conditioning path (``LayerStats.conditioning_only``): a shift / scale fit to the calibration's prompts would
+    be wrong for others."""
+    allowed = cfg.scri and not any(matches(n, cfg.scri_skip) or calibration.layers[n].conditioning_only
+                                   for n in names)
     return [None] + (list(cfg.scri_alphas) if allowed else [])
 
 
@@ -263,8 +269,10 @@ def _uniform_tdscore(calibration: Calibration, name: str, fit: Fit, cfg: QVDConf
 def _plan_layer(name: str, module: nn.Module, calibration: Calibration, cfg: QVDConfig) -> Decision:
     bits = cfg.layer_bits(name)
     rows = _Rows(module, calibration.layers[name], cfg, bits)
-    fit = rows.finish(min((rows.fit(a) for a in _alphas(cfg, [name])), key=lambda f: f.err))
+    fit = rows.finish(min((rows.fit(a) for a in _alphas(cfg, [name], calibration)), key=lambda f: f.err))
     extra = {"tdscore": _uniform_tdscore(calibration, name, fit, cfg)} if cfg.is_temporal(name) else {}
+    if calibration.layers[name].conditioning_only:
+        extra["conditioning"] = CONDITIONING
     handler, why = ("uniform", "no SCRI alpha lowers the output error") if fit.alpha is None else \
         ("scri-kernel", "lowest output error; the quantize kernel does the transform")
     return Decision(name, module, handler, why, bits, fit, extra=extra)
@@ -287,7 +295,7 @@ def _plan_norm_group(norm_name: str, names: list[str], layers: dict[str, nn.Modu
     bits = [cfg.layer_bits(n) for n in names]
     rows = [_Rows(layers[n], calibration.layers[n], cfg, b) for n, b in zip(names, bits)]
     best = None
-    for alpha in _alphas(cfg, names):
+    for alpha in _alphas(cfg, names, calibration):
         fits = [r.fit(alpha) for r in rows]
         if best is None or sum(f.err for f in fits) < sum(f.err for f in best):
             best = fits

@@ -147,3 +147,64 @@ def test_scri_folds_into_a_norm_only_when_nothing_else_reads_its_output(other_us
     assert (folds["a"] == "norm:norm") == (not other_use) and (folds["b"] == "norm:norm") == (not other_use)
     with torch.no_grad():
         assert float((q(x) - model(x)).norm() / model(x).norm()) < 0.02  # the other reader sees the real output
+
+
+def test_a_conditioning_path_under_other_names_gets_no_prompt_scri():
+    """A DiT-shaped model with its own names (``text_embedding``, ``cross_attn.k / v``): calibration observes which
+    layers saw the same inputs at every timestep (also over two prompts) and those get no SCRI, with the reason in
+    the report; a calibration file keeps the finding."""
+    import copy
+    import tempfile
+    from pathlib import Path
+
+    from torch import nn
+
+    from qvd import Calibrator, QVDConfig, load_calibration, quantize_model, save_calibration
+
+    class Block(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.q, self.ffn = nn.Linear(d, d), nn.Linear(d, d)
+            self.cross_attn = nn.ModuleDict({"k": nn.Linear(d, d), "v": nn.Linear(d, d)})
+
+        def forward(self, x, text):
+            k, v = self.cross_attn["k"](text), self.cross_attn["v"](text)
+            att = torch.softmax(self.q(x) @ k.transpose(1, 2) / 4, -1) @ v
+            return x + self.ffn(att)
+
+    class TinyDiT(nn.Module):
+        def __init__(self, d=16):
+            super().__init__()
+            self.text_embedding = nn.Linear(12, d)
+            self.time = nn.Linear(1, d)
+            self.blocks = nn.ModuleList(Block(d) for _ in range(2))
+            self.head = nn.Linear(d, 4)
+
+        def forward(self, x, t, text):
+            text = self.text_embedding(text)
+            x = x + self.time(t.view(1, 1, 1).expand(x.shape[0], 1, 1))
+            for b in self.blocks:
+                x = b(x, text)
+            return self.head(x)
+
+    g = torch.Generator().manual_seed(3)
+    model = TinyDiT()
+    prompts = [torch.randn(1, 7, 12, generator=g) * (1 + 3 * torch.rand(12, generator=g)) for _ in range(2)]
+    x = torch.randn(1, 9, 16, generator=g)
+    with torch.no_grad(), Calibrator(model, QVDConfig(keep_float=(), temporal=())) as cal:
+        for t in (900.0, 500.0, 100.0):
+            cal.set_timestep(t)
+            for text in prompts:
+                model(x + t / 1000, torch.tensor(t / 1000), text)
+    calibration = cal.result()
+    cond = sorted(n for n, s in calibration.layers.items() if s.conditioning_only)
+    assert cond == ["blocks.0.cross_attn.k", "blocks.0.cross_attn.v", "blocks.1.cross_attn.k",
+                    "blocks.1.cross_attn.v", "text_embedding"], cond
+    with tempfile.TemporaryDirectory() as d:
+        save_calibration(Path(d) / "c.calibration.safetensors", calibration)
+        again = load_calibration(Path(d) / "c.calibration.safetensors")
+    assert sorted(n for n, s in again.layers.items() if s.conditioning_only) == cond
+    result = quantize_model(copy.deepcopy(model), again, QVDConfig(keep_float=(), temporal=(), scri_skip=()),
+                            apply=False)
+    report = {r["name"]: r for r in result.report}
+    assert all(report[n].get("scri_alpha") is None and "conditioning path" in report[n]["conditioning"] for n in cond)

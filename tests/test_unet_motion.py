@@ -364,3 +364,17 @@ def test_a_host_bias_patch_set_at_load_replaces_the_stored_bias_until_removed(qu
         assert layer.comfy_patched_weights is True
         layer.set_delta(None)
         assert torch.equal(layer(seen), before) and torch.equal(layer.bias, stored)
+
+
+def test_the_conditioning_path_is_found_by_what_calibration_observes(unet, calibration, quantized):
+    """Layers whose input was the same at every calibrated timestep (the text context: the spatial cross-attention
+    keys / values) are the conditioning path, whatever their names; they get no prompt-specific SCRI and the report
+    says why. The motion modules' attn2 (temporal self-attention) and every other layer vary with the timestep."""
+    cond = sorted(n for n, s in calibration.layers.items() if s.conditioning_only)
+    assert cond and all(n.endswith(("attn2.to_k", "attn2.to_v")) and ".attentions." in n for n in cond), cond
+    spatial_kv = [n for n, s in calibration.layers.items() if ".attentions." in n and n.endswith(("attn2.to_k",
+                                                                                                   "attn2.to_v"))]
+    assert sorted(spatial_kv) == cond
+    report = {r["name"]: r for r in quantized[1].report}
+    assert all("conditioning path" in report[n]["conditioning"] and report[n]["scri_alpha"] is None for n in cond)
+    assert not any("conditioning" in r for n, r in report.items() if n not in cond)
