@@ -298,7 +298,8 @@ def _sampling(result: QuantizeResult):
             if norms:
                 _unfold_for_patches(guider.model_options, norms)  # this run's copy of the MODEL's options
         before = len(kernels.decisions())
-        out = executor(*args, **kwargs)
+        with _clipping_counted(result):
+            out = executor(*args, **kwargs)
         made = list(kernels.decisions().values())[before:]
         if made:
             kept = kept_float_bytes(result.modules.values())
@@ -306,6 +307,33 @@ def _sampling(result: QuantizeResult):
                          f"; weight-only layers keep {kept / 2**20:.0f} MiB of float weights on the CPU" if kept else "")
         return out
     return wrapper
+
+
+CLIPPING_SAID = 0.05  # a layer clipping more of its input than this in a sampling run is named in the log
+
+
+@contextlib.contextmanager
+def _clipping_counted(result: QuantizeResult):
+    """Count, over one sampling run, how much of each W8A8 layer's input its static range clipped
+    (``count_clipping``); ``result.last_clipping``: name -> share afterwards. Layers clipping more than
+    ``CLIPPING_SAID`` are named in one log line: the run samples far from what the calibration saw (other prompts,
+    timesteps, sizes, patches)."""
+    layers = {n: m for n, m in result.modules.items() if hasattr(m, "count_clipping")}
+    for m in layers.values():
+        m.count_clipping(True)
+    try:
+        yield
+    finally:
+        shares = {n: m.count_clipping(False) for n, m in layers.items()}
+        result.last_clipping = {n: s[0] for n, s in shares.items() if s is not None}
+    worst = sorted(((s, n) for n, s in result.last_clipping.items() if s > CLIPPING_SAID), reverse=True)
+    if worst:
+        ts = result.calibrated.get("timesteps") or []
+        logging.warning("QVD: %d quantized layer(s) clipped more than %.0f %% of their inputs in this sampling run "
+                        "(%s): it samples far from what the calibration saw%s. Calibrate with this graph (its prompts, "
+                        "steps, size and add-ons) for the closest output", len(worst), 100 * CLIPPING_SAID,
+                        ", ".join(f"{n} {100 * s:.1f} %" for s, n in worst[:3]),
+                        f" (timesteps {max(ts):g} .. {min(ts):g})" if ts else "")
 
 
 NORM_READERS = ("attn1_patch", "attn2_patch")  # ComfyUI's transformer block hands these its norm1 / norm2 output

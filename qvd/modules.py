@@ -24,6 +24,9 @@ from .quantizers import act_qrange, dequantize_weight
 from .scri import ScriTransform
 
 
+CLIP_CHECK_EVERY = 8  # calls between two clipping counts of a layer (``count_clipping``)
+
+
 def _param(t: torch.Tensor | None):
     return None if t is None else nn.Parameter(t, requires_grad=False)
 
@@ -172,6 +175,7 @@ class _QuantizedBase(_HostHooks):
         self.qmin, self.qmax = act_qrange(self.a_bits)
         self.mode = "int"
         self.compute = "int8"  # the file's own W8A8 semantics; the ComfyUI nodes default to "auto"
+        self.clipping: list | None = None  # [clipped elements (a tensor once counted), elements, calls]: counting
 
     @property
     def scri(self) -> ScriTransform | None:
@@ -271,12 +275,39 @@ class _QuantizedBase(_HostHooks):
         """Free the weight-only route's kept float weight (``auto`` chose the integer kernels)."""
         self._cache.pop("float_weight", None)
 
-    def _route(self, x: torch.Tensor, int8_fn, float_fn) -> torch.Tensor:
+    def _route(self, x: torch.Tensor, channel_dim: int, int8_fn, float_fn) -> torch.Tensor:
         key = (type(self).__name__, tuple(x.shape), tuple(self.weight.shape), self.scri_shift is not None, x.dtype)
         y, route = kernels.run_route(self.compute, key, x.device, int8_fn, float_fn)
         if route == "int8":
             self.drop_float_weight()
+            self._count_clipping(x, channel_dim)
         return y
+
+    def count_clipping(self, on: bool) -> tuple[float, int] | None:
+        """Start counting how much of this layer's input its static activation range clips (``on``), or stop and
+        return (clipped share, elements checked) since the start (None if nothing was checked). Every
+        ``CLIP_CHECK_EVERY``-th call of the integer route is checked; the counts stay on the device until read."""
+        counted, self.clipping = self.clipping, ([0, 0, 0] if on else None)
+        if on or counted is None or not counted[1]:
+            return None
+        return float(counted[0]) / counted[1], counted[1]
+
+    def _count_clipping(self, x: torch.Tensor, channel_dim: int) -> None:
+        c = self.clipping
+        if c is None:
+            return
+        c[2] += 1
+        if (c[2] - 1) % CLIP_CHECK_EVERY:
+            return
+        shift, inv = self._kernel_scri(x.device)
+        view = [1] * x.dim()
+        view[channel_dim] = -1
+        v = x.float()
+        if shift is not None:
+            v = (v - shift.float().view(view)) * inv.float().view(view)
+        v = v / self.act_scale.to(x.device).float() + self.zero_point
+        c[0] = c[0] + ((v < self.qmin - 0.5) | (v > self.qmax + 0.5)).sum()
+        c[1] += v.numel()
 
     def _fake_input(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
         shift, inv = self._kernel_scri(x.device)
@@ -317,7 +348,7 @@ class QLinear(_QuantizedBase):
         if self.mode == "fake":
             y = self._fake_forward(x, lambda w, b: F.linear(self._fake_input(x, -1), w, b))
         else:
-            y = self._route(x, lambda: self._int8(x), lambda: self._weight_only(x))
+            y = self._route(x, -1, lambda: self._int8(x), lambda: self._weight_only(x))
         return y if delta is None else delta(x, y, offset=self._delta_offset(dev))
 
     def _int8(self, x: torch.Tensor) -> torch.Tensor:
@@ -346,7 +377,7 @@ class QConv2d(_QuantizedBase):
             xp = F.pad(x, (self.padding,) * 4) if self.padding else x
             y = self._fake_forward(x, lambda w, b: F.conv2d(self._fake_input(xp, 1), w, b, self.stride))
         else:
-            y = self._route(x, lambda: self._int8(x), lambda: self._weight_only(x))
+            y = self._route(x, 1, lambda: self._int8(x), lambda: self._weight_only(x))
         return y if delta is None else delta(x, y, self.stride, self.padding, self._delta_offset(dev))
 
     def _int8(self, x: torch.Tensor) -> torch.Tensor:

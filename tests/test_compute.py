@@ -218,3 +218,28 @@ def test_hiditq_layer_keeps_its_float_codes_on_the_cpu_and_says_so():
     assert m.prepare(torch.device("cpu"), torch.float16) == 64 * 48 * 4 == kept_float_bytes([m])
     kept = m._cache["float_weight"][1]
     assert torch.equal(m(x), want) and m._cache["float_weight"][1] is kept
+
+
+def test_clipping_is_counted_on_the_integer_route_only_while_asked(monkeypatch):
+    """``count_clipping``: every CLIP_CHECK_EVERY-th call of the integer route, the share of input elements whose code
+    the static range clamps (SCRI applied first); nothing is counted unless asked or on the weight-only route."""
+    import qvd.modules as M
+
+    g = torch.Generator().manual_seed(41)
+    m = _qlinear(g)
+    x = torch.randn(64, 40, generator=g)
+    x[:8] *= 1000  # 8 of 64 rows far beyond any calibrated range
+    v = (x - m.scri_shift) * m.scri_inv_scale / m.act_scale + m.zero_point
+    want = float(((v < -128.5) | (v > 127.5)).float().mean())
+    assert m.count_clipping(False) is None
+    m(x)
+    assert m.clipping is None
+    m.count_clipping(True)
+    for _ in range(M.CLIP_CHECK_EVERY + 1):  # two checks
+        m(x)
+    share, n = m.count_clipping(False)
+    assert n == 2 * x.numel() and abs(share - want) < 1e-6 and 0.1 < share < 0.2
+    m.compute = "weight-only"
+    m.count_clipping(True)
+    m(x)
+    assert m.count_clipping(False) is None
