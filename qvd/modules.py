@@ -13,6 +13,8 @@ codes never change after quantization: a host's weight patches (LoRA) run beside
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +27,16 @@ from .scri import ScriTransform
 
 
 CLIP_CHECK_EVERY = 8  # calls between two clipping counts of a layer (``count_clipping``)
+CLIP_CHECK_ELEMENTS = 1 << 20  # about how many input elements one count reads (a strided view, every channel)
+
+
+def _strided_sample(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """A view of ``x`` with every channel and about ``CLIP_CHECK_ELEMENTS`` elements: the other dimensions taken with
+    one stride (no copy: counting a large activation allocates little)."""
+    if x.numel() <= CLIP_CHECK_ELEMENTS or x.dim() < 2:
+        return x
+    step = math.ceil((x.numel() / CLIP_CHECK_ELEMENTS) ** (1 / (x.dim() - 1)))
+    return x[tuple(slice(None) if d == channel_dim else slice(None, None, step) for d in range(x.dim()))]
 
 
 def _param(t: torch.Tensor | None):
@@ -286,7 +298,8 @@ class _QuantizedBase(_HostHooks):
     def count_clipping(self, on: bool) -> tuple[float, int] | None:
         """Start counting how much of this layer's input its static activation range clips (``on``), or stop and
         return (clipped share, elements checked) since the start (None if nothing was checked). Every
-        ``CLIP_CHECK_EVERY``-th call of the integer route is checked; the counts stay on the device until read."""
+        ``CLIP_CHECK_EVERY``-th call of the integer route is checked, on a strided view of its input
+        (``_strided_sample``); the counts stay on the device until read."""
         counted, self.clipping = self.clipping, ([0, 0, 0] if on else None)
         if on or counted is None or not counted[1]:
             return None
@@ -302,11 +315,11 @@ class _QuantizedBase(_HostHooks):
         shift, inv = self._kernel_scri(x.device)
         view = [1] * x.dim()
         view[channel_dim] = -1
-        v = x.float()
+        v = _strided_sample(x.detach(), channel_dim % x.dim()).float()
         if shift is not None:
             v = (v - shift.float().view(view)) * inv.float().view(view)
         v = v / self.act_scale.to(x.device).float() + self.zero_point
-        c[0] = c[0] + ((v < self.qmin - 0.5) | (v > self.qmax + 0.5)).sum()
+        c[0] = c[0] + ((v < self.qmin - 0.5) | (v > self.qmax + 0.5)).sum()  # on the device: no sync per call
         c[1] += v.numel()
 
     def _fake_input(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:

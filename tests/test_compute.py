@@ -243,3 +243,14 @@ def test_clipping_is_counted_on_the_integer_route_only_while_asked(monkeypatch):
     m.count_clipping(True)
     m(x)
     assert m.count_clipping(False) is None
+
+
+def test_a_large_input_is_counted_on_a_strided_view_with_every_channel():
+    import qvd.modules as M
+
+    x = torch.randn(4, 64, 96, 96)
+    v = M._strided_sample(x, 1)
+    assert v.shape[1] == 64 and v.numel() <= M.CLIP_CHECK_ELEMENTS and v.data_ptr() == x.data_ptr()
+    assert M._strided_sample(torch.randn(3, 5), 1).shape == (3, 5)
+    t = torch.randn(2, 9000, 320)
+    assert M._strided_sample(t, 2).shape[2] == 320 and M._strided_sample(t, 2).numel() <= M.CLIP_CHECK_ELEMENTS
