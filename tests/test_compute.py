@@ -203,23 +203,6 @@ def test_a_padded_conv_keeps_its_pad_codes_and_remakes_them_when_its_quantizer_c
     assert _qconv(g, padding=0).pad_codes() is None
 
 
-def test_hiditq_layer_keeps_its_float_codes_on_the_cpu_and_says_so():
-    """HiDi-TQ's GEMM reads the int8 codes as fp32: on the CPU they are made at load (``prepare``) and kept, counted
-    in the bytes the size told includes; the output is the same as from per-call conversion."""
-    from qvd.modules import HiDiTQLinear, kept_float_bytes
-    g = torch.Generator().manual_seed(32)
-    w_q = torch.randint(-127, 128, (64, 48), generator=g, dtype=torch.int8)
-    scale, bias = torch.rand(64, generator=g) * 0.01, torch.randn(64, generator=g)
-    levels = torch.sort(torch.randn(33, generator=g)).values
-    m = HiDiTQLinear(48, 64, w_q, scale, bias, levels, 8)
-    x = torch.randn(4, 48, generator=g)
-    want = HiDiTQLinear.compute(x, levels, w_q.float(), scale, bias)
-    assert kept_float_bytes([m]) == 0
-    assert m.prepare(torch.device("cpu"), torch.float16) == 64 * 48 * 4 == kept_float_bytes([m])
-    kept = m._cache["float_weight"][1]
-    assert torch.equal(m(x), want) and m._cache["float_weight"][1] is kept
-
-
 def test_clipping_is_counted_on_the_integer_route_only_while_asked(monkeypatch):
     """``count_clipping``: every CLIP_CHECK_EVERY-th call of the integer route, the share of input elements whose code
     the static range clamps (SCRI applied first); nothing is counted unless asked or on the weight-only route."""
