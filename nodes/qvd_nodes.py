@@ -212,7 +212,10 @@ class QVDQuantizeModel:
 
     def quantize(self, model, calibration, weight_bits, activation_bits, htdq, scri, skip, compute="auto"):
         compute_line = _compute_line(compute)
-        build = _quantizer(calibration, weight_bits, activation_bits, htdq, scri, skip, lambda tree: {k: k for k in tree})
+        # every model of the calibration but its ControlNets: a calibration of another MODEL (e.g. with motion models
+        # this one lacks) is refused by the layer check, not cut down to fit
+        build = _quantizer(calibration, weight_bits, activation_bits, htdq, scri, skip, lambda _tree: {
+            h: h for h in {n.partition(".")[0] for n in calibration.layers} if not h.startswith(patching.CONTROLNET)})
         start = time.monotonic()
         clone, result = patching.quantize(model, build, compute)
         report = describe(result) + "\n" + compute_line + _kept(result)
