@@ -140,8 +140,8 @@ def time_layers(device, smoke: bool, samples: int) -> list[dict]:
         row["separate"] = row["fused"] = None
         if tk:
             if kind == "linear":
-                sep = lambda: tk.linear(tk.quantize(x2, 0.05, 0, -128, 127), weight.mat, weight.scale, bias, 0.05,  # noqa
-                                        torch.float16)
+                sep = lambda: tk.linear(tk.quantize(x2, 0.05, 0, -128, 127), weight.mat, weight.scale,  # noqa
+                                        bias, 0.05, torch.float16)
                 fus = lambda: tk.linear_fused(x2, weight.mat, weight.scale, bias, 0.05, 0, -128, 127)  # noqa: E731
             else:
                 ks, codes = args[4], K.pad_codes(args[1], 0.05, 0, -128, 127, device=device)

@@ -133,8 +133,8 @@ class QVDCalibrate:
     FUNCTION = "calibrate"
     OUTPUT_NODE = True
     CATEGORY = "QVD"
-    DESCRIPTION = ("Runs real sampling with QVD observers on the UNet, the motion models and the ControlNets applied to "
-                   "the conditioning; outputs the statistics.")
+    DESCRIPTION = ("Runs real sampling with QVD observers on the UNet, the motion models and the ControlNets applied "
+                   "to the conditioning; outputs the statistics.")
 
     def calibrate(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                   calibration_seeds, save_name=""):
@@ -160,8 +160,8 @@ class QVDCalibrate:
         if path is not None:
             save_calibration(path, calibration)
         in_cn = sum(n.startswith(patching.CONTROLNET) for n in calibration.layers)
-        text = (f"{len(calibration.layers)} layers" + (f" ({in_cn} in {len(controlnets)} ControlNet(s))" if in_cn else "")
-                + f", {len(calibration.timesteps)} timesteps")
+        in_cns = f" ({in_cn} in {len(controlnets)} ControlNet(s))" if in_cn else ""
+        text = f"{len(calibration.layers)} layers{in_cns}, {len(calibration.timesteps)} timesteps"
         return {"ui": {"text": [text + (f", saved {os.path.basename(path)}" if path else "")]},
                 "result": (calibration,)}
 
@@ -247,7 +247,8 @@ class QVDLoadQuantized:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "qvd_name": (cls.file_names(),)}, "optional": {"compute": COMPUTE_INPUT}}
+        return {"required": {"model": ("MODEL",), "qvd_name": (cls.file_names(),)},
+                "optional": {"compute": COMPUTE_INPUT}}
 
     @staticmethod
     def file_names() -> list[str]:
@@ -274,7 +275,8 @@ class QVDQuantizeControlNet:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"control_net": ("CONTROL_NET",), **QUANTIZE_INPUTS}, "optional": {"compute": COMPUTE_INPUT}}
+        return {"required": {"control_net": ("CONTROL_NET",), **QUANTIZE_INPUTS},
+                "optional": {"compute": COMPUTE_INPUT}}
 
     RETURN_TYPES = ("CONTROL_NET", "STRING")
     RETURN_NAMES = ("control_net", "report")

@@ -23,8 +23,8 @@ held the layer's weight at).
 Calibration: metadata key ``qvd_calibration``, format ``qvd-calibration`` version 3. Tensors per layer:
 ``<name>::ch_min`` / ``::ch_max`` (F32 [C]), ``::rows`` (F32 [R, D], D = in features or C * kh * kw),
 ``::temporal`` (F32 [T, in], temporal layers). Metadata: ``layers`` (``signature``, ``temporal``, ``calls``,
-``temporal_timesteps``, optional ``conditioning_only``), ``timesteps``, ``norm_groups`` (norm -> consuming layers), ``fingerprint``, optional
-``patches`` (``Calibration.patches``).
+``temporal_timesteps``, optional ``conditioning_only``), ``timesteps``, ``norm_groups`` (norm -> consuming layers),
+``fingerprint``, optional ``patches`` (``Calibration.patches``).
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Every Triton kernel (the fused-quantize GEMMs included) at every tile its autotuner may pick compiles for sm_80 / 86 / 89 / 90 on this CPU
-(``triton.compile`` + the wheel's ptxas, no GPU): int8 tensor-core instructions in the GEMM and conv PTX, no
-register spills, shared memory within each arch's limit, and the conv's flat K loop compiling fast."""
+"""Every Triton kernel (the fused-quantize GEMMs included) at every tile its autotuner may pick compiles for
+sm_80 / 86 / 89 / 90 on this CPU (``triton.compile`` + the wheel's ptxas, no GPU): int8 tensor-core instructions in
+the GEMM and conv PTX, no register spills, shared memory within each arch's limit, and the conv's flat K loop
+compiling fast."""
 from __future__ import annotations
 
 import statistics

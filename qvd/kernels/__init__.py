@@ -15,12 +15,12 @@ int8 kernels here (Apple MPS, ROCm, Intel XPU, DirectML), ``QVD_INT8=off`` and C
 
 Integer routes: CUDA tensors -> Triton (``triton_kernels.py``: GEMM / implicit-GEMM conv with the epilogue
 in-kernel, after a separate quantize pass or with the quantization fused into the A-tile load; the first call of each
-shape class times both variants and keeps the faster, ``_fastest_on_triton``). Each Triton kernel is checked against ``reference.py`` on a small problem the first time it
-runs on a GPU arch (``_self_check``); a kernel that disagrees, or that fails with a CUDA / Triton / compile error,
-is switched off for that arch with one log line, and its calls take the torch route (``cpu.py``: cuBLAS
-``_int_mm``). If Triton is missing: one log line and the torch route for everything. CUDA out-of-memory, Python
-errors and interrupts propagate. CPU -> ``cpu.py`` (oneDNN int8 ops, ``torch._int_mm`` or integer codes in fp32
-GEMMs, the fastest exact one).
+shape class times both variants and keeps the faster, ``_fastest_on_triton``). Each Triton kernel is checked against
+``reference.py`` on a small problem the first time it runs on a GPU arch (``_self_check``); a kernel that disagrees,
+or that fails with a CUDA / Triton / compile error, is switched off for that arch with one log line, and its calls
+take the other variant or the torch route (``cpu.py``: cuBLAS ``_int_mm``). If Triton is missing: one log line and
+the torch route for everything. CUDA out-of-memory, Python errors and interrupts propagate. CPU -> ``cpu.py``
+(oneDNN int8 ops, ``torch._int_mm`` or integer codes in fp32 GEMMs, the fastest exact one).
 """
 from __future__ import annotations
 
@@ -259,7 +259,7 @@ def linear_w8a8(x, weight: PackedWeight, bias, act_scale, zero_point, qmin, qmax
 
     key = ("linear", weight.shape, x.dtype, shift is not None)
     y = _fastest_on_triton(x, x2.shape[0], key, {"fused": (("linear_fused",), fused),
-                                    "separate": (("quantize", "linear"), separate)})
+                                                 "separate": (("quantize", "linear"), separate)})
     if y is None:
         return cpu.linear_w8a8(x, weight, bias, act_scale, zero_point, qmin, qmax, shift, inv_scale)
     return y.reshape(*lead, weight.shape[0])
@@ -290,10 +290,11 @@ def conv2d_w8a8(x, weight: PackedWeight, bias, act_scale, zero_point, qmin, qmax
     def fused(tk):
         return tk.conv2d_fused(x, weight.mat, kh, kw, weight.scale, bias, *act, shift, inv_scale, stride, padding)
 
-    rows = x.shape[0] * ((x.shape[2] + 2 * padding - kh) // stride + 1) * ((x.shape[3] + 2 * padding - kw) // stride + 1)
+    out_h, out_w = ((size + 2 * padding - k) // stride + 1 for size, k in ((x.shape[2], kh), (x.shape[3], kw)))
+    rows = x.shape[0] * out_h * out_w
     key = ("conv", weight.shape, stride, padding, x.dtype, shift is not None)
     y = _fastest_on_triton(x, rows, key, {"fused": (("conv2d_fused",), fused),
-                                    "separate": (("quantize", "conv2d"), separate)})
+                                          "separate": (("quantize", "conv2d"), separate)})
     if y is None:
         y = cpu.conv2d_w8a8(x, weight, bias, act_scale, zero_point, qmin, qmax, shift, inv_scale, stride, padding,
                             pad)

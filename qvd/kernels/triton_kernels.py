@@ -150,8 +150,9 @@ def _tuned(kernel, classes: dict):
         return kernel
     key = ["M_BUCKET", "N", "K"] + (["KH", "KW", "stride"] if "KH" in kernel.arg_names else [])
     bench = {"do_bench": _bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
-    return triton.autotune(configs=_configs(classes), key=key, prune_configs_by={"early_config_prune": _pruner(classes)},
-                           cache_results=True, **bench)(kernel)
+    return triton.autotune(configs=_configs(classes), key=key,
+                           prune_configs_by={"early_config_prune": _pruner(classes)}, cache_results=True,
+                           **bench)(kernel)
 
 
 @triton.jit

@@ -46,8 +46,9 @@ def main(checkpoint: str, pack_dir: str) -> dict:
     out = {}
     for name, run in runs.items():
         lines.clear()
-        sample = lambda m: nodes.common_ksampler(m, 3, run["steps"], 5.0, "euler", "normal", encode(run["prompt"]),  # noqa
-                                                 negative, latent(run["size"]))[0]["samples"]
+        sample = lambda m: nodes.common_ksampler(  # noqa: E731
+            m, 3, run["steps"], 5.0, "euler", "normal", encode(run["prompt"]), negative,
+            latent(run["size"]))[0]["samples"]
         q = sample(quantized)
         shares = sorted(result.last_clipping.values())
         logged = list(lines)

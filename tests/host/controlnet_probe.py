@@ -57,8 +57,8 @@ def main(checkpoint: str, pack_dir: str) -> dict:
     quantized = qvd["QVDQuantizeModel"]().quantize(model, calibration, 8, 8, True, True, "", "int8")["result"][0]
     q_control, cn_report = qvd["QVDQuantizeControlNet"]().quantize(control, calibration, 8, 8, True, True, "",
                                                                    "int8")["result"]
-    apply = lambda cn: nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, cn, frames, 1.0, 0.0,  # noqa
-                                                                        1.0)[:2]
+    apply = lambda cn: nodes.ControlNetApplyAdvanced().apply_controlnet(  # noqa: E731
+        positive, negative, cn, frames, 1.0, 0.0, 1.0)[:2]
     pos_qcn, neg_qcn = apply(q_control)
 
     times = {"control": 0.0, "unet": 0.0}

@@ -1,5 +1,5 @@
-"""IPAdapter (ComfyUI_IPAdapter_plus, its IPAdapter Embeds node) on a QVD-quantized MODEL, in-process in ComfyUI (0.3.75,
-0.33): the synthetic SD1.5 checkpoint, a seeded SD1.5 IPAdapter (``synthetic_models.sd15_ipadapter``) fed image
+"""IPAdapter (ComfyUI_IPAdapter_plus, its IPAdapter Embeds node) on a QVD-quantized MODEL, in-process in ComfyUI
+(0.3.75, 0.33): the synthetic SD1.5 checkpoint, a seeded SD1.5 IPAdapter (``synthetic_models.sd15_ipadapter``) fed image
 embeddings directly (no CLIP vision model), txt2vid frames as a batch. IPAdapter patches cross-attention with its own
 key / value projections of the image tokens (an ``attn2`` replace patch reading QVD's to_q / to_k / to_v outputs).
 Two graphs: IPAdapter before QVD (calibrated and quantized with it applied) and after (QVD Quantize Model on the plain
