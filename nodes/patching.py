@@ -229,23 +229,23 @@ def quantize(model, build, compute: str = "auto") -> tuple:
     with own_view(model):
         tree = model_tree(model)
         result = build(tree)
-        for module in result.modules.values():
-            _normal_tensors(module)
-            module.to(model.offload_device)
-            set_compute(module, compute)
-        _prepare(model, result.modules)
+        _ready(result.modules, model.offload_device, compute,
+               model.model.manual_cast_dtype or model.model.get_dtype())
         sizes = _quantized_sizes(model, tree, result.modules)
     return install(model.clone(), result, sizes), result
 
 
-def _prepare(model, modules: dict[str, nn.Module]) -> None:
-    """What the layers' compute route keeps on the device ComfyUI runs ``model`` on, made now rather than in the first
-    sampling step (on a CPU where the route is weight-only: the float weights, in the model's compute dtype)."""
+def _ready(modules: dict[str, nn.Module], offload_device, compute: str, dtype: torch.dtype) -> None:
+    """The quantized ``modules`` as ComfyUI gets them: ordinary tensors on its offload device, on the ``compute``
+    route, with what that route keeps on the device ComfyUI runs them on made now rather than in the first sampling
+    step (on a CPU where the route is weight-only: the float weights, in the compute ``dtype``)."""
     import comfy.model_management
 
     device = comfy.model_management.get_torch_device()
-    dtype = model.model.manual_cast_dtype or model.model.get_dtype()
     for module in modules.values():
+        _normal_tensors(module)
+        module.to(offload_device)
+        set_compute(module, compute)
         if hasattr(module, "prepare"):
             module.prepare(device, dtype)
 
@@ -253,7 +253,7 @@ def _prepare(model, modules: dict[str, nn.Module]) -> None:
 def _quantized_sizes(model, tree: nn.ModuleDict, modules: dict[str, nn.Module]) -> dict[str, int]:
     """Bytes each patcher's model holds with ``modules`` in place of its own layers (key ``diffusion_model``: the
     MODEL's whole ``BaseModel``; ``motion_<i>``: a motion model), counted as ComfyUI counts (``module_size``: every
-    tensor of the state dict) plus the float weights a weight-only route keeps (``_prepare``); call inside
+    tensor of the state dict) plus the float weights a weight-only route keeps (``_ready``); call inside
     ``ejected(model)``."""
     from comfy.model_management import module_size
 
@@ -399,13 +399,8 @@ def quantize_controlnet(control_net, build, compute: str = "auto") -> tuple:
         raise QVDError("this ControlNet is already quantized: connect the ControlNet from its loader")
     wrapped = control_net.control_model_wrapped
     result = build(nn.ModuleDict({CONTROLNET: base}))
-    dtype = control_net.manual_cast_dtype or getattr(base, "dtype", None) or torch.float32
-    for module in result.modules.values():
-        _normal_tensors(module)
-        module.to(wrapped.offload_device)
-        set_compute(module, compute)
-        if hasattr(module, "prepare"):
-            module.prepare(comfy.model_management.get_torch_device(), dtype)
+    _ready(result.modules, wrapped.offload_device, compute,
+           control_net.manual_cast_dtype or getattr(base, "dtype", None) or torch.float32)
     model = _structure_copy(base)
     install_modules(model, {name.partition(".")[2]: m for name, m in result.modules.items()})
     model.qvd_result = result  # QVD Save Quantized ControlNet reads it (copies of the ControlNet share the model)
