@@ -3,8 +3,8 @@ twin (for POST /prompt) in workflows/api/, both from one graph spec per workflow
 
     .venv/bin/python scripts/make_workflows.py
 
-tests/host/test_host_workflows.py converts each UI file with the server's /object_info and checks it
-against its API twin, and the browser test loads each UI file in the ComfyUI frontend.
+tests/host/test_host_browser.py loads each UI file in the ComfyUI frontend and checks the prompt the frontend
+makes of it against its API twin.
 """
 from __future__ import annotations
 
@@ -76,22 +76,31 @@ def _base(model_ref, frames=16):
     }
 
 
-def _ade(model_ref):
+def _sdxl(model_ref):
+    """SDXL base at 1024 px with the AnimateDiff-SDXL motion model (ADE autoselects its linear beta schedule)."""
+    base = _base(model_ref)
+    base[1] = ("CheckpointLoaderSimple", {"ckpt_name": "sd_xl_base_1.0.safetensors"})
+    base[4] = ("EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 16})
+    base[22] = ("SaveAnimatedWEBP", {**base[22][1], "filename_prefix": "qvd/sdxl_txt2vid"})
+    return base
+
+
+def _ade(model_ref, motion_model="mm_sd_v15_v2.ckpt"):
     return {
-        5: ("ADE_LoadAnimateDiffModel", {"model_name": "mm_sd_v15_v2.ckpt"}),
+        5: ("ADE_LoadAnimateDiffModel", {"model_name": motion_model}),
         6: ("ADE_ApplyAnimateDiffModelSimple", {"motion_model": (5, 0)}),
         7: ("ADE_UseEvolvedSampling", {"model": model_ref, "m_models": (6, 0), "beta_schedule": "autoselect"}),
     }
 
 
-def _calibrate_quantize(model_ref):
+def _calibrate_quantize(model_ref, filename="qvd_w8a8"):
     return {
         10: ("QVDCalibrate", {"model": model_ref, "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0),
                               "seed": 0, "control_after_generate": "fixed", **SAMPLING, "calibration_seeds": 2,
                               "save_name": ""}),
         11: ("QVDQuantizeModel", {"model": model_ref, "calibration": (10, 0), "weight_bits": 8,
                                   "activation_bits": 8, "htdq": True, "scri": True, "skip": "", "compute": "auto"}),
-        12: ("QVDSaveQuantized", {"model": (11, 0), "filename": "qvd_w8a8"}),
+        12: ("QVDSaveQuantized", {"model": (11, 0), "filename": filename}),
     }
 
 
@@ -136,6 +145,9 @@ WORKFLOWS = {
     "qvd_core_txt2vid_calibrate_quantize": {**_base((11, 0), frames=8), **_calibrate_quantize((1, 0))},
     # (d) AnimateDiff-Evolved ControlNet vid2vid: UNet, motion model and ControlNet quantized from one calibration.
     "qvd_ade_controlnet_vid2vid": _controlnet_vid2vid(),
+    # (e) SDXL + AnimateDiff-SDXL (HotShotXL: choose its motion model in node 5), calibrated and quantized.
+    "qvd_ade_sdxl_txt2vid_calibrate_quantize": {**_sdxl((11, 0)), **_ade((1, 0), "mm_sdxl_v10_beta.ckpt"),
+                                                **_calibrate_quantize((7, 0), "qvd_w8a8_sdxl")},
 }
 FRONTEND_ONLY = ("control_after_generate", "upload")  # widgets the frontend keeps out of the API prompt
 

@@ -2,13 +2,15 @@
 
 - ``build_sd15_checkpoint``: a full SD1.5 checkpoint (UNet + CLIP-L + VAE, fp16) built from ComfyUI's own
   classes, so ComfyUI's ``CheckpointLoaderSimple`` detects it as SD1.5. Needs ComfyUI importable.
-- ``build_motion_model``: an AnimateDiff ``mm_sd_v15_v2``-format motion model (plain torch, 588 keys).
+- ``build_sdxl_checkpoint``: the same for an SDXL-family checkpoint (SDXL's UNet at Segmind Vega's depth).
+- ``build_motion_model``: an AnimateDiff motion model (plain torch): ``mm_sd_v15_v2`` (588 keys), the SDXL
+  ``mm_sdxl_v10_beta`` layout or HotShotXL's.
 - ``write_lora``: a seeded rank-4 LoRA for the SD1.5 checkpoint's spatial transformers.
 
 ComfyUI builds layers uninitialised, so every parameter is filled explicitly from one seeded generator:
 norm weights 1 / biases 0, other weights N(0, 0.02), other biases N(0, 0.01).
-Run as a script to write a file: ``python synthetic_models.py {sd15,motion} OUT.safetensors``
-(for ``sd15`` with ComfyUI on ``sys.path``, e.g. from the ComfyUI directory).
+Run as a script to write a file: ``python synthetic_models.py KIND OUT.safetensors``, KIND one of sd15, sdxl,
+motion, motion_sdxl, motion_hotshotxl (for the checkpoints with ComfyUI on ``sys.path``, e.g. from its directory).
 """
 from __future__ import annotations
 
@@ -32,6 +34,17 @@ SD15_UNET_CONFIG = {
     "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
     "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
     "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+# SDXL's UNet (Linear proj_in / proj_out, context 2048, the 2816-wide label embedding) at Segmind Vega's transformer
+# depth (1 / 2 blocks per level instead of 2 / 10; ComfyUI's own SDXL-family config, loaded as model_base.SDXL):
+# 745 M parameters, 3 GB in fp32, where the full SDXL's 10 GB does not fit a 24 GiB CI machine beside the suite.
+SDXL_VEGA_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 1, 1, 2, 2], "channel_mult": [1, 2, 4],
+    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2], "transformer_depth_middle": -1,
+    "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
 SD15_VAE_CONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
@@ -59,22 +72,33 @@ def init_seeded_(modules: list[nn.Module], seed: int = SEED) -> None:
 
 def build_sd15_checkpoint(path: str, seed: int = SEED) -> None:
     """Write a seeded fp16 SD1.5 checkpoint (ComfyUI / LDM key layout) to ``path``."""
-    from comfy.cli_args import args
-    args.cpu = True
-    import comfy.model_detection
-    import comfy.sd1_clip
-    import comfy.utils
-    from comfy.ldm.models.autoencoder import AutoencoderKL
+    _build_checkpoint(path, SD15_UNET_CONFIG, "SD15", "comfy.sd1_clip.SDClipModel", "clip_l.", seed)
 
-    model_config = comfy.model_detection.model_config_from_unet_config(dict(SD15_UNET_CONFIG))
-    if type(model_config).__name__ != "SD15":
-        raise RuntimeError(f"ComfyUI detected {type(model_config).__name__} for the SD1.5 config")
+
+def build_sdxl_checkpoint(path: str, seed: int = SEED) -> None:
+    """Write a seeded fp16 SDXL-family checkpoint (ComfyUI / SGM key layout: UNet, CLIP-L + CLIP-G, VAE) to
+    ``path``: SDXL's UNet at Segmind Vega's depth (SDXL_VEGA_UNET_CONFIG), which ComfyUI loads as an SDXL model."""
+    _build_checkpoint(path, SDXL_VEGA_UNET_CONFIG, "Segmind_Vega", "comfy.sdxl_clip.SDXLClipModel", "", seed)
+
+
+def _build_checkpoint(path: str, unet_config: dict, expect: str, clip: str, clip_prefix: str, seed: int) -> None:
+    from comfy.cli_args import args
+    args.cpu = True  # before any other ComfyUI import
+    import importlib
+
+    import comfy.model_detection
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    clip_module, clip_class = clip.rsplit(".", 1)
+
+    model_config = comfy.model_detection.model_config_from_unet_config(dict(unet_config))
+    if type(model_config).__name__ != expect:
+        raise RuntimeError(f"ComfyUI detected {type(model_config).__name__} for the {expect} config")
     model_config.set_inference_dtype(torch.float16, None)
     model = model_config.get_model({}, device="cpu")
-    clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float16)
+    clip = getattr(importlib.import_module(clip_module), clip_class)(device="cpu", dtype=torch.float16)
     vae = AutoencoderKL(ddconfig=dict(SD15_VAE_CONFIG), embed_dim=4)
     init_seeded_([model.diffusion_model, clip, vae], seed)
-    clip_sd = {f"clip_l.{k}": v for k, v in clip.state_dict().items()}
+    clip_sd = {f"{clip_prefix}{k}": v for k, v in clip.state_dict().items()}
     if next(iter(inspect.signature(model.state_dict_for_saving).parameters)) == "unet_state_dict":  # >= 0.12
         sd = model.state_dict_for_saving(model.diffusion_model.state_dict(), clip_state_dict=clip_sd,
                                          vae_state_dict=vae.state_dict())
@@ -83,18 +107,22 @@ def build_sd15_checkpoint(path: str, seed: int = SEED) -> None:
     if "model.diffusion_model.input_blocks.0.0.weight" not in sd:
         raise RuntimeError("ComfyUI's state_dict_for_saving returned no UNet: the checkpoint would be unusable")
     sd = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in sd.items()}
-    _save_atomic(sd, path, {"qvd_synthetic": f"sd15 seed={seed}"})
+    _save_atomic(sd, path, {"qvd_synthetic": f"{expect} seed={seed}"})
 
 
-def motion_module_shapes() -> dict[str, tuple[int, ...]]:
-    """Key -> shape of an AnimateDiff mm_sd_v15_v2 motion model (21 modules, 588 keys)."""
-    blocks = [(f"down_blocks.{i}", c, 2) for i, c in enumerate((320, 640, 1280, 1280))]
-    blocks += [(f"up_blocks.{i}", c, 3) for i, c in enumerate((1280, 1280, 640, 320))]
-    blocks += [("mid_block", 1280, 1)]
+def motion_module_shapes(sdxl: bool = False, hotshot: bool = False) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of an AnimateDiff motion model: mm_sd_v15_v2 (21 modules, 588 keys), for SDXL the
+    mm_sdxl_v10_beta layout (3 down / up blocks, no middle block), or HotShotXL's names for the same modules
+    (``temporal_attentions.<j>.`` and ``pos_encoder.positional_encoding``, 24 positions)."""
+    widths = (320, 640, 1280) if sdxl else (320, 640, 1280, 1280)
+    blocks = [(f"down_blocks.{i}", c, 2) for i, c in enumerate(widths)]
+    blocks += [(f"up_blocks.{i}", c, 3) for i, c in enumerate(reversed(widths))]
+    blocks += [] if sdxl else [("mid_block", 1280, 1)]
+    positions, pe = (24, "pos_encoder.positional_encoding") if hotshot else (32, "pos_encoder.pe")
     shapes = {}
     for block, c, n in blocks:
         for j in range(n):
-            t = f"{block}.motion_modules.{j}.temporal_transformer."
+            t = f"{block}.temporal_attentions.{j}." if hotshot else f"{block}.motion_modules.{j}.temporal_transformer."
             b = t + "transformer_blocks.0."
             shapes.update({t + "norm.weight": (c,), t + "norm.bias": (c,),
                            t + "proj_in.weight": (c, c), t + "proj_in.bias": (c,),
@@ -106,7 +134,7 @@ def motion_module_shapes() -> dict[str, tuple[int, ...]]:
                 ab = f"{b}attention_blocks.{a}."
                 shapes.update({ab + "to_q.weight": (c, c), ab + "to_k.weight": (c, c),
                                ab + "to_v.weight": (c, c), ab + "to_out.0.weight": (c, c),
-                               ab + "to_out.0.bias": (c,), ab + "pos_encoder.pe": (1, 32, c),
+                               ab + "to_out.0.bias": (c,), f"{ab}{pe}": (1, positions, c),
                                f"{b}norms.{a}.weight": (c,), f"{b}norms.{a}.bias": (c,)})
     return shapes
 
@@ -120,19 +148,20 @@ def _sinusoid(length: int, dim: int) -> torch.Tensor:
     return pe
 
 
-def build_motion_model(path: str, seed: int = SEED) -> None:
-    """Write a seeded fp16 mm_sd_v15_v2-format motion model to ``path``."""
+def build_motion_model(path: str, seed: int = SEED, sdxl: bool = False, hotshot: bool = False) -> None:
+    """Write a seeded fp16 motion model (``motion_module_shapes``' layout) to ``path``."""
     gen = torch.Generator().manual_seed(seed)
     sd = {}
-    for key, shape in sorted(motion_module_shapes().items()):
-        if key.endswith("pos_encoder.pe"):
+    for key, shape in sorted(motion_module_shapes(sdxl, hotshot).items()):
+        if key.endswith(("pos_encoder.pe", "pos_encoder.positional_encoding")):
             t = _sinusoid(shape[1], shape[2])
         elif re.search(r"\.(norm|norms\.\d|ff_norm)\.(weight|bias)$", key):
             t = torch.ones(shape) if key.endswith("weight") else torch.zeros(shape)
         else:
             t = torch.randn(shape, generator=gen) * (0.02 if len(shape) > 1 else 0.01)
         sd[key] = t.to(torch.float16)
-    _save_atomic(sd, path, {"qvd_synthetic": f"mm_sd_v15_v2 seed={seed}"})
+    layout = "hotshotxl" if hotshot else "mm_sdxl_v10_beta" if sdxl else "mm_sd_v15_v2"
+    _save_atomic(sd, path, {"qvd_synthetic": f"{layout} seed={seed}"})
 
 
 def _save_atomic(sd: dict, path: str, metadata: dict) -> None:
@@ -223,7 +252,9 @@ def adapter_tensors(checkpoint, kind: str, seed: int = LORA_SEED) -> dict[str, t
 if __name__ == "__main__":
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     kind, out = sys.argv[1], sys.argv[2]
-    {"sd15": build_sd15_checkpoint, "motion": build_motion_model}[kind](out)
+    {"sd15": build_sd15_checkpoint, "motion": build_motion_model, "sdxl": build_sdxl_checkpoint,
+     "motion_sdxl": lambda p: build_motion_model(p, sdxl=True),
+     "motion_hotshotxl": lambda p: build_motion_model(p, sdxl=True, hotshot=True)}[kind](out)
 
 
 def write_hypernetwork(path, dims=(320, 640, 1280, 768), std: float = 0.02) -> None:
