@@ -107,7 +107,7 @@ def _build_checkpoint(path: str, unet_config: dict, expect: str, clip: str, clip
     if "model.diffusion_model.input_blocks.0.0.weight" not in sd:
         raise RuntimeError("ComfyUI's state_dict_for_saving returned no UNet: the checkpoint would be unusable")
     sd = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in sd.items()}
-    _save_atomic(sd, path, {"qvd_synthetic": f"{expect} seed={seed}"})
+    _save_atomic(sd, path, {"qvd_synthetic": f"{expect.lower()} seed={seed}"})
 
 
 def motion_module_shapes(sdxl: bool = False, hotshot: bool = False) -> dict[str, tuple[int, ...]]:
