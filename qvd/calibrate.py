@@ -137,17 +137,35 @@ class LayerStats:
         return bool(torch.isfinite(self.ch_min).all() and torch.isfinite(self.ch_max).all())
 
 
+COVERAGE_POINTS = 20  # default of coverage_timesteps' points (QVD Calibrate's timestep_coverage): docs/results.md
+
+
+def coverage_timesteps(seen, t_min: float, t_max: float, points: int) -> list[float]:
+    """Timesteps for calibration calls beyond the sampler's, so that one calibration covers the model's whole noise
+    schedule ``[t_min, t_max]`` whatever the step count it was sampled with: ``points`` evenly spaced timesteps but
+    those within half a spacing of one in ``seen`` (descending, rounded as ``Calibrator.set_timestep`` rounds)."""
+    if points < 1 or not t_max > t_min:
+        return []
+    grid = torch.linspace(t_min, t_max, points, dtype=torch.float64).tolist() if points > 1 else [(t_min + t_max) / 2]
+    half = (t_max - t_min) / (2 * max(points - 1, 1))
+    return sorted({round(t, 4) for t in grid if all(abs(t - s) >= half for s in seen)}, reverse=True)
+
+
 class Calibration:
     """Result of calibration: per-layer statistics, temporal features and the timesteps seen. ``patches``: the
     attention patches the host graph applied while it was calibrated (e.g. IPAdapter's), as the host glue names
-    them; None when unknown."""
+    them; None when unknown. ``coverage``: the timesteps of ``timesteps`` added by coverage calls (not sampled).
+    ``settings``: what was sampled (sampler, steps, sizes, ...: short strings / numbers), as the host names it."""
 
     def __init__(self, layers: dict[str, LayerStats], timesteps: list[float], norm_groups: dict[str, list[str]],
-                 patches: list[str] | None = None):
+                 patches: list[str] | None = None, coverage: list[float] | None = None,
+                 settings: dict | None = None):
         self.layers = layers
         self.timesteps = timesteps
         self.norm_groups = norm_groups
         self.patches = patches
+        self.coverage = list(coverage or [])
+        self.settings = dict(settings or {})
 
     @property
     def signatures(self) -> dict[str, list]:
@@ -176,7 +194,7 @@ class Calibration:
                                    f"calibrate with it in the graph QVD Calibrate samples")
         groups = {renamed(norm): [renamed(n) for n in names] for norm, names in self.norm_groups.items()
                   if renamed(norm) is not None}
-        return Calibration(layers, list(self.timesteps), groups, self.patches)
+        return Calibration(layers, list(self.timesteps), groups, self.patches, self.coverage, self.settings)
 
     def temporal_features(self, name: str) -> torch.Tensor:
         """Features of a temporal layer, one row per timestep in sampling order (t descending)."""

@@ -14,7 +14,8 @@ Quantized model: metadata key ``qvd``, format ``qvd-w8a8`` version 2. Tensors pe
 Per norm that absorbed SCRI: ``<norm>.weight`` / ``<norm>.bias`` (F32 [C]). Metadata: ``format``,
 ``format_version``, ``config`` (``QVDConfig``), ``signatures`` (layer -> [kind, weight shape]) and their
 ``fingerprint``, optional ``calibrated`` (the calibration's ``timesteps`` and ``layers`` count, optional
-``patches``: the host's attention patches applied while it ran), ``layers``
+``patches``: the host's attention patches applied while it ran, ``coverage`` and ``settings`` as in a calibration
+file), ``layers``
 (``kind``, ``in``, ``out``, ``w_bits``; W8A8: ``a_bits``, ``zero_point``,
 ``scri`` = "none" | "kernel" | "norm:<norm>"; convs: ``kernel``, ``stride``, ``padding``), ``norms`` (norm ->
 type name) and the per-layer ``report`` (``REPORT_FIELDS``; ``weight_dtype``: the precision the source model
@@ -24,7 +25,8 @@ Calibration: metadata key ``qvd_calibration``, format ``qvd-calibration`` versio
 ``<name>::ch_min`` / ``::ch_max`` (F32 [C]), ``::rows`` (F32 [R, D], D = in features or C * kh * kw),
 ``::temporal`` (F32 [T, in], temporal layers). Metadata: ``layers`` (``signature``, ``temporal``, ``calls``,
 ``temporal_timesteps``, optional ``conditioning_only``), ``timesteps``, ``norm_groups`` (norm -> consuming layers),
-``fingerprint``, optional ``patches`` (``Calibration.patches``).
+``fingerprint``, optional ``patches`` (``Calibration.patches``), ``coverage`` (the timesteps of ``timesteps`` that
+coverage calls added) and ``settings`` (what was sampled: name -> short string or number).
 """
 from __future__ import annotations
 
@@ -262,11 +264,13 @@ def _check_quantized(s: _Schema, meta: dict) -> QVDConfig:
     except QVDError as e:
         s.fail("config", f"a valid QVDConfig ({e})", meta["config"])
     if "calibrated" in meta:
-        cal = s.obj(meta["calibrated"], "calibrated", ("timesteps", "layers"), ("patches",))
-        for i, t in enumerate(s.list(cal["timesteps"], "calibrated.timesteps", 1 << 16)):
-            s.num(t, f"calibrated.timesteps[{i}]")
+        cal = s.obj(meta["calibrated"], "calibrated", ("timesteps", "layers"), ("patches", "coverage", "settings"))
+        timesteps = [s.num(t, f"calibrated.timesteps[{i}]")
+                     for i, t in enumerate(s.list(cal["timesteps"], "calibrated.timesteps", 1 << 16))]
         s.int(cal["layers"], "calibrated.layers", 1, MAX_DIM)
         _patches(s, cal.get("patches"), "calibrated.patches")
+        _coverage(s, cal.get("coverage"), timesteps, "calibrated.coverage")
+        _settings(s, cal.get("settings"), "calibrated.settings")
     sigs = s.map(meta["signatures"], "signatures")
     for n, sig in sigs.items():
         s.signature(sig, f"signatures[{n!r}]")
@@ -305,6 +309,34 @@ def _patches(s: _Schema, v, where: str) -> list[str] | None:
     if v is None:
         return None
     return [s.str(p, f"{where}[{i}]") for i, p in enumerate(s.list(v, where, 1 << 12))]
+
+
+def _coverage(s: _Schema, v, timesteps: list, where: str) -> list[float]:
+    """The optional list of timesteps coverage calls added (``Calibration.coverage``): each one of ``timesteps``."""
+    if v is None:
+        return []
+    out = [s.num(t, f"{where}[{i}]") for i, t in enumerate(s.list(v, where, 1 << 16))]
+    if not set(out) <= set(timesteps):
+        s.fail(where, "timesteps the calibration lists", v)
+    return out
+
+
+def _settings(s: _Schema, v, where: str) -> dict:
+    """The optional map of what a calibration sampled (``Calibration.settings``): name -> short string / number."""
+    if v is None:
+        return {}
+    m = s.map(v, where)
+    if len(m) > 64:
+        s.fail(where, "at most 64 entries", _Said(f"{len(m)} entries"))
+    for k, x in m.items():
+        if len(k) > 64:
+            s.fail(where, "names of at most 64 characters", k)
+        if isinstance(x, str):
+            if len(x) > 256:
+                s.fail(f"{where}[{k!r}]", "a string of at most 256 characters", _Said(f"{len(x)} characters"))
+        else:
+            s.num(x, f"{where}[{k!r}]")
+    return dict(m)
 
 
 def _check_report_entry(s: _Schema, r, where: str) -> None:
@@ -401,6 +433,10 @@ def save_calibration(path: str, calibration: Calibration, overwrite: bool = Fals
             "fingerprint": calibration.fingerprint}
     if calibration.patches is not None:
         meta["patches"] = list(calibration.patches)
+    if calibration.coverage:
+        meta["coverage"] = list(calibration.coverage)
+    if calibration.settings:
+        meta["settings"] = dict(calibration.settings)
     safefile.write(path, tensors, CALIBRATION_KEY, meta, overwrite)
 
 
@@ -409,7 +445,7 @@ def load_calibration(path: str) -> Calibration:
     tensors, meta = safefile.read(path, CALIBRATION_KEY, CalibrationFileError, "QVD calibration")
     s = _Schema(path, CalibrationFileError, tensors)
     s.obj(meta, "the metadata", ("format", "format_version", "layers", "timesteps", "norm_groups", "fingerprint"),
-          ("patches",))
+          ("patches", "coverage", "settings"))
     s.str(meta["format"], "format", (CALIBRATION_FORMAT,))
     if meta["format_version"] != CALIBRATION_VERSION or type(meta["format_version"]) is not int:
         raise CalibrationFileError(f"{s.path} has calibration format version {_shown(meta['format_version'])}; "
@@ -445,7 +481,9 @@ def load_calibration(path: str) -> Calibration:
         for i, m in enumerate(s.list(members, f"norm_groups[{norm!r}]")):
             if not isinstance(m, str) or m not in layers:
                 s.fail(f"norm_groups[{norm!r}][{i}]", "a layer of the file", m)
-    calibration = Calibration(layers, timesteps, groups, _patches(s, meta.get("patches"), "patches"))
+    calibration = Calibration(layers, timesteps, groups, _patches(s, meta.get("patches"), "patches"),
+                              _coverage(s, meta.get("coverage"), timesteps, "coverage"),
+                              _settings(s, meta.get("settings"), "settings"))
     if s.str(meta["fingerprint"], "fingerprint") != calibration.fingerprint:
         s.fail("fingerprint", f"the fingerprint of its layers ({calibration.fingerprint})", meta["fingerprint"])
     s.no_other_tensors()

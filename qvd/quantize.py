@@ -345,6 +345,10 @@ def plan(root: nn.Module, calibration: Calibration, config: QVDConfig | None = N
     calibrated = {"timesteps": list(calibration.timesteps), "layers": len(calibration.layers)}
     if calibration.patches is not None:
         calibrated["patches"] = list(calibration.patches)
+    if calibration.coverage:
+        calibrated["coverage"] = list(calibration.coverage)
+    if calibration.settings:
+        calibrated["settings"] = dict(calibration.settings)
     return Plan([decided[n] for n in targets], norms, cfg, calibrated)
 
 

@@ -539,3 +539,52 @@ def test_the_attention_patches_a_calibration_ran_with_travel_with_it_and_are_che
     assert load_quantized(saved, copy.deepcopy(unet), apply=False).calibrated["patches"] == with_patches.patches
     bad = _edited(saved, tmp_path, lambda m: m["calibrated"].update(patches=[3]))
     _refused(bad, copy.deepcopy(unet), r"calibrated\.patches\[0\]")
+
+
+def test_coverage_and_settings_round_trip_and_are_checked(unet, calibration, tmp_path):
+    """A calibration's timestep coverage and sampling settings (issue 29) are kept by both file kinds; files without
+    them (older ones) still load; a coverage timestep the calibration does not hold, or a setting that is neither a
+    short string nor a number, is refused by name."""
+    from qvd import quantize_model
+    from qvd.config import QVDConfig
+
+    cal = copy.copy(calibration)
+    cal.coverage = [calibration.timesteps[-1]]
+    cal.settings = {"sampler": "euler", "steps": 4, "cfg": 7.5}
+    cal_path = tmp_path / "c.calibration.safetensors"
+    save_calibration(cal_path, cal)
+    back = load_calibration(cal_path)
+    assert (back.coverage, back.settings) == (cal.coverage, cal.settings)
+    q = copy.deepcopy(unet)
+    result = quantize_model(q, back, QVDConfig())
+    assert result.calibrated["coverage"] == cal.coverage and result.calibrated["settings"] == cal.settings
+    path = tmp_path / "q.safetensors"
+    save_quantized(path, result)
+    assert load_quantized(path, unet, apply=False).calibrated == result.calibrated
+    old = _edited(path, tmp_path, lambda m: [m["calibrated"].pop(k) for k in ("coverage", "settings")],
+                 name="old.safetensors")
+    assert "coverage" not in load_quantized(old, unet, apply=False).calibrated
+    _refused(_edited(path, tmp_path, lambda m: m["calibrated"].update(coverage=[12345.0])), unet,
+             r"calibrated\.coverage .*expected timesteps the calibration lists")
+    _refused(_edited(path, tmp_path, lambda m: m["calibrated"]["settings"].update(steps=[4])), unet,
+             r"calibrated\.settings\['steps'\] .*expected a finite number")
+    _refused(_edited(path, tmp_path, lambda m: m["calibrated"]["settings"].update(sampler="x" * 300)), unet,
+             r"calibrated\.settings\['sampler'\] .*at most 256 characters")
+    for edit, match in ((lambda m: m.update(coverage=[-1.0]), r"coverage .*timesteps the calibration lists"),
+                        (lambda m: m.update(settings={"steps": True}), r"settings\['steps'\]")):
+        with pytest.raises(CalibrationFileError, match=match):
+            load_calibration(_edited(cal_path, tmp_path, edit, key=CALIBRATION_KEY))
+    assert load_calibration(_edited(cal_path, tmp_path, lambda m: [m.pop("coverage"), m.pop("settings")],
+                                    key=CALIBRATION_KEY)).coverage == []
+
+
+def test_coverage_timesteps_fill_what_the_sampler_skipped():
+    from qvd.calibrate import coverage_timesteps
+
+    # euler 4 steps on SD (t = 999 / 960 / 889 / 727): the lower two thirds of the schedule are added
+    assert coverage_timesteps({999.0, 960.0, 889.0, 727.0}, 0, 999, 10) == [666.0, 555.0, 444.0, 333.0, 222.0,
+                                                                           111.0, 0.0]
+    assert coverage_timesteps(set(range(0, 1000, 50)), 0, 999, 10) == []  # 20 steps already cover it
+    assert coverage_timesteps({500.0}, 0, 999, 0) == [] and coverage_timesteps(set(), 5, 5, 10) == []
+    flow = coverage_timesteps({1000.0, 750.0}, 1.0, 1000.0, 4)  # a flow model's t = 1000 sigma
+    assert flow == [334.0, 1.0]
