@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..qvd import Calibrator, QuantizeResult, QVDConfig, QVDError, kernels, set_compute
+from ..qvd.calibrate import coverage_timesteps
 from ..qvd.identity import content_key, install as install_modules
 from ..qvd.modules import kept_float_bytes
 from ..qvd.scri import folded_output_transform
@@ -130,9 +131,13 @@ def controlnets_in(*conditionings) -> dict[str, object]:
     return found
 
 
-def calibrate(model, config: QVDConfig, seeds, sample_fn, controlnets: dict[str, object] | None = None):
+def calibrate(model, config: QVDConfig, seeds, sample_fn, controlnets: dict[str, object] | None = None,
+              cover_fn=None, coverage: int = 0):
     """Run ``sample_fn(clone, seed)`` for each seed with Calibrator hooks on a clone and on ``controlnets`` (from
-    ``controlnets_in``; their layers are named under their keys).
+    ``controlnets_in``; their layers are named under their keys); then, for timestep coverage, ``cover_fn(clone, i,
+    sigmas)`` (one sampler step over ``sigmas`` = [sigma, 0]: one model call at sigma) at each of ``coverage_timesteps`` over the model's noise schedule
+    (``coverage`` points) that the sampler did not come near. The timesteps those calls added are the calibration's
+    ``coverage``.
 
     A DIFFUSION_MODEL wrapper on the clone and a pre-hook on each ControlNet record each call's timestep. The hooks
     are removed on exit, also when sampling raises (e.g. the user cancels), so the shared modules are left untouched.
@@ -167,8 +172,16 @@ def calibrate(model, config: QVDConfig, seeds, sample_fn, controlnets: dict[str,
                                    record_timestep)
         for seed in seeds:
             sample_fn(clone, seed)
+        sampled = set(calibrator.timesteps)
+        if cover_fn is not None and coverage > 0:
+            ms = clone.get_model_object("model_sampling")
+            ends = [float(ms.timestep(torch.as_tensor(s, dtype=torch.float32))) for s in (ms.sigma_min, ms.sigma_max)]
+            for i, t in enumerate(coverage_timesteps(sampled, min(ends), max(ends), coverage)):
+                sigma = ms.sigma(torch.tensor(t, dtype=torch.float32))
+                cover_fn(clone, i, torch.stack([sigma, torch.zeros_like(sigma)]))
     calibration = calibrator.result()
     calibration.patches = attention_patches(clone.model_options)
+    calibration.coverage = sorted(set(calibration.timesteps) - sampled, reverse=True)
     return calibration
 
 

@@ -11,6 +11,7 @@ import time
 
 from ..qvd import (Calibration, QVDConfig, QVDError, kernels, load_quantized, quantize_model, save_calibration,
                    save_quantized)
+from ..qvd.calibrate import COVERAGE_POINTS
 from ..qvd.identity import content_key
 from ..qvd.modules import kept_float_bytes
 from ..qvd.safefile import check_name
@@ -125,6 +126,11 @@ class QVDCalibrate:
             "optional": {
                 "save_name": ("STRING", {"default": "", "tooltip": "If set, also save the calibration as "
                                          "models/qvd/<name>.calibration.safetensors (never overwritten)."}),
+                "timestep_coverage": ("INT", {
+                    "default": COVERAGE_POINTS, "min": 0, "max": 100,
+                    "tooltip": "Points spread over the model's whole noise schedule: at each one the sampler did not "
+                               "come near, one extra model call on a sampled latent noised to it, so the file also "
+                               "suits other step counts and samplers. 0: only the timesteps sampled."}),
             },
         }
 
@@ -137,31 +143,47 @@ class QVDCalibrate:
                    "to the conditioning; outputs the statistics.")
 
     def calibrate(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
-                  calibration_seeds, save_name=""):
+                  calibration_seeds, save_name="", timestep_coverage=COVERAGE_POINTS):
         import comfy.sample
+        import comfy.samplers
         import comfy.utils
 
         path = _new_file(save_name, CALIBRATION_SUFFIX, "calibration") if save_name.strip() else None
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
-        pbar = comfy.utils.ProgressBar(steps * calibration_seeds)
+        mask, index = latent_image.get("noise_mask"), latent_image.get("batch_index")
+        pbar = comfy.utils.ProgressBar(steps * calibration_seeds + timestep_coverage)
+        sampled = []  # (seed, the latent it sampled)
 
         def sample(clone, s):
             logging.info("QVD Calibrate: sampling seed %d (%d steps)", s, steps)
-            noise = comfy.sample.prepare_noise(latent, s, latent_image.get("batch_index"))
-            comfy.sample.sample(clone, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                                noise_mask=latent_image.get("noise_mask"), seed=s, disable_pbar=True,
-                                callback=lambda *_: pbar.update(1))
+            noise = comfy.sample.prepare_noise(latent, s, index)
+            sampled.append((s, comfy.sample.sample(clone, noise, steps, cfg, sampler_name, scheduler, positive,
+                                                   negative, latent, noise_mask=mask, seed=s, disable_pbar=True,
+                                                   callback=lambda *_: pbar.update(1))))
+
+        def cover(clone, i, sigmas):  # one Euler step from sigma: one model call on a sampled latent noised to it
+            s, x0 = sampled[i % len(sampled)]
+            comfy.sample.sample_custom(clone, comfy.sample.prepare_noise(x0, s + 1 + i, index), cfg,
+                                       comfy.samplers.sampler_object("euler"), sigmas, positive, negative, x0,
+                                       noise_mask=mask, seed=s + 1 + i, disable_pbar=True)
+            pbar.update(1)
 
         start = time.monotonic()
         controlnets = patching.controlnets_in(positive, negative)
         calibration = patching.calibrate(model, QVDConfig(), range(seed, seed + calibration_seeds), sample,
-                                         controlnets)
-        logging.info("QVD Calibrate: %d layers in %.1f s", len(calibration.layers), time.monotonic() - start)
+                                         controlnets, cover, timestep_coverage)
+        calibration.settings = {"sampler": sampler_name, "scheduler": scheduler, "steps": steps, "cfg": cfg,
+                                "seeds": calibration_seeds, "latent": " x ".join(map(str, latent.shape))}
+        pbar.update_absolute(steps * calibration_seeds + timestep_coverage)
+        logging.info("QVD Calibrate: %d layers in %.1f s (%d timestep(s) sampled, %d added for coverage)",
+                     len(calibration.layers), time.monotonic() - start,
+                     len(calibration.timesteps) - len(calibration.coverage), len(calibration.coverage))
         if path is not None:
             save_calibration(path, calibration)
         in_cn = sum(n.startswith(patching.CONTROLNET) for n in calibration.layers)
         in_cns = f" ({in_cn} in {len(controlnets)} ControlNet(s))" if in_cn else ""
-        text = f"{len(calibration.layers)} layers{in_cns}, {len(calibration.timesteps)} timesteps"
+        text = (f"{len(calibration.layers)} layers{in_cns}, {len(calibration.timesteps)} timesteps "
+                f"({len(calibration.coverage)} added for coverage)")
         return {"ui": {"text": [text + (f", saved {os.path.basename(path)}" if path else "")]},
                 "result": (calibration,)}
 
@@ -349,10 +371,18 @@ def describe(result) -> str:
     lines = [summarize(result.report)]
     ts = result.calibrated.get("timesteps") or []
     patches = result.calibrated.get("patches")
+    covered = result.calibrated.get("coverage") or []
+    settings = result.calibrated.get("settings") or {}
     if ts:
         lines.append(f"calibrated at {len(ts)} timestep(s), t = {max(ts):g} .. {min(ts):g}, on "
                      f"{result.calibrated['layers']} layers"
                      + (f", with {len(patches)} attention patch(es) applied (e.g. {patches[0]})" if patches else ""))
+    if covered or settings:
+        how = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in settings.items())
+        lines.append((f"sampled with {how}; " if how else "")
+                     + f"{len(covered)} of the timesteps added to cover the noise schedule"
+                     + ("" if covered else " (a file of the sampled timesteps only: other step counts / samplers see "
+                                           "activations it was not fit to)"))
     cond = [r["name"] for r in result.report if r.get("conditioning")]
     if cond:
         lines.append(f"conditioning path (input the same at every calibrated timestep, e.g. {cond[0]}): {len(cond)} "

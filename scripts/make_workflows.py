@@ -9,9 +9,12 @@ makes of it against its API twin.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from qvd.calibrate import COVERAGE_POINTS  # noqa: E402
 
 # Sockets and widgets of the node types used (widget order as ComfyUI's /object_info lists them;
 # "control_after_generate" is the frontend's extra widget after a seed).
@@ -28,7 +31,7 @@ NODE_TYPES = {
     "QVDCalibrate": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                       ("latent_image", "LATENT")],
                      ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler",
-                      "calibration_seeds", "save_name"], [("calibration", "QVD_CALIBRATION")]),
+                      "calibration_seeds", "save_name", "timestep_coverage"], [("calibration", "QVD_CALIBRATION")]),
     "QVDQuantizeModel": ([("model", "MODEL"), ("calibration", "QVD_CALIBRATION")],
                          ["weight_bits", "activation_bits", "htdq", "scri", "skip", "compute"],
                          [("model", "MODEL"), ("report", "STRING")]),
@@ -97,7 +100,7 @@ def _calibrate_quantize(model_ref, filename="qvd_w8a8"):
     return {
         10: ("QVDCalibrate", {"model": model_ref, "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0),
                               "seed": 0, "control_after_generate": "fixed", **SAMPLING, "calibration_seeds": 2,
-                              "save_name": ""}),
+                              "save_name": "", "timestep_coverage": COVERAGE_POINTS}),
         11: ("QVDQuantizeModel", {"model": model_ref, "calibration": (10, 0), "weight_bits": 8,
                                   "activation_bits": 8, "htdq": True, "scri": True, "skip": "", "compute": "auto"}),
         12: ("QVDSaveQuantized", {"model": (11, 0), "filename": filename}),
@@ -124,7 +127,7 @@ def _controlnet_vid2vid():
                                          "image": (31, 0), **cn}),
         10: ("QVDCalibrate", {"model": (7, 0), "positive": (34, 0), "negative": (34, 1), "latent_image": (32, 0),
                               "seed": 0, "control_after_generate": "fixed", **SAMPLING, "calibration_seeds": 2,
-                              "save_name": ""}),
+                              "save_name": "", "timestep_coverage": COVERAGE_POINTS}),
         11: ("QVDQuantizeModel", {"model": (7, 0), "calibration": (10, 0), **bits}),
         12: ("QVDSaveQuantized", {"model": (11, 0), "filename": "qvd_w8a8_vid2vid"}),
         35: ("QVDQuantizeControlNet", {"control_net": (33, 0), "calibration": (10, 0), **bits}),

@@ -16,7 +16,7 @@ from qvd.io import KEY
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 QVD_INPUTS = {
     "QVDCalibrate": {"model", "positive", "negative", "latent_image", "seed", "steps", "cfg", "sampler_name",
-                     "scheduler", "calibration_seeds", "save_name"},
+                     "scheduler", "calibration_seeds", "save_name", "timestep_coverage"},
     "QVDQuantizeModel": {"model", "calibration", "weight_bits", "activation_bits", "htdq", "scri", "skip", "compute"},
     "QVDSaveQuantized": {"model", "filename"},
     "QVDLoadQuantized": {"model", "qvd_name", "compute"},
