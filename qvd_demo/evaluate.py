@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from qvd.calibrate import Calibration, Calibrator
+from qvd.calibrate import COVERAGE_POINTS, Calibration, Calibrator, coverage_timesteps
 from qvd.config import QVDConfig
 from qvd.modules import set_mode
 from qvd.quantize import QuantizeResult, quantize_model
@@ -69,19 +69,29 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def sample_clips(model, conds, steps: int = 20, guidance: float = 3.0, embed=None, seed0: int = 0) -> list:
+def sample_clips(model, conds, steps: int = 20, guidance: float = 3.0, embed=None, seed0: int = 0,
+                 sampler: str = "ddim") -> list:
     """One clip per class id in ``conds``, clip ``i`` from seed ``seed0 + i``."""
     conds = list(conds)
-    return list(T.sample_many(model, conds, range(seed0, seed0 + len(conds)), steps, guidance, embed=embed))
+    return list(T.sample_many(model, conds, range(seed0, seed0 + len(conds)), steps, guidance, embed=embed,
+                              sampler=sampler))
 
 
 def calibrate(model, config: QVDConfig, classes, steps: int = 20, guidance: float = 3.0,
-              seed0: int = 1000) -> Calibration:
-    """Calibrate ``model`` on one sampled clip per class id in ``classes`` (seeds ``seed0 + i``)."""
+              seed0: int = 1000, coverage: int = COVERAGE_POINTS) -> Calibration:
+    """Calibrate ``model`` on one sampled clip per class id in ``classes`` (seeds ``seed0 + i``), then, for timestep
+    coverage, one call at each of ``coverage_timesteps(seen, 0, 999, coverage)`` on those clips noised to it."""
+    clips = []
     with Calibrator(model, config) as cal:
         for i, c in enumerate(classes):
-            T.sample(model, c, seed=seed0 + i, steps=steps, guidance=guidance)
-    return cal.result()
+            clips.append(T.sample(model, c, seed=seed0 + i, steps=steps, guidance=guidance))
+        extra = coverage_timesteps(cal.timesteps, 0, T.SCHEDULER_CONFIG["num_train_timesteps"] - 1, coverage)
+        called = [T.noised_call(model, clips[i % len(clips)], classes[i % len(classes)], t, seed0 + 500 + i)
+                  for i, t in enumerate(extra)]
+    calibration = cal.result()
+    calibration.coverage = sorted({float(t) for t in called}, reverse=True)
+    calibration.settings = {"sampler": "ddim", "steps": steps, "cfg": guidance, "classes": len(classes)}
+    return calibration
 
 
 def quantized_copy(model, calibration: Calibration, config: QVDConfig,
@@ -126,7 +136,7 @@ def auto_mode(times: dict) -> str:
 
 
 def evaluate(fp_model, q_model, n: int = 4, steps: int = 20, guidance: float = 3.0, embed=None,
-             seed0: int = 0, conds=None, reference=None) -> dict:
+             seed0: int = 0, conds=None, reference=None, sampler: str = "ddim") -> dict:
     """Sample ``n`` clips from fixed seeds with both models; fidelity of quant to FP and quality of each.
 
     ``conds``: the ``n`` class ids (default ``i % NULL_CLASS``). ``reference``: the FP clips already sampled
@@ -138,10 +148,10 @@ def evaluate(fp_model, q_model, n: int = 4, steps: int = 20, guidance: float = 3
     conds = [i % T.NULL_CLASS for i in range(n)] if conds is None else list(conds)
     if len(conds) != n:
         raise ValueError(f"conds has {len(conds)} class ids for n={n} clips: give one per clip")
-    fp = sample_clips(fp_model, conds, steps, guidance, embed, seed0) if reference is None else list(reference)
+    fp = sample_clips(fp_model, conds, steps, guidance, embed, seed0, sampler) if reference is None else list(reference)
     if len(fp) != n:
         raise ValueError(f"reference has {len(fp)} clips for n={n}: sample it with the same conds")
-    qt = sample_clips(q_model, conds, steps, guidance, embed or fp_model, seed0)
+    qt = sample_clips(q_model, conds, steps, guidance, embed or fp_model, seed0, sampler)
     mean = lambda f: sum(f(a, b) for a, b in zip(fp, qt)) / n
     per_clip = [psnr(a, b) for a, b in zip(fp, qt)]
     return {

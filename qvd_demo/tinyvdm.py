@@ -230,8 +230,11 @@ def make_clips(class_ids, generator: torch.Generator, frames: int = FRAMES, size
 
 
 # ----------------------------------------------------------------------------------------------- sampling
+SAMPLERS = ("ddim", "dpmpp")  # DDIM (eta 0), DPM-Solver++ (2nd order multistep)
+
+
 def make_scheduler(kind: str = "ddim", prediction_type: str = "epsilon"):
-    """DDIM (sampling) or DDPM (training noise) scheduler from the in-code config (no download).
+    """DDIM or DPM-Solver++ (sampling) or DDPM (training noise) scheduler from the in-code config (no download).
 
     ``prediction_type`` is what the model predicts: a checkpoint's own (``model.prediction_type``).
     """
@@ -244,24 +247,29 @@ def make_scheduler(kind: str = "ddim", prediction_type: str = "epsilon"):
         return DDIMScheduler(**cfg)
     if kind == "ddpm":
         return DDPMScheduler(**{k: v for k, v in cfg.items() if k != "set_alpha_to_one"})
-    raise ValueError(f"scheduler kind must be 'ddim' or 'ddpm', got {kind!r}")
+    if kind == "dpmpp":
+        from diffusers import DPMSolverMultistepScheduler
+        return DPMSolverMultistepScheduler(**{k: v for k, v in cfg.items() if not k.startswith(("set_alpha", "clip"))})
+    raise ValueError(f"scheduler kind must be 'ddim', 'dpmpp' or 'ddpm', got {kind!r}")
 
 
 def sample(model, cond: int | str, seed: int, steps: int = 20, guidance: float = 3.0, *, embed=None,
-           frames: int = FRAMES, size: int = SIZE) -> torch.Tensor:
+           frames: int = FRAMES, size: int = SIZE, sampler: str = "ddim") -> torch.Tensor:
     """DDIM + classifier-free guidance -> video [F, 3, H, W] in [-1, 1]; deterministic for a seed.
 
     ``model`` is called as ``model(sample, timestep, encoder_hidden_states=...)`` (so a Calibrator sees the
     timestep); it is a TinyVDM or any callable UNet with the same signature, in which case ``embed`` (a
     TinyVDM whose ``encode`` gives the tokens) must be given.
     """
-    return sample_many(model, [cond], [seed], steps, guidance, embed=embed, frames=frames, size=size)[0]
+    return sample_many(model, [cond], [seed], steps, guidance, embed=embed, frames=frames, size=size,
+                       sampler=sampler)[0]
 
 
 @torch.no_grad()
 def sample_many(model, conds, seeds, steps: int = 20, guidance: float = 3.0, *, embed=None,
-                frames: int = FRAMES, size: int = SIZE, batch: int = 1) -> torch.Tensor:
-    """:func:`sample` of clip i from ``(conds[i], seeds[i])``, ``batch`` clips per UNet call -> [N, F, 3, H, W].
+                frames: int = FRAMES, size: int = SIZE, batch: int = 1, sampler: str = "ddim") -> torch.Tensor:
+    """:func:`sample` of clip i from ``(conds[i], seeds[i])``, ``batch`` clips per UNet call -> [N, F, 3, H, W];
+    ``sampler`` one of SAMPLERS.
 
     Clip i starts from the same noise as ``sample(model, conds[i], seeds[i])``; batching changes only
     float rounding. On a CPU batching does not pay (2-core AVX2, fp32: 211 ms per clip and step alone,
@@ -282,14 +290,33 @@ def sample_many(model, conds, seeds, steps: int = 20, guidance: float = 3.0, *, 
         hidden = enc.encode(torch.cat([ids, torch.full_like(ids, NULL_CLASS)]), frames)
         x = torch.cat([torch.randn(1, 3, frames, size, size, generator=torch.Generator().manual_seed(s))
                        for s in seeds[i:i + batch]]).to(hidden.dtype)
-        sched = make_scheduler("ddim", enc.prediction_type)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        sched = make_scheduler(sampler, enc.prediction_type)
         sched.set_timesteps(steps)
         for t in sched.timesteps:
             pred = model(torch.cat([x, x]), t, encoder_hidden_states=hidden)
             pred_c, pred_u = pred[:n], pred[n:]
-            x = sched.step(pred_u + guidance * (pred_c - pred_u), t, x, eta=0.0).prev_sample
+            x = sched.step(pred_u + guidance * (pred_c - pred_u), t, x).prev_sample
         out.append(x.permute(0, 2, 1, 3, 4).clamp(-1, 1).float())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def noised_call(model, clip: torch.Tensor, cond: int | str, t: float, seed: int, *, embed=None) -> int:
+    """One classifier-free-guidance model call at the training timestep nearest ``t`` on ``clip`` ([F, 3, H, W],
+    e.g. a sampled one) noised to it as in training (``sqrt(a) x0 + sqrt(1 - a) eps``): a calibration call at a
+    timestep the sampler did not visit (``qvd.calibrate.coverage_timesteps``). Returns the timestep called."""
+    enc = embed if embed is not None else model
+    ids = torch.tensor([class_id(cond)])
+    hidden = enc.encode(torch.cat([ids, torch.full_like(ids, NULL_CLASS)]), clip.shape[0])
+    a = make_scheduler("ddpm", enc.prediction_type).alphas_cumprod
+    ti = int(round(min(max(float(t), 0.0), len(a) - 1)))
+    x0 = clip.permute(1, 0, 2, 3)[None].to(hidden.dtype)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(hidden.dtype)
+    x = a[ti].sqrt() * x0 + (1 - a[ti]).sqrt() * eps
+    model(torch.cat([x, x]), torch.tensor(ti), encoder_hidden_states=hidden)
+    return ti
 
 
 # -------------------------------------------------------------------------------------------------- GIFs

@@ -19,6 +19,7 @@ def test_calibration_and_evaluation_classes_are_disjoint_and_calibration_covers_
 def test_tiny_ablation_writes_markdown_and_plots(tmp_path):
     torch.set_num_threads(1)
     keys = ["naive-w8a8", "mse-w8a8", "qvd-w8a8", "dynamic-w8a8", "qvd-w8a8-all"]
+    (tmp_path / "results.md").write_text("# old\n\n" + A.SECTION + "\n\nthe generalisation section\n")
     rows = A.main(["--n", "2", "--steps", "2", "--guidance", "1.5", "--configs", ",".join(keys),
                    "--sensitivity", "shortcut,up.1", "--no-error-budget", "--out", str(tmp_path), "--w8a8-mode", "fake"])
     sens = rows.pop("sensitivity")
@@ -32,6 +33,7 @@ def test_tiny_ablation_writes_markdown_and_plots(tmp_path):
         assert len(r["psnr_clips"]) == 2 and abs(sum(r["psnr_clips"]) / 2 - r["psnr_db"]) < 1e-9
     assert rows["dynamic-w8a8"]["weight_bytes"] < rows["qvd-w8a8"]["weight_bytes"]  # int8 codes, no act params
     md = (tmp_path / "results.md").read_text()
+    assert "# old" not in md and md.endswith(A.SECTION + "\n\nthe generalisation section\n")  # run on its own: kept
     assert "W8A8 layers in their float simulation" in md
     assert "1 CPU thread(s)" in md and "Sampler: DDIM, 2 steps, CFG 1.5 " in md  # the settings it ran
     for label in ("naive min-max", "QVD (HTDQ + SCRI)", "per-token dynamic (peer)", "QVD, first / last W8A8"):
@@ -130,3 +132,22 @@ def test_error_budget_measures_noise_scaling_and_renders_it(tmp_path):
     assert "## What halving naive min-max's error would take (W8A8)" in md
     assert f"clip MSE ~ sigma^{g:.2f}" in md and f"{2 ** (2 / g):.1f}x smaller" in md
     assert "| PSNR vs FP (dB) | " + " | ".join(f"{p:.2f}" for p in noise) + " |" in md
+
+
+def test_generalisation_section_is_replaced_in_results(tmp_path, monkeypatch):
+    """``--generalisation`` (issue 29): one calibration per timestep coverage, sampled in other settings; its section
+    replaces the old one in results.md and leaves the rest."""
+    torch.set_num_threads(1)
+    res = A.generalisation(n=1, settings=("(c) DPM-Solver++ 10",), coverages=(0, 20), mode="fake")
+    held = res.pop("timesteps")
+    assert held[0] == {"timesteps": 10, "added": 0} and held[20]["added"] >= 5
+    assert held[20]["timesteps"] == 10 + held[20]["added"]
+    row = res["(c) DPM-Solver++ 10"]
+    assert set(row) == {0, 20} and all(0 < r["psnr_db"] < float("inf") for r in row.values())
+    md = tmp_path / "results.md"
+    md.write_text("# earlier\n\n" + A.SECTION + "\n\nstale\n")
+    monkeypatch.setattr(A, "generalisation", lambda **kw: {**res, "timesteps": held})
+    A.main(["--generalisation", "--n", "1", "--out", str(tmp_path)])
+    text = md.read_text()
+    assert text.startswith("# earlier") and "stale" not in text and text.count(A.SECTION) == 1
+    assert "| (c) DPM-Solver++ 10 (FP " in text and "coverage 20 - 0, dB" in text
