@@ -378,7 +378,10 @@ def describe(result) -> str:
                      f"{result.calibrated['layers']} layers"
                      + (f", with {len(patches)} attention patch(es) applied (e.g. {patches[0]})" if patches else ""))
     if covered or settings:
-        how = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in settings.items())
+        order = ("sampler", "scheduler", "steps", "cfg", "seeds", "latent")  # files keep their keys sorted
+        keys = [k for k in order if k in settings] + sorted(set(settings) - set(order))
+        how = ", ".join(f"{k} {settings[k]:g}" if isinstance(settings[k], (int, float)) else f"{k} {settings[k]}"
+                        for k in keys)
         lines.append((f"sampled with {how}; " if how else "")
                      + f"{len(covered)} of the timesteps added to cover the noise schedule"
                      + ("" if covered else " (a file of the sampled timesteps only: other step counts / samplers see "

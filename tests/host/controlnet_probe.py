@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from comfy_host import TINY
 from lowvram_probe import load_pack
 from synthetic_models import sd15_controlnet_state_dict
 
@@ -53,7 +54,7 @@ def main(checkpoint: str, pack_dir: str) -> dict:
     pos_cn, neg_cn = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, frames, 1.0, 0.0,
                                                                       1.0)[:2]
     calibration = qvd["QVDCalibrate"]().calibrate(model, pos_cn, neg_cn, latent, 0, 2, 5.0, "euler", "normal",
-                                                  1)["result"][0]
+                                                  1, timestep_coverage=TINY["timestep_coverage"])["result"][0]
     quantized = qvd["QVDQuantizeModel"]().quantize(model, calibration, 8, 8, True, True, "", "int8")["result"][0]
     q_control, cn_report = qvd["QVDQuantizeControlNet"]().quantize(control, calibration, 8, 8, True, True, "",
                                                                    "int8")["result"]
@@ -137,7 +138,7 @@ def files_round_trip(qvd, nodes, quantized, control, q_control, apply, sample, w
     facts["refused_damaged_file"] = refused(lambda: load(control, "damaged.safetensors", "int8"))
     facts["refused_quantized_twice"] = refused(lambda: load(q_control, "cn.safetensors", "int8"))
     bare = qvd["QVDCalibrate"]().calibrate(model, positive, negative, latent, 0, 1, 5.0, "euler", "normal",
-                                           1)["result"][0]
+                                           1, timestep_coverage=TINY["timestep_coverage"])["result"][0]
     facts["refused_uncalibrated_cn"] = refused(
         lambda: qvd["QVDQuantizeControlNet"]().quantize(control, bare, 8, 8, True, True, "", "int8"))
     return facts

@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from comfy_host import TINY
 from lowvram_probe import SKIP, calibrated
 
 
@@ -86,7 +87,8 @@ def main(checkpoint: str, pack_dir: str, hypernetwork: str) -> dict:
     patching._unfold_for_patches = unfold
     # an artist's other order: the hypernetwork loaded before QVD Calibrate, so its effect is in the calibration
     fp_model_hn = with_patches(model, hn, hn)
-    cal = qvd["QVDCalibrate"]().calibrate(fp_model_hn, positive, positive, latent, 0, 1, 5.0, "euler", "normal", 1)
+    cal = qvd["QVDCalibrate"]().calibrate(fp_model_hn, positive, positive, latent, 0, 1, 5.0, "euler", "normal", 1,
+                                          timestep_coverage=TINY["timestep_coverage"])
     q_cal = qvd["QVDQuantizeModel"]().quantize(fp_model_hn, cal["result"][0], 8, 8, True, True, SKIP,
                                                "int8")["result"][0]
     facts.update(effect_size=err(fp_hn, fp_plain), error_plain=err(plain, fp_plain), error_after=err(q_hn, fp_hn),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from comfy_host import TINY
 from lowvram_probe import load_pack
 from synthetic_models import sd15_ipadapter
 
@@ -43,7 +44,7 @@ def main(checkpoint: str, pack_dir: str, ipadapter_dir: str) -> dict:
 
     def calibrated(m):
         return qvd["QVDCalibrate"]().calibrate(m, positive, negative, latent, 11, 3, 5.0, "euler", "normal",
-                                               1)["result"][0]
+                                               1, timestep_coverage=TINY["timestep_coverage"])["result"][0]
 
     def quantized(m, calibration):
         return qvd["QVDQuantizeModel"]().quantize(m, calibration, 8, 8, True, True, "", "int8")["result"][0]

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from comfy_host import TINY
+
 # Tiny settings as in comfy_host.TINY: 8x8 latent, 2 frames, 1 step; the quantized blocks carry the LoRA.
 SKIP = "input_blocks.[3-9].*, input_blocks.1[01].*, output_blocks.[0-8].*"
 BUDGET = 64 << 20  # bytes "usable" for weights: most of the ~3.4 GB UNet stays offloaded
@@ -42,7 +44,7 @@ def calibrated(checkpoint: str, pack_dir: str) -> tuple:
     negative = nodes.CLIPTextEncode().encode(clip, "")[0]
     latent = nodes.EmptyLatentImage().generate(64, 64, 2)[0]
     calibration = qvd["QVDCalibrate"]().calibrate(model, positive, negative, latent, 0, 1, 5.0, "euler", "normal",
-                                                  1)["result"][0]
+                                                  1, timestep_coverage=TINY["timestep_coverage"])["result"][0]
     return qvd, model, positive, calibration
 
 

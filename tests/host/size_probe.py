@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from comfy_host import TINY
 from lowvram_probe import SKIP, load_pack
 
 BUDGET = 64 << 20  # bytes "usable" for weights in the partial load
@@ -77,7 +78,8 @@ def main(checkpoint: str, pack_dir: str, lora: str, ade_dir: str | None = None, 
     mm.load_models_gpu([model, *patching.motion_patchers(model)])
     with _reloads(model) as reloads:
         calibration = qvd["QVDCalibrate"]().calibrate(model, positive, negative, latent, 0, 1, 5.0, "euler",
-                                                      "normal", 1)["result"][0]
+                                                      "normal", 1,
+                                                      timestep_coverage=TINY["timestep_coverage"])["result"][0]
         # compute int8: the W8A8 model's own bytes (on a CPU, weight-only also keeps float weights: measured apart)
         quantized = qvd["QVDQuantizeModel"]().quantize(model, calibration, 8, 8, True, True, "", "int8")["result"][0]
         with patching.result_to_save(quantized) as result:

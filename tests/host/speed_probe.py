@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from comfy_host import TINY
 from lowvram_probe import load_pack
 from size_probe import _load_ade, _with_motion
 
@@ -35,7 +36,7 @@ def main(checkpoint: str, pack_dir: str, compute: str, size: int, frames: int, s
     negative = nodes.CLIPTextEncode().encode(clip, "")[0]
     small = nodes.EmptyLatentImage().generate(64, 64, min(frames, 4))[0]
     calibration = qvd["QVDCalibrate"]().calibrate(model, positive, negative, small, 0, 1, 5.0, "euler", "normal",
-                                                  1)["result"][0]
+                                                  1, timestep_coverage=TINY["timestep_coverage"])["result"][0]
     quantized, report = qvd["QVDQuantizeModel"]().quantize(model, calibration, 8, 8, True, True, "",
                                                            compute)["result"]
     latent = nodes.EmptyLatentImage().generate(size, size, frames)[0]

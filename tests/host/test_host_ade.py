@@ -60,7 +60,8 @@ def test_ade_workflow_quantizes_unet_and_motion_model(ade_server):
         m = re.search(r"calibrated at (\d+) timestep\(s\), t = ([\d.]+) \.\. ([\d.]+), on \d+ layers", text)
         assert m and int(m[1]) > 1 and float(m[2]) > 900 and float(m[3]) < 100, text  # 1 sampled + coverage
         assert re.search(rf"sampled with sampler euler, scheduler normal, steps 1, cfg [\d.]+, seeds 1, latent "
-                         rf"2 x 4 x 8 x 8; {int(m[1]) - 1} of the timesteps added to cover the noise schedule", text)
+                         rf"2 x 4 x 8 x 8; {int(m[1]) - 1} of the timesteps added to cover the noise schedule",
+                         text), text
         assert "weights quantized from F32" in text, text
 
 

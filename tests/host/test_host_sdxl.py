@@ -21,7 +21,8 @@ from comfy_host import (SYNTH_VERSION, ComfyServer, ade_path, build_model, load_
 pytestmark = [pytest.mark.slow]
 
 SDXL_NAME = f"qvd_synth_sdxl_vega_{SYNTH_VERSION}.safetensors"
-MOTION = {"none": (None, None), "AnimateDiff-SDXL": ("motion_sdxl", f"qvd_synth_mm_sdxl_v10_beta_{SYNTH_VERSION}.safetensors"),
+MOTION = {"none": (None, None),
+          "AnimateDiff-SDXL": ("motion_sdxl", f"qvd_synth_mm_sdxl_v10_beta_{SYNTH_VERSION}.safetensors"),
           "HotShotXL": ("motion_hotshotxl", f"qvd_synth_hotshotxl_{SYNTH_VERSION}.safetensors")}
 # 64 px (8 x 8 latent), 8 frames, 2 steps. Quantized: every motion module, the time and label embeddings and the
 # UNet's 640-wide level (input blocks 4-5, output blocks 3-5: SDXL's Linear proj_in / proj_out, its 2048-wide
@@ -75,7 +76,8 @@ def test_sdxl_motion_model_calibrated_quantized_and_loaded(sdxl_server, motion):
 
     loaded = without(copy.deepcopy(wf), "10", "11", "12")
     loaded["13"] = {"class_type": "QVDLoadQuantized",
-                    "inputs": {"model": wf["11"]["inputs"]["model"], "qvd_name": f"{prefix}.safetensors", "compute": "auto"}}
+                    "inputs": {"model": wf["11"]["inputs"]["model"], "qvd_name": f"{prefix}.safetensors",
+                               "compute": "auto"}}
     loaded["20"]["inputs"]["model"] = ["13", 0]
     entry = sdxl_server.run(with_latent_output(loaded, "20", f"{prefix}_loaded"))
     assert torch.equal(read_latent(sdxl_server, entry, f"save_{prefix}_loaded"), q)
