@@ -367,21 +367,23 @@ class _Unfolded:
     """ComfyUI attention patches ``(n, context, value, extra_options) -> (n, context, value)`` run on the values they
     would see without QVD: an argument that is the output of a norm QVD folded SCRI into, ``(x - z) / s``, is handed
     over as ``x`` (``ScriTransform.unapply``), and what the patches return in its place goes back to ``(x - z) / s``
-    for the folded layers that read it. Other arguments (the text context of cross-attention) pass unchanged."""
+    for the folded layers that read it (the very tensor they were handed goes back as the folded original). Other
+    arguments (the text context of cross-attention) pass unchanged."""
 
     def __init__(self, patches: tuple, norms: list):
         self.patches, self.norms = patches, norms
 
     def __call__(self, n, context, value, extra_options):
         scri = folded_output_transform(n, self.norms)
-        args = (n, context, value)
-        folded = [scri is not None and t is n for t in args]
-        if scri is not None:
-            plain = scri.unapply(n).to(n.dtype)
-            args = tuple(plain if f else t for t, f in zip(args, folded))
+        given = (n, context, value)
+        folded = [scri is not None and t is n for t in given]
+        plain = scri.unapply(n).to(n.dtype) if scri is not None else None
+        args = tuple(plain if f else t for t, f in zip(given, folded))
         for patch in self.patches:
             args = patch(*args, extra_options)
-        return tuple(scri.apply(t).to(t.dtype) if f else t for t, f in zip(args, folded))
+        # a value the patches passed through goes back as it came, bit for bit (no float round trip through x)
+        return tuple(g if f and t is plain else scri.apply(t).to(t.dtype) if f else t
+                     for t, f, g in zip(args, folded, given))
 
 
 def _structure_copy(module: nn.Module, memo: dict | None = None) -> nn.Module:
