@@ -135,9 +135,9 @@ def calibrate(model, config: QVDConfig, seeds, sample_fn, controlnets: dict[str,
               cover_fn=None, coverage: int = 0):
     """Run ``sample_fn(clone, seed)`` for each seed with Calibrator hooks on a clone and on ``controlnets`` (from
     ``controlnets_in``; their layers are named under their keys); then, for timestep coverage, ``cover_fn(clone, i,
-    sigmas)`` (one sampler step over ``sigmas`` = [sigma, 0]: one model call at sigma) at each of ``coverage_timesteps`` over the model's noise schedule
-    (``coverage`` points) that the sampler did not come near. The timesteps those calls added are the calibration's
-    ``coverage``.
+    sigmas)`` (one sampler step over ``sigmas`` = [sigma, 0]: one model call at sigma) at each of
+    ``coverage_timesteps`` over the model's noise schedule (``coverage`` points) that the sampler did not come near.
+    The timesteps those calls added are the calibration's ``coverage``.
 
     A DIFFUSION_MODEL wrapper on the clone and a pre-hook on each ControlNet record each call's timestep. The hooks
     are removed on exit, also when sampling raises (e.g. the user cancels), so the shared modules are left untouched.
