@@ -85,11 +85,11 @@ def calibrate(model, config: QVDConfig, classes, steps: int = 20, guidance: floa
     with Calibrator(model, config) as cal:
         for i, c in enumerate(classes):
             clips.append(T.sample(model, c, seed=seed0 + i, steps=steps, guidance=guidance))
-        extra = coverage_timesteps(cal.timesteps, 0, T.SCHEDULER_CONFIG["num_train_timesteps"] - 1, coverage)
-        called = [T.noised_call(model, clips[i % len(clips)], classes[i % len(classes)], t, seed0 + 500 + i)
-                  for i, t in enumerate(extra)]
+        sampled = set(cal.timesteps)
+        for i, t in enumerate(coverage_timesteps(sampled, 0, T.SCHEDULER_CONFIG["num_train_timesteps"] - 1, coverage)):
+            T.noised_call(model, clips[i % len(clips)], classes[i % len(classes)], t, seed0 + 500 + i)
     calibration = cal.result()
-    calibration.coverage = sorted({float(t) for t in called}, reverse=True)
+    calibration.coverage = sorted(set(calibration.timesteps) - sampled, reverse=True)  # as nodes/patching.py
     calibration.settings = {"sampler": "ddim", "steps": steps, "cfg": guidance, "classes": len(classes)}
     return calibration
 

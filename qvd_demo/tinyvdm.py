@@ -303,10 +303,10 @@ def sample_many(model, conds, seeds, steps: int = 20, guidance: float = 3.0, *, 
 
 
 @torch.no_grad()
-def noised_call(model, clip: torch.Tensor, cond: int | str, t: float, seed: int, *, embed=None) -> int:
+def noised_call(model, clip: torch.Tensor, cond: int | str, t: float, seed: int, *, embed=None) -> None:
     """One classifier-free-guidance model call at the training timestep nearest ``t`` on ``clip`` ([F, 3, H, W],
     e.g. a sampled one) noised to it as in training (``sqrt(a) x0 + sqrt(1 - a) eps``): a calibration call at a
-    timestep the sampler did not visit (``qvd.calibrate.coverage_timesteps``). Returns the timestep called."""
+    timestep the sampler did not visit (``qvd.calibrate.coverage_timesteps``)."""
     enc = embed if embed is not None else model
     ids = torch.tensor([class_id(cond)])
     hidden = enc.encode(torch.cat([ids, torch.full_like(ids, NULL_CLASS)]), clip.shape[0])
@@ -316,7 +316,6 @@ def noised_call(model, clip: torch.Tensor, cond: int | str, t: float, seed: int,
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(hidden.dtype)
     x = a[ti].sqrt() * x0 + (1 - a[ti]).sqrt() * eps
     model(torch.cat([x, x]), torch.tensor(ti), encoder_hidden_states=hidden)
-    return ti
 
 
 # -------------------------------------------------------------------------------------------------- GIFs
