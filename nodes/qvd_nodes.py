@@ -390,10 +390,30 @@ def describe(result) -> str:
     if cond:
         lines.append(f"conditioning path (input the same at every calibrated timestep, e.g. {cond[0]}): {len(cond)} "
                      f"layers without prompt-specific SCRI")
+    temporal = [r for r in result.report if r.get("kind") == "temporal" or r.get("tdscore") is not None]
+    if temporal:
+        found = sorted({"config pattern" if "config pattern" in r.get("role", "") else "observed" for r in temporal})
+        lines.append(f"temporal (one input vector per sample that changes with the timestep; {', '.join(found)}): "
+                     f"{len(temporal)} layers, e.g. {temporal[-1]['name']}, "
+                     f"{sum(r['handler'] == 'hiditq' for r in temporal)} on HiDi-TQ")
+    lines.extend(_ends(result))
     dtypes = sorted({r["weight_dtype"] for r in result.report if r.get("weight_dtype")})
     if dtypes:
         lines.append(f"weights quantized from {' / '.join(dtypes)}")
     return "\n".join(lines)
+
+
+def _ends(result) -> list[str]:
+    """The first / last layers the calibration found (from its call graph), and what became of each."""
+    handled = {r["name"]: "float" if "skipped" in r else f"W{r['w_bits']}A{r['a_bits']}" for r in result.report}
+    lines = []
+    for role, what in (("first", "reading the model's input"), ("last", "giving the model's output")):
+        names = (result.calibrated.get("roles") or {}).get(role) or []
+        if names:
+            lines.append(f"{role} layers ({what}, from the calibrated call graph): " + ", ".join(
+                f"{n} ({handled.get(n, 'not a Linear / Conv2d: runs as the model has it')})" for n in names[:6])
+                + (f" and {len(names) - 6} more" if len(names) > 6 else ""))
+    return lines
 
 
 def summarize(report: list[dict]) -> str:

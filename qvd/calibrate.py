@@ -3,7 +3,12 @@
 Per layer, over every timestep and frame: per-input-channel min / max (SCRI), and a weighted reservoir
 of ``calib_rows`` input rows (tokens for a Linear, receptive-field patches of the zero-padded input for a
 conv, laid out ``(kh, kw, C)`` like the int8 im2col) used for range search and output-error measurement.
-Temporal layers also keep their input vector at each timestep (HTDQ needs the per-step features).
+Layer roles are found from what the calls show, for any architecture (name patterns in the config only add to
+them): a Linear is *temporal* (QVD's temporal features: HTDQ) when each call's input holds no more distinct rows than
+the call has distinct timesteps (one vector per sample, broadcast over its tokens / frames) and it changes with the
+timestep; it is on the *conditioning path* when its inputs are the same at every timestep; the *first* / *last* layers
+read the model's own input / give its output, found by following each tensor through the model call
+(``_Provenance``). Temporal layers keep their input vector at each timestep (HTDQ needs the per-step features).
 LayerNorm / GroupNorm outputs fed unchanged to layers are recorded, so SCRI can fold into the norm: a norm
 forms a group only when its output reaches nothing but those layers (every other torch operation on it, such as
 another node's attention patch, is watched for), since folding changes the tensor every consumer sees.
@@ -13,6 +18,7 @@ from __future__ import annotations
 import collections
 import copy
 import inspect
+import weakref
 
 import torch
 from torch import nn
@@ -69,17 +75,34 @@ def _sample_rows(module: nn.Module, x: torch.Tensor, k: int, gen: torch.Generato
 
 
 _SEEN_PER_TIMESTEP = 64  # distinct inputs remembered per timestep (the conditioning-path test)
+_PROBE_COLUMNS = 4  # columns compared first when counting an input's distinct rows
+
+
+def _distinct_rows_at_most(x2: torch.Tensor, limit: int) -> bool:
+    """Whether the rows of ``x2`` take at most ``limit`` distinct values (exact; a few columns first, so a token
+    input is told apart at the cost of a small sort)."""
+    if x2.shape[0] <= limit:
+        return True
+    step = max(1, x2.shape[1] // _PROBE_COLUMNS)
+    if torch.unique(x2[:, ::step], dim=0).shape[0] > limit:
+        return False
+    return torch.unique(x2, dim=0).shape[0] <= limit
 
 
 class LayerStats:
-    """Bounded statistics of one layer's input. ``conditioning_only``: the layer saw the same inputs at every timestep
-    of the calibration (its input depends on the conditioning alone: a text embedding, cross-attention keys /
-    values), decided by ``finish`` from a summary of each call's input."""
+    """Bounded statistics of one layer's input.
+
+    ``temporal``: a temporal layer (HTDQ), set by a config pattern or, by ``finish``, observed: a Linear whose every
+    call had no more distinct input rows than distinct timesteps (``broadcast``) and whose input changed with the
+    timestep. ``conditioning_only``: the layer saw the same inputs at every timestep (its input depends on the
+    conditioning alone: a text embedding, cross-attention keys / values). ``finish`` decides both from a summary of
+    each call's input."""
 
     def __init__(self, name: str, signature: list, temporal: bool, rows: int):
         self.name = name
         self.signature = signature
         self.temporal = temporal
+        self.broadcast = signature[0] == "linear"  # until a call shows more distinct rows than timesteps
         self.capacity = rows
         self.ch_min = self.ch_max = None
         self.rows = None  # [R, D] fp32
@@ -100,7 +123,8 @@ class LayerStats:
         s.conditioning_only = conditioning_only
         return s
 
-    def update(self, module: nn.Module, x: torch.Tensor, timestep, gen: torch.Generator, source) -> None:
+    def update(self, module: nn.Module, x: torch.Tensor, timestep, gen: torch.Generator, source,
+               distinct_timesteps: int = 1) -> None:
         x = x.detach()
         mn, mx = (t.float() for t in _channel_range(module, x))
         self.ch_min = mn if self.ch_min is None else torch.minimum(self.ch_min, mn)
@@ -115,20 +139,27 @@ class LayerStats:
             rows, keys = torch.cat([self.rows, rows]), torch.cat([self.keys, keys])
         keep = keys.topk(min(self.capacity, keys.numel())).indices
         self.rows, self.keys = rows[keep], keys[keep]
-        if self.temporal and timestep is not None:
+        if self.broadcast and not _distinct_rows_at_most(x.reshape(-1, x.shape[-1]), distinct_timesteps):
+            self.broadcast = False
+        if (self.temporal or self.broadcast) and timestep is not None:
             self.temporal_vectors[timestep] = x.reshape(-1, x.shape[-1])[0].float().cpu()
-        elif not self.temporal:
-            seen = self.inputs_at.setdefault(timestep, set())
-            if len(seen) < _SEEN_PER_TIMESTEP:
-                xf = x.float()
-                seen.add((tuple(x.shape), *torch.stack([xf.sum(), xf.abs().sum()]).tolist()))
+        elif self.temporal_vectors and not self.temporal:
+            self.temporal_vectors = {}
+        seen = self.inputs_at.setdefault(timestep, set())
+        if len(seen) < _SEEN_PER_TIMESTEP:
+            xf = x.float()
+            seen.add((tuple(x.shape), *torch.stack([xf.sum(), xf.abs().sum()]).tolist()))
 
     def finish(self) -> None:
-        """Decide ``conditioning_only`` (at least two timesteps, each with the same set of inputs) and keep the
-        finished statistics on the CPU (a host caches them; they would hold accelerator memory)."""
+        """Decide ``conditioning_only`` (at least two timesteps, each with the same set of inputs) and the observed
+        ``temporal`` role (broadcast, at least two timesteps, inputs that differ between them), and keep the finished
+        statistics on the CPU (a host caches them; they would hold accelerator memory)."""
         ts = [t for t in self.inputs_at if t is not None]
-        self.conditioning_only = len(ts) >= 2 and None not in self.inputs_at and all(
-            self.inputs_at[t] == self.inputs_at[ts[0]] for t in ts)
+        same = all(self.inputs_at[t] == self.inputs_at[ts[0]] for t in ts)
+        self.conditioning_only = not self.temporal and len(ts) >= 2 and None not in self.inputs_at and same
+        self.temporal = self.temporal or (self.broadcast and len(ts) >= 2 and not same)
+        if not self.temporal:
+            self.temporal_vectors = {}
         self.inputs_at = {}
         self.ch_min, self.ch_max, self.rows, self.keys = (t.cpu() for t in (self.ch_min, self.ch_max, self.rows,
                                                                             self.keys))
@@ -137,6 +168,7 @@ class LayerStats:
         return bool(torch.isfinite(self.ch_min).all() and torch.isfinite(self.ch_max).all())
 
 
+ROLES = ("first", "last")
 COVERAGE_POINTS = 20  # default of coverage_timesteps' points (QVD Calibrate's timestep_coverage): docs/results.md
 
 
@@ -155,17 +187,21 @@ class Calibration:
     """Result of calibration: per-layer statistics, temporal features and the timesteps seen. ``patches``: the
     attention patches the host graph applied while it was calibrated (e.g. IPAdapter's), as the host glue names
     them; None when unknown. ``coverage``: the timesteps of ``timesteps`` added by coverage calls (not sampled).
-    ``settings``: what was sampled (sampler, steps, sizes, ...: short strings / numbers), as the host names it."""
+    ``settings``: what was sampled (sampler, steps, sizes, ...: short strings / numbers), as the host names it.
+    ``roles``: ``first`` (the weighted modules that read the model's input: its latent, a ControlNet's hint; not the
+    timestep or the conditioning, whose layers have roles of their own) and ``last`` (those whose output is the
+    model's output), any weighted module (a Conv3d patch embedding too), found by ``Calibrator``."""
 
     def __init__(self, layers: dict[str, LayerStats], timesteps: list[float], norm_groups: dict[str, list[str]],
                  patches: list[str] | None = None, coverage: list[float] | None = None,
-                 settings: dict | None = None):
+                 settings: dict | None = None, roles: dict[str, list[str]] | None = None):
         self.layers = layers
         self.timesteps = timesteps
         self.norm_groups = norm_groups
         self.patches = patches
         self.coverage = list(coverage or [])
         self.settings = dict(settings or {})
+        self.roles = {r: list((roles or {}).get(r, [])) for r in ROLES}
 
     @property
     def signatures(self) -> dict[str, list]:
@@ -194,7 +230,8 @@ class Calibration:
                                    f"calibrate with it in the graph QVD Calibrate samples")
         groups = {renamed(norm): [renamed(n) for n in names] for norm, names in self.norm_groups.items()
                   if renamed(norm) is not None}
-        return Calibration(layers, list(self.timesteps), groups, self.patches, self.coverage, self.settings)
+        roles = {r: [renamed(n) for n in names if renamed(n) is not None] for r, names in self.roles.items()}
+        return Calibration(layers, list(self.timesteps), groups, self.patches, self.coverage, self.settings, roles)
 
     def temporal_features(self, name: str) -> torch.Tensor:
         """Features of a temporal layer, one row per timestep in sampling order (t descending)."""
@@ -207,8 +244,67 @@ _METADATA = {"size", "dim", "numel", "stride", "is_contiguous", "element_size", 
              "__len__", "__get__"}
 
 
+def _tensors(values):
+    """The tensors among ``values`` and in the lists / tuples among them (one level)."""
+    for a in values:
+        if torch.is_tensor(a):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (t for t in a if torch.is_tensor(t))
+
+
+_INPUT = "<model input>"
+
+
+def _flat_tensors(value):
+    """Every tensor in a model's output (tensors, lists / tuples / dicts of them, nested)."""
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _flat_tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _flat_tensors(v)
+
+
+class _Provenance:
+    """Which weighted modules (or the model's input) each tensor of one model call was computed from, passing
+    through every operation that is not a weighted module: the calibrated call graph, enough to find the modules
+    that read the model's input and those whose output is its output."""
+
+    def __init__(self):
+        self.active = False
+        self._of: dict[int, tuple] = {}  # id(tensor) -> (weakref to it, frozenset of sources)
+
+    def start(self, inputs) -> None:
+        self.active, self._of = True, {}
+        for t in inputs:
+            self.set(t, frozenset((_INPUT,)))
+
+    def stop(self) -> None:
+        self.active, self._of = False, {}
+
+    def get(self, t) -> frozenset:
+        entry = self._of.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else frozenset()
+
+    def set(self, t, sources: frozenset) -> None:
+        try:
+            self._of[id(t)] = (weakref.ref(t), sources)
+        except TypeError:  # a tensor subclass without weak references: not followed
+            pass
+
+    def flow(self, args, kwargs, out) -> None:
+        sources = frozenset().union(*(self.get(t) for t in _tensors((*args, *kwargs.values()))))
+        if sources:
+            for t in _tensors(out if isinstance(out, (list, tuple)) else (out,)):
+                self.set(t, sources)
+
+
 class _NormUseWatch(TorchFunctionMode):
-    """Names the norms whose recent output a torch operation reads outside the quantizable layers' forwards."""
+    """Names the norms whose recent output a torch operation reads outside the quantizable layers' forwards, and
+    carries the calibrated call graph (``_Provenance``) through every operation outside the weighted modules."""
 
     def __init__(self, calibrator: "Calibrator"):
         super().__init__()
@@ -217,13 +313,16 @@ class _NormUseWatch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         cal = self.cal
-        if cal._in_layer == 0 and cal._recent_norm_outputs and getattr(func, "__name__", "") not in _METADATA:
+        name = getattr(func, "__name__", "")
+        if cal._in_layer == 0 and cal._recent_norm_outputs and name not in _METADATA:
             watched = {id(t): n for n, t in cal._recent_norm_outputs}
-            for a in (*args, *kwargs.values()):
-                for t in (a if isinstance(a, (list, tuple)) else (a,)):
-                    if id(t) in watched:
-                        cal.norm_other_uses.setdefault(watched[id(t)], getattr(func, "__name__", str(func)))
-        return func(*args, **kwargs)
+            for t in _tensors((*args, *kwargs.values())):
+                if id(t) in watched:
+                    cal.norm_other_uses.setdefault(watched[id(t)], name or str(func))
+        out = func(*args, **kwargs)
+        if cal._in_layer == 0 and cal.provenance.active and name not in _METADATA:
+            cal.provenance.flow(args, kwargs, out)
+        return out
 
 
 class Calibrator:
@@ -251,8 +350,17 @@ class Calibrator:
         self._in_layer = 0  # depth of quantizable layers' forwards running now
         self._watch = _NormUseWatch(self)
         self.norm_other_uses: dict[str, str] = {}  # norm -> an operation that read its output besides the layers
+        self.provenance = _Provenance()
+        self._distinct_timesteps = 1  # distinct timestep values of the current model call
+        self._model_depth = 0
+        # Weighted modules QVD does not hook for statistics (other convs, skipped layers): nodes of the call graph too.
+        self._others = {n: m for n, m in root.named_modules()
+                        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and n not in self.layers}
+        self.reads_input: set[str] = set()
+        self.gives_output: set[str] = set()
 
     def set_timestep(self, t) -> None:
+        self._distinct_timesteps = max(1, int(torch.unique(t).numel())) if torch.is_tensor(t) else 1
         if torch.is_tensor(t):
             t = t.flatten()[0]
         self.timestep = round(float(t), 4)
@@ -261,7 +369,14 @@ class Calibrator:
     def __enter__(self) -> "Calibrator":
         for name, module in self.layers.items():
             self._handles.append(module.register_forward_pre_hook(self._layer_hook(name), with_kwargs=True))
-            self._handles.append(module.register_forward_hook(self._layer_done, always_call=True))
+            self._handles.append(module.register_forward_hook(self._layer_done(name), always_call=True))
+        for name, module in self._others.items():
+            self._handles.append(module.register_forward_pre_hook(self._graph_node(name), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._graph_node_done(name)))
+        models = list(self.root.children()) if isinstance(self.root, (nn.ModuleDict, nn.ModuleList)) else [self.root]
+        for model in models:  # the calls the call graph is followed through (a ModuleDict's models: each one)
+            self._handles.append(model.register_forward_pre_hook(self._model_call, with_kwargs=True))
+            self._handles.append(model.register_forward_hook(self._model_done, with_kwargs=True, always_call=True))
         for name, module in self.root.named_modules():
             if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
                 self._norm_name[id(module)] = name
@@ -298,6 +413,35 @@ class Calibrator:
         if torch.is_tensor(out):
             self._recent_norm_outputs.append((self._norm_name[id(module)], out))
 
+    def _model_call(self, _module, args, kwargs):
+        """A model call starts the call graph at its tensor arguments (not those nested in lists / dicts, such as
+        ControlNet residuals: they come from another model)."""
+        if self._model_depth == 0:
+            self.provenance.start(t for t in (*args, *kwargs.values()) if torch.is_tensor(t))
+        self._model_depth += 1
+
+    def _model_done(self, _module, _args, _kwargs, output):
+        self._model_depth -= 1
+        if self._model_depth == 0:
+            self.gives_output.update(n for t in _flat_tensors(output) for n in self.provenance.get(t) if n != _INPUT)
+            self.provenance.stop()
+
+    def _reads_input(self, name: str, x) -> None:
+        if self.provenance.active and _INPUT in self.provenance.get(x):
+            self.reads_input.add(name)
+
+    def _graph_node(self, name):
+        def hook(_module, args, kwargs):
+            self._reads_input(name, args[0] if args else kwargs.get("input"))
+        return hook
+
+    def _graph_node_done(self, name):
+        def hook(_module, _args, output):
+            if self.provenance.active:
+                for t in _tensors((output,)):
+                    self.provenance.set(t, frozenset((name,)))
+        return hook
+
     def _layer_hook(self, name):
         stats = self.stats[name]
 
@@ -305,11 +449,27 @@ class Calibrator:
             self._in_layer += 1
             x = args[0] if args else kwargs["input"]
             source = next((n for n, t in self._recent_norm_outputs if t is x), None)
-            stats.update(module, x, self.timestep, self._gen, source)
+            stats.update(module, x, self.timestep, self._gen, source, self._distinct_timesteps)
+            self._reads_input(name, x)
         return hook
 
-    def _layer_done(self, *_):
-        self._in_layer -= 1
+    def _layer_done(self, name):
+        node_done = self._graph_node_done(name)
+
+        def hook(module, args, output):
+            self._in_layer -= 1
+            node_done(module, args, output)
+        return hook
+
+    def _roles(self, seen: dict[str, LayerStats]) -> dict[str, list[str]]:
+        """First: modules reading the model's input, but the temporal layers (they read the timestep) and the Linear
+        layers on the conditioning path (they read the prompt embedding); last: modules giving the model's output."""
+        def reads_latent(n: str) -> bool:
+            s = seen.get(n)
+            return s is None or not (s.temporal or (s.conditioning_only and s.signature[0] == "linear"))
+        ran = set(seen) | set(self._others)
+        return {"first": sorted(n for n in self.reads_input if n in ran and reads_latent(n)),
+                "last": sorted(n for n in self.gives_output if n in ran)}
 
     def result(self) -> Calibration:
         """Finished statistics; raises if nothing ran or a layer saw NaN / Inf."""
@@ -330,4 +490,4 @@ class Calibrator:
                 groups[next(iter(s.norm_sources))].append(n)
         for norm in self.norm_other_uses:
             groups.pop(norm, None)
-        return Calibration(seen, sorted(self.timesteps, reverse=True), dict(groups))
+        return Calibration(seen, sorted(self.timesteps, reverse=True), dict(groups), roles=self._roles(seen))

@@ -11,14 +11,10 @@ from .errors import QVDError
 ACT_RANGES = ("minmax", "percentile", "mse")
 WEIGHT_CLIPS = ("minmax", "mse")
 
-# Names of the timestep-embedding ("temporal") layers: diffusers and ComfyUI UNets.
-TEMPORAL_PATTERNS = ("time_emb_proj", "time_embedding.*", "emb_layers.*", "time_embed.*")
-# First and last convolutions of the UNet (diffusers / ComfyUI names): 0.02 % of an SD1.5 UNet's MACs
-# (bench/first_last_share.py) and the layers whose quantization error reaches the sampled video most directly
-# (docs/results.md).
-# A ControlNet's (ComfyUI names): the first conv of its hint block and its zero convs, the outputs added to the UNet.
-FIRST_LAST_PATTERNS = ("conv_in", "conv_out", "input_blocks.0.0", "out.2",
-                       "input_hint_block.0", "zero_convs.*", "middle_block_out.0")
+# Layer roles (temporal, conditioning path, first / last) are found by calibration from the model's calls
+# (``calibrate.py``), for every architecture; the patterns below only add layers to them. The first and last layers
+# are 0.02 % of an SD1.5 UNet's MACs (bench/first_last_share.py) and the layers whose quantization error reaches the
+# sampled video most directly (docs/results.md).
 # Spatial cross-attention keys / values / output: diffusers (``*.attentions.*``; motion modules are
 # ``*.motion_modules.*``), a ComfyUI UNet (``diffusion_model.*``; ADE motion modules use other names) and ControlNet.
 CROSS_ATTENTION_PATTERNS = tuple(f"{root}.*.attn2.{p}" for root in ("attentions", "diffusion_model", "controlnet")
@@ -44,10 +40,12 @@ class QVDConfig:
     scri_skip: layers without SCRI. Default: the spatial cross-attention keys / values / output, which read
       the prompt embedding; its per-channel ranges seen on a few calibration prompts do not cover other
       prompts. (A diffusers motion module's ``attn2`` is temporal self-attention and keeps SCRI.)
-    skip: layer-name patterns kept in full precision (the user's list).
-    keep_float: patterns kept in full precision by default: the first and last convolutions.
-    keep_8bit: patterns forced to W8A8 whatever the bit widths (the first and last convolutions, when
-      ``keep_float`` is emptied).
+    skip: layer-name patterns left out of calibration and quantization (the user's list).
+    keep_ends_float: the first and last layers (found in calibration: those reading the model's input, those giving
+      its output) stay in full precision; False: W8A8 at 8 bits whatever the bit widths.
+    keep_float: patterns kept in full precision besides them.
+    keep_8bit: patterns forced to 8 bits whatever the bit widths.
+    temporal: patterns of temporal layers besides those calibration observes (``calibrate.py``).
     calib_rows: input rows (tokens / conv patches) kept per layer during calibration.
     search_channels: output channels (a seeded subset) on which the SCRI alpha search measures a layer's error;
       layers with no more are searched on all of them; 0: always all (slower, see bench/quantize_time.py).
@@ -66,9 +64,10 @@ class QVDConfig:
     scri_max_gain: float = 4.0
     scri_skip: tuple = CROSS_ATTENTION_PATTERNS
     skip: tuple = ()
-    keep_float: tuple = FIRST_LAST_PATTERNS
-    keep_8bit: tuple = FIRST_LAST_PATTERNS
-    temporal: tuple = TEMPORAL_PATTERNS
+    keep_ends_float: bool = True
+    keep_float: tuple = ()
+    keep_8bit: tuple = ()
+    temporal: tuple = ()
     calib_rows: int = 256
     search_channels: int = 512
     seed: int = 0
@@ -99,9 +98,9 @@ class QVDConfig:
     def is_temporal(self, name: str) -> bool:
         return matches(name, self.temporal)
 
-    def layer_bits(self, name: str) -> tuple[int, int]:
-        """(w_bits, a_bits) for a layer: first/last layers stay at 8 bit."""
-        return (8, 8) if matches(name, self.keep_8bit) else (self.w_bits, self.a_bits)
+    def layer_bits(self, name: str, end: bool = False) -> tuple[int, int]:
+        """(w_bits, a_bits) for a layer: first / last layers (``end``) and ``keep_8bit`` stay at 8 bit."""
+        return (8, 8) if end or matches(name, self.keep_8bit) else (self.w_bits, self.a_bits)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -14,18 +14,18 @@ Quantized model: metadata key ``qvd``, format ``qvd-w8a8`` version 2. Tensors pe
 Per norm that absorbed SCRI: ``<norm>.weight`` / ``<norm>.bias`` (F32 [C]). Metadata: ``format``,
 ``format_version``, ``config`` (``QVDConfig``), ``signatures`` (layer -> [kind, weight shape]) and their
 ``fingerprint``, optional ``calibrated`` (the calibration's ``timesteps`` and ``layers`` count, optional
-``patches``: the host's attention patches applied while it ran, ``coverage`` and ``settings`` as in a calibration
-file), ``layers``
+``patches``: the host's attention patches applied while it ran, ``coverage``, ``settings`` and ``roles`` as in a
+calibration file), ``layers``
 (``kind``, ``in``, ``out``, ``w_bits``; W8A8: ``a_bits``, ``zero_point``,
 ``scri`` = "none" | "kernel" | "norm:<norm>"; convs: ``kernel``, ``stride``, ``padding``), ``norms`` (norm ->
 type name) and the per-layer ``report`` (``REPORT_FIELDS``; ``weight_dtype``: the precision the source model
 held the layer's weight at).
 
-Calibration: metadata key ``qvd_calibration``, format ``qvd-calibration`` version 3. Tensors per layer:
+Calibration: metadata key ``qvd_calibration``, format ``qvd-calibration`` version 4. Tensors per layer:
 ``<name>::ch_min`` / ``::ch_max`` (F32 [C]), ``::rows`` (F32 [R, D], D = in features or C * kh * kw),
 ``::temporal`` (F32 [T, in], temporal layers). Metadata: ``layers`` (``signature``, ``temporal``, ``calls``,
 ``temporal_timesteps``, optional ``conditioning_only``), ``timesteps``, ``norm_groups`` (norm -> consuming layers),
-``fingerprint``, optional ``patches`` (``Calibration.patches``), ``coverage`` (the timesteps of ``timesteps`` that
+``roles`` (``first`` / ``last`` -> module names, ``Calibration.roles``), ``fingerprint``, optional ``patches`` (``Calibration.patches``), ``coverage`` (the timesteps of ``timesteps`` that
 coverage calls added) and ``settings`` (what was sampled: name -> short string or number).
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from . import safefile
-from .calibrate import Calibration, LayerStats
+from .calibrate import ROLES, Calibration, LayerStats
 from .config import QVDConfig, matches
 from .errors import CalibrationFileError, QuantizedFileError, QVDError
 from .identity import fingerprint, install
@@ -51,7 +51,7 @@ FORMAT = "qvd-w8a8"
 FORMAT_VERSION = 2  # bump when the layout above changes
 KEY = "qvd"
 CALIBRATION_FORMAT = "qvd-calibration"
-CALIBRATION_VERSION = 3  # 3: norm groups only where the norm output reaches nothing but the group
+CALIBRATION_VERSION = 4  # 3: norm groups only where the norm output reaches nothing but the group; 4: roles
 CALIBRATION_KEY = "qvd_calibration"
 MAX_DIM = 1 << 24  # no layer of any diffusion model is wider
 MAX_ABS = 1e6  # bound on a quantized file's scales, biases, shifts, levels and norm affines (no real one nears it)
@@ -69,7 +69,7 @@ REPORT_FIELDS = {"name": str, "kind": ("linear", "conv", "temporal"), "w_bits": 
                  "weight_dtype": tuple(DTYPES), "weight": str, "act_range": str, "scri_fold": str,
                  "out_err_channels": int, "timesteps": int, "out_rel_err": _NUMBER, "w_rel_err": _NUMBER,
                  "tdscore": _NUMBER, "k": _NUMBER, "hiditq_clip": _NUMBER, "hiditq_tau": _NUMBER,
-                 "hiditq_neg_share": _NUMBER, "scri_alpha": _NUMBER, "conditioning": str}
+                 "hiditq_neg_share": _NUMBER, "scri_alpha": _NUMBER, "conditioning": str, "role": str}
 
 
 class _Said(str):
@@ -229,12 +229,14 @@ def _check_layer(s: _Schema, name: str, info, signature: list, cfg: QVDConfig, n
                [kind, info["out"], info["in"]])
     if kind == "temporal":
         s.int(info["w_bits"], f"{where}.w_bits", cfg.w_bits, cfg.w_bits)
-        if not (cfg.htdq and cfg.is_temporal(name)):
-            s.fail(f"{where}.kind", "'linear' (the file's config gives this layer no HiDi-TQ)", kind)
+        if not cfg.htdq:
+            s.fail(f"{where}.kind", "'linear' (the file's config uses no HiDi-TQ)", kind)
         return
-    w_bits, a_bits = cfg.layer_bits(name)
-    s.int(info["w_bits"], f"{where}.w_bits", w_bits, w_bits)
-    s.int(info["a_bits"], f"{where}.a_bits", a_bits, a_bits)
+    bits = (s.int(info["w_bits"], f"{where}.w_bits", 1, 8), s.int(info["a_bits"], f"{where}.a_bits", 1, 8))
+    if bits not in (cfg.layer_bits(name), cfg.layer_bits(name, end=True)):
+        s.fail(f"{where} (w_bits, a_bits)", f"the file's config's {cfg.layer_bits(name)} (or 8 / 8 for a first / "
+               f"last layer)", list(bits))
+    a_bits = bits[1]
     s.int(info["zero_point"], f"{where}.zero_point", *act_qrange(a_bits))
     scri = s.str(info["scri"], f"{where}.scri")
     if scri not in ("none", "kernel") and not (scri.startswith("norm:") and scri[5:] in norms):
@@ -264,13 +266,15 @@ def _check_quantized(s: _Schema, meta: dict) -> QVDConfig:
     except QVDError as e:
         s.fail("config", f"a valid QVDConfig ({e})", meta["config"])
     if "calibrated" in meta:
-        cal = s.obj(meta["calibrated"], "calibrated", ("timesteps", "layers"), ("patches", "coverage", "settings"))
+        cal = s.obj(meta["calibrated"], "calibrated", ("timesteps", "layers"),
+                    ("patches", "coverage", "settings", "roles"))
         timesteps = [s.num(t, f"calibrated.timesteps[{i}]")
                      for i, t in enumerate(s.list(cal["timesteps"], "calibrated.timesteps", 1 << 16))]
         s.int(cal["layers"], "calibrated.layers", 1, MAX_DIM)
         _patches(s, cal.get("patches"), "calibrated.patches")
         _coverage(s, cal.get("coverage"), timesteps, "calibrated.coverage")
         _settings(s, cal.get("settings"), "calibrated.settings")
+        _roles(s, cal.get("roles", {}), "calibrated.roles")
     sigs = s.map(meta["signatures"], "signatures")
     for n, sig in sigs.items():
         s.signature(sig, f"signatures[{n!r}]")
@@ -319,6 +323,13 @@ def _coverage(s: _Schema, v, timesteps: list, where: str) -> list[float]:
     if not set(out) <= set(timesteps):
         s.fail(where, "timesteps the calibration lists", v)
     return out
+
+
+def _roles(s: _Schema, v, where: str) -> dict[str, list[str]]:
+    """A calibration's ``roles``: role -> module names (``Calibration.roles``)."""
+    m = s.obj(v, where, (), ROLES)
+    return {r: [s.str(n, f"{where}.{r}[{i}]") for i, n in enumerate(s.list(m[r], f"{where}.{r}", 1 << 16))]
+            for r in ROLES if r in m}
 
 
 def _settings(s: _Schema, v, where: str) -> dict:
@@ -429,7 +440,7 @@ def save_calibration(path: str, calibration: Calibration, overwrite: bool = Fals
         if st.conditioning_only:
             layers[n]["conditioning_only"] = True
     meta = {"format": CALIBRATION_FORMAT, "format_version": CALIBRATION_VERSION, "layers": layers,
-            "timesteps": calibration.timesteps, "norm_groups": calibration.norm_groups,
+            "timesteps": calibration.timesteps, "norm_groups": calibration.norm_groups, "roles": calibration.roles,
             "fingerprint": calibration.fingerprint}
     if calibration.patches is not None:
         meta["patches"] = list(calibration.patches)
@@ -444,8 +455,8 @@ def load_calibration(path: str) -> Calibration:
     """Read a calibration file, verified: checksum, schema and every statistic's shape and values."""
     tensors, meta = safefile.read(path, CALIBRATION_KEY, CalibrationFileError, "QVD calibration")
     s = _Schema(path, CalibrationFileError, tensors)
-    s.obj(meta, "the metadata", ("format", "format_version", "layers", "timesteps", "norm_groups", "fingerprint"),
-          ("patches", "coverage", "settings"))
+    s.obj(meta, "the metadata", ("format", "format_version", "layers", "timesteps", "norm_groups", "roles",
+                                 "fingerprint"), ("patches", "coverage", "settings"))
     s.str(meta["format"], "format", (CALIBRATION_FORMAT,))
     if meta["format_version"] != CALIBRATION_VERSION or type(meta["format_version"]) is not int:
         raise CalibrationFileError(f"{s.path} has calibration format version {_shown(meta['format_version'])}; "
@@ -483,7 +494,7 @@ def load_calibration(path: str) -> Calibration:
                 s.fail(f"norm_groups[{norm!r}][{i}]", "a layer of the file", m)
     calibration = Calibration(layers, timesteps, groups, _patches(s, meta.get("patches"), "patches"),
                               _coverage(s, meta.get("coverage"), timesteps, "coverage"),
-                              _settings(s, meta.get("settings"), "settings"))
+                              _settings(s, meta.get("settings"), "settings"), _roles(s, meta["roles"], "roles"))
     if s.str(meta["fingerprint"], "fingerprint") != calibration.fingerprint:
         s.fail("fingerprint", f"the fingerprint of its layers ({calibration.fingerprint})", meta["fingerprint"])
     s.no_other_tensors()

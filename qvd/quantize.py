@@ -2,9 +2,10 @@
 
 ``plan`` decides every layer with one of these handlers (in this order) and fits its quantizer:
 
-- ``float``: kept in full precision, with the reason (``keep_float``: the first and last convolutions; never ran in
-  calibration; a conv the kernels do not run: grouped, dilated, non-zero or uneven padding);
-- ``hiditq``: a temporal (time-projection) Linear: HiDi-TQ activation levels searched by K (HTDQ);
+- ``float``: kept in full precision, with the reason (the first and last layers calibration found, ``keep_float``;
+  never ran in calibration; a conv the kernels do not run: grouped, dilated, non-zero or uneven padding);
+- ``hiditq``: a temporal Linear (the time embedding / projection calibration found): HiDi-TQ activation levels
+  searched by K (HTDQ);
 - ``scri-norm``: the layers fed by one LayerNorm / GroupNorm whose output reaches nothing else share one SCRI alpha,
   chosen by their summed output error; the transform is folded into that norm (``uniform`` if no alpha helps);
 - ``scri-kernel`` / ``uniform``: every other layer takes the SCRI alpha from ``cfg.scri_alphas``, or none
@@ -95,7 +96,7 @@ class Decision:
         entry = {"name": self.name, "kind": self.kind, "w_bits": self.bits[0], "a_bits": self.bits[1],
                  "handler": self.handler}
         if self.handler == "float":
-            return {**entry, "skipped": self.why}
+            return {**entry, "skipped": self.why, **{k: v for k, v in self.extra.items() if v is not None}}
         entry["weight_dtype"] = DTYPE_NAMES[self.module.weight.dtype]  # what a file is checked against (verify.py)
         f = self.fit
         entry.update(weight=cfg.weight_clip, out_rel_err=f.err, w_rel_err=f.w_err)
@@ -108,7 +109,7 @@ class Decision:
         else:
             fold = None if f.alpha is None else f"norm:{self.norm}" if self.handler == "scri-norm" else "kernel"
             entry.update(act_range=cfg.act_range, scri_alpha=f.alpha, scri_fold=fold)
-        return {**entry, **self.extra}
+        return {**entry, **{k: v for k, v in self.extra.items() if v is not None}}
 
 
 @dataclass
@@ -207,6 +208,24 @@ class _Rows:
 
 
 CONDITIONING = "input the same at every calibrated timestep (conditioning path): no prompt-specific SCRI"
+ROLE_TEMPORAL = "temporal: one input vector per sample (broadcast over its tokens / frames) that changes with the timestep"
+ROLE_FIRST = "first: reads the model's input"
+ROLE_LAST = "last: its output is the model's output"
+
+
+def _role(name: str, calibration: Calibration, cfg: QVDConfig) -> str | None:
+    """The layer's role and how it was found (observed in calibration, or a config pattern)."""
+    stats = calibration.layers.get(name)
+    if stats is not None and stats.temporal:
+        return ROLE_TEMPORAL + (" (config pattern)" if cfg.is_temporal(name) else " (observed in calibration)")
+    for role, text in (("first", ROLE_FIRST), ("last", ROLE_LAST)):
+        if name in calibration.roles[role]:
+            return text + " (calibrated call graph)"
+    return None
+
+
+def _is_end(name: str, calibration: Calibration) -> bool:
+    return name in calibration.roles["first"] or name in calibration.roles["last"]
 
 
 def _alphas(cfg: QVDConfig, names: list[str], calibration: Calibration) -> list:
@@ -229,10 +248,12 @@ def _kernel_runs(module: nn.Module) -> bool:
 # ------------------------------------------------------------------ the handlers
 
 def _float_reason(name: str, module: nn.Module, calibration: Calibration, cfg: QVDConfig) -> str | None:
-    if matches(name, cfg.keep_float):
-        return "first / last layer kept in float (keep_float)"
     if name not in calibration.layers:
         return "never ran in calibration"
+    if cfg.keep_ends_float and _is_end(name, calibration):
+        return "first / last layer kept in float (keep_ends_float)"
+    if matches(name, cfg.keep_float):
+        return "kept in float (keep_float)"
     if not _kernel_runs(module):
         return "grouped / dilated / non-zero-padded conv"
     return None
@@ -251,7 +272,8 @@ def _plan_hiditq(name: str, module: nn.Module, calibration: Calibration, cfg: QV
     err = float((yq - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30))
     w_err = float((w_hat - w).norm() / w.norm().clamp_min(1e-30))
     fit = TemporalFit(levels, wq, ws, err, w_err, int(f.shape[0]))
-    return Decision(name, module, "hiditq", "temporal layer (HTDQ)", (cfg.w_bits, cfg.a_bits), fit)
+    return Decision(name, module, "hiditq", "temporal layer (HTDQ)", (cfg.w_bits, cfg.a_bits), fit,
+                    extra={"role": _role(name, calibration, cfg)})
 
 
 def _uniform_tdscore(calibration: Calibration, name: str, fit: Fit, cfg: QVDConfig) -> float | None:
@@ -267,10 +289,12 @@ def _uniform_tdscore(calibration: Calibration, name: str, fit: Fit, cfg: QVDConf
 
 
 def _plan_layer(name: str, module: nn.Module, calibration: Calibration, cfg: QVDConfig) -> Decision:
-    bits = cfg.layer_bits(name)
+    bits = cfg.layer_bits(name, _is_end(name, calibration))
     rows = _Rows(module, calibration.layers[name], cfg, bits)
     fit = rows.finish(min((rows.fit(a) for a in _alphas(cfg, [name], calibration)), key=lambda f: f.err))
-    extra = {"tdscore": _uniform_tdscore(calibration, name, fit, cfg)} if cfg.is_temporal(name) else {}
+    extra = {"role": _role(name, calibration, cfg)}
+    if calibration.layers[name].temporal:
+        extra["tdscore"] = _uniform_tdscore(calibration, name, fit, cfg)
     if calibration.layers[name].conditioning_only:
         extra["conditioning"] = CONDITIONING
     handler, why = ("uniform", "no SCRI alpha lowers the output error") if fit.alpha is None else \
@@ -278,12 +302,14 @@ def _plan_layer(name: str, module: nn.Module, calibration: Calibration, cfg: QVD
     return Decision(name, module, handler, why, bits, fit, extra=extra)
 
 
-def norm_group_folds(norm: nn.Module | None, names: list[str], layers: dict[str, nn.Module], cfg: QVDConfig) -> bool:
-    """Whether SCRI folds exactly into ``norm`` for its consumers ``names`` (all of them quantized here)."""
+def norm_group_folds(norm: nn.Module | None, names: list[str], layers: dict[str, nn.Module],
+                     temporal=frozenset()) -> bool:
+    """Whether SCRI folds exactly into ``norm`` for its consumers ``names`` (all of them quantized here, none of them
+    in ``temporal``)."""
     if norm is None or not foldable_norm(norm) or not names or not all(n in layers for n in names):
         return False
     mods = [layers[n] for n in names]
-    if any(cfg.is_temporal(n) for n in names) or not all(_kernel_runs(m) for m in mods):
+    if any(n in temporal for n in names) or not all(_kernel_runs(m) for m in mods):
         return False
     if isinstance(norm, nn.LayerNorm):
         return all(isinstance(m, nn.Linear) for m in mods)
@@ -292,7 +318,7 @@ def norm_group_folds(norm: nn.Module | None, names: list[str], layers: dict[str,
 
 def _plan_norm_group(norm_name: str, names: list[str], layers: dict[str, nn.Module], calibration: Calibration,
                      cfg: QVDConfig) -> tuple[list[Decision], ScriTransform | None]:
-    bits = [cfg.layer_bits(n) for n in names]
+    bits = [cfg.layer_bits(n, _is_end(n, calibration)) for n in names]
     rows = [_Rows(layers[n], calibration.layers[n], cfg, b) for n, b in zip(names, bits)]
     best = None
     for alpha in _alphas(cfg, names, calibration):
@@ -304,7 +330,7 @@ def _plan_norm_group(norm_name: str, names: list[str], layers: dict[str, nn.Modu
         return [Decision(n, layers[n], "uniform", f"no SCRI alpha lowers the error of the layers fed by {norm_name}",
                          b, f) for n, b, f in zip(names, bits, best)], None
     why = f"one alpha for the layers fed by {norm_name}, folded into it"
-    return [Decision(n, layers[n], "scri-norm", why, b, f, norm=norm_name)
+    return [Decision(n, layers[n], "scri-norm", why, b, f, norm=norm_name, extra={"role": _role(n, calibration, cfg)})
             for n, b, f in zip(names, bits, best)], best[0].scri
 
 
@@ -323,8 +349,8 @@ def plan(root: nn.Module, calibration: Calibration, config: QVDConfig | None = N
     for name, module in targets.items():
         why = _float_reason(name, module, calibration, cfg)
         if why is not None:
-            decided[name] = Decision(name, module, "float", why)
-        elif cfg.htdq and cfg.is_temporal(name) and isinstance(module, nn.Linear):
+            decided[name] = Decision(name, module, "float", why, extra={"role": _role(name, calibration, cfg)})
+        elif cfg.htdq and calibration.layers[name].temporal and isinstance(module, nn.Linear):
             decided[name] = _plan_hiditq(name, module, calibration, cfg)
             report()
     layers = {n: m for n, m in targets.items() if n not in decided}
@@ -332,7 +358,8 @@ def plan(root: nn.Module, calibration: Calibration, config: QVDConfig | None = N
     if cfg.scri and cfg.scri_fold_norm:
         named = dict(root.named_modules())
         for norm_name, names in calibration.norm_groups.items():
-            if norm_group_folds(named.get(norm_name), names, layers, cfg):
+            temporal = {n for n in names if n in calibration.layers and calibration.layers[n].temporal}
+            if norm_group_folds(named.get(norm_name), names, layers, temporal):
                 group, scri = _plan_norm_group(norm_name, names, layers, calibration, cfg)
                 decided.update((d.name, d) for d in group)
                 if scri is not None:
@@ -349,6 +376,8 @@ def plan(root: nn.Module, calibration: Calibration, config: QVDConfig | None = N
         calibrated["coverage"] = list(calibration.coverage)
     if calibration.settings:
         calibrated["settings"] = dict(calibration.settings)
+    if any(calibration.roles.values()):
+        calibrated["roles"] = {r: list(v) for r, v in calibration.roles.items()}
     return Plan([decided[n] for n in targets], norms, cfg, calibrated)
 
 

@@ -150,7 +150,7 @@ def _check_norms(c: _Check, meta: dict, tensors: dict, named: dict[str, nn.Modul
         width = norm.weight.numel() if getattr(norm, "weight", None) is not None else 0
         wrong = [m for m in members if block and not m.startswith(block + ".")] or [
             m for m in members if _input_width(named[m]) != width]
-        if wrong or not norm_group_folds(norm, members, {m: named[m] for m in members}, cfg):
+        if wrong or not norm_group_folds(norm, members, {m: named[m] for m in members}):
             bad = (wrong or members)[0]
             c.mismatch(f"layer {bad}", f"its SCRI is folded into norm {norm_name} ({type(norm).__name__}, "
                        f"{width} channels{', in block ' + block if block else ''})",

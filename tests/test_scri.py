@@ -136,7 +136,7 @@ def test_scri_folds_into_a_norm_only_when_nothing_else_reads_its_output(other_us
         model.norm.weight.copy_(torch.logspace(-1, 1, 32)[torch.randperm(32)])
         model.norm.bias.copy_(torch.randn(32) * 3)
     x = torch.randn(4, 64, 32)
-    cfg = QVDConfig(calib_rows=256, keep_float=())
+    cfg = QVDConfig(calib_rows=256, keep_ends_float=False)
     with Calibrator(model, cfg) as cal:
         model(x)
     calib = cal.result()
@@ -191,7 +191,7 @@ def test_a_conditioning_path_under_other_names_gets_no_prompt_scri():
     model = TinyDiT()
     prompts = [torch.randn(1, 7, 12, generator=g) * (1 + 3 * torch.rand(12, generator=g)) for _ in range(2)]
     x = torch.randn(1, 9, 16, generator=g)
-    with torch.no_grad(), Calibrator(model, QVDConfig(keep_float=(), temporal=())) as cal:
+    with torch.no_grad(), Calibrator(model, QVDConfig(keep_ends_float=False)) as cal:
         for t in (900.0, 500.0, 100.0):
             cal.set_timestep(t)
             for text in prompts:
@@ -204,7 +204,7 @@ def test_a_conditioning_path_under_other_names_gets_no_prompt_scri():
         save_calibration(Path(d) / "c.calibration.safetensors", calibration)
         again = load_calibration(Path(d) / "c.calibration.safetensors")
     assert sorted(n for n, s in again.layers.items() if s.conditioning_only) == cond
-    result = quantize_model(copy.deepcopy(model), again, QVDConfig(keep_float=(), temporal=(), scri_skip=()),
+    result = quantize_model(copy.deepcopy(model), again, QVDConfig(keep_ends_float=False, scri_skip=()),
                             apply=False)
     report = {r["name"]: r for r in result.report}
     assert all(report[n].get("scri_alpha") is None and "conditioning path" in report[n]["conditioning"] for n in cond)

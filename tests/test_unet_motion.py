@@ -22,8 +22,14 @@ INT_OPS = {"aten::_int_mm", "onednn::qlinear_pointwise", "onednn::qconv2d_pointw
 def test_calibration_records_timesteps_frames_and_bounded_stats(unet, calibration):
     assert calibration.timesteps == sorted(map(float, TIMESTEPS), reverse=True)
     assert set(calibration.layers) == set(find_layers(unet, QVDConfig()))
-    temporal = [n for n, s in calibration.layers.items() if s.temporal]
-    assert "down_blocks.0.resnets.0.time_emb_proj" in temporal and "time_embedding.linear_1" in temporal
+    # Roles observed, no names configured: exactly the layers the diffusers names give (time embedding MLP and every
+    # ResBlock's time projection; conv_in / conv_out), none of the cross-attention or motion-module Linears.
+    temporal = {n for n, s in calibration.layers.items() if s.temporal}
+    assert temporal == {n for n in calibration.layers if n.startswith("time_embedding.") or n.endswith("time_emb_proj")}
+    assert len(temporal) > 4
+    assert calibration.roles == {"first": ["conv_in"], "last": ["conv_out"]}
+    cond = {n for n, s in calibration.layers.items() if s.conditioning_only}
+    assert cond == {n for n in calibration.layers if ".attentions." in n and n.endswith(("attn2.to_k", "attn2.to_v"))}
     f = calibration.temporal_features("down_blocks.0.resnets.0.time_emb_proj")
     assert f.shape == (len(TIMESTEPS), unet.down_blocks[0].resnets[0].time_emb_proj.in_features)
     assert torch.all(f.min(1).values >= -0.2785)  # SiLU outputs: the skewed temporal features
@@ -48,7 +54,7 @@ def test_every_layer_swapped_and_reported(unet, quantized):
     assert {QLinear, QConv2d, HiDiTQLinear} <= kinds
     by_name = {r["name"]: r for r in res.report}
     assert set(by_name) == set(find_layers(unet, QVDConfig()))
-    assert all("keep_float" in by_name[n]["skipped"] for n in left)
+    assert all("keep_ends_float" in by_name[n]["skipped"] and "call graph" in by_name[n]["role"] for n in left)
     tp = by_name["up_blocks.1.resnets.0.time_emb_proj"]
     assert tp["kind"] == "temporal" and 0.9 < tp["tdscore"] <= 1.0
     assert any(str(r.get("scri_fold")).startswith("norm:") for r in res.report)
@@ -100,7 +106,7 @@ def test_a_channel_subset_search_gives_the_whole_layers_codes_for_the_alpha_it_p
 
 
 def test_first_and_last_convolutions_quantize_at_8_bit_when_not_kept_in_float(unet, calibration):
-    res = quantize_model(copy.deepcopy(unet), calibration, QVDConfig(w_bits=4, a_bits=6, keep_float=()),
+    res = quantize_model(copy.deepcopy(unet), calibration, QVDConfig(w_bits=4, a_bits=6, keep_ends_float=False),
                          apply=False)
     by_name = {r["name"]: r for r in res.report}
     assert {by_name[n]["w_bits"] for n in ("conv_in", "conv_out")} == {8}
@@ -154,7 +160,7 @@ def test_fake_quant_mode_matches_integer_kernels_per_layer(inputs, quantized):
 
 def test_skip_list_keeps_calibrated_layers_in_float(unet, calibration):
     q = copy.deepcopy(unet)
-    res = quantize_model(q, calibration, QVDConfig(skip=("conv_out", "*.motion_modules.*"), keep_float=()))
+    res = quantize_model(q, calibration, QVDConfig(skip=("conv_out", "*.motion_modules.*"), keep_ends_float=False))
     assert type(q.conv_out) is torch.nn.Conv2d and type(q.conv_in) is QConv2d
     assert not any("motion_modules" in n for n in res.modules)
 
@@ -338,7 +344,7 @@ def test_calibration_handles_same_padding_and_dilation():
     every = patch.permute(0, 1, 2, 4, 5, 3).reshape(-1, 27)  # every (kh, kw, C) patch of the padded input
     assert all(bool((every == r).all(1).any()) for r in same.rows)
     assert stats["1"].rows.shape == (16, 72) and stats["2"].rows.shape == (16, 128)
-    report = quantize_model(model, cal.result(), QVDConfig(keep_float=()), apply=False).report
+    report = quantize_model(model, cal.result(), QVDConfig(keep_ends_float=False), apply=False).report
     assert {r["name"]: r.get("skipped") for r in report}["1"] == "grouped / dilated / non-zero-padded conv"
 
 

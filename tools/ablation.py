@@ -7,7 +7,7 @@
 
 One run, fixed seeds: calibrate once (classes and seeds other than the evaluation ones), then for every
 configuration quantize a deep copy of the FP model and compare N evaluation clips with FP's. Every row keeps
-the first and last convolutions in float (QVDConfig.keep_float) but the two "first / last W8A8" rows; the
+the first and last convolutions in float (QVDConfig.keep_ends_float) but the two "first / last W8A8" rows; the
 per-token dynamic row is a peer (activation scales computed per token at run time, simulated in float).
 The sensitivity section quantizes one layer group at a time (naive and QVD, W8A8) to show where the
 remaining error lives; the error budget (tools/error_budget.py) what halving naive min-max's error would take.
@@ -60,14 +60,18 @@ for _b, _w, _a in BITS:
     CONFIGS.update({f"{m}-{_b}": (label, QVDConfig(w_bits=_w, a_bits=_a, **kw)) for m, label, kw in METHODS})
     CONFIGS[f"{PEER[0]}-{_b}"] = (PEER[1], (PEER[0], _w, _a))
 FIRST_LAST_W8A8 = (("naive", "naive min-max, first / last W8A8"), ("qvd", "QVD, first / last W8A8"))
+# TinyVDM's first / last and temporal layers, as calibration finds them (tests/test_unet_motion.py checks it on the
+# same diffusers UNet): named here for the baselines and groups that run without a calibration.
+ENDS = ("conv_in", "conv_out")
+TEMPORAL = ("time_embedding.*", "time_emb_proj")
 _KW = {m: kw for m, _, kw in METHODS}
-CONFIGS.update({f"{m}-w8a8-all": (label, QVDConfig(keep_float=(), **_KW[m])) for m, label in FIRST_LAST_W8A8})
+CONFIGS.update({f"{m}-w8a8-all": (label, QVDConfig(keep_ends_float=False, **_KW[m])) for m, label in FIRST_LAST_W8A8})
 # Sensitivity: layer groups quantized alone at W8A8 (the rest in float), by kind and by UNet block.
 GROUPS = (
     ("conv1", "ResNet conv1", ("*resnets.*.conv1",)),
     ("conv2", "ResNet conv2", ("*resnets.*.conv2",)),
     ("shortcut", "ResNet 1x1 shortcut", ("*resnets.*.conv_shortcut",)),
-    ("temporal", "temporal (time embedding, time_emb_proj)", QVDConfig().temporal),
+    ("temporal", "temporal (time embedding, time_emb_proj)", TEMPORAL),
     ("motion", "motion modules", ("*motion_modules.*",)),
     ("attn1", "spatial self-attention", ("*attentions.*.attn1.*",)),
     ("attn2", "spatial cross-attention", ("*attentions.*.attn2.*",)),
@@ -110,11 +114,10 @@ class DynamicPerToken(nn.Module):
 
 
 def dynamic_copy(model: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
-    """A deep copy with every Linear / Conv2d but QVDConfig.keep_float's replaced by DynamicPerToken."""
+    """A deep copy with every Linear / Conv2d but the first and last layers (``ENDS``) replaced by DynamicPerToken."""
     q = copy.deepcopy(model)
-    keep = QVDConfig().keep_float
     install(q, {name: DynamicPerToken(m, w_bits, a_bits) for name, m in q.named_modules()
-                if isinstance(m, (nn.Linear, nn.Conv2d)) and not matches(name, keep)})
+                if isinstance(m, (nn.Linear, nn.Conv2d)) and not matches(name, ENDS)})
     return q
 
 
@@ -267,7 +270,7 @@ def sensitivity(fp, cal, group: str, conds, reference, steps: int, guidance: flo
     convolutions too): {method: {"psnr_db", "layers"}}."""
     patterns = next(p for k, _, p in GROUPS if k == group)
     inside = [nm for nm in find_layers(fp, QVDConfig())
-              if matches(nm, patterns) and not matches(nm, QVDConfig().keep_float)]
+              if matches(nm, patterns) and not matches(nm, ENDS)]
     if not inside:
         raise ValueError(f"group {group!r} ({patterns}) matches no quantized layer of this model")
     spread = torch.tensor([channel_spread(cal.layers[nm]) for nm in inside if nm in cal.layers]).median()
@@ -350,7 +353,7 @@ def render_markdown(rows: dict, hist: dict, cover: dict, sens: dict, budget: dic
     both = [k for m, _ in FIRST_LAST_W8A8 for k in (f"{m}-w8a8", f"{m}-w8a8-all") if k in rows]
     if any(k.endswith("-all") for k in both):
         lines += ["## First and last convolutions (W8A8)", "",
-                  "The rows above keep `conv_in` / `conv_out` in float (`QVDConfig.keep_float`, the default); "
+                  "The rows above keep `conv_in` / `conv_out` in float (`QVDConfig.keep_ends_float`, the default); "
                   "these quantize them at W8A8 too.", "", header, sep] + [row(k) for k in both] + [""]
     if "fp" in rows:
         d = rows["fp"]["quality_data"]
