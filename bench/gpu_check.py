@@ -1,7 +1,7 @@
 """The one-command GPU check (``make gpu-check``): are QVD's kernels right and fast on this GPU?
 
 1. Correctness of every kernel on CUDA against ``qvd.kernels.reference`` (plain torch) at SD1.5 + motion-module
-   shapes and odd ones: fp16 and bf16 activations, SCRI shift / scale, a non-zero zero point, strides 1 and 2,
+   shapes, Wan 2.1 1.3B / 14B block shapes at a 480p clip's 32,760 tokens (``bench.layers.wan_shapes``) and odd ones: fp16 and bf16 activations, SCRI shift / scale, a non-zero zero point, strides 1 and 2,
    padding; quantize codes must be equal, outputs within the dtype's rounding. Any kernel that fell back to the
    torch route is a failure.
 2. Per layer: W8A8 (fp16 in / out, the variant the dispatcher keeps) against cuBLAS fp16 / bf16, ``torch._int_mm``
@@ -48,8 +48,8 @@ def cases(smoke: bool) -> list[tuple[str, str, tuple]]:
     if smoke:
         return [("linear odd", "linear", (37, 80, 48)), ("conv3x3 odd", "conv", (2, 24, 7, 40, 3, 1)),
                 ("conv3x3 s2", "conv", (1, 16, 9, 32, 3, 2)), ("conv1x1", "conv", (2, 32, 5, 24, 1, 1))]
-    from bench.layers import shapes
-    return shapes(64, 32) + [("linear odd 37x200->96", "linear", (37, 200, 96)),
+    from bench.layers import WAN_TOKENS, shapes, wan_shapes
+    return shapes(64, 32) + wan_shapes(WAN_TOKENS["480p"]) + [("linear odd 37x200->96", "linear", (37, 200, 96)),
                              ("linear 1 token 1280->1280", "linear", (1, 1280, 1280)),
                              ("conv3x3 odd 72->96 @13", "conv", (2, 72, 13, 96, 3, 1)),
                              ("conv3x3 s2 odd 72->96 @13", "conv", (2, 72, 13, 96, 3, 2))]

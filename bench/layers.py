@@ -1,11 +1,13 @@
-"""Per-layer W8A8 benchmark: SD1.5 UNet and AnimateDiff motion-module Linear / Conv2d shapes.
+"""Per-layer W8A8 benchmark: SD1.5 UNet and AnimateDiff motion-module Linear / Conv2d shapes, or Wan 2.1's.
 
 Prints one markdown table measured in one run: medians (ms) for fp32, bf16, ours (qvd.kernels W8A8,
-int route), torchao int8 dynamic and comfy-kitchen ``int8_linear`` when importable, the speed-up of
-ours over fp32 and bf16, and weight bytes. Sizes: on a GPU the real 512x512, 16-frame shapes
-(latent 64x64, batch 32 = 16 frames x cond/uncond); on a CPU latent 16x16, batch 16.
+int route), torchao int8 dynamic and comfy-kitchen ``int8_linear`` (dynamic per-row activations) when importable,
+the speed-up of ours over fp32 and bf16, and weight bytes. Sizes: on a GPU the real 512x512, 16-frame shapes
+(latent 64x64, batch 32 = 16 frames x cond/uncond); on a CPU latent 16x16, batch 16. ``--model wan``: the Linear
+shapes of Wan 2.1 1.3B and 14B blocks (``wan_shapes``) at a 480p / 720p clip's sequence length on a GPU, 1,024
+tokens on a CPU.
 
-    python -m bench.layers [--device cpu|cuda] [--samples 5]
+    python -m bench.layers [--device cpu|cuda] [--samples 5] [--model sd15|wan] [--clip 480p|720p]
 """
 from __future__ import annotations
 
@@ -36,6 +38,26 @@ def shapes(latent: int, batch: int) -> list[tuple[str, str, tuple]]:
              (f"up resnet conv3x3 2560->1280 @{latent // 4}", "conv", (batch, 2560, latent // 4, 1280, 3, 1)),
              (f"mid conv3x3 1280->1280 @{latent // 8}", "conv", (batch, 1280, max(latent // 8, 1), 1280, 3, 1)),
              ("time_emb linear 1280->1280", "linear", (batch, 1280, 1280))]
+    return rows
+
+
+# Wan 2.1 (dim, ffn dim) per size, and the tokens of an 81-frame clip: 21 latent frames x (h / 16) x (w / 16).
+WAN_SIZES = {"1.3B": (1536, 8960), "14B": (5120, 13824)}
+WAN_TOKENS = {"480p": 21 * 30 * 52, "720p": 21 * 45 * 80}
+WAN_TEXT_TOKENS = 512
+
+
+def wan_shapes(tokens: int, batch: int = 1) -> list[tuple[str, str, tuple]]:
+    """The Linear shapes of one Wan 2.1 block per size (and the text / time embeddings) at ``tokens`` per sample."""
+    rows = []
+    for size, (d, ffn) in WAN_SIZES.items():
+        m, text = batch * tokens, batch * WAN_TEXT_TOKENS
+        rows += [(f"Wan {size} self-attn q/k/v/o {d}->{d} ({tokens} tok)", "linear", (m, d, d)),
+                 (f"Wan {size} ffn {d}->{ffn}", "linear", (m, d, ffn)),
+                 (f"Wan {size} ffn {ffn}->{d}", "linear", (m, ffn, d)),
+                 (f"Wan {size} cross-attn k/v {d}->{d} ({WAN_TEXT_TOKENS} text tok)", "linear", (text, d, d)),
+                 (f"Wan {size} text embedding 4096->{d}", "linear", (text, 4096, d)),
+                 (f"Wan {size} time_projection {d}->{6 * d}", "linear", (batch, d, 6 * d))]
     return rows
 
 
@@ -78,14 +100,16 @@ def kitchen_int8(layer: torch.nn.Linear, dtype):
     return lambda x: ck.int8_linear(x, wq, ws, b, out_dtype=dtype)
 
 
-def run(device: torch.device, samples: int):
+def run(device: torch.device, samples: int, model: str = "sd15", clip: str = "480p"):
     latent, batch = (64, 32) if device.type == "cuda" else (16, 16)
+    tokens = WAN_TOKENS[clip] if device.type == "cuda" else 1024
     half = torch.bfloat16
     print(f"machine: {machine()}")
-    print(f"size: latent {latent}x{latent}, batch {batch}; times: median of {samples} ms\n")
+    print((f"size: latent {latent}x{latent}, batch {batch}" if model == "sd15" else
+           f"size: Wan 2.1 blocks, {tokens} tokens, batch 1") + f"; times: median of {samples} ms\n")
     rows = []
     with torch.no_grad():
-        for name, kind, args in shapes(latent, batch):
+        for name, kind, args in (shapes(latent, batch) if model == "sd15" else wan_shapes(tokens)):
             layer, x = build(kind, args, device)
             ours = W8A8(layer, x.abs().max().item()).to(device)
             lb, xb = copy.deepcopy(layer).to(half), x.to(half)
@@ -118,10 +142,12 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--model", choices=("sd15", "wan"), default="sd15")
+    p.add_argument("--clip", choices=tuple(WAN_TOKENS), default="480p", help="Wan clip size (GPU runs)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    run(torch.device(a.device), a.samples)
+    run(torch.device(a.device), a.samples, a.model, a.clip)
 
 
 if __name__ == "__main__":

@@ -233,9 +233,10 @@ def _check_layer(s: _Schema, name: str, info, signature: list, cfg: QVDConfig, n
             s.fail(f"{where}.kind", "'linear' (the file's config uses no HiDi-TQ)", kind)
         return
     bits = (s.int(info["w_bits"], f"{where}.w_bits", 1, 8), s.int(info["a_bits"], f"{where}.a_bits", 1, 8))
-    if bits not in (cfg.layer_bits(name), cfg.layer_bits(name, end=True)):
-        s.fail(f"{where} (w_bits, a_bits)", f"the file's config's {cfg.layer_bits(name)} (or 8 / 8 for a first / "
-               f"last layer)", list(bits))
+    allowed = {cfg.layer_bits(name), cfg.layer_bits(name, end=True)}
+    if bits not in allowed:
+        s.fail(f"{where} w_bits / a_bits", " or ".join(f"{w} / {a}" for w, a in sorted(allowed))
+               + " (the file's config; 8 / 8 on a first / last layer)", _Said(f"{bits[0]} / {bits[1]}"))
     a_bits = bits[1]
     s.int(info["zero_point"], f"{where}.zero_point", *act_qrange(a_bits))
     scri = s.str(info["scri"], f"{where}.scri")

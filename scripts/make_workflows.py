@@ -49,6 +49,11 @@ NODE_TYPES = {
                                  ("control_net", "CONTROL_NET"), ("image", "IMAGE"), ("vae", "VAE")],
                                 ["strength", "start_percent", "end_percent"],
                                 [("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
+    "UNETLoader": ([], ["unet_name", "weight_dtype"], [("MODEL", "MODEL")]),
+    "CLIPLoader": ([], ["clip_name", "type", "device"], [("CLIP", "CLIP")]),
+    "VAELoader": ([], ["vae_name"], [("VAE", "VAE")]),
+    "ModelSamplingSD3": ([("model", "MODEL")], ["shift"], [("MODEL", "MODEL")]),
+    "EmptyHunyuanLatentVideo": ([], ["width", "height", "length", "batch_size"], [("LATENT", "LATENT")]),
     "ADE_LoadAnimateDiffModel": ([("ad_settings", "AD_SETTINGS")], ["model_name"],
                                  [("MOTION_MODEL", "MOTION_MODEL_ADE")]),
     "ADE_ApplyAnimateDiffModelSimple": ([("motion_model", "MOTION_MODEL_ADE"), ("motion_lora", "MOTION_LORA"),
@@ -86,6 +91,35 @@ def _sdxl(model_ref):
     base[4] = ("EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 16})
     base[22] = ("SaveAnimatedWEBP", {**base[22][1], "filename_prefix": "qvd/sdxl_txt2vid"})
     return base
+
+
+WAN_SAMPLING = {"steps": 30, "cfg": 6.0, "sampler_name": "uni_pc", "scheduler": "simple"}  # Wan's own defaults
+
+
+def _wan21():
+    """Wan 2.1 T2V 1.3B in ComfyUI's native nodes (Load Diffusion Model, umt5-xxl, shift 8 as the model card),
+    33 frames at 832 x 480, calibrated and quantized in the graph."""
+    return {
+        1: ("UNETLoader", {"unet_name": "wan2.1_t2v_1.3B_fp16.safetensors", "weight_dtype": "default"}),
+        5: ("CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
+                           "device": "default"}),
+        2: ("CLIPTextEncode", {"clip": (5, 0), "text": POSITIVE}),
+        3: ("CLIPTextEncode", {"clip": (5, 0), "text": NEGATIVE}),
+        6: ("ModelSamplingSD3", {"model": (1, 0), "shift": 8.0}),
+        4: ("EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 33, "batch_size": 1}),
+        10: ("QVDCalibrate", {"model": (6, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0),
+                              "seed": 0, "control_after_generate": "fixed", **WAN_SAMPLING, "calibration_seeds": 2,
+                              "save_name": "", "timestep_coverage": COVERAGE_POINTS}),
+        11: ("QVDQuantizeModel", {"model": (6, 0), "calibration": (10, 0), "weight_bits": 8, "activation_bits": 8,
+                                  "htdq": True, "scri": True, "skip": "", "compute": "auto"}),
+        12: ("QVDSaveQuantized", {"model": (11, 0), "filename": "qvd_w8a8_wan21_t2v"}),
+        20: ("KSampler", {"model": (11, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0),
+                          "seed": 42, "control_after_generate": "fixed", **WAN_SAMPLING, "denoise": 1.0}),
+        7: ("VAELoader", {"vae_name": "wan_2.1_vae.safetensors"}),
+        21: ("VAEDecode", {"samples": (20, 0), "vae": (7, 0)}),
+        22: ("SaveAnimatedWEBP", {"images": (21, 0), "filename_prefix": "qvd/wan21_t2v", "fps": 16.0,
+                                  "lossless": False, "quality": 90, "method": "default"}),
+    }
 
 
 def _ade(model_ref, motion_model="mm_sd_v15_v2.ckpt"):
@@ -151,6 +185,8 @@ WORKFLOWS = {
     # (e) SDXL + AnimateDiff-SDXL (HotShotXL: choose its motion model in node 5), calibrated and quantized.
     "qvd_ade_sdxl_txt2vid_calibrate_quantize": {**_sdxl((11, 0)), **_ade((1, 0), "mm_sdxl_v10_beta.ckpt"),
                                                 **_calibrate_quantize((7, 0), "qvd_w8a8_sdxl")},
+    # (f) Wan 2.1 T2V (a DiT: layer roles found by calibration), native nodes, calibrated and quantized.
+    "qvd_wan21_t2v_calibrate_quantize": _wan21(),
 }
 FRONTEND_ONLY = ("control_after_generate", "upload")  # widgets the frontend keeps out of the API prompt
 

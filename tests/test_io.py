@@ -161,7 +161,7 @@ def test_zero_point_and_bits_are_checked_against_their_ranges_and_the_config(une
 
     def bits(meta):
         meta["layers"][_first(meta, "linear")]["a_bits"] = 4
-    _refused(_edited(saved, tmp_path, bits), unet, r"a_bits is 4, expected an integer in \[8, 8\]")
+    _refused(_edited(saved, tmp_path, bits), unet, r"w_bits / a_bits is 8 / 4, expected 8 / 8 \(the file's config")
 
 
 def test_an_empty_layers_map_is_refused(unet, saved, tmp_path):
@@ -497,11 +497,14 @@ def test_the_check_reads_the_model_without_changing_it_in_any_chunk_size(unet, s
 def test_the_file_records_what_the_calibration_covered(unet, calibration, quantized, saved, tmp_path):
     """Provenance shown by QVD Load Quantized: the calibration's timesteps and layer count (optional: a file
     without it loads; one with a malformed record is refused)."""
-    assert quantized[1].calibrated == {"timesteps": calibration.timesteps, "layers": len(calibration.layers)}
+    assert quantized[1].calibrated == {"timesteps": calibration.timesteps, "layers": len(calibration.layers),
+                                       "roles": {"first": ["conv_in"], "last": ["conv_out"]}}
     assert load_quantized(saved, unet, apply=False).calibrated == quantized[1].calibrated
     assert load_quantized(_edited(saved, tmp_path, lambda m: m.pop("calibrated")), unet, apply=False).calibrated == {}
     _refused(_edited(saved, tmp_path, lambda m: m["calibrated"].update(timesteps=["999"])), unet,
              r"calibrated\.timesteps\[0\] is '999', expected a finite number")
+    _refused(_edited(saved, tmp_path, lambda m: m["calibrated"].update(roles={"middle": []})), unet,
+             r"calibrated\.roles field 'middle' is a JSON list, expected absent")
 
 
 def test_a_motion_proj_in_naming_another_blocks_wider_norm_is_refused(unet, saved, tmp_path):

@@ -60,7 +60,9 @@ def test_config_rejects_unsupported_settings():
         QVDConfig(a_bits=4)
     with pytest.raises(QVDError, match="act_range"):
         QVDConfig(act_range="max")
-    cfg = QVDConfig(w_bits=4, a_bits=6, skip=["conv_out"])
+    cfg = QVDConfig(w_bits=4, a_bits=6, skip=["conv_out"], keep_8bit=["*.proj_in"], temporal=["emb_layers.*"])
     assert QVDConfig.from_dict(cfg.to_dict()) == cfg
-    assert cfg.layer_bits("conv_in") == (8, 8) and cfg.layer_bits("down_blocks.0.resnets.0.conv1") == (4, 6)
-    assert cfg.is_temporal("up_blocks.1.resnets.0.time_emb_proj") and cfg.is_temporal("input_blocks.1.0.emb_layers.1")
+    assert cfg.layer_bits("conv_in", end=True) == (8, 8) and cfg.layer_bits("down_blocks.0.resnets.0.conv1") == (4, 6)
+    assert cfg.layer_bits("down_blocks.0.attentions.0.proj_in") == (8, 8)
+    assert cfg.is_temporal("input_blocks.1.0.emb_layers.1") and not cfg.is_temporal("time_embed.0")
+    assert not QVDConfig().temporal and not QVDConfig().keep_float  # roles are found by calibration

@@ -169,13 +169,14 @@ def execution_error(entry: dict) -> dict | None:
     return None
 
 
-def make_base_dir(root: Path, checkpoint: Path, motion: Path | None = None, ade: Path | None = None) -> Path:
+def make_base_dir(root: Path, checkpoint: Path | None, motion: Path | None = None, ade: Path | None = None) -> Path:
     """A ComfyUI base directory: this pack (and ADE) in custom_nodes, the synthetic models linked in."""
-    for d in ("custom_nodes", "models/checkpoints", "models/animatediff_models", "models/qvd", "output",
-              "input", "temp", "user"):
+    for d in ("custom_nodes", "models/checkpoints", "models/diffusion_models", "models/animatediff_models",
+              "models/qvd", "output", "input", "temp", "user"):
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "custom_nodes" / PACK_NAME).symlink_to(REPO, target_is_directory=True)
-    (root / "models" / "checkpoints" / checkpoint.name).symlink_to(checkpoint)
+    if checkpoint is not None:
+        (root / "models" / "checkpoints" / checkpoint.name).symlink_to(checkpoint)
     if motion is not None:
         (root / "models" / "animatediff_models" / motion.name).symlink_to(motion)
     if ade is not None:

@@ -5,12 +5,14 @@
 - ``build_sdxl_checkpoint``: the same for an SDXL-family checkpoint (SDXL's UNet at Segmind Vega's depth).
 - ``build_motion_model``: an AnimateDiff motion model (plain torch): ``mm_sd_v15_v2`` (588 keys), the SDXL
   ``mm_sdxl_v10_beta`` layout or HotShotXL's.
+- ``build_wan_model``: a Wan 2.1 T2V diffusion model (ComfyUI's ``WanModel``, what ``UNETLoader`` reads) at toy
+  width and depth (``WAN_CONFIG``); its text embedding keeps Wan's 4096-wide input (umt5-xxl's, fixed by ComfyUI).
 - ``write_lora``: a seeded rank-4 LoRA for the SD1.5 checkpoint's spatial transformers.
 
 ComfyUI builds layers uninitialised, so every parameter is filled explicitly from one seeded generator:
 norm weights 1 / biases 0, other weights N(0, 0.02), other biases N(0, 0.01).
 Run as a script to write a file: ``python synthetic_models.py KIND OUT.safetensors``, KIND one of sd15, sdxl,
-motion, motion_sdxl, motion_hotshotxl (for the checkpoints with ComfyUI on ``sys.path``, e.g. from its directory).
+motion, motion_sdxl, motion_hotshotxl, wan21 (for the checkpoints and wan21 with ComfyUI on ``sys.path``, e.g. from its directory).
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ def init_seeded_(modules: list[nn.Module], seed: int = SEED) -> None:
         with torch.no_grad():
             for name in sorted(params):
                 p, owner = params[name], owners[name]
-                if isinstance(owner, _NORMS):
+                if isinstance(owner, _NORMS) or type(owner).__name__.endswith("RMSNorm"):
                     p.fill_(1.0 if name.endswith("weight") else 0.0)
                 else:
                     std = 0.02 if p.ndim > 1 or "embedding" in name else 0.01
@@ -108,6 +110,30 @@ def _build_checkpoint(path: str, unet_config: dict, expect: str, clip: str, clip
         raise RuntimeError("ComfyUI's state_dict_for_saving returned no UNet: the checkpoint would be unusable")
     sd = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in sd.items()}
     _save_atomic(sd, path, {"qvd_synthetic": f"{expect.lower()} seed={seed}"})
+
+
+# Wan 2.1 T2V at toy size: ComfyUI reads dim, ffn_dim, depth and in / out channels from the weights (heads = dim /
+# 128); the text width is 4096 whatever the file holds, so the text embedding keeps it (1 M of the 3.4 M parameters).
+WAN_CONFIG = {"model_type": "t2v", "dim": 256, "ffn_dim": 512, "num_heads": 2, "num_layers": 2, "in_dim": 16,
+              "out_dim": 16, "text_dim": 4096, "freq_dim": 256}
+
+
+def build_wan_model(path: str, seed: int = SEED) -> None:
+    """Write a seeded fp16 Wan 2.1 T2V diffusion model (ComfyUI's key layout, no prefix) to ``path``; checks that
+    ComfyUI detects it as Wan 2.1 T2V."""
+    from comfy.cli_args import args
+    args.cpu = True
+    import comfy.model_detection
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+
+    model = WanModel(**WAN_CONFIG, operations=comfy.ops.disable_weight_init, device="cpu", dtype=torch.float32)
+    init_seeded_([model], seed)
+    sd = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
+    config = comfy.model_detection.model_config_from_unet(sd, "")
+    if type(config).__name__ != "WAN21_T2V":
+        raise RuntimeError(f"ComfyUI detected {type(config).__name__} for the synthetic Wan 2.1 T2V model")
+    _save_atomic(sd, path, {"qvd_synthetic": f"wan21_t2v seed={seed}"})
 
 
 def motion_module_shapes(sdxl: bool = False, hotshot: bool = False) -> dict[str, tuple[int, ...]]:
@@ -200,6 +226,30 @@ def write_lora(checkpoint, path) -> list[str]:
     return sorted(k for k in tensors if k.endswith(".alpha"))
 
 
+# Wan LoRAs as the lightx2v / CausVid distillation LoRAs are shipped: PEFT keys (``lora_A`` / ``lora_B``, no alpha:
+# scale 1) under ``diffusion_model.``, on every block's attention and feed-forward Linears (and ``time_projection``).
+WAN_LORA_LAYERS = [f"blocks.{b}.{n}" for b in range(WAN_CONFIG["num_layers"])
+                   for n in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q",
+                             "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")] + ["time_projection.1"]
+
+
+def write_wan_lora(model_path, path, rank: int = RANK, ratio: float = 0.1, seed: int = LORA_SEED) -> list[str]:
+    """A seeded rank-``rank`` Wan LoRA for the model at ``model_path``, ``||dW|| / ||W|| = ratio`` per layer at
+    strength 1; returns the layers it patches."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    with safe_open(str(model_path), "pt") as f:
+        for name in WAN_LORA_LAYERS:
+            w = f.get_tensor(f"{name}.weight").float()
+            a = torch.randn(rank, w.shape[1], generator=gen) / w.shape[1] ** 0.5
+            b = torch.randn(w.shape[0], rank, generator=gen)
+            b *= ratio * w.norm() / (b @ a).norm()
+            tensors[f"diffusion_model.{name}.lora_A.weight"] = a.to(torch.bfloat16)
+            tensors[f"diffusion_model.{name}.lora_B.weight"] = b.to(torch.bfloat16)
+    save_file(tensors, str(path))
+    return list(WAN_LORA_LAYERS)
+
+
 # Every adapter family QVD handles, on quantized layers of TINY's quantized blocks: Linears (attention,
 # feed-forward, the temporal time projections), 1x1 convs (proj_in / proj_out, some with SCRI in their norm)
 # and 3x3 convs (LoCon, with and without its mid core; a LoKr with a 4-d factor, applied as a dense delta).
@@ -254,7 +304,7 @@ if __name__ == "__main__":
     kind, out = sys.argv[1], sys.argv[2]
     {"sd15": build_sd15_checkpoint, "motion": build_motion_model, "sdxl": build_sdxl_checkpoint,
      "motion_sdxl": lambda p: build_motion_model(p, sdxl=True),
-     "motion_hotshotxl": lambda p: build_motion_model(p, sdxl=True, hotshot=True)}[kind](out)
+     "motion_hotshotxl": lambda p: build_motion_model(p, sdxl=True, hotshot=True), "wan21": build_wan_model}[kind](out)
 
 
 def write_hypernetwork(path, dims=(320, 640, 1280, 768), std: float = 0.02) -> None:

@@ -1,0 +1,158 @@
+"""Wan 2.1 T2V (issue 31) in ComfyUI's native nodes, through workflow (f): Load Diffusion Model -> ModelSamplingSD3 ->
+QVD Calibrate -> QVD Quantize Model -> KSampler, then QVD Load Quantized of the saved file, on a server with
+ComfyUI's default cache running several graphs.
+
+The model is ComfyUI's own ``WanModel`` at toy width and depth (``synthetic_models.WAN_CONFIG``). The text encoder
+(umt5-xxl, 11 GB at any file size) is replaced by the test-only ``QVDTestTextEmbedding`` (``fixture_nodes``), which
+gives the CONDITIONING shape umt5 gives. The layer roles must be found by calibration: no Wan name is in QVD's
+config, so the report's ``head.head`` in float, the time path on HiDi-TQ and the text path without prompt-specific
+SCRI all come from what the calls showed.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from comfy_host import (COMFYUI_PATH, SYNTH_VERSION, ComfyServer, build_model, load_api, make_base_dir, read_latent,
+                        tiny, with_latent_output, without)
+
+pytestmark = [pytest.mark.slow]
+
+WAN_NAME = f"qvd_synth_wan21_t2v_{SYNTH_VERSION}.safetensors"
+FIXTURE_NODES = Path(__file__).with_name("fixture_nodes")
+# 64 x 64 px, 9 frames (3 latent frames of 8 x 8: 48 tokens), 4 steps; the whole model quantized (no skip list).
+SIZES = {"width": 64, "height": 64, "length": 9, "batch_size": 1, "steps": 4, "skip": ""}
+# Measured on this synthetic model: W8A8 vs FP final latent ~2 % (bound 10 %).
+BOUND = 0.10
+
+
+@pytest.fixture(scope="module")
+def wan_server(tmp_path_factory):
+    if not (COMFYUI_PATH / "main.py").is_file():
+        pytest.skip(f"ComfyUI not found at {COMFYUI_PATH}: run `make host` (or set COMFYUI_PATH)")
+    if not (COMFYUI_PATH / "comfy" / "ldm" / "wan" / "model.py").is_file():
+        pytest.skip("this ComfyUI has no Wan support")
+    base = make_base_dir(tmp_path_factory.mktemp("comfy_wan"), None)
+    (base / "models" / "diffusion_models" / WAN_NAME).symlink_to(build_model("wan21", WAN_NAME))
+    (base / "custom_nodes" / "qvd_test_fixtures").symlink_to(FIXTURE_NODES, target_is_directory=True)
+    server = ComfyServer(base)  # ComfyUI's default cache
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def wan_graph(prefix: str, prompt: str = "a red fox running through fresh snow") -> dict:
+    """Workflow (f) at test size: the synthetic model, the fixture text embedding for CLIPLoader + CLIPTextEncode,
+    the latent saved instead of decoded (no Wan VAE)."""
+    wf = without(tiny(load_api("qvd_wan21_t2v_calibrate_quantize"), **SIZES), "5", "7", "21", "22")
+    wf["1"]["inputs"]["unet_name"] = WAN_NAME
+    for nid, text in (("2", prompt), ("3", "blurry, low quality")):
+        wf[nid] = {"class_type": "QVDTestTextEmbedding", "inputs": {"text": text, "tokens": 24, "width": 4096}}
+    wf["12"]["inputs"]["filename"] = prefix
+    return wf
+
+
+def fp_graph(wf: dict, prefix: str) -> dict:
+    fp = with_latent_output(without(copy.deepcopy(wf), "10", "11", "12"), "20", prefix)
+    fp["20"]["inputs"]["model"] = ["6", 0]
+    return fp
+
+
+def test_wan21_t2v_calibrated_quantized_saved_and_loaded(wan_server):
+    wf = wan_graph("wan21")
+    fp = read_latent(wan_server, wan_server.run(fp_graph(wf, "wan_fp")), "save_wan_fp")
+    entry = wan_server.run(with_latent_output(wf, "20", "wan_q"))
+    q = read_latent(wan_server, entry, "save_wan_q")
+    report = entry["outputs"]["11"]["text"][0]
+    rel = float((q - fp).norm() / fp.norm())
+    print(f"\nWan 2.1 T2V: W8A8 vs FP {rel:.4f}\n{report}")
+    assert q.shape == (1, 16, 3, 8, 8) and torch.isfinite(q).all() and 0 < rel < BOUND, rel
+
+    # Roles, each found by calibration (no Wan name in the config).
+    assert "last layers (giving the model's output, from the calibrated call graph): diffusion_model.head.head " \
+           "(float)" in report, report
+    assert re.search(r"first layers \(reading the model's input.*diffusion_model\.patch_embedding \(not a Linear / "
+                     r"Conv2d", report), report
+    temporal = re.search(r"^temporal \(.*; observed\): (\d+) layers, .* (\d+) on HiDi-TQ$", report, re.M)
+    assert temporal and int(temporal.group(1)) == int(temporal.group(2)) == 3, report  # time MLP x 2, time_projection
+    cond = re.search(r"^conditioning path .*: (\d+) layers without prompt-specific SCRI$", report, re.M)
+    assert cond and int(cond.group(1)) == 2 + 2 * 2, report  # text embedding x 2, cross_attn.k / v per block
+
+    path = wan_server.base / "models" / "qvd" / "wan21.safetensors"
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        int8 = {k for k in keys if k.endswith(".weight") and f.get_slice(k).get_dtype() == "I8"}
+        levels = {k for k in keys if k.endswith(".levels")}
+    assert "diffusion_model.blocks.1.ffn.2.weight" in int8 and "diffusion_model.blocks.0.cross_attn.o.weight" in int8
+    assert not any(k.startswith("diffusion_model.head.head.") for k in keys)
+    assert levels == {f"diffusion_model.{n}.levels" for n in ("time_embedding.0", "time_embedding.2",
+                                                               "time_projection.1")}
+
+    loaded = without(copy.deepcopy(wf), "10", "11", "12")
+    loaded["13"] = {"class_type": "QVDLoadQuantized",
+                    "inputs": {"model": ["6", 0], "qvd_name": "wan21.safetensors", "compute": "auto"}}
+    loaded["20"]["inputs"]["model"] = ["13", 0]
+    entry = wan_server.run(with_latent_output(loaded, "20", "wan_loaded"))
+    assert torch.equal(read_latent(wan_server, entry, "save_wan_loaded"), q)
+    assert "head.head (float)" in entry["outputs"]["13"]["text"][0]
+
+
+def test_wan21_another_prompt_in_the_same_server_stays_close_to_fp(wan_server):
+    """A second graph in the same server (default cache) samples another prompt with the file calibrated on the
+    first: the text path carries no prompt-specific SCRI, so the error stays at the calibrated prompt's level."""
+    wf = wan_graph("wan21_other", prompt="a lighthouse in a storm at night, waves")
+    fp = read_latent(wan_server, wan_server.run(fp_graph(wf, "wan_other_fp")), "save_wan_other_fp")
+    loaded = without(copy.deepcopy(wf), "10", "11", "12")
+    loaded["13"] = {"class_type": "QVDLoadQuantized",
+                    "inputs": {"model": ["6", 0], "qvd_name": "wan21.safetensors", "compute": "auto"}}
+    loaded["20"]["inputs"]["model"] = ["13", 0]
+    q = read_latent(wan_server, wan_server.run(with_latent_output(loaded, "20", "wan_other_q")), "save_wan_other_q")
+    rel = float((q - fp).norm() / fp.norm())
+    print(f"\nWan 2.1 T2V, a prompt never calibrated: W8A8 vs FP {rel:.4f}")
+    assert torch.isfinite(q).all() and 0 < rel < BOUND, rel
+
+
+def test_wan_lora_in_the_distillation_loras_format_runs_on_the_quantized_model(wan_server):
+    """A Wan LoRA as lightx2v / CausVid ship them (``diffusion_model.`` keys, ``lora_A`` / ``lora_B``) through
+    LoraLoaderModelOnly on the loaded file: every key loads (none reported unused) and its effect on the quantized
+    model's output follows its effect on FP's."""
+    from synthetic_models import write_wan_lora
+
+    loras = wan_server.base / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    name = "qvd_synth_wan_lora.safetensors"
+    if not (loras / name).exists():
+        write_wan_lora(build_model("wan21", WAN_NAME), loras / name)
+    wf = wan_graph("wan21_lora")
+    base = without(copy.deepcopy(wf), "10", "11", "12", "20")
+    base["13"] = {"class_type": "QVDLoadQuantized",
+                  "inputs": {"model": ["6", 0], "qvd_name": "wan21.safetensors", "compute": "auto"}}
+    models = {"fp": ["6", 0], "q": ["13", 0]}
+    for i, (key, ref) in enumerate(list(models.items())):
+        base[f"3{i}"] = {"class_type": "LoraLoaderModelOnly",
+                         "inputs": {"model": ref, "lora_name": name, "strength_model": 1.0}}
+        models[f"{key}_lora"] = [f"3{i}", 0]
+    log_start = len(wan_server.log_path.read_bytes())
+    out = {}
+    for key, ref in models.items():
+        prompt = copy.deepcopy(base)
+        prompt["20"] = copy.deepcopy(wf["20"])
+        prompt["20"]["inputs"]["model"] = ref
+        out[key] = read_latent(wan_server, wan_server.run(with_latent_output(prompt, "20", f"wan_{key}")),
+                               f"save_wan_{key}")
+    log = wan_server.log_path.read_bytes()[log_start:].decode(errors="replace")
+    assert "lora key not loaded" not in log.lower() and "not loaded" not in log, log[-3000:]
+    fp_effect, q_effect = out["fp_lora"] - out["fp"], out["q_lora"] - out["q"]
+    cos = float(F.cosine_similarity(fp_effect.flatten(), q_effect.flatten(), dim=0))
+    mag = float(q_effect.norm() / fp_effect.norm())
+    print(f"\nWan LoRA: effect on FP {float(fp_effect.norm() / out['fp'].norm()):.3f} of the output; quantized vs FP "
+          f"effect cosine {cos:.3f}, magnitude {mag:.2f}x")
+    assert float(fp_effect.norm() / out["fp"].norm()) > 0.02  # the LoRA does something
+    assert cos > 0.9 and 0.8 < mag < 1.25, (cos, mag)
