@@ -114,6 +114,9 @@ def _build_checkpoint(path: str, unet_config: dict, expect: str, clip: str, clip
 
 # Wan 2.1 T2V at toy size: ComfyUI reads dim, ffn_dim, depth and in / out channels from the weights (heads = dim /
 # 128); the text width is 4096 whatever the file holds, so the text embedding keeps it (1 M of the 3.4 M parameters).
+# Weights are scaled for unit gain and the adaLN modulation to gates of ~0.5: at init_seeded_'s 0.02 the blocks'
+# gated outputs were ~1e-3 of the residual stream, so the model was nearly its float first and last layers.
+WAN_MODULATION_STD = 0.5
 WAN_CONFIG = {"model_type": "t2v", "dim": 256, "ffn_dim": 512, "num_heads": 2, "num_layers": 2, "in_dim": 16,
               "out_dim": 16, "text_dim": 4096, "freq_dim": 256}
 
@@ -129,6 +132,12 @@ def build_wan_model(path: str, seed: int = SEED) -> None:
 
     model = WanModel(**WAN_CONFIG, operations=comfy.ops.disable_weight_init, device="cpu", dtype=torch.float32)
     init_seeded_([model], seed)
+    with torch.no_grad():  # a trained DiT's signal: unit-gain layers (std 1 / sqrt(fan in)), adaLN gates ~ 0.5
+        for name, p in model.named_parameters():
+            if name.endswith("modulation"):
+                p.mul_(WAN_MODULATION_STD / 0.02)
+            elif name.endswith("weight") and p.ndim > 1:
+                p.mul_(1 / (0.02 * p[0].numel() ** 0.5))
     sd = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
     config = comfy.model_detection.model_config_from_unet(sd, "")
     if type(config).__name__ != "WAN21_T2V":

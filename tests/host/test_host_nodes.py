@@ -103,6 +103,25 @@ def test_quantized_workflow_runs_and_stays_close_to_fp(core_runs):
 
 
 @pytest.mark.slow
+def test_sd15_roles_found_by_calibration_are_those_its_names_gave(core_runs, comfy_server):
+    """ComfyUI's SD1.5 UNet, no layer name in QVD's config: the time embedding and every ResBlock's emb_layers are
+    temporal, input_blocks.0.0 / out.2 first / last (float), the cross-attention keys / values the conditioning path
+    (what the SD1.5 name lists gave before roles were observed)."""
+    from safetensors import safe_open
+    with safe_open(str(comfy_server.base / "models" / "qvd" / "core_w8a8.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()[KEY])
+    report = {r["name"]: r for r in meta["report"]}
+    temporal = {n for n, r in report.items() if r["kind"] == "temporal"}
+    assert temporal == {n for n in report if re.search(r"\.(time_embed\.[02]|emb_layers\.1)$", n)}, temporal
+    assert len(temporal) > 2 and all("observed" in report[n]["role"] for n in temporal)
+    assert meta["calibrated"]["roles"] == {"first": ["diffusion_model.input_blocks.0.0"],
+                                           "last": ["diffusion_model.out.2"]}
+    assert all(report[n]["handler"] == "float" for n in ("diffusion_model.input_blocks.0.0", "diffusion_model.out.2"))
+    cond = {n for n, r in report.items() if r.get("conditioning")}
+    assert cond == {n for n in report if re.search(r"attn2\.to_[kv]$", n)} and cond
+
+
+@pytest.mark.slow
 def test_input_model_is_untouched_by_quantization(core_runs):
     assert torch.equal(core_runs["fp_again"], core_runs["fp"])
 

@@ -28,7 +28,7 @@ WAN_NAME = f"qvd_synth_wan21_t2v_{SYNTH_VERSION}.safetensors"
 FIXTURE_NODES = Path(__file__).with_name("fixture_nodes")
 # 64 x 64 px, 9 frames (3 latent frames of 8 x 8: 48 tokens), 4 steps; the whole model quantized (no skip list).
 SIZES = {"width": 64, "height": 64, "length": 9, "batch_size": 1, "steps": 4, "skip": ""}
-# Measured on this synthetic model: W8A8 vs FP final latent ~2 % (bound 10 %).
+# Measured on this synthetic model: see the test's print; bound 10 %.
 BOUND = 0.10
 
 
@@ -152,7 +152,8 @@ def test_wan_lora_in_the_distillation_loras_format_runs_on_the_quantized_model(w
     fp_effect, q_effect = out["fp_lora"] - out["fp"], out["q_lora"] - out["q"]
     cos = float(F.cosine_similarity(fp_effect.flatten(), q_effect.flatten(), dim=0))
     mag = float(q_effect.norm() / fp_effect.norm())
-    print(f"\nWan LoRA: effect on FP {float(fp_effect.norm() / out['fp'].norm()):.3f} of the output; quantized vs FP "
-          f"effect cosine {cos:.3f}, magnitude {mag:.2f}x")
-    assert float(fp_effect.norm() / out["fp"].norm()) > 0.02  # the LoRA does something
+    effect = float(fp_effect.norm() / out["fp"].norm())
+    print(f"\nWan LoRA: its effect on FP {effect:.3f} of the output; quantized vs FP effect cosine {cos:.4f}, "
+          f"magnitude {mag:.3f}x")
+    assert effect > 0.02  # the LoRA does something
     assert cos > 0.9 and 0.8 < mag < 1.25, (cos, mag)
