@@ -89,6 +89,24 @@ def _distinct_rows_at_most(x2: torch.Tensor, limit: int) -> bool:
     return torch.unique(x2, dim=0).shape[0] <= limit
 
 
+def _rows_by_timestep(x2: torch.Tensor, row_timesteps: torch.Tensor | None) -> dict | None:
+    """{timestep: its input row} when a call has several timesteps (per token / frame) and its rows follow them,
+    each timestep's rows repeated in blocks or tiled; None when they do not."""
+    if row_timesteps is None or x2.shape[0] % row_timesteps.numel():
+        return None
+    times = x2.shape[0] // row_timesteps.numel()
+    for ts in (row_timesteps.repeat_interleave(times), row_timesteps.repeat(times)):
+        out = {}
+        for t in ts.unique().tolist():
+            rows = x2[ts.to(x2.device) == t]
+            if not bool((rows == rows[0]).all()):
+                break
+            out[round(t, 4)] = rows[0].float().cpu()
+        else:
+            return out
+    return None
+
+
 class LayerStats:
     """Bounded statistics of one layer's input.
 
@@ -124,7 +142,7 @@ class LayerStats:
         return s
 
     def update(self, module: nn.Module, x: torch.Tensor, timestep, gen: torch.Generator, source,
-               distinct_timesteps: int = 1) -> None:
+               distinct_timesteps: int = 1, row_timesteps: torch.Tensor | None = None) -> None:
         x = x.detach()
         mn, mx = (t.float() for t in _channel_range(module, x))
         self.ch_min = mn if self.ch_min is None else torch.minimum(self.ch_min, mn)
@@ -142,7 +160,9 @@ class LayerStats:
         if self.broadcast and not _distinct_rows_at_most(x.reshape(-1, x.shape[-1]), distinct_timesteps):
             self.broadcast = False
         if (self.temporal or self.broadcast) and timestep is not None:
-            self.temporal_vectors[timestep] = x.reshape(-1, x.shape[-1])[0].float().cpu()
+            x2 = x.reshape(-1, x.shape[-1])
+            per_row = _rows_by_timestep(x2, row_timesteps) if distinct_timesteps > 1 else None
+            self.temporal_vectors.update(per_row or {timestep: x2[0].float().cpu()})
         elif self.temporal_vectors and not self.temporal:
             self.temporal_vectors = {}
         seen = self.inputs_at.setdefault(timestep, set())
@@ -328,8 +348,9 @@ class _NormUseWatch(TorchFunctionMode):
 class Calibrator:
     """Context manager hooking every quantizable layer under ``root``; forwards run inside it.
 
-    Call ``set_timestep(t)`` before each forward, unless ``root``'s forward takes a ``timestep`` /
-    ``timesteps`` argument (diffusers / ComfyUI UNets), which is recorded automatically.
+    Call ``set_timestep(t)`` before each forward, unless the model's forward (``root``'s, or each one's of a
+    ``ModuleDict`` root) takes a ``timestep`` / ``timesteps`` argument (diffusers / ComfyUI models), which is recorded
+    automatically.
     """
 
     def __init__(self, root: nn.Module, config: QVDConfig | None = None):
@@ -352,6 +373,7 @@ class Calibrator:
         self.norm_other_uses: dict[str, str] = {}  # norm -> an operation that read its output besides the layers
         self.provenance = _Provenance()
         self._distinct_timesteps = 1  # distinct timestep values of the current model call
+        self._row_timesteps = None  # the call's timestep tensor, flattened
         self._model_depth = 0
         # Weighted modules QVD does not hook for statistics (other convs, skipped layers): nodes of the call graph too.
         self._others = {n: m for n, m in root.named_modules()
@@ -360,9 +382,12 @@ class Calibrator:
         self.gives_output: set[str] = set()
 
     def set_timestep(self, t) -> None:
+        """The timestep of the coming calls: a number, or the model's timestep tensor (per sample, or per token:
+        recorded as its largest value, the noisy tokens'; each row of a temporal input is keyed by its own)."""
+        self._row_timesteps = t.detach().flatten().float().cpu() if torch.is_tensor(t) else None
         self._distinct_timesteps = max(1, int(torch.unique(t).numel())) if torch.is_tensor(t) else 1
         if torch.is_tensor(t):
-            t = t.flatten()[0]
+            t = t.max()
         self.timestep = round(float(t), 4)
         self.timesteps.add(self.timestep)
 
@@ -381,7 +406,6 @@ class Calibrator:
             if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
                 self._norm_name[id(module)] = name
                 self._handles.append(module.register_forward_hook(self._norm_hook))
-        self._hook_timestep_argument()
         self._watch.__enter__()
         return self
 
@@ -392,32 +416,32 @@ class Calibrator:
         self._handles.clear()
         self._recent_norm_outputs.clear()
 
-    def _hook_timestep_argument(self) -> None:
+    @staticmethod
+    def _timestep_argument(model: nn.Module, args, kwargs):
+        """The ``timestep`` / ``timesteps`` argument of a call of ``model`` (diffusers / ComfyUI models), or None."""
         try:
-            params = list(inspect.signature(self.root.forward).parameters)
+            params = list(inspect.signature(model.forward).parameters)
         except (TypeError, ValueError):
-            return
+            return None
         arg = next((p for p in ("timestep", "timesteps") if p in params), None)
         if arg is None:
-            return
+            return None
         pos = params.index(arg)
-
-        def pre(_module, args, kwargs):
-            t = kwargs.get(arg, args[pos] if len(args) > pos else None)
-            if t is not None:
-                self.set_timestep(t)
-
-        self._handles.append(self.root.register_forward_pre_hook(pre, with_kwargs=True))
+        return kwargs.get(arg, args[pos] if len(args) > pos else None)
 
     def _norm_hook(self, module, _inp, out):
         if torch.is_tensor(out):
             self._recent_norm_outputs.append((self._norm_name[id(module)], out))
 
-    def _model_call(self, _module, args, kwargs):
-        """A model call starts the call graph at its tensor arguments (not those nested in lists / dicts, such as
-        ControlNet residuals: they come from another model)."""
+    def _model_call(self, module, args, kwargs):
+        """A model call records its timestep argument (per sample or per token, as Wan 2.2's image-to-video gives)
+        and starts the call graph at its tensor arguments (not those nested in lists / dicts, such as ControlNet
+        residuals: they come from another model)."""
         if self._model_depth == 0:
-            self.provenance.start(t for t in (*args, *kwargs.values()) if torch.is_tensor(t))
+            t = self._timestep_argument(module, args, kwargs)
+            if torch.is_tensor(t) or isinstance(t, (int, float)):
+                self.set_timestep(t)
+            self.provenance.start(a for a in (*args, *kwargs.values()) if torch.is_tensor(a))
         self._model_depth += 1
 
     def _model_done(self, _module, _args, _kwargs, output):
@@ -449,7 +473,7 @@ class Calibrator:
             self._in_layer += 1
             x = args[0] if args else kwargs["input"]
             source = next((n for n, t in self._recent_norm_outputs if t is x), None)
-            stats.update(module, x, self.timestep, self._gen, source, self._distinct_timesteps)
+            stats.update(module, x, self.timestep, self._gen, source, self._distinct_timesteps, self._row_timesteps)
             self._reads_input(name, x)
         return hook
 

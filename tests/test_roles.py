@@ -43,7 +43,7 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
 
     def forward(self, x, e0, context):
-        e = (self.modulation + e0).chunk(6, dim=1)
+        e = [c.squeeze(2) for c in (self.modulation + e0).chunk(6, dim=2)]  # [B, L or 1, DIM] each
         x = x + self.self_attn(self.norm1(x) * (1 + e[1]) + e[0]) * e[2]
         x = x + self.cross_attn(self.norm3(x), context)
         return x + self.ffn(self.norm2(x) * (1 + e[4]) + e[3]) * e[5]
@@ -57,12 +57,13 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim ** 0.5)
 
     def forward(self, x, e):
-        shift, scale = (self.modulation + e.unsqueeze(1)).chunk(2, dim=1)
+        shift, scale = (c.squeeze(2) for c in (self.modulation + e.unsqueeze(2)).chunk(2, dim=2))
         return self.head(self.norm(x) * (1 + scale) + shift)
 
 
 class MiniWan(nn.Module):
-    """Wan 2.1's structure at toy size: ``forward(x [B, C, F, H, W], timestep [B], context [B, L, text_dim])``."""
+    """Wan 2.1's structure at toy size: ``forward(x [B, C, F, H, W], timestep, context [B, L, text_dim])``, the
+    timestep per sample ([B]) or, as Wan 2.2 TI2V's image-to-video, per latent frame ([B, F]: the first frame clean)."""
 
     def __init__(self, blocks: int = 2):
         super().__init__()
@@ -76,8 +77,9 @@ class MiniWan(nn.Module):
     def forward(self, x, timestep, context):
         b, _, f, h, w = x.shape
         x = self.patch_embedding(x).flatten(2).transpose(1, 2)
-        e = self.time_embedding(sinusoidal(FREQ, timestep))
-        e0 = self.time_projection(e).unflatten(1, (6, DIM))
+        e = self.time_embedding(sinusoidal(FREQ, timestep.flatten())).view(b, -1, 1, DIM)  # [B, F or 1, 1, DIM]
+        e = e.expand(b, e.shape[1], x.shape[1] // e.shape[1], DIM).reshape(b, -1, DIM)  # per token: [B, L or 1, D]
+        e0 = self.time_projection(e).unflatten(2, (6, DIM))
         context = self.text_embedding(context)
         for block in self.blocks:
             x = block(x, e0, context)
@@ -150,6 +152,25 @@ def test_quantized_wan_shaped_dit_reports_each_role_and_how_it_was_found(model, 
     loaded = load_quantized(str(tmp_path / "q.safetensors"), copy.deepcopy(model))
     assert loaded.calibrated["roles"] == result.calibrated["roles"]
     assert {r["name"]: r.get("role") for r in loaded.report} == {n: r.get("role") for n, r in report.items()}
+
+
+def test_per_frame_timesteps_wan22_image_to_video(model):
+    """Wan 2.2 TI2V's image-to-video: one timestep per latent frame (the first frame, the image, at 0). The time
+    path has as many distinct rows as the call has timesteps, still temporal; each row's features are kept under its
+    own timestep (0 included), the calibration's timesteps are the noisy frames'."""
+    g = torch.Generator().manual_seed(2)
+    context = torch.randn(1, 7, TEXT_DIM, generator=g)
+    with torch.no_grad(), Calibrator(model, QVDConfig()) as cal:
+        for t in TIMESTEPS:
+            model(torch.randn(1, IN_DIM, 3, 8, 8, generator=g), torch.tensor([[0.0, t, t]]), context)
+    calibration = cal.result()
+    assert {n for n, s in calibration.layers.items() if s.temporal} == TEMPORAL
+    assert calibration.timesteps == list(TIMESTEPS)
+    assert sorted(calibration.layers["time_projection.1"].temporal_vectors) == sorted([0.0, *TIMESTEPS])
+    f = calibration.temporal_features("time_embedding.0")
+    assert torch.allclose(f[-1], sinusoidal(FREQ, torch.zeros(1))[0]) and torch.allclose(
+        f[0], sinusoidal(FREQ, torch.tensor([TIMESTEPS[0]]))[0])
+    assert calibration.roles == {"first": ["patch_embedding"], "last": ["head.head"]}
 
 
 def test_a_config_pattern_adds_a_temporal_layer_and_says_so(model):

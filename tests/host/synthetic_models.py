@@ -12,7 +12,8 @@
 ComfyUI builds layers uninitialised, so every parameter is filled explicitly from one seeded generator:
 norm weights 1 / biases 0, other weights N(0, 0.02), other biases N(0, 0.01).
 Run as a script to write a file: ``python synthetic_models.py KIND OUT.safetensors``, KIND one of sd15, sdxl,
-motion, motion_sdxl, motion_hotshotxl, wan21 (for the checkpoints and wan21 with ComfyUI on ``sys.path``, e.g. from its directory).
+motion, motion_sdxl, motion_hotshotxl, wan21, wan21_low (another seed: a Wan 2.2 A14B-style expert pair; for the
+checkpoints and the Wan models with ComfyUI on ``sys.path``, e.g. from its directory).
 """
 from __future__ import annotations
 
@@ -313,7 +314,8 @@ if __name__ == "__main__":
     kind, out = sys.argv[1], sys.argv[2]
     {"sd15": build_sd15_checkpoint, "motion": build_motion_model, "sdxl": build_sdxl_checkpoint,
      "motion_sdxl": lambda p: build_motion_model(p, sdxl=True),
-     "motion_hotshotxl": lambda p: build_motion_model(p, sdxl=True, hotshot=True), "wan21": build_wan_model}[kind](out)
+     "motion_hotshotxl": lambda p: build_motion_model(p, sdxl=True, hotshot=True), "wan21": build_wan_model,
+     "wan21_low": lambda p: build_wan_model(p, seed=SEED + 7)}[kind](out)
 
 
 def write_hypernetwork(path, dims=(320, 640, 1280, 768), std: float = 0.02) -> None:

@@ -25,6 +25,7 @@ from comfy_host import (COMFYUI_PATH, SYNTH_VERSION, ComfyServer, build_model, l
 pytestmark = [pytest.mark.slow]
 
 WAN_NAME = f"qvd_synth_wan21_t2v_{SYNTH_VERSION}.safetensors"
+WAN_LOW_NAME = f"qvd_synth_wan21_t2v_low_{SYNTH_VERSION}.safetensors"  # the other expert of a Wan 2.2 A14B-style pair
 FIXTURE_NODES = Path(__file__).with_name("fixture_nodes")
 # 64 x 64 px, 9 frames (3 latent frames of 8 x 8: 48 tokens), 4 steps; the whole model quantized (no skip list).
 SIZES = {"width": 64, "height": 64, "length": 9, "batch_size": 1, "steps": 4, "skip": ""}
@@ -40,6 +41,7 @@ def wan_server(tmp_path_factory):
         pytest.skip("this ComfyUI has no Wan support")
     base = make_base_dir(tmp_path_factory.mktemp("comfy_wan"), None)
     (base / "models" / "diffusion_models" / WAN_NAME).symlink_to(build_model("wan21", WAN_NAME))
+    (base / "models" / "diffusion_models" / WAN_LOW_NAME).symlink_to(build_model("wan21_low", WAN_LOW_NAME))
     (base / "custom_nodes" / "qvd_test_fixtures").symlink_to(FIXTURE_NODES, target_is_directory=True)
     server = ComfyServer(base)  # ComfyUI's default cache
     try:
@@ -157,3 +159,44 @@ def test_wan_lora_in_the_distillation_loras_format_runs_on_the_quantized_model(w
           f"magnitude {mag:.3f}x")
     assert effect > 0.02  # the LoRA does something
     assert cos > 0.9 and 0.8 < mag < 1.25, (cos, mag)
+
+
+def test_wan22_expert_pair_each_quantized_in_a_ksampler_advanced_split(wan_server):
+    """Wan 2.2 A14B's graph: a high-noise and a low-noise expert (Wan 2.1's architecture, two files), each through
+    its own QVD Calibrate -> QVD Quantize Model, sampled by two KSamplerAdvanced (steps 0-2 with the high-noise expert,
+    leftover noise returned; 2-4 with the low-noise one); the two quantized models in one graph stay apart."""
+    wf = wan_graph("wan22_high")
+    graph = without(copy.deepcopy(wf), "20")
+    graph["41"] = {"class_type": "UNETLoader", "inputs": {"unet_name": WAN_LOW_NAME, "weight_dtype": "default"}}
+    graph["46"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["41", 0], "shift": 8.0}}
+    for nid, model in (("50", ["46", 0]), ("51", ["46", 0]), ("52", ["51", 0])):
+        graph[nid] = copy.deepcopy(wf[str(int(nid) - 40)])
+        graph[nid]["inputs"]["model"] = model
+    graph["51"]["inputs"]["calibration"] = ["50", 0]
+    graph["52"]["inputs"]["filename"] = "wan22_low"
+    sampling = {k: wf["20"]["inputs"][k] for k in ("steps", "cfg", "sampler_name", "scheduler", "positive",
+                                                   "negative")}
+
+    def split(high: list, low: list, prefix: str) -> dict:
+        g = copy.deepcopy(graph)
+        g["60"] = {"class_type": "KSamplerAdvanced", "inputs": {
+            "model": high, "add_noise": "enable", "noise_seed": wf["20"]["inputs"]["seed"], **sampling,
+            "latent_image": ["4", 0], "start_at_step": 0, "end_at_step": 2, "return_with_leftover_noise": "enable"}}
+        g["61"] = {"class_type": "KSamplerAdvanced", "inputs": {
+            "model": low, "add_noise": "disable", "noise_seed": 0, **sampling, "latent_image": ["60", 0],
+            "start_at_step": 2, "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
+        return with_latent_output(g, "61", prefix)
+
+    fp_graph_ = without(split(["6", 0], ["46", 0], "wan22_fp"), "10", "11", "12", "50", "51", "52")
+    fp = read_latent(wan_server, wan_server.run(fp_graph_), "save_wan22_fp")
+    entry = wan_server.run(split(["11", 0], ["51", 0], "wan22_q"))
+    q = read_latent(wan_server, entry, "save_wan22_q")
+    rel = float((q - fp).norm() / fp.norm())
+    print(f"\nWan 2.2-style expert pair (KSamplerAdvanced 0-2 / 2-4): W8A8 vs FP {rel:.4f}")
+    assert torch.isfinite(q).all() and 0 < rel < BOUND, rel
+    for name in ("wan22_high", "wan22_low"):
+        assert "head.head (float)" in entry["outputs"]["11" if name.endswith("high") else "51"]["text"][0]
+    files = [wan_server.base / "models" / "qvd" / f"{n}.safetensors" for n in ("wan22_high", "wan22_low")]
+    with safe_open(str(files[0]), "pt") as a, safe_open(str(files[1]), "pt") as b:
+        key = "diffusion_model.blocks.0.self_attn.q.weight"
+        assert not torch.equal(a.get_tensor(key), b.get_tensor(key))  # each expert's own codes
