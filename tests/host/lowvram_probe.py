@@ -6,6 +6,7 @@ when VRAM is short: ``patch_model(lowvram_model_memory=...)`` (partial load: lay
 loaded layers). It runs the pack's nodes the way the server does and prints one JSON line of results.
 
     python lowvram_probe.py CHECKPOINT LORA PACK_DIR     (cwd = the ComfyUI directory, on PYTHONPATH)
+    python lowvram_probe.py wan WAN_MODEL WAN_LORA PACK_DIR
 """
 from __future__ import annotations
 
@@ -49,11 +50,11 @@ def calibrated(checkpoint: str, pack_dir: str) -> tuple:
 
 
 def main(checkpoint: str, lora: str, pack_dir: str) -> dict:
+    """The synthetic SD1.5 checkpoint at TINY sizes, its quantized blocks carrying the LoRA."""
     torch.set_num_threads(2)
     from comfy.cli_args import args
     args.cpu = True
     import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.sd
     import comfy.utils
 
@@ -61,11 +62,41 @@ def main(checkpoint: str, lora: str, pack_dir: str) -> dict:
     quantized = qvd["QVDQuantizeModel"]().quantize(model, calibration, 8, 8, True, True, SKIP)["result"][0]
     with_lora = comfy.sd.load_lora_for_models(quantized, None, comfy.utils.load_torch_file(lora), 1.0, 0)[0]
     mm.unload_all_models()
-
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 8, 8, generator=gen)
-    sigma = torch.full((2,), 3.0)
-    context = positive[0][0].repeat(2, 1, 1)
+    inputs = (torch.randn(2, 4, 8, 8, generator=gen), torch.full((2,), 3.0), positive[0][0].repeat(2, 1, 1))
+    return partial_load_facts(quantized, with_lora, inputs, BUDGET)
+
+
+def wan_main(model_path: str, lora: str, pack_dir: str) -> dict:
+    """A synthetic Wan 2.1 diffusion model (``UNETLoader``'s load), the whole model quantized, a Wan LoRA."""
+    torch.set_num_threads(2)
+    from comfy.cli_args import args
+    args.cpu = True
+    import comfy.model_management as mm
+    import comfy.sd
+    import comfy.utils
+
+    qvd = load_pack(Path(pack_dir))
+    model = comfy.sd.load_diffusion_model(model_path)
+    gen = torch.Generator().manual_seed(0)
+    positive, negative = ([[torch.randn(1, 24, 4096, generator=gen) * 0.2, {}]] for _ in range(2))
+    latent = {"samples": torch.zeros(1, 16, 3, 8, 8)}
+    calibration = qvd["QVDCalibrate"]().calibrate(model, positive, negative, latent, 0, 2, 5.0, "euler", "simple",
+                                                  1, timestep_coverage=TINY["timestep_coverage"])["result"][0]
+    quantized = qvd["QVDQuantizeModel"]().quantize(model, calibration, 8, 8, True, True, "")["result"][0]
+    with_lora = comfy.sd.load_lora_for_models(quantized, None, comfy.utils.load_torch_file(lora), 1.0, 0)[0]
+    mm.unload_all_models()
+    inputs = (torch.randn(1, 16, 3, 8, 8, generator=gen), torch.full((1,), 0.7), positive[0][0])
+    return partial_load_facts(quantized, with_lora, inputs, 1 << 20)  # the toy model is 13 MB in fp32
+
+
+def partial_load_facts(quantized, with_lora, inputs: tuple, budget: int) -> dict:
+    """Whole, partial (``budget`` bytes) and partially unloaded loads of ``with_lora`` (the quantized MODEL with a LoRA)
+    and of ``quantized`` again, one model call each on ``inputs`` = (x, sigma, text context): outputs and facts."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    x, sigma, context = inputs
     cpu = torch.device("cpu")
 
     def output(patcher) -> torch.Tensor:
@@ -83,7 +114,7 @@ def main(checkpoint: str, lora: str, pack_dir: str) -> dict:
     offered, pin = [], mm.pin_memory  # what is offered for pinning (a CPU pins nothing: recorded, refused)
     mm.pin_memory = lambda t: offered.append((t.data_ptr(), t.is_contiguous())) and False
     try:
-        with_lora.patch_model(device_to=cpu, lowvram_model_memory=BUDGET)  # partial
+        with_lora.patch_model(device_to=cpu, lowvram_model_memory=budget)  # partial
     finally:
         mm.pin_memory = pin
     layers = quantized_layers(with_lora)
@@ -126,4 +157,5 @@ def main(checkpoint: str, lora: str, pack_dir: str) -> dict:
 
 
 if __name__ == "__main__":
-    print("QVD_PROBE " + json.dumps(main(*sys.argv[1:4])), flush=True)
+    run = wan_main if sys.argv[1] == "wan" else main
+    print("QVD_PROBE " + json.dumps(run(*sys.argv[2:5] if sys.argv[1] == "wan" else sys.argv[1:4])), flush=True)

@@ -200,3 +200,20 @@ def test_wan22_expert_pair_each_quantized_in_a_ksampler_advanced_split(wan_serve
     with safe_open(str(files[0]), "pt") as a, safe_open(str(files[1]), "pt") as b:
         key = "diffusion_model.blocks.0.self_attn.q.weight"
         assert not torch.equal(a.get_tensor(key), b.get_tensor(key))  # each expert's own codes
+
+
+def test_wan_low_vram_partial_load_with_a_lora_gives_the_whole_load_output(tmp_path):
+    """ComfyUI's partial load of the quantized Wan model with a Wan LoRA (``lowvram_probe.py wan``: the calls ComfyUI
+    makes when VRAM is short, in a ComfyUI process): offloaded quantized layers carry the LoRA as a call-time patch
+    and give exactly the whole-load output; a partial unload too; without the LoRA the model is as before."""
+    from comfy_host import REPO, run_probe
+    from synthetic_models import WAN_LORA_LAYERS, write_wan_lora
+
+    model = build_model("wan21", WAN_NAME)
+    write_wan_lora(model, tmp_path / "lora.safetensors")
+    probe = run_probe("lowvram_probe.py", "wan", model, tmp_path / "lora.safetensors", REPO, timeout=900)
+    print(f"\nWan low-VRAM: {probe}")
+    assert probe["model_lowvram"] and probe["offloaded"] > 0 and probe["offloaded_with_lora"] > 0, probe
+    assert probe["offloaded_with_lora"] == len(WAN_LORA_LAYERS) and probe["flags_cleared"], probe
+    assert probe["finite"] and probe["lora_effect"] > 0.01, probe
+    assert probe["lowvram_equal"] and probe["unloaded_equal"] and probe["quantized_restored"], probe
