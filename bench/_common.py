@@ -137,15 +137,18 @@ def host_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def host_probe(args, script: str, *probe_args, extra_files=lambda checkpoint: ()) -> dict:
+def host_probe(args, script: str, *probe_args, extra_files=lambda checkpoint: (), model=None) -> dict:
     """Run ``tests/host/<script> CHECKPOINT REPO PROBE_ARGS... [extra files] [ADE MOTION]`` in a ComfyUI process on
-    the seeded synthetic checkpoints the host tests build (``args`` from ``host_parser``)."""
+    the seeded synthetic checkpoints the host tests build (``args`` from ``host_parser``). ``model``: the kind of a
+    synthetic Wan model (``synthetic_models.py``), run as ``<script> wan MODEL REPO PROBE_ARGS...``."""
     if not (args.comfyui / "main.py").is_file():
         raise SystemExit(f"no ComfyUI at {args.comfyui}: run `make host`, or pass --comfyui")
     os.environ["COMFYUI_PATH"] = str(args.comfyui)  # read by comfy_host at import
     sys.path.insert(0, str(HOST_TESTS))
-    from comfy_host import CKPT_NAME, MOTION_NAME, REPO, build_model, run_probe
+    from comfy_host import CKPT_NAME, MOTION_NAME, REPO, build_model, run_probe, synth_name
 
+    if model is not None:
+        return run_probe(script, "wan", build_model(model, synth_name(model)), REPO, *probe_args, timeout=7200)
     checkpoint = build_model("sd15", CKPT_NAME)
     ade = (args.ade, build_model("motion", MOTION_NAME)) if args.ade else ()
     return run_probe(script, checkpoint, REPO, *probe_args, *extra_files(checkpoint), *ade, timeout=7200)

@@ -6,6 +6,7 @@ Prints a markdown table; the ratio is FP seconds / QVD seconds of the runs after
 also pays ``auto``'s per-shape timing and is shown apart).
 
     python -m bench.host_speed [--comfyui PATH] [--ade PATH] [--compute auto|int8|weight-only] [--runs 3]
+    python -m bench.host_speed --model wan [--size 256 --frames 9]   # Wan 2.1 1.3B's block width, 2 blocks
 """
 from __future__ import annotations
 
@@ -37,8 +38,9 @@ def table(f: dict, args) -> str:
     return "\n".join(rows + [
         "",
         f"Ratio FP / QVD (median of runs 2..{len(fp)}): **{warm_fp / warm_q:.2f}** (>= 1: QVD is faster); first run "
-        f"{fp[0] / q[0]:.2f}. Graph: {args.size} px, {args.frames} frames, {args.steps} steps, "
-        f"{'with' if args.ade else 'without'} the motion model; compute {args.compute}; torch threads {f['threads']}; "
+        f"{fp[0] / q[0]:.2f}. Graph: {getattr(args, 'model', 'sd15')}, {args.size} px, {args.frames} frames, "
+        f"{args.steps} steps, {'with' if args.ade else 'without'} a motion model; compute {args.compute}; "
+        f"torch threads {f['threads']}; "
         f"CPU ISA {cpu_flags()}.",
         f"Routes: {f['routes']['summary']}" + (f" ({f['routes']['skips_int8']})" if f["routes"]["skips_int8"] else "")
         + f". Output latent vs FP: relative error {f['rel_err']:.3f}.",
@@ -53,9 +55,17 @@ def main(argv=None) -> None:
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--model", choices=("sd15", "wan"), default="sd15",
+                   help="wan: the synthetic Wan 2.1 model at 1.3B's block width (2 blocks), --ade ignored")
     args = p.parse_args(argv)
     print(f"machine: {machine()}\n")
-    print(table(host_probe(args, "speed_probe.py", args.compute, args.size, args.frames, args.steps, args.runs), args))
+    sizes = (args.compute, args.size, args.frames, args.steps, args.runs)
+    if args.model == "wan":
+        args.ade = None
+        result = host_probe(args, "speed_probe.py", *sizes, model="wan21_1_3b_width")
+    else:
+        result = host_probe(args, "speed_probe.py", *sizes)
+    print(table(result, args))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,12 @@ def comfyui_version(path: Path = COMFYUI_PATH) -> str:
 MODEL_CACHE = Path(os.environ.get("QVD_HOST_MODEL_CACHE", REPO / ".cache" / "qvd-host" / comfyui_version()))
 SYNTH_VERSION = "v1"  # bump when synthetic_models.py changes what it writes
 CKPT_NAME = f"qvd_synth_sd15_{SYNTH_VERSION}.safetensors"
+
+
+def synth_name(kind: str) -> str:
+    """The cache file name of a synthetic model of ``kind`` (``synthetic_models.py``'s kinds)."""
+    return f"qvd_synth_{kind}_{SYNTH_VERSION}.safetensors"
+
 MOTION_NAME = f"qvd_synth_mm_sd_v15_v2_{SYNTH_VERSION}.safetensors"
 SERVER_START_TIMEOUT = 180.0
 PACK_NAME = "ComfyUI-QVD"

@@ -4,7 +4,11 @@ ADE's nodes), QVD Calibrate at a small size, QVD Quantize Model whole (``COMPUTE
 QVD, FP, QVD... with one seed. Prints one JSON line: the seconds of each run, the output error, what ``auto`` chose.
 
     python speed_probe.py CHECKPOINT PACK_DIR COMPUTE SIZE FRAMES STEPS RUNS [ADE_DIR MOTION_FILE]
+    python speed_probe.py wan WAN_MODEL PACK_DIR COMPUTE SIZE FRAMES STEPS RUNS
     (cwd = ComfyUI's directory, on PYTHONPATH)
+
+``wan``: a Wan 2.1 diffusion model (Load Diffusion Model's load; random 4096-wide text embeddings for the
+conditioning), a video latent of ``FRAMES`` video frames ((FRAMES - 1) / 4 + 1 latent frames), ``SIZE`` px.
 """
 from __future__ import annotations
 
@@ -40,10 +44,36 @@ def main(checkpoint: str, pack_dir: str, compute: str, size: int, frames: int, s
     quantized, report = qvd["QVDQuantizeModel"]().quantize(model, calibration, 8, 8, True, True, "",
                                                            compute)["result"]
     latent = nodes.EmptyLatentImage().generate(size, size, frames)[0]
+    return alternated(model, quantized, report, positive, negative, latent, steps, runs, "normal", kernels)
+
+
+def wan_main(model_path: str, pack_dir: str, compute: str, size: int, frames: int, steps: int, runs: int) -> dict:
+    from comfy.cli_args import args
+    args.cpu = True
+    import comfy.sd
+
+    qvd = load_pack(Path(pack_dir))
+    kernels = sys.modules["qvd_pack_probe.qvd.kernels"]
+    model = comfy.sd.load_diffusion_model(model_path)
+    gen = torch.Generator().manual_seed(0)
+    positive, negative = ([[torch.randn(1, 24, 4096, generator=gen) * 0.2, {}]] for _ in range(2))
+    video = lambda s: {"samples": torch.zeros(1, 16, (frames - 1) // 4 + 1, s // 8, s // 8)}
+    calibration = qvd["QVDCalibrate"]().calibrate(model, positive, negative, video(64), 0, 1, 5.0, "euler", "simple",
+                                                  1, timestep_coverage=TINY["timestep_coverage"])["result"][0]
+    quantized, report = qvd["QVDQuantizeModel"]().quantize(model, calibration, 8, 8, True, True, "",
+                                                           compute)["result"]
+    return alternated(model, quantized, report, positive, negative, video(size), steps, runs, "simple", kernels)
+
+
+def alternated(model, quantized, report: str, positive, negative, latent: dict, steps: int, runs: int,
+               scheduler: str, kernels) -> dict:
+    """KSampler (seed 42, euler, CFG 5) on the FP and the quantized MODEL, alternated ``runs`` times: seconds of each
+    run, the output error, what ``auto`` chose."""
+    import nodes
 
     def sample(m):
         t0 = time.perf_counter()
-        out = nodes.common_ksampler(m, 42, steps, 5.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+        out = nodes.common_ksampler(m, 42, steps, 5.0, "euler", scheduler, positive, negative, latent)[0]["samples"]
         return time.perf_counter() - t0, out
 
     seconds = {"fp": [], "qvd": []}
@@ -62,5 +92,8 @@ def main(checkpoint: str, pack_dir: str, compute: str, size: int, frames: int, s
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    result = main(a[0], a[1], a[2], *map(int, a[3:7]), *a[7:])
+    if a[0] == "wan":
+        result = wan_main(a[1], a[2], a[3], *map(int, a[4:8]))
+    else:
+        result = main(a[0], a[1], a[2], *map(int, a[3:7]), *a[7:])
     print("QVD_PROBE " + json.dumps(result))

@@ -12,8 +12,8 @@
 ComfyUI builds layers uninitialised, so every parameter is filled explicitly from one seeded generator:
 norm weights 1 / biases 0, other weights N(0, 0.02), other biases N(0, 0.01).
 Run as a script to write a file: ``python synthetic_models.py KIND OUT.safetensors``, KIND one of sd15, sdxl,
-motion, motion_sdxl, motion_hotshotxl, wan21, wan21_low (another seed: a Wan 2.2 A14B-style expert pair; for the
-checkpoints and the Wan models with ComfyUI on ``sys.path``, e.g. from its directory).
+motion, motion_sdxl, motion_hotshotxl, wan21, wan21_low (another seed: a Wan 2.2 A14B-style expert pair),
+wan21_1_3b_width (for speed; the checkpoints and the Wan models with ComfyUI on ``sys.path``, e.g. from its directory).
 """
 from __future__ import annotations
 
@@ -122,7 +122,11 @@ WAN_CONFIG = {"model_type": "t2v", "dim": 256, "ffn_dim": 512, "num_heads": 2, "
               "out_dim": 16, "text_dim": 4096, "freq_dim": 256}
 
 
-def build_wan_model(path: str, seed: int = SEED) -> None:
+# Wan 2.1 T2V 1.3B's block width (dim 1536, 12 heads, ffn 8960) at 2 of its 30 blocks: its GEMM shapes, for speed.
+WAN_1_3B_WIDTH = {**WAN_CONFIG, "dim": 1536, "ffn_dim": 8960, "num_heads": 12}
+
+
+def build_wan_model(path: str, seed: int = SEED, config: dict = WAN_CONFIG) -> None:
     """Write a seeded fp16 Wan 2.1 T2V diffusion model (ComfyUI's key layout, no prefix) to ``path``; checks that
     ComfyUI detects it as Wan 2.1 T2V."""
     from comfy.cli_args import args
@@ -131,7 +135,7 @@ def build_wan_model(path: str, seed: int = SEED) -> None:
     import comfy.ops
     from comfy.ldm.wan.model import WanModel
 
-    model = WanModel(**WAN_CONFIG, operations=comfy.ops.disable_weight_init, device="cpu", dtype=torch.float32)
+    model = WanModel(**config, operations=comfy.ops.disable_weight_init, device="cpu", dtype=torch.float32)
     init_seeded_([model], seed)
     with torch.no_grad():  # a trained DiT's signal: unit-gain layers (std 1 / sqrt(fan in)), adaLN gates ~ 0.5
         for name, p in model.named_parameters():
@@ -315,7 +319,8 @@ if __name__ == "__main__":
     {"sd15": build_sd15_checkpoint, "motion": build_motion_model, "sdxl": build_sdxl_checkpoint,
      "motion_sdxl": lambda p: build_motion_model(p, sdxl=True),
      "motion_hotshotxl": lambda p: build_motion_model(p, sdxl=True, hotshot=True), "wan21": build_wan_model,
-     "wan21_low": lambda p: build_wan_model(p, seed=SEED + 7)}[kind](out)
+     "wan21_low": lambda p: build_wan_model(p, seed=SEED + 7),
+     "wan21_1_3b_width": lambda p: build_wan_model(p, config=WAN_1_3B_WIDTH)}[kind](out)
 
 
 def write_hypernetwork(path, dims=(320, 640, 1280, 768), std: float = 0.02) -> None:

@@ -217,3 +217,21 @@ def test_wan_low_vram_partial_load_with_a_lora_gives_the_whole_load_output(tmp_p
     assert probe["offloaded_with_lora"] == len(WAN_LORA_LAYERS) and probe["flags_cleared"], probe
     assert probe["finite"] and probe["lora_effect"] > 0.01, probe
     assert probe["lowvram_equal"] and probe["unloaded_equal"] and probe["quantized_restored"], probe
+
+
+def test_wan_at_1_3b_block_width_samples_at_least_as_fast_as_fp():
+    """Never slower than full precision: the synthetic Wan 2.1 at 1.3B's block width (dim 1536, ffn 8960; 2 blocks),
+    KSampler on the FP and the quantized MODEL (compute auto) alternated in one ComfyUI process (``speed_probe.py
+    wan``, what ``python -m bench.host_speed --model wan`` prints); 128 px, 9 frames (192 tokens), 2 steps."""
+    import argparse
+    import statistics
+
+    from bench.host_speed import table
+    from comfy_host import REPO, run_probe, synth_name
+
+    model = build_model("wan21_1_3b_width", synth_name("wan21_1_3b_width"))
+    f = run_probe("speed_probe.py", "wan", model, REPO, "auto", 128, 9, 2, 3, timeout=1800)
+    print("\n" + table(f, argparse.Namespace(model="wan", size=128, frames=9, steps=2, ade=None, compute="auto")))
+    fp, q = f["seconds"]["fp"], f["seconds"]["qvd"]
+    assert statistics.median(fp[1:]) / statistics.median(q[1:]) >= 0.9, (f["seconds"], f["routes"])
+    assert 0 < f["rel_err"] < 0.1, f["rel_err"]
