@@ -84,10 +84,55 @@ def wan_main(model_path: str, lora: str, pack_dir: str) -> dict:
     calibration = qvd["QVDCalibrate"]().calibrate(model, positive, negative, latent, 0, 2, 5.0, "euler", "simple",
                                                   1, timestep_coverage=TINY["timestep_coverage"])["result"][0]
     quantized = qvd["QVDQuantizeModel"]().quantize(model, calibration, 8, 8, True, True, "")["result"][0]
-    with_lora = comfy.sd.load_lora_for_models(quantized, None, comfy.utils.load_torch_file(lora), 1.0, 0)[0]
+    lora_sd = comfy.utils.load_torch_file(lora)
+    with_lora = comfy.sd.load_lora_for_models(quantized, None, lora_sd, 1.0, 0)[0]
+    budget = 1 << 20  # the toy model is 13 MB in fp32
+    per_layer = lora_per_layer(model, quantized, with_lora, comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0,
+                                                                                          0)[0], calibration, budget)
     mm.unload_all_models()
     inputs = (torch.randn(1, 16, 3, 8, 8, generator=gen), torch.full((1,), 0.7), positive[0][0])
-    return partial_load_facts(quantized, with_lora, inputs, 1 << 20)  # the toy model is 13 MB in fp32
+    return {**partial_load_facts(quantized, with_lora, inputs, budget), **per_layer}
+
+
+def lora_per_layer(model, quantized, with_lora, fp_with_lora, calibration, budget: int) -> dict:
+    """Each quantized layer the LoRA patches, run on its calibration rows, loaded whole and partially: its change
+    against FP's ``dW x`` (``dW`` from ComfyUI's ``calculate_weight``), the worst cosine and the magnitudes."""
+    import comfy.lora
+    import comfy.model_management as mm
+    from lora_probe import fp_effect, layer_input
+
+    layers = lambda p: {n: m for n, m in p.model.named_modules() if getattr(m, "qvd_quantized", False)}
+    fp_weights = {n: m.weight.detach().float().clone() for n, m in model.model.named_modules()
+                  if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    mm.load_models_gpu([quantized])
+    with torch.inference_mode():
+        base = {n: m(layer_input(m, calibration.layers[n].rows)[1]) for n, m in layers(quantized).items()}
+    mm.unload_all_models()
+    out = {}
+    for path in ("whole", "partial"):
+        if path == "whole":
+            mm.load_models_gpu([with_lora])
+        else:
+            with_lora.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=budget)
+        cos, mags = [], []
+        with torch.inference_mode():
+            for n, m in layers(with_lora).items():
+                key = f"{n}.weight"
+                if key not in with_lora.patches:
+                    continue
+                x, seen = layer_input(m, calibration.layers[n].rows)
+                w = fp_weights[n]
+                want = fp_effect(m, x, comfy.lora.calculate_weight(fp_with_lora.patches[key], w.clone(), key) - w)
+                got = m(seen) - base[n]
+                cos.append(float(torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), 0)))
+                mags.append(float(got.norm() / want.norm()))
+        out[f"per_layer_{path}"] = {"layers": len(cos), "worst_cos": min(cos), "min_mag": min(mags),
+                                    "max_mag": max(mags)}
+        if path == "whole":
+            mm.unload_all_models()
+        else:
+            with_lora.unpatch_model(torch.device("cpu"))
+    return out
 
 
 def partial_load_facts(quantized, with_lora, inputs: tuple, budget: int) -> dict:

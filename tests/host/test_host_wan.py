@@ -202,10 +202,11 @@ def test_wan22_expert_pair_each_quantized_in_a_ksampler_advanced_split(wan_serve
         assert not torch.equal(a.get_tensor(key), b.get_tensor(key))  # each expert's own codes
 
 
-def test_wan_low_vram_partial_load_with_a_lora_gives_the_whole_load_output(tmp_path):
-    """ComfyUI's partial load of the quantized Wan model with a Wan LoRA (``lowvram_probe.py wan``: the calls ComfyUI
-    makes when VRAM is short, in a ComfyUI process): offloaded quantized layers carry the LoRA as a call-time patch
-    and give exactly the whole-load output; a partial unload too; without the LoRA the model is as before."""
+def test_wan_lora_exact_per_layer_and_under_a_low_vram_partial_load(tmp_path):
+    """The Wan LoRA on the quantized Wan model (``lowvram_probe.py wan``, in a ComfyUI process, with the calls ComfyUI
+    makes when VRAM is short): per patched layer, its change on the layer's calibration rows against FP's ``dW x``,
+    loaded whole and partially; offloaded quantized layers carry the LoRA as a call-time patch and give exactly the
+    whole-load output; a partial unload too; without the LoRA the model is as before."""
     from comfy_host import REPO, run_probe
     from synthetic_models import WAN_LORA_LAYERS, write_wan_lora
 
@@ -217,6 +218,10 @@ def test_wan_low_vram_partial_load_with_a_lora_gives_the_whole_load_output(tmp_p
     assert probe["offloaded_with_lora"] == len(WAN_LORA_LAYERS) and probe["flags_cleared"], probe
     assert probe["finite"] and probe["lora_effect"] > 0.01, probe
     assert probe["lowvram_equal"] and probe["unloaded_equal"] and probe["quantized_restored"], probe
+    for path in ("whole", "partial"):  # per layer, on its calibration rows, against FP's dW x
+        layer = probe[f"per_layer_{path}"]
+        assert layer["layers"] == len(WAN_LORA_LAYERS) and layer["worst_cos"] > 0.9999, layer
+        assert 0.9999 < layer["min_mag"] <= layer["max_mag"] < 1.0001, layer
 
 
 def test_wan_at_1_3b_block_width_samples_at_least_as_fast_as_fp():
