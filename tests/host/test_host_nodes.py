@@ -210,7 +210,8 @@ def test_quantize_without_calibration_is_rejected(comfy_server):
 def test_load_rejects_a_file_made_from_another_model(comfy_server):
     from qvd import Calibrator, QVDConfig, quantize_model, save_quantized
 
-    other = torch.nn.ModuleDict({"diffusion_model": torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))})
+    other = torch.nn.ModuleDict({"diffusion_model": torch.nn.Sequential(  # first and last stay float: 3 layers
+        torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))})
     with Calibrator(other, QVDConfig()) as cal:
         other["diffusion_model"](torch.randn(32, 8))
     result = quantize_model(other, cal.result(), QVDConfig(), apply=False)
