@@ -54,6 +54,11 @@ NODE_TYPES = {
     "VAELoader": ([], ["vae_name"], [("VAE", "VAE")]),
     "ModelSamplingSD3": ([("model", "MODEL")], ["shift"], [("MODEL", "MODEL")]),
     "EmptyHunyuanLatentVideo": ([], ["width", "height", "length", "batch_size"], [("LATENT", "LATENT")]),
+    "KSamplerAdvanced": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                          ("latent_image", "LATENT")],
+                         ["add_noise", "noise_seed", "control_after_generate", "steps", "cfg", "sampler_name",
+                          "scheduler", "start_at_step", "end_at_step", "return_with_leftover_noise"],
+                         [("LATENT", "LATENT")]),
     "ADE_LoadAnimateDiffModel": ([("ad_settings", "AD_SETTINGS")], ["model_name"],
                                  [("MOTION_MODEL", "MOTION_MODEL_ADE")]),
     "ADE_ApplyAnimateDiffModelSimple": ([("motion_model", "MOTION_MODEL_ADE"), ("motion_lora", "MOTION_LORA"),
@@ -122,6 +127,36 @@ def _wan21():
     }
 
 
+WAN22_SAMPLING = {"steps": 20, "cfg": 3.5, "sampler_name": "euler", "scheduler": "simple"}
+
+
+def _wan22_a14b():
+    """Wan 2.2 T2V A14B: the high-noise expert samples steps 0-10 (leftover noise returned), the low-noise expert
+    10-20, each calibrated (over the whole schedule) and quantized in the graph, both saved."""
+    spec = _wan21()
+    for nid in (12, 20):
+        del spec[nid]
+    spec[1] = ("UNETLoader", {"unet_name": "wan2.2_t2v_high_noise_14B_fp16.safetensors", "weight_dtype": "default"})
+    spec[41] = ("UNETLoader", {"unet_name": "wan2.2_t2v_low_noise_14B_fp16.safetensors", "weight_dtype": "default"})
+    spec[46] = ("ModelSamplingSD3", {"model": (41, 0), "shift": 8.0})
+    spec[4] = ("EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 81, "batch_size": 1})
+    for cal, quant, save, model, name in ((10, 11, 12, 6, "high"), (50, 51, 52, 46, "low")):
+        spec[cal] = ("QVDCalibrate", {**spec[10][1], "model": (model, 0), **WAN22_SAMPLING})
+        spec[quant] = ("QVDQuantizeModel", {**spec[11][1], "model": (model, 0), "calibration": (cal, 0)})
+        spec[save] = ("QVDSaveQuantized", {"model": (quant, 0), "filename": f"qvd_w8a8_wan22_t2v_{name}_noise"})
+    run = {"positive": (2, 0), "negative": (3, 0), **{k: WAN22_SAMPLING[k] for k in ("steps", "cfg", "sampler_name",
+                                                                                       "scheduler")}}
+    spec[60] = ("KSamplerAdvanced", {"model": (11, 0), **run, "latent_image": (4, 0), "add_noise": "enable",
+                                     "noise_seed": 42, "control_after_generate": "fixed", "start_at_step": 0,
+                                     "end_at_step": 10, "return_with_leftover_noise": "enable"})
+    spec[61] = ("KSamplerAdvanced", {"model": (51, 0), **run, "latent_image": (60, 0), "add_noise": "disable",
+                                     "noise_seed": 0, "control_after_generate": "fixed", "start_at_step": 10,
+                                     "end_at_step": 10000, "return_with_leftover_noise": "disable"})
+    spec[21] = ("VAEDecode", {"samples": (61, 0), "vae": (7, 0)})
+    spec[22] = ("SaveAnimatedWEBP", {**spec[22][1], "filename_prefix": "qvd/wan22_t2v"})
+    return spec
+
+
 def _ade(model_ref, motion_model="mm_sd_v15_v2.ckpt"):
     return {
         5: ("ADE_LoadAnimateDiffModel", {"model_name": motion_model}),
@@ -187,6 +222,8 @@ WORKFLOWS = {
                                                 **_calibrate_quantize((7, 0), "qvd_w8a8_sdxl")},
     # (f) Wan 2.1 T2V (a DiT: layer roles found by calibration), native nodes, calibrated and quantized.
     "qvd_wan21_t2v_calibrate_quantize": _wan21(),
+    # (g) Wan 2.2 T2V A14B: its two experts, each calibrated and quantized, in two KSamplerAdvanced.
+    "qvd_wan22_t2v_a14b_calibrate_quantize": _wan22_a14b(),
 }
 FRONTEND_ONLY = ("control_after_generate", "upload")  # widgets the frontend keeps out of the API prompt
 

@@ -162,40 +162,25 @@ def test_wan_lora_in_the_distillation_loras_format_runs_on_the_quantized_model(w
 
 
 def test_wan22_expert_pair_each_quantized_in_a_ksampler_advanced_split(wan_server):
-    """Wan 2.2 A14B's graph: a high-noise and a low-noise expert (Wan 2.1's architecture, two files), each through
-    its own QVD Calibrate -> QVD Quantize Model, sampled by two KSamplerAdvanced (steps 0-2 with the high-noise expert,
-    leftover noise returned; 2-4 with the low-noise one); the two quantized models in one graph stay apart."""
-    wf = wan_graph("wan22_high")
-    graph = without(copy.deepcopy(wf), "20")
-    graph["41"] = {"class_type": "UNETLoader", "inputs": {"unet_name": WAN_LOW_NAME, "weight_dtype": "default"}}
-    graph["46"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["41", 0], "shift": 8.0}}
-    for nid, model in (("50", ["46", 0]), ("51", ["46", 0]), ("52", ["51", 0])):
-        graph[nid] = copy.deepcopy(wf[str(int(nid) - 40)])
-        graph[nid]["inputs"]["model"] = model
-    graph["51"]["inputs"]["calibration"] = ["50", 0]
-    graph["52"]["inputs"]["filename"] = "wan22_low"
-    sampling = {k: wf["20"]["inputs"][k] for k in ("steps", "cfg", "sampler_name", "scheduler", "positive",
-                                                   "negative")}
-
-    def split(high: list, low: list, prefix: str) -> dict:
-        g = copy.deepcopy(graph)
-        g["60"] = {"class_type": "KSamplerAdvanced", "inputs": {
-            "model": high, "add_noise": "enable", "noise_seed": wf["20"]["inputs"]["seed"], **sampling,
-            "latent_image": ["4", 0], "start_at_step": 0, "end_at_step": 2, "return_with_leftover_noise": "enable"}}
-        g["61"] = {"class_type": "KSamplerAdvanced", "inputs": {
-            "model": low, "add_noise": "disable", "noise_seed": 0, **sampling, "latent_image": ["60", 0],
-            "start_at_step": 2, "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
-        return with_latent_output(g, "61", prefix)
-
-    fp_graph_ = without(split(["6", 0], ["46", 0], "wan22_fp"), "10", "11", "12", "50", "51", "52")
-    fp = read_latent(wan_server, wan_server.run(fp_graph_), "save_wan22_fp")
-    entry = wan_server.run(split(["11", 0], ["51", 0], "wan22_q"))
+    """Workflow (g), Wan 2.2 A14B's graph: a high-noise and a low-noise expert (Wan 2.1's architecture, two files),
+    each through its own QVD Calibrate -> QVD Quantize Model, sampled by two KSamplerAdvanced (steps 0-2 with the
+    high-noise expert, leftover noise returned; 2-4 with the low-noise one); the two quantized models in one graph
+    stay apart."""
+    wf = without(tiny(load_api("qvd_wan22_t2v_a14b_calibrate_quantize"), **SIZES), "5", "7", "21", "22")
+    wf["1"]["inputs"]["unet_name"], wf["41"]["inputs"]["unet_name"] = WAN_NAME, WAN_LOW_NAME
+    for nid, text in (("2", "a red fox running through fresh snow"), ("3", "blurry, low quality")):
+        wf[nid] = {"class_type": "QVDTestTextEmbedding", "inputs": {"text": text, "tokens": 24, "width": 4096}}
+    wf["60"]["inputs"]["end_at_step"] = wf["61"]["inputs"]["start_at_step"] = SIZES["steps"] // 2
+    wf["12"]["inputs"]["filename"], wf["52"]["inputs"]["filename"] = "wan22_high", "wan22_low"
+    fp = with_latent_output(without(copy.deepcopy(wf), "10", "11", "12", "50", "51", "52"), "61", "wan22_fp")
+    fp["60"]["inputs"]["model"], fp["61"]["inputs"]["model"] = ["6", 0], ["46", 0]
+    fp = read_latent(wan_server, wan_server.run(fp), "save_wan22_fp")
+    entry = wan_server.run(with_latent_output(wf, "61", "wan22_q"))
     q = read_latent(wan_server, entry, "save_wan22_q")
     rel = float((q - fp).norm() / fp.norm())
     print(f"\nWan 2.2-style expert pair (KSamplerAdvanced 0-2 / 2-4): W8A8 vs FP {rel:.4f}")
     assert torch.isfinite(q).all() and 0 < rel < BOUND, rel
-    for name in ("wan22_high", "wan22_low"):
-        assert "head.head (float)" in entry["outputs"]["11" if name.endswith("high") else "51"]["text"][0]
+    assert all("head.head (float)" in entry["outputs"][nid]["text"][0] for nid in ("11", "51"))
     files = [wan_server.base / "models" / "qvd" / f"{n}.safetensors" for n in ("wan22_high", "wan22_low")]
     with safe_open(str(files[0]), "pt") as a, safe_open(str(files[1]), "pt") as b:
         key = "diffusion_model.blocks.0.self_attn.q.weight"
