@@ -83,6 +83,8 @@ def _distinct_rows_at_most(x2: torch.Tensor, limit: int) -> bool:
     input is told apart at the cost of a small sort)."""
     if x2.shape[0] <= limit:
         return True
+    # Bit patterns as integers: exact, and torch.unique runs on them for every float dtype and device.
+    x2 = x2.contiguous().view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x2.element_size()])
     step = max(1, x2.shape[1] // _PROBE_COLUMNS)
     if torch.unique(x2[:, ::step], dim=0).shape[0] > limit:
         return False

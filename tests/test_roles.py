@@ -196,3 +196,17 @@ def test_one_timestep_shows_no_temporal_layer():
     calibration = cal.result()
     assert not any(s.temporal for s in calibration.layers.values())
     assert calibration.roles["last"] == ["head.head"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_broadcast_rows_are_counted_exactly_in_every_float_dtype(dtype):
+    """Counting distinct rows compares bit patterns (torch.unique runs on integers everywhere): a time vector
+    repeated over 64 frames is one row, one token that differs makes two, tokens are many."""
+    from qvd.calibrate import _distinct_rows_at_most
+
+    g = torch.Generator().manual_seed(0)
+    vector = torch.randn(1, 48, generator=g).to(dtype).expand(64, 48)
+    assert _distinct_rows_at_most(vector, 1)
+    assert not _distinct_rows_at_most(torch.cat([vector, vector[:1] + 1]), 1)
+    assert _distinct_rows_at_most(torch.cat([vector, vector[:1] + 1]), 2)
+    assert not _distinct_rows_at_most(torch.randn(64, 48, generator=g).to(dtype), 8)
