@@ -1,7 +1,8 @@
 """The one-command GPU check (``make gpu-check``): are QVD's kernels right and fast on this GPU?
 
 1. Correctness of every kernel on CUDA against ``qvd.kernels.reference`` (plain torch) at SD1.5 + motion-module
-   shapes, Wan 2.1 1.3B / 14B block shapes at a 480p clip's 32,760 tokens (``bench.layers.wan_shapes``) and odd ones: fp16 and bf16 activations, SCRI shift / scale, a non-zero zero point, strides 1 and 2,
+   shapes, Wan 2.1 1.3B / 14B block shapes at a 480p clip's 32,760 tokens (``bench.layers.wan_shapes``) and odd
+   ones: fp16 and bf16 activations, SCRI shift / scale, a non-zero zero point, strides 1 and 2,
    padding; quantize codes must be equal, outputs within the dtype's rounding. Any kernel that fell back to the
    torch route is a failure.
 2. Per layer: W8A8 (fp16 in / out, the variant the dispatcher keeps) against cuBLAS fp16 / bf16, ``torch._int_mm``

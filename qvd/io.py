@@ -25,8 +25,9 @@ Calibration: metadata key ``qvd_calibration``, format ``qvd-calibration`` versio
 ``<name>::ch_min`` / ``::ch_max`` (F32 [C]), ``::rows`` (F32 [R, D], D = in features or C * kh * kw),
 ``::temporal`` (F32 [T, in], temporal layers). Metadata: ``layers`` (``signature``, ``temporal``, ``calls``,
 ``temporal_timesteps``, optional ``conditioning_only``), ``timesteps``, ``norm_groups`` (norm -> consuming layers),
-``roles`` (``first`` / ``last`` -> module names, ``Calibration.roles``), ``fingerprint``, optional ``patches`` (``Calibration.patches``), ``coverage`` (the timesteps of ``timesteps`` that
-coverage calls added) and ``settings`` (what was sampled: name -> short string or number).
+``roles`` (``first`` / ``last`` -> module names, ``Calibration.roles``), ``fingerprint``, optional ``patches``
+(``Calibration.patches``), ``coverage`` (the timesteps of ``timesteps`` that coverage calls added) and ``settings``
+(what was sampled: name -> short string or number).
 """
 from __future__ import annotations
 

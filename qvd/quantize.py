@@ -208,7 +208,8 @@ class _Rows:
 
 
 CONDITIONING = "input the same at every calibrated timestep (conditioning path): no prompt-specific SCRI"
-ROLE_TEMPORAL = "temporal: one input vector per sample (broadcast over its tokens / frames) that changes with the timestep"
+ROLE_TEMPORAL = ("temporal: one input vector per sample (broadcast over its tokens / frames) that changes with the "
+                 "timestep")
 ROLE_FIRST = "first: reads the model's input"
 ROLE_LAST = "last: its output is the model's output"
 
