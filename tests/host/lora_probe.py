@@ -48,6 +48,20 @@ def fp_effect(module, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, dw, None, module.stride, module.padding)
 
 
+def change_against_fp(name: str, module, calibration, base: torch.Tensor, fp_weight: torch.Tensor,
+                      fp_patcher) -> tuple[float, float]:
+    """(cosine, magnitude ratio) of a patched quantized layer's change on its calibration rows (its output less
+    ``base``, the unpatched output) against FP's ``dW x`` (``dW`` from ComfyUI's ``calculate_weight`` of the patches
+    ``fp_patcher`` holds for the layer)."""
+    import comfy.lora
+
+    x, seen = layer_input(module, calibration.layers[name].rows)
+    key = f"{name}.weight"
+    dw = comfy.lora.calculate_weight(fp_patcher.patches[key], fp_weight.clone(), key) - fp_weight
+    want, got = fp_effect(module, x, dw), module(seen) - base
+    return float(F.cosine_similarity(got.flatten(), want.flatten(), 0)), float(got.norm() / want.norm())
+
+
 def main(checkpoint: str, pack_dir: str, work_dir: str) -> dict:
     start = time.time()
     torch.set_num_threads(2)
@@ -100,13 +114,9 @@ def main(checkpoint: str, pack_dir: str, work_dir: str) -> dict:
             for n in names:
                 m = patcher.model.get_submodule(n)
                 offloaded += bool(m.comfy_cast_weights and m.weight_function)
-                x, seen = layer_input(m, calibration.layers[n].rows)
-                key = f"{n}.weight"
-                w = fp_weights[n]
-                dw = comfy.lora.calculate_weight(fp_patcher.patches[key], w.clone(), key) - w
-                want, got = fp_effect(m, x, dw), m(seen) - base[n]
-                worst_cos = min(worst_cos, float(F.cosine_similarity(got.flatten(), want.flatten(), 0)))
-                mags.append(float(got.norm() / want.norm()))
+                cos, mag = change_against_fp(n, m, calibration, base[n], fp_weights[n], fp_patcher)
+                worst_cos = min(worst_cos, cos)
+                mags.append(mag)
                 facts["codes_unchanged"] &= torch.equal(m.weight, codes[n])
         facts["results"].append({"kind": kind, "path": path, "ratio": ratio, "layers": len(names),
                                  "offloaded_with_patch": offloaded, "worst_cos": worst_cos,

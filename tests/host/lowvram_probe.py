@@ -67,6 +67,21 @@ def main(checkpoint: str, lora: str, pack_dir: str) -> dict:
     return partial_load_facts(quantized, with_lora, inputs, BUDGET)
 
 
+def wan_calibrated(model_path: str, pack_dir: str, frames: int = 9, steps: int = 2) -> tuple:
+    """(the pack's nodes, a Wan diffusion model as Load Diffusion Model loads it, a positive and a negative
+    conditioning of umt5's shape (seeded), QVD Calibrate's result at 64 px and ``frames`` video frames)."""
+    import comfy.sd
+
+    qvd = load_pack(Path(pack_dir))
+    model = comfy.sd.load_diffusion_model(model_path)
+    gen = torch.Generator().manual_seed(0)
+    positive, negative = ([[torch.randn(1, 24, 4096, generator=gen) * 0.2, {}]] for _ in range(2))
+    latent = {"samples": torch.zeros(1, 16, (frames - 1) // 4 + 1, 8, 8)}
+    calibration = qvd["QVDCalibrate"]().calibrate(model, positive, negative, latent, 0, steps, 5.0, "euler", "simple",
+                                                  1, timestep_coverage=TINY["timestep_coverage"])["result"][0]
+    return qvd, model, positive, negative, calibration
+
+
 def wan_main(model_path: str, lora: str, pack_dir: str) -> dict:
     """A synthetic Wan 2.1 diffusion model (``UNETLoader``'s load), the whole model quantized, a Wan LoRA."""
     torch.set_num_threads(2)
@@ -76,13 +91,8 @@ def wan_main(model_path: str, lora: str, pack_dir: str) -> dict:
     import comfy.sd
     import comfy.utils
 
-    qvd = load_pack(Path(pack_dir))
-    model = comfy.sd.load_diffusion_model(model_path)
-    gen = torch.Generator().manual_seed(0)
-    positive, negative = ([[torch.randn(1, 24, 4096, generator=gen) * 0.2, {}]] for _ in range(2))
-    latent = {"samples": torch.zeros(1, 16, 3, 8, 8)}
-    calibration = qvd["QVDCalibrate"]().calibrate(model, positive, negative, latent, 0, 2, 5.0, "euler", "simple",
-                                                  1, timestep_coverage=TINY["timestep_coverage"])["result"][0]
+    qvd, model, positive, _, calibration = wan_calibrated(model_path, pack_dir)
+    gen = torch.Generator().manual_seed(1)
     quantized = qvd["QVDQuantizeModel"]().quantize(model, calibration, 8, 8, True, True, "")["result"][0]
     lora_sd = comfy.utils.load_torch_file(lora)
     with_lora = comfy.sd.load_lora_for_models(quantized, None, lora_sd, 1.0, 0)[0]
@@ -97,9 +107,8 @@ def wan_main(model_path: str, lora: str, pack_dir: str) -> dict:
 def lora_per_layer(model, quantized, with_lora, fp_with_lora, calibration, budget: int) -> dict:
     """Each quantized layer the LoRA patches, run on its calibration rows, loaded whole and partially: its change
     against FP's ``dW x`` (``dW`` from ComfyUI's ``calculate_weight``), the worst cosine and the magnitudes."""
-    import comfy.lora
     import comfy.model_management as mm
-    from lora_probe import fp_effect, layer_input
+    from lora_probe import change_against_fp, layer_input
 
     layers = lambda p: {n: m for n, m in p.model.named_modules() if getattr(m, "qvd_quantized", False)}
     fp_weights = {n: m.weight.detach().float().clone() for n, m in model.model.named_modules()
@@ -117,15 +126,10 @@ def lora_per_layer(model, quantized, with_lora, fp_with_lora, calibration, budge
         cos, mags = [], []
         with torch.inference_mode():
             for n, m in layers(with_lora).items():
-                key = f"{n}.weight"
-                if key not in with_lora.patches:
-                    continue
-                x, seen = layer_input(m, calibration.layers[n].rows)
-                w = fp_weights[n]
-                want = fp_effect(m, x, comfy.lora.calculate_weight(fp_with_lora.patches[key], w.clone(), key) - w)
-                got = m(seen) - base[n]
-                cos.append(float(torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), 0)))
-                mags.append(float(got.norm() / want.norm()))
+                if f"{n}.weight" in with_lora.patches:
+                    c, mag = change_against_fp(n, m, calibration, base[n], fp_weights[n], fp_with_lora)
+                    cos.append(c)
+                    mags.append(mag)
         out[f"per_layer_{path}"] = {"layers": len(cos), "worst_cos": min(cos), "min_mag": min(mags),
                                     "max_mag": max(mags)}
         if path == "whole":

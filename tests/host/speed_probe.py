@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from comfy_host import TINY
-from lowvram_probe import load_pack
+from lowvram_probe import load_pack, wan_calibrated
 from size_probe import _load_ade, _with_motion
 
 
@@ -50,19 +50,13 @@ def main(checkpoint: str, pack_dir: str, compute: str, size: int, frames: int, s
 def wan_main(model_path: str, pack_dir: str, compute: str, size: int, frames: int, steps: int, runs: int) -> dict:
     from comfy.cli_args import args
     args.cpu = True
-    import comfy.sd
 
-    qvd = load_pack(Path(pack_dir))
+    qvd, model, positive, negative, calibration = wan_calibrated(model_path, pack_dir, frames, steps=1)
     kernels = sys.modules["qvd_pack_probe.qvd.kernels"]
-    model = comfy.sd.load_diffusion_model(model_path)
-    gen = torch.Generator().manual_seed(0)
-    positive, negative = ([[torch.randn(1, 24, 4096, generator=gen) * 0.2, {}]] for _ in range(2))
-    video = lambda s: {"samples": torch.zeros(1, 16, (frames - 1) // 4 + 1, s // 8, s // 8)}
-    calibration = qvd["QVDCalibrate"]().calibrate(model, positive, negative, video(64), 0, 1, 5.0, "euler", "simple",
-                                                  1, timestep_coverage=TINY["timestep_coverage"])["result"][0]
     quantized, report = qvd["QVDQuantizeModel"]().quantize(model, calibration, 8, 8, True, True, "",
                                                            compute)["result"]
-    return alternated(model, quantized, report, positive, negative, video(size), steps, runs, "simple", kernels)
+    latent = {"samples": torch.zeros(1, 16, (frames - 1) // 4 + 1, size // 8, size // 8)}
+    return alternated(model, quantized, report, positive, negative, latent, steps, runs, "simple", kernels)
 
 
 def alternated(model, quantized, report: str, positive, negative, latent: dict, steps: int, runs: int,
