@@ -27,7 +27,8 @@ from synthetic_models import sd15_controlnet_state_dict
 FRAMES, SIZE, DENOISE = 4, 64, 0.6
 
 
-def main(checkpoint: str, pack_dir: str) -> dict:
+def main(checkpoint: str, pack_dir: str, files: str) -> dict:
+    """``files``: an empty folder serving as models/qvd for this process (the ComfyUI tree is only read)."""
     torch.set_num_threads(2)
     from comfy.cli_args import args
     args.cpu = True
@@ -38,7 +39,6 @@ def main(checkpoint: str, pack_dir: str) -> dict:
     import folder_paths
 
     qvd = load_pack(Path(pack_dir))
-    files = tempfile.mkdtemp(prefix="qvd-probe-")  # models/qvd for this process: the ComfyUI tree is only read
     folder_paths.folder_names_and_paths["qvd"] = ([files], {".safetensors"})
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(checkpoint)[:3]
     control = comfy.controlnet.load_controlnet_state_dict(sd15_controlnet_state_dict())
@@ -145,4 +145,5 @@ def files_round_trip(qvd, nodes, quantized, control, q_control, apply, sample, w
 
 
 if __name__ == "__main__":
-    print("QVD_PROBE " + json.dumps(main(*sys.argv[1:3])), flush=True)
+    with tempfile.TemporaryDirectory(prefix="qvd-probe-", ignore_cleanup_errors=True) as folder:
+        print("QVD_PROBE " + json.dumps(main(*sys.argv[1:3], folder)), flush=True)

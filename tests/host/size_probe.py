@@ -149,7 +149,8 @@ def _motion_lora(qvd, patching, ade, motion_file: str, shapes: dict, checkpoint_
     from safetensors.torch import save_file
 
     cpu = torch.device("cpu")
-    folder = Path(tempfile.mkdtemp())
+    tmp = tempfile.TemporaryDirectory(ignore_cleanup_errors=True)  # removed when this function returns
+    folder = Path(tmp.name)
     gen = torch.Generator().manual_seed(7)
     factors, tensors = {}, {}
     for key, shape in shapes.items():
