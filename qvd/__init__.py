@@ -7,7 +7,8 @@
 
 Where things are, bottom to top (a module imports only from the rows above it; tests/test_layers.py):
 errors.py, config.py; identity.py (which layers, what must match, installing), safefile.py (the verified
-container), kernels/ (reference, CPU and Triton int8 kernels); quantizers.py (uniform weight / activation
+container), kernels/ (reference, CPU and Triton int8 kernels), timesteps.py (timestep buckets and the clock
+that picks one); quantizers.py (uniform weight / activation
 quantizers); scri.py (the SCRI transform and its folds), htdq.py (HiDi-TQ + TDScore); calibrate.py (statistics);
 delta.py (a host's weight patches beside the int8 kernels); modules.py (QLinear / QConv2d / HiDiTQLinear);
 quantize.py (plan, then build); verify.py (a quantized file checked against the model); io.py (the file

@@ -1,8 +1,9 @@
 """Calibration: hook every Linear / Conv2d of a module tree and keep bounded statistics.
 
-Per layer, over every timestep and frame: per-input-channel min / max (SCRI), and a weighted reservoir
-of ``calib_rows`` input rows (tokens for a Linear, receptive-field patches of the zero-padded input for a
-conv, laid out ``(kh, kw, C)`` like the int8 im2col) used for range search and output-error measurement.
+Per layer, over every timestep and frame: per-input-channel min / max (SCRI), also per timestep (the timestep
+buckets' ranges), and a weighted reservoir of ``calib_rows`` input rows (tokens for a Linear, receptive-field
+patches of the zero-padded input for a conv, laid out ``(kh, kw, C)`` like the int8 im2col), each tagged with its
+call's timestep, used for range search and output-error measurement.
 Layer roles are found from what the calls show, for any architecture (name patterns in the config only add to
 them): a Linear is *temporal* (QVD's temporal features: HTDQ) when each call's input holds no more distinct rows than
 the call has distinct timesteps (one vector per sample, broadcast over its tokens / frames) and it changes with the
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import inspect
 import weakref
 
 import torch
@@ -27,6 +27,7 @@ from torch.overrides import TorchFunctionMode
 from .config import QVDConfig
 from .errors import CalibrationError, NonFiniteActivationError
 from .identity import find_layers, fingerprint, layer_signature
+from .timesteps import as_timestep, timestep_argument
 
 
 def conv_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
@@ -127,6 +128,9 @@ class LayerStats:
         self.ch_min = self.ch_max = None
         self.rows = None  # [R, D] fp32
         self.keys = None  # [R] log-keys of the weighted reservoir
+        self.times: list = []  # the timesteps calls came at (None: unknown), in order of first call
+        self.row_times = None  # [R] int64: each row's index into ``times``
+        self.ranges_at: list = []  # per entry of ``times``: (ch_min, ch_max) of its calls
         self.calls = 0
         self.temporal_vectors: dict[float, torch.Tensor] = {}
         self.norm_sources: set = set()
@@ -135,13 +139,24 @@ class LayerStats:
 
     @classmethod
     def restore(cls, name: str, signature: list, temporal: bool, calls: int, ch_min: torch.Tensor,
-                ch_max: torch.Tensor, rows: torch.Tensor, temporal_vectors: dict,
-                conditioning_only: bool = False) -> "LayerStats":
+                ch_max: torch.Tensor, rows: torch.Tensor, temporal_vectors: dict, times: list,
+                row_times: torch.Tensor, ranges_at: list, conditioning_only: bool = False) -> "LayerStats":
         """Finished statistics read back from a calibration file."""
         s = cls(name, signature, temporal, rows.shape[0])
         s.calls, s.ch_min, s.ch_max, s.rows, s.temporal_vectors = calls, ch_min, ch_max, rows, temporal_vectors
+        s.times, s.row_times, s.ranges_at = list(times), row_times.long(), list(ranges_at)
         s.conditioning_only = conditioning_only
         return s
+
+    def bucket_view(self, bucket_of) -> tuple[torch.Tensor, list]:
+        """(each row's bucket ``[R]``, per bucket index found: (ch_min, ch_max) of its calls) for ``bucket_of(t)``
+        (an int per timestep); rows and calls of an unknown timestep (None) are in bucket -1."""
+        index = torch.tensor([-1 if t is None else bucket_of(t) for t in self.times], dtype=torch.long)
+        ranges = {}
+        for b, (mn, mx) in zip(index.tolist(), self.ranges_at):
+            lo, hi = ranges.get(b, (mn, mx))
+            ranges[b] = (torch.minimum(lo, mn), torch.maximum(hi, mx))
+        return index[self.row_times], ranges
 
     def update(self, module: nn.Module, x: torch.Tensor, timestep, gen: torch.Generator, source,
                distinct_timesteps: int = 1, row_timesteps: torch.Tensor | None = None) -> None:
@@ -149,16 +164,24 @@ class LayerStats:
         mn, mx = (t.float() for t in _channel_range(module, x))
         self.ch_min = mn if self.ch_min is None else torch.minimum(self.ch_min, mn)
         self.ch_max = mx if self.ch_max is None else torch.maximum(self.ch_max, mx)
+        if timestep not in self.times:
+            self.times.append(timestep)
+            self.ranges_at.append((mn, mx))
+        at = self.times.index(timestep)
+        lo, hi = self.ranges_at[at]
+        self.ranges_at[at] = (torch.minimum(lo, mn), torch.maximum(hi, mx))
         self.norm_sources.add(source)
         self.calls += 1
         rows, total = _sample_rows(module, x, self.capacity, gen)
         # Weighted reservoir (Efraimidis-Spirakis): each sampled row stands for total / k rows.
         u = torch.rand(rows.shape[0], generator=gen).clamp_min(1e-12).to(rows.device)
         keys = u.log() / (total / rows.shape[0])
+        times = torch.full((rows.shape[0],), at, dtype=torch.long, device=rows.device)
         if self.rows is not None:
             rows, keys = torch.cat([self.rows, rows]), torch.cat([self.keys, keys])
+            times = torch.cat([self.row_times, times])
         keep = keys.topk(min(self.capacity, keys.numel())).indices
-        self.rows, self.keys = rows[keep], keys[keep]
+        self.rows, self.keys, self.row_times = rows[keep], keys[keep], times[keep]
         if self.broadcast and not _distinct_rows_at_most(x.reshape(-1, x.shape[-1]), distinct_timesteps):
             self.broadcast = False
         if (self.temporal or self.broadcast) and timestep is not None:
@@ -183,8 +206,9 @@ class LayerStats:
         if not self.temporal:
             self.temporal_vectors = {}
         self.inputs_at = {}
-        self.ch_min, self.ch_max, self.rows, self.keys = (t.cpu() for t in (self.ch_min, self.ch_max, self.rows,
-                                                                            self.keys))
+        self.ch_min, self.ch_max, self.rows, self.keys, self.row_times = (
+            t.cpu() for t in (self.ch_min, self.ch_max, self.rows, self.keys, self.row_times))
+        self.ranges_at = [(mn.cpu(), mx.cpu()) for mn, mx in self.ranges_at]
 
     def check_finite(self) -> bool:
         return bool(torch.isfinite(self.ch_min).all() and torch.isfinite(self.ch_max).all())
@@ -388,9 +412,7 @@ class Calibrator:
         recorded as its largest value, the noisy tokens'; each row of a temporal input is keyed by its own)."""
         self._row_timesteps = t.detach().flatten().float().cpu() if torch.is_tensor(t) else None
         self._distinct_timesteps = max(1, int(torch.unique(t).numel())) if torch.is_tensor(t) else 1
-        if torch.is_tensor(t):
-            t = t.max()
-        self.timestep = round(float(t), 4)
+        self.timestep = as_timestep(t)
         self.timesteps.add(self.timestep)
 
     def __enter__(self) -> "Calibrator":
@@ -418,19 +440,6 @@ class Calibrator:
         self._handles.clear()
         self._recent_norm_outputs.clear()
 
-    @staticmethod
-    def _timestep_argument(model: nn.Module, args, kwargs):
-        """The ``timestep`` / ``timesteps`` argument of a call of ``model`` (diffusers / ComfyUI models), or None."""
-        try:
-            params = list(inspect.signature(model.forward).parameters)
-        except (TypeError, ValueError):
-            return None
-        arg = next((p for p in ("timestep", "timesteps") if p in params), None)
-        if arg is None:
-            return None
-        pos = params.index(arg)
-        return kwargs.get(arg, args[pos] if len(args) > pos else None)
-
     def _norm_hook(self, module, _inp, out):
         if torch.is_tensor(out):
             self._recent_norm_outputs.append((self._norm_name[id(module)], out))
@@ -440,7 +449,7 @@ class Calibrator:
         and starts the call graph at its tensor arguments (not those nested in lists / dicts, such as ControlNet
         residuals: they come from another model)."""
         if self._model_depth == 0:
-            t = self._timestep_argument(module, args, kwargs)
+            t = timestep_argument(module, args, kwargs)
             if torch.is_tensor(t) or isinstance(t, (int, float)):
                 self.set_timestep(t)
             self.provenance.start(a for a in (*args, *kwargs.values()) if torch.is_tensor(a))

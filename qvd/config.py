@@ -9,6 +9,7 @@ from fnmatch import fnmatch
 from .errors import QVDError
 
 ACT_RANGES = ("minmax", "percentile", "mse")
+MAX_BUCKETS = 16  # QVDConfig.timestep_buckets
 WEIGHT_CLIPS = ("minmax", "mse")
 
 # Layer roles (temporal, conditioning path, first / last) are found by calibration from the model's calls
@@ -46,6 +47,8 @@ class QVDConfig:
     keep_float: patterns kept in full precision besides them.
     keep_8bit: patterns forced to 8 bits whatever the bit widths.
     temporal: patterns of temporal layers besides those calibration observes (``calibrate.py``).
+    timestep_buckets: static activation quantizers per W8A8 layer, one per interval of the calibrated timesteps
+      (``qvd/timesteps.py``; 1: one per layer). The default is measured: docs/results.md.
     calib_rows: input rows (tokens / conv patches) kept per layer during calibration.
     search_channels: output channels (a seeded subset) on which the SCRI alpha search measures a layer's error;
       layers with no more are searched on all of them; 0: always all (slower, see bench/quantize_time.py).
@@ -68,6 +71,7 @@ class QVDConfig:
     keep_float: tuple = ()
     keep_8bit: tuple = ()
     temporal: tuple = ()
+    timestep_buckets: int = 1
     calib_rows: int = 256
     search_channels: int = 512
     seed: int = 0
@@ -81,6 +85,8 @@ class QVDConfig:
             raise QVDError(f"act_range={self.act_range!r}: use one of {ACT_RANGES}")
         if self.weight_clip not in WEIGHT_CLIPS:
             raise QVDError(f"weight_clip={self.weight_clip!r}: use one of {WEIGHT_CLIPS}")
+        if not 1 <= self.timestep_buckets <= MAX_BUCKETS:
+            raise QVDError(f"timestep_buckets={self.timestep_buckets} is not supported: use 1 to {MAX_BUCKETS}")
         if not 16 <= self.calib_rows <= 1 << 20:
             raise QVDError(f"calib_rows={self.calib_rows} is not supported: use 16 to {1 << 20}")
         if self.search_channels != 0 and not 16 <= self.search_channels <= 1 << 20:

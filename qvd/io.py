@@ -7,23 +7,28 @@ model determines (``verify.py``: codes, weight scales, biases, folded norms, geo
 built. Any defect raises ``QuantizedFileError`` / ``CalibrationFileError`` / ``ModelMismatchError`` naming the
 file, the field or layer, and what was expected.
 
-Quantized model: metadata key ``qvd``, format ``qvd-w8a8`` version 2. Tensors per quantized layer ``<name>``:
+Quantized model: metadata key ``qvd``, format ``qvd-w8a8`` version 3. Tensors per quantized layer ``<name>``:
 ``.weight`` (int8 codes of ``W * s``, the weight's shape), ``.weight_scale`` (F32 [out], > 0), ``.bias`` (F32
-[out], exactly when the model's layer has one); W8A8 layers ``.act_scale`` (F32 [], > 0) and, with SCRI,
+[out], exactly when the model's layer has one); W8A8 layers ``.act_scale`` (F32 [B], > 0: one per timestep bucket)
+and, with SCRI,
 ``.scri_shift`` / ``.scri_inv_scale`` (F32 [in]); temporal layers ``.levels`` (F32, increasing HiDi-TQ table).
 Per norm that absorbed SCRI: ``<norm>.weight`` / ``<norm>.bias`` (F32 [C]). Metadata: ``format``,
-``format_version``, ``config`` (``QVDConfig``), ``signatures`` (layer -> [kind, weight shape]) and their
+``format_version``, ``config`` (``QVDConfig``), ``timestep_edges`` (the B - 1 increasing inner edges of the
+timestep buckets, ``qvd/timesteps.py``), ``signatures`` (layer -> [kind, weight shape]) and their
 ``fingerprint``, optional ``calibrated`` (the calibration's ``timesteps`` and ``layers`` count, optional
 ``patches``: the host's attention patches applied while it ran, ``coverage``, ``settings`` and ``roles`` as in a
 calibration file), ``layers``
-(``kind``, ``in``, ``out``, ``w_bits``; W8A8: ``a_bits``, ``zero_point``,
+(``kind``, ``in``, ``out``, ``w_bits``; W8A8: ``a_bits``, ``zero_point`` (B integers),
 ``scri`` = "none" | "kernel" | "norm:<norm>"; convs: ``kernel``, ``stride``, ``padding``), ``norms`` (norm ->
 type name) and the per-layer ``report`` (``REPORT_FIELDS``; ``weight_dtype``: the precision the source model
-held the layer's weight at).
+held the layer's weight at). Version 2 (one bucket: ``.act_scale`` F32 [], ``zero_point`` an integer, no
+``timestep_edges``) is read as one bucket.
 
-Calibration: metadata key ``qvd_calibration``, format ``qvd-calibration`` version 4. Tensors per layer:
+Calibration: metadata key ``qvd_calibration``, format ``qvd-calibration`` version 5. Tensors per layer:
 ``<name>::ch_min`` / ``::ch_max`` (F32 [C]), ``::rows`` (F32 [R, D], D = in features or C * kh * kw),
-``::temporal`` (F32 [T, in], temporal layers). Metadata: ``layers`` (``signature``, ``temporal``, ``calls``,
+``::row_times`` (I64 [R]: each row's index into the layer's ``times``), ``::ch_min_at`` / ``::ch_max_at`` (F32 [S, C]:
+the range at each of its ``times``), ``::temporal`` (F32 [T, in], temporal layers). Metadata: ``layers``
+(``signature``, ``temporal``, ``calls``, ``times`` (the S timesteps it ran at; null: unknown),
 ``temporal_timesteps``, optional ``conditioning_only``), ``timesteps``, ``norm_groups`` (norm -> consuming layers),
 ``roles`` (``first`` / ``last`` -> module names, ``Calibration.roles``), ``fingerprint``, optional ``patches``
 (``Calibration.patches``), ``coverage`` (the timesteps of ``timesteps`` that coverage calls added) and ``settings``
@@ -46,13 +51,15 @@ from .modules import HiDiTQLinear, QConv2d, QLinear
 from .quantize import QuantizeResult
 from .quantizers import act_qrange, weight_qmax
 from .scri import folded_norm
+from .timesteps import TimestepClock, follow_timesteps
 from .verify import DTYPES, check_against_model
 
 FORMAT = "qvd-w8a8"
-FORMAT_VERSION = 2  # bump when the layout above changes
+FORMAT_VERSION = 3  # bump when the layout above changes; 3: timestep buckets
 KEY = "qvd"
 CALIBRATION_FORMAT = "qvd-calibration"
-CALIBRATION_VERSION = 4  # 3: norm groups only where the norm output reaches nothing but the group; 4: roles
+CALIBRATION_VERSION = 5  # 3: norm groups only where the norm output reaches nothing but the group; 4: roles;
+# 5: per-timestep ranges and row timesteps (timestep buckets)
 CALIBRATION_KEY = "qvd_calibration"
 MAX_DIM = 1 << 24  # no layer of any diffusion model is wider
 MAX_ABS = 1e6  # bound on a quantized file's scales, biases, shifts, levels and norm affines (no real one nears it)
@@ -196,7 +203,7 @@ def save_quantized(path: str, result: QuantizeResult, overwrite: bool = False) -
                             "w_bits": module.w_bits}
         else:
             scri = "none" if module.scri_shift is None else folds[name] if module.scri_in_norm else "kernel"
-            info = {"w_bits": module.w_bits, "a_bits": module.a_bits, "zero_point": module.zero_point,
+            info = {"w_bits": module.w_bits, "a_bits": module.a_bits, "zero_point": list(module.zero_points),
                     "scri": scri}
             if isinstance(module, QLinear):
                 info.update(kind="linear", **{"in": module.in_features, "out": module.out_features})
@@ -212,14 +219,14 @@ def save_quantized(path: str, result: QuantizeResult, overwrite: bool = False) -
         raise QVDError("this quantization result holds no quantized layer, so there is nothing to save: check the "
                        "skip list and that the calibration ran on this model")
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": result.config.to_dict(),
-            "fingerprint": result.fingerprint, "signatures": result.signatures, "layers": layers, "norms": norms,
+            "timestep_edges": list(result.clock.edges), "fingerprint": result.fingerprint, "signatures": result.signatures, "layers": layers, "norms": norms,
             "report": result.report}
     if result.calibrated:
         meta["calibrated"] = result.calibrated
     safefile.write(path, tensors, KEY, meta, overwrite)
 
 
-def _check_layer(s: _Schema, name: str, info, signature: list, cfg: QVDConfig, norms: dict) -> None:
+def _check_layer(s: _Schema, name: str, info, signature: list, cfg: QVDConfig, norms: dict, buckets: int) -> None:
     where = f"layers[{name!r}]"
     kind = s.str(s.obj(info, where, ("kind",), _LAYER_FIELDS["conv"])["kind"], f"{where}.kind", tuple(_LAYER_FIELDS))
     s.obj(info, where, ("kind",) + _LAYER_FIELDS[kind])
@@ -239,7 +246,11 @@ def _check_layer(s: _Schema, name: str, info, signature: list, cfg: QVDConfig, n
         s.fail(f"{where} w_bits / a_bits", " or ".join(f"{w} / {a}" for w, a in sorted(allowed))
                + " (the file's config; 8 / 8 on a first / last layer)", _Said(f"{bits[0]} / {bits[1]}"))
     a_bits = bits[1]
-    s.int(info["zero_point"], f"{where}.zero_point", *act_qrange(a_bits))
+    zps = s.list(info["zero_point"], f"{where}.zero_point", buckets)
+    if len(zps) != buckets:
+        s.fail(f"{where}.zero_point", f"{buckets} integers (one per timestep bucket)", zps)
+    for i, z in enumerate(zps):
+        s.int(z, f"{where}.zero_point[{i}]", *act_qrange(a_bits))
     scri = s.str(info["scri"], f"{where}.scri")
     if scri not in ("none", "kernel") and not (scri.startswith("norm:") and scri[5:] in norms):
         s.fail(f"{where}.scri", "'none', 'kernel' or 'norm:<a norm the file lists>'", scri)
@@ -255,18 +266,38 @@ def _check_layer(s: _Schema, name: str, info, signature: list, cfg: QVDConfig, n
         s.int(info["padding"], f"{where}.padding", 0, max(shape[2:]) - 1)
 
 
-def _check_quantized(s: _Schema, meta: dict) -> QVDConfig:
-    """Validate a quantized file's metadata and tensors (no model involved); returns its config."""
-    s.obj(meta, "the metadata", ("format", "format_version", "config", "fingerprint", "signatures", "layers",
-                                 "norms", "report"), ("calibrated",))
+def _upgraded(meta: dict, tensors: dict) -> dict:
+    """A version 2 file's metadata and tensors as version 3 (one timestep bucket), in place; others unchanged."""
+    if not isinstance(meta, dict) or type(meta.get("format_version")) is not int or meta["format_version"] != 2:
+        return meta
+    layers, config = meta.get("layers"), meta.get("config")
+    for name, info in (layers.items() if isinstance(layers, dict) else ()):
+        if isinstance(info, dict) and "zero_point" in info:
+            info["zero_point"] = [info["zero_point"]]
+            t = tensors.get(f"{name}.act_scale")
+            if t is not None and t.dim() == 0:
+                tensors[f"{name}.act_scale"] = t.reshape(1)
+    if isinstance(config, dict):
+        config.setdefault("timestep_buckets", 1)
+    return {**meta, "format_version": FORMAT_VERSION, "timestep_edges": []}
+
+
+def _check_quantized(s: _Schema, meta: dict) -> tuple[QVDConfig, list[float]]:
+    """Validate a quantized file's metadata and tensors (no model involved); returns its config and timestep edges."""
+    s.obj(meta, "the metadata", ("format", "format_version", "config", "timestep_edges", "fingerprint", "signatures",
+                                 "layers", "norms", "report"), ("calibrated",))
     s.str(meta["format"], "format", (FORMAT,))
     if meta["format_version"] != FORMAT_VERSION or type(meta["format_version"]) is not int:
         raise QuantizedFileError(f"{s.path} has format version {_shown(meta['format_version'])}; this QVD reads "
-                                 f"version {FORMAT_VERSION}: quantize the model again or update ComfyUI-QVD")
+                                 f"versions 2 and {FORMAT_VERSION}: quantize the model again or update ComfyUI-QVD")
     try:
         cfg = QVDConfig.from_dict(meta["config"])
     except QVDError as e:
         s.fail("config", f"a valid QVDConfig ({e})", meta["config"])
+    edges = [s.num(e, f"timestep_edges[{i}]")
+             for i, e in enumerate(s.list(meta["timestep_edges"], "timestep_edges", cfg.timestep_buckets - 1))]
+    if any(b <= a for a, b in zip(edges, edges[1:])):
+        s.fail("timestep_edges", "increasing timesteps", meta["timestep_edges"])
     if "calibrated" in meta:
         cal = s.obj(meta["calibrated"], "calibrated", ("timesteps", "layers"),
                     ("patches", "coverage", "settings", "roles"))
@@ -287,7 +318,7 @@ def _check_quantized(s: _Schema, meta: dict) -> QVDConfig:
         s.fail("the layers map", "one entry per layer in signatures (and at least one)",
                _Said(f"{len(layers)} layers for {len(sigs)} signatures"))
     for n, info in layers.items():
-        _check_layer(s, n, info, sigs[n], cfg, norms)
+        _check_layer(s, n, info, sigs[n], cfg, norms, len(edges) + 1)
     used_norms = {info["scri"][5:] for info in layers.values() if info.get("scri", "").startswith("norm:")}
     for n, kind in norms.items():
         s.str(kind, f"norms[{n!r}]")
@@ -305,9 +336,9 @@ def _check_quantized(s: _Schema, meta: dict) -> QVDConfig:
         r = entries.get(n)
         if r is None or r["kind"] != info["kind"] or r["w_bits"] != info["w_bits"]:
             s.fail(f"the report entry of layer {n!r}", f"kind {info['kind']!r}, w_bits {info['w_bits']}", r)
-        _check_layer_tensors(s, n, info, sigs[n][1], cfg)
+        _check_layer_tensors(s, n, info, sigs[n][1], cfg, len(edges) + 1)
     s.no_other_tensors()
-    return cfg
+    return cfg, edges
 
 
 def _patches(s: _Schema, v, where: str) -> list[str] | None:
@@ -368,7 +399,7 @@ def _check_report_entry(s: _Schema, r, where: str) -> None:
             s.fail(f"{where}.{k}", "a number, string, boolean or null", v)
 
 
-def _check_layer_tensors(s: _Schema, name: str, info: dict, shape: list, cfg: QVDConfig) -> None:
+def _check_layer_tensors(s: _Schema, name: str, info: dict, shape: list, cfg: QVDConfig, buckets: int) -> None:
     out, inp = shape[0], shape[1]
     w = s.tensor(f"{name}.weight", torch.int8, shape)
     qmax = weight_qmax(info["w_bits"])
@@ -383,7 +414,7 @@ def _check_layer_tensors(s: _Schema, name: str, info: dict, shape: list, cfg: QV
             s.fail(f"tensor '{name}.levels'", f"2 to {2 ** cfg.a_bits - 1} increasing levels",
                    _Said(f"{levels.numel()} levels"))
         return
-    s.tensor(f"{name}.act_scale", torch.float32, (), positive=True)
+    s.tensor(f"{name}.act_scale", torch.float32, (buckets,), positive=True)
     with_scri = info["scri"] != "none"
     s.tensor(f"{name}.scri_shift", torch.float32, (inp,), optional=not with_scri)
     inv = s.tensor(f"{name}.scri_inv_scale", torch.float32, (inp,), optional=not with_scri)
@@ -398,7 +429,7 @@ def _build(info: dict, t: dict) -> nn.Module:
     if info["kind"] == "temporal":
         return HiDiTQLinear(info["in"], info["out"], t["weight"], t["weight_scale"], t["bias"], t["levels"],
                             info["w_bits"])
-    kw = dict(weight_q=t["weight"], weight_scale=t["weight_scale"], bias=t["bias"], act_scale=float(t["act_scale"]),
+    kw = dict(weight_q=t["weight"], weight_scale=t["weight_scale"], bias=t["bias"], act_scale=t["act_scale"],
               zero_point=info["zero_point"], w_bits=info["w_bits"], a_bits=info["a_bits"],
               scri_shift=t["scri_shift"], scri_inv_scale=t["scri_inv_scale"],
               scri_in_norm=info["scri"].startswith("norm:"))
@@ -408,10 +439,12 @@ def _build(info: dict, t: dict) -> nn.Module:
 
 
 def load_quantized(path: str, root: nn.Module, apply: bool = True) -> QuantizeResult:
-    """Rebuild the quantized layers stored in ``path`` for the fp model ``root``, after verifying the file."""
+    """Rebuild the quantized layers stored in ``path`` for the fp model ``root``, after verifying the file (format
+    2 or 3). ``apply=True`` installs them and makes ``root``'s calls set their timestep bucket (``follow_timesteps``)."""
     tensors, meta = safefile.read(path, KEY, QuantizedFileError, "QVD quantized model")
+    meta = _upgraded(meta, tensors)
     s = _Schema(path, QuantizedFileError, tensors, MAX_ABS)
-    cfg = _check_quantized(s, meta)
+    cfg, edges = _check_quantized(s, meta)
     named = dict(root.named_modules())
     check_against_model(path, meta, tensors, named, cfg)
     modules = {}
@@ -422,9 +455,12 @@ def load_quantized(path: str, root: nn.Module, apply: bool = True) -> QuantizeRe
     for name in meta["norms"]:  # one transform for all the layers a norm feeds (checked): any of them has it
         scri = next(modules[n].scri for n, info in meta["layers"].items() if info.get("scri") == f"norm:{name}")
         modules[name] = folded_norm(named[name], tensors[f"{name}.weight"], tensors[f"{name}.bias"], scri)
+    result = QuantizeResult(modules, meta["report"], cfg, meta["signatures"], meta.get("calibrated", {}),
+                            TimestepClock(edges))
     if apply:
         install(root, modules)
-    return QuantizeResult(modules, meta["report"], cfg, meta["signatures"], meta.get("calibrated", {}))
+        follow_timesteps(root, result.clock)
+    return result
 
 
 # ---------------------------------------------------------------- calibration
@@ -435,10 +471,14 @@ def save_calibration(path: str, calibration: Calibration, overwrite: bool = Fals
     for n, st in calibration.layers.items():
         tensors[f"{n}::ch_min"], tensors[f"{n}::ch_max"] = st.ch_min.float(), st.ch_max.float()
         tensors[f"{n}::rows"] = st.rows.float()
+        tensors[f"{n}::row_times"] = st.row_times.long()
+        tensors[f"{n}::ch_min_at"] = torch.stack([mn for mn, _ in st.ranges_at]).float()
+        tensors[f"{n}::ch_max_at"] = torch.stack([mx for _, mx in st.ranges_at]).float()
         ts = sorted(st.temporal_vectors)
         if ts:
             tensors[f"{n}::temporal"] = torch.stack([st.temporal_vectors[t] for t in ts]).float()
-        layers[n] = {"signature": st.signature, "temporal": st.temporal, "calls": st.calls, "temporal_timesteps": ts}
+        layers[n] = {"signature": st.signature, "temporal": st.temporal, "calls": st.calls, "times": list(st.times),
+                     "temporal_timesteps": ts}
         if st.conditioning_only:
             layers[n]["conditioning_only"] = True
     meta = {"format": CALIBRATION_FORMAT, "format_version": CALIBRATION_VERSION, "layers": layers,
@@ -467,7 +507,7 @@ def load_calibration(path: str) -> Calibration:
     layers = {}
     for n, info in s.map(meta["layers"], "layers").items():
         where = f"layers[{n!r}]"
-        s.obj(info, where, ("signature", "temporal", "calls", "temporal_timesteps"), ("conditioning_only",))
+        s.obj(info, where, ("signature", "temporal", "calls", "times", "temporal_timesteps"), ("conditioning_only",))
         kind, shape = s.signature(info["signature"], f"{where}.signature")
         c = shape[1]
         d = c if kind == "linear" else c * shape[2] * shape[3]
@@ -478,6 +518,18 @@ def load_calibration(path: str) -> Calibration:
         rows = s.tensor(f"{n}::rows", torch.float32)
         if rows.dim() != 2 or rows.shape[1] != d or rows.shape[0] < 1:
             s.fail(f"tensor '{n}::rows'", f"F32 [R, {d}] with R >= 1", _Said(f"F32 {list(rows.shape)}"))
+        times = [None if t is None else s.num(t, f"{where}.times[{i}]")
+                 for i, t in enumerate(s.list(info["times"], f"{where}.times", 1 << 16))]
+        if not times or len(set(times)) != len(times):
+            s.fail(f"{where}.times", "distinct timesteps (null: unknown), at least one", info["times"])
+        row_times = s.tensor(f"{n}::row_times", torch.int64, (rows.shape[0],))
+        if int(row_times.min()) < 0 or int(row_times.max()) >= len(times):
+            s.fail(f"tensor '{n}::row_times'", f"indices into its {len(times)} times", _Said("indices out of range"))
+        mins = s.tensor(f"{n}::ch_min_at", torch.float32, (len(times), c))
+        maxs = s.tensor(f"{n}::ch_max_at", torch.float32, (len(times), c))
+        if not (bool((mins <= maxs).all()) and torch.equal(mins.amin(0), ch_min) and torch.equal(maxs.amax(0), ch_max)):
+            s.fail(f"tensors '{n}::ch_min_at' / '{n}::ch_max_at'", "ranges whose union is ch_min / ch_max",
+                   _Said("other ranges"))
         ts = [s.num(t, f"{where}.temporal_timesteps[{i}]")
               for i, t in enumerate(s.list(info["temporal_timesteps"], f"{where}.temporal_timesteps"))]
         if len(set(ts)) != len(ts) or (ts and not s.bool(info["temporal"], f"{where}.temporal")):
@@ -485,7 +537,8 @@ def load_calibration(path: str) -> Calibration:
         feats = s.tensor(f"{n}::temporal", torch.float32, (len(ts), c), optional=not ts)
         layers[n] = LayerStats.restore(n, info["signature"], s.bool(info["temporal"], f"{where}.temporal"),
                                        s.int(info["calls"], f"{where}.calls", 1, 1 << 62), ch_min, ch_max, rows,
-                                       dict(zip(ts, feats)) if ts else {},
+                                       dict(zip(ts, feats)) if ts else {}, times, row_times,
+                                       list(zip(mins, maxs)),
                                        s.bool(info.get("conditioning_only", False), f"{where}.conditioning_only"))
     if not layers:
         s.fail("layers", "at least one layer", meta["layers"])

@@ -1,7 +1,8 @@
 """Quantized layers that replace ``nn.Linear`` / ``nn.Conv2d``.
 
-``QLinear`` / ``QConv2d`` (W8A8): int8 weights with per-output-channel fp32 scales, a static activation
-quantizer (scale, zero point) and optional SCRI input shift / scale. ``mode = "int"`` (default) runs the
+``QLinear`` / ``QConv2d`` (W8A8): int8 weights with per-output-channel fp32 scales, static activation
+quantizers (scale, zero point), one per timestep bucket (``clock``: ``qvd.timesteps``), and optional SCRI input
+shift / scale. ``mode = "int"`` (default) runs the
 kernels from ``qvd.kernels`` on the layer's compute route (``compute``: ``auto`` / ``int8`` / ``weight-only``,
 ``kernels.run_route``; ``set_compute``); ``mode = "fake"`` simulates the W8A8 rounding in floating point.
 ``HiDiTQLinear``: the time-projection layers; HiDi-TQ look-up-table activations, int8 weights.
@@ -24,6 +25,7 @@ from .delta import WeightDelta
 from .errors import QVDError
 from .quantizers import act_qrange, dequantize_weight
 from .scri import ScriTransform
+from .timesteps import TimestepClock
 
 
 CLIP_CHECK_EVERY = 8  # calls between two clipping counts of a layer (``count_clipping``)
@@ -151,6 +153,8 @@ class _QuantizedBase(_HostHooks):
     ``bias`` the layer's own bias; the SCRI correction ``W z`` and the zero-point correction are derived from
     them in ``scri_bias`` and ``epilogue_bias`` (cached; a host may replace or patch the bias).
     ``scri_in_norm``: the SCRI transform is done by the preceding norm, not by the quantize kernel.
+    ``act_scale`` ``[B]`` / ``zero_points`` (``B`` ints): the activation quantizer of each timestep bucket (a number
+    each: one bucket); ``clock`` says which one runs (``act_scale_now`` / ``zero_point``).
     """
 
     qvd_quantized = True
@@ -161,17 +165,35 @@ class _QuantizedBase(_HostHooks):
         self.weight = _param(weight_q.to(torch.int8))
         self.weight_scale = _param(weight_scale.float())
         self.bias = _param(None if bias is None else bias.float())
-        self.act_scale = _param(torch.tensor(float(act_scale)))
+        scales = act_scale.tolist() if torch.is_tensor(act_scale) else act_scale
+        self.act_scale = _param(torch.tensor([float(v) for v in (scales if isinstance(scales, (list, tuple))
+                                                                    else [scales])]))
         self.scri_shift = _param(None if scri_shift is None else scri_shift.float())
         self.scri_inv_scale = _param(None if scri_inv_scale is None else scri_inv_scale.float())
         self.scri_in_norm = bool(scri_in_norm)
-        self.zero_point = int(zero_point)
+        self.zero_points = tuple(int(z) for z in (zero_point if isinstance(zero_point, (list, tuple))
+                                                  else [zero_point]))
+        if len(self.zero_points) != self.act_scale.numel():
+            raise QVDError(f"{self.act_scale.numel()} activation scales for {len(self.zero_points)} zero points")
+        self.clock = TimestepClock()
         self.w_bits, self.a_bits = int(w_bits), int(a_bits)
         self.qmin, self.qmax = act_qrange(self.a_bits)
         self.mode = "int"
         self.compute = "int8"  # the file's own W8A8 semantics; the ComfyUI nodes default to "auto"
         self.clipping: list | None = None  # [clipped elements (a tensor once counted), elements, calls]: counting
         self._cache = {}
+
+    def _bucket(self) -> int:
+        return 0 if len(self.zero_points) == 1 else self.clock.bucket()
+
+    @property
+    def zero_point(self) -> int:
+        """The zero point of the current timestep bucket."""
+        return self.zero_points[self._bucket()]
+
+    def act_scale_now(self, device) -> torch.Tensor:
+        """The activation scale of the current timestep bucket (0-d) on ``device``."""
+        return _to(self.act_scale[self._bucket()], device)
 
     def _cached(self, kind: str, device, deps, build, extra: tuple = ()):
         """``build()``, kept per ``kind`` while ``deps`` (tensors) and ``extra`` are unchanged; only what is made on
@@ -204,14 +226,16 @@ class _QuantizedBase(_HostHooks):
             wz = (torch.zeros(self.weight.shape[0], device=home) if scri is None
                   else scri.folded_bias(dequantize_weight(self.weight, self.weight_scale), None))
             rowsum = self.weight.flatten(1).sum(1, dtype=torch.int32).float()
-            corr = self.act_scale.float() * self.weight_scale * (self.zero_point * rowsum)
+            zp = torch.tensor(self.zero_points, dtype=torch.float32, device=home)[:, None]
+            corr = self.act_scale.float()[:, None] * self.weight_scale * (zp * rowsum)  # [B, N]
             return wz.detach(), corr.detach()
         return self._cached("weight_terms", home, (self.weight, self.weight_scale, self.act_scale, self.scri_shift,
-                                                   self.scri_inv_scale), build)
+                                                   self.scri_inv_scale), build, self.zero_points)
 
     def _bias_of(self, bias: torch.Tensor | None, device, epilogue: bool) -> torch.Tensor:
         """``b + W z`` (the bias of the SCRI-transformed input; fake mode, weight-only after a SCRI norm) or, for
-        the integer kernels, the epilogue bias ``b + W z - s_x s_w zp sum_k W_q``, for the float bias ``bias``."""
+        the integer kernels, the epilogue biases ``b + W z - s_x s_w zp sum_k W_q`` (``[B, N]``: one per timestep
+        bucket), for the float bias ``bias``."""
         wz, corr = (_to(t, device) for t in self._weight_terms())
         b = wz if bias is None else _to(bias, device).float() + wz
         return b - corr if epilogue else b
@@ -221,14 +245,15 @@ class _QuantizedBase(_HostHooks):
         return self._stored_bias(False, device)
 
     def epilogue_bias(self, device=None) -> torch.Tensor:
-        """The integer kernels' epilogue bias for the layer's bias (cached on the layer's device)."""
-        return self._stored_bias(True, device)
+        """The integer kernels' epilogue bias for the layer's bias at the current timestep bucket (cached on the
+        layer's device, all buckets' at once)."""
+        return self._stored_bias(True, device)[self._bucket()]
 
     def _stored_bias(self, epilogue: bool, device) -> torch.Tensor:
         home = self.weight.device
         deps = (self.weight, self.weight_scale, self._bias(), self.act_scale, self.scri_shift, self.scri_inv_scale)
         b = self._cached("epilogue_bias" if epilogue else "scri_bias", home, deps,
-                         lambda: self._bias_of(self._bias(), home, epilogue))
+                         lambda: self._bias_of(self._bias(), home, epilogue), self.zero_points)
         return _to(b, home if device is None else device)
 
     def packed_weight(self, weight: torch.Tensor) -> kernels.PackedWeight:
@@ -242,7 +267,8 @@ class _QuantizedBase(_HostHooks):
         from the cache unless the host's queued bias patches apply now."""
         w, b, patched = self._call_weights(device)
         if patched:
-            return w, self._bias_of(b, device, epilogue)
+            b = self._bias_of(b, device, epilogue)
+            return w, b[self._bucket()] if epilogue else b
         return w, self.epilogue_bias(device) if epilogue else self.scri_bias(device)
 
     def _delta_offset(self, device) -> torch.Tensor | None:
@@ -318,15 +344,16 @@ class _QuantizedBase(_HostHooks):
         v = _strided_sample(x.detach(), channel_dim % x.dim()).float()
         if shift is not None:
             v = (v - shift.float().view(view)) * inv.float().view(view)
-        v = v / self.act_scale.to(x.device).float() + self.zero_point
+        v = v / self.act_scale_now(x.device).float() + self.zero_point
         c[0] = c[0] + ((v < self.qmin - 0.5) | (v > self.qmax + 0.5)).sum()  # on the device: no sync per call
         c[1] += v.numel()
 
     def _fake_input(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
         shift, inv = self._kernel_scri(x.device)
-        q = kernels.reference.quantize_activation(x, self.act_scale.to(x.device), self.zero_point, self.qmin,
-                                                  self.qmax, shift, inv, channel_dim)
-        return (q.float() - self.zero_point) * self.act_scale.to(x.device).float()
+        scale = self.act_scale_now(x.device)
+        q = kernels.reference.quantize_activation(x, scale, self.zero_point, self.qmin, self.qmax, shift, inv,
+                                                  channel_dim)
+        return (q.float() - self.zero_point) * scale.float()
 
     def _fake_forward(self, x: torch.Tensor, op) -> torch.Tensor:
         """Simulated rounding in float: the same codes, then a float op with the dequantized weight."""
@@ -347,7 +374,8 @@ class _QuantizedBase(_HostHooks):
 
     def extra_repr(self) -> str:
         scri = "norm" if self.scri_in_norm else self.scri_shift is not None
-        return f"w_bits={self.w_bits}, a_bits={self.a_bits}, scri={scri}, mode={self.mode}, compute={self.compute}"
+        return (f"w_bits={self.w_bits}, a_bits={self.a_bits}, scri={scri}, timestep_buckets={len(self.zero_points)}, "
+                f"mode={self.mode}, compute={self.compute}")
 
 
 class QLinear(_QuantizedBase):
@@ -368,7 +396,7 @@ class QLinear(_QuantizedBase):
         dev = x.device
         shift, inv = self._kernel_scri(dev)
         w, bias = self._operands(dev, epilogue=True)
-        return kernels.linear_w8a8(x, self.packed_weight(w), bias, self.act_scale.to(dev), self.zero_point,
+        return kernels.linear_w8a8(x, self.packed_weight(w), bias, self.act_scale_now(dev), self.zero_point,
                                    self.qmin, self.qmax, shift, inv)
 
     def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
@@ -397,20 +425,22 @@ class QConv2d(_QuantizedBase):
         dev = x.device
         shift, inv = self._kernel_scri(dev)
         w, bias = self._operands(dev, epilogue=True)
-        return kernels.conv2d_w8a8(x, self.packed_weight(w), bias, self.act_scale.to(dev), self.zero_point,
+        return kernels.conv2d_w8a8(x, self.packed_weight(w), bias, self.act_scale_now(dev), self.zero_point,
                                    self.qmin, self.qmax, shift, inv, self.stride, self.padding, self.pad_codes(dev))
 
     def pad_codes(self, device=None) -> torch.Tensor | None:
-        """What the zero padding reads: each input channel's code of 0.0 (``kernels.pad_codes``), made once per
-        activation quantizer on the layer's device; None without padding."""
+        """What the zero padding reads: each input channel's code of 0.0 (``kernels.pad_codes``) at the current
+        timestep bucket, made once per activation quantizer on the layer's device; None without padding."""
         if not self.padding:
             return None
         home = self.weight.device
         shift, inv = self._kernel_scri(home)
         codes = self._cached("pad_codes", home, (self.act_scale, self.scri_shift, self.scri_inv_scale),
-                             lambda: kernels.pad_codes(self.in_channels, self.act_scale, self.zero_point, self.qmin,
-                                                       self.qmax, shift, inv, home), (self.scri_in_norm,))
-        return _to(codes, home if device is None else device)
+                             lambda: torch.stack([kernels.pad_codes(self.in_channels, s, z, self.qmin, self.qmax, shift,
+                                                                    inv, home)
+                                                  for s, z in zip(self.act_scale, self.zero_points)]),
+                             (self.scri_in_norm, self.zero_points))
+        return _to(codes[self._bucket()], home if device is None else device)
 
     def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
         w, bias = self._float_operands(x.device, x.dtype)

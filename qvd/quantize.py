@@ -11,8 +11,10 @@
 - ``scri-kernel`` / ``uniform``: every other layer takes the SCRI alpha from ``cfg.scri_alphas``, or none
   (``uniform``), with the lowest W8A8 output error on its rows; the quantize kernel does the transform.
 
-Weights are per-output-channel symmetric, activations static per tensor (range by ``act_range``). ``build`` makes
-the modules (and the folded norm copies); the per-layer report comes from the plan.
+Weights are per-output-channel symmetric, activations static per tensor (range by ``act_range``), one quantizer per
+timestep bucket (``qvd/timesteps.py``: the calibrated timesteps in ``cfg.timestep_buckets`` intervals, each fit on
+its own rows and ranges; the SCRI transform and the weights are shared by all). ``build`` makes the modules (and the
+folded norm copies) and the clock that picks their bucket; the per-layer report comes from the plan.
 """
 from __future__ import annotations
 
@@ -29,25 +31,37 @@ from .errors import CalibrationError
 from .htdq import HiDiTQFit, k_metric, search_hiditq
 from .identity import check_layers, find_layers, fingerprint, install, layer_signature
 from .modules import HiDiTQLinear, QConv2d, QLinear
-from .quantizers import activation_qparams, dequantize_weight, fake_quant, quantize_weight, round_to_grid_
+from .quantizers import activation_range, affine_params, dequantize_weight, fake_quant, quantize_weight, round_to_grid_
 from .safefile import DTYPE_NAMES
 from .scri import ScriTransform, foldable_norm
+from .timesteps import TimestepClock, bucket_edges, bucket_of, follow_timesteps
 
 
 @dataclass
 class QuantizeResult:
-    """Replacement modules (name relative to the root -> module), the per-layer report and what the calibration
+    """Replacement modules (name relative to the root -> module), the per-layer report, what the calibration
     covered (``calibrated``: its timesteps and layer count, and the host's attention patches applied while it ran when
-    known; empty when unknown)."""
+    known; empty when unknown) and the clock of the W8A8 layers' timestep buckets (``clock.edges``)."""
     modules: dict[str, nn.Module]
     report: list[dict]
     config: QVDConfig
     signatures: dict[str, list] = field(default_factory=dict)
     calibrated: dict = field(default_factory=dict)
+    clock: TimestepClock = field(default_factory=TimestepClock)
+
+    def __post_init__(self):
+        for m in self.modules.values():
+            if hasattr(m, "act_scale"):
+                m.clock = self.clock
 
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.signatures)
+
+    def set_timestep(self, t) -> None:
+        """The timestep of the coming model calls, for callers whose model forward takes none (see
+        ``follow_timesteps``, which ``apply=True`` installs)."""
+        self.clock.set(t)
 
 
 @dataclass
@@ -59,8 +73,8 @@ class Fit:
     scri: ScriTransform | None
     weight_q: torch.Tensor | None  # int8 codes of W * s, the module's weight layout (set by _Rows.finish)
     weight_scale: torch.Tensor | None
-    act_scale: float
-    zero_point: int
+    act_scales: tuple[float, ...]  # per timestep bucket
+    zero_points: tuple[int, ...]
     w_err: float                  # ||W_hat - W|| / ||W|| in the layer's own input domain (set by finish)
 
 
@@ -118,6 +132,7 @@ class Plan:
     norms: dict[str, ScriTransform]   # norm name -> the transform folded into it
     config: QVDConfig
     calibrated: dict = field(default_factory=dict)  # QuantizeResult.calibrated
+    edges: list[float] = field(default_factory=list)  # the timestep buckets' inner edges (``bucket_edges``)
 
     @property
     def report(self) -> list[dict]:
@@ -126,13 +141,15 @@ class Plan:
 
 class _Rows:
     """One layer's float weight ``[N, D]`` and calibration rows ``[R, D]`` in the rows layout (``kh, kw, C`` for a
-    conv, like the calibration's patches).
+    conv, like the calibration's patches), and per timestep bucket (``edges``) its rows and input range: a bucket in
+    which the layer never ran (a ControlNet that stops early) takes the whole calibration's.
 
     The SCRI alpha search, and the output error it reports, measure a seeded subset of ``cfg.search_channels``
     output channels (every channel when the layer has no more; 0: always every channel). Codes and scales are per
     output channel, so the subset's are exactly the whole layer's; ``finish`` quantizes the whole layer."""
 
-    def __init__(self, module: nn.Module, stats: LayerStats, cfg: QVDConfig, bits: tuple[int, int]):
+    def __init__(self, module: nn.Module, stats: LayerStats, cfg: QVDConfig, bits: tuple[int, int],
+                 edges: list[float]):
         self.cfg, self.bits = cfg, bits
         w = module.weight.detach().float().cpu()
         self.shape = tuple(w.shape)
@@ -140,6 +157,11 @@ class _Rows:
         self.channel = torch.arange(self.w.shape[1]) % w.shape[1]  # input channel of each column
         self.rows = stats.rows.float().cpu()
         self.ch_min, self.ch_max = stats.ch_min.float().cpu(), stats.ch_max.float().cpu()
+        self.row_bucket, self.buckets = None, []  # per bucket: (ch_min, ch_max) of its calls
+        if edges:
+            row_bucket, ranges = stats.bucket_view(lambda t: bucket_of(t, edges))
+            self.buckets = [ranges.get(b, (self.ch_min, self.ch_max)) for b in range(len(edges) + 1)]
+            self.row_bucket = row_bucket.clamp_min(0)  # rows of an unknown timestep: measured in bucket 0
         b = None if module.bias is None else module.bias.detach().float().cpu()
         n_out, self.sub = self.w.shape[0], None
         if cfg.search_channels and n_out > cfg.search_channels:
@@ -170,24 +192,44 @@ class _Rows:
         w_hat = out.mul_(ws[:, None])
         if cols is not None:
             b = cols.folded_bias(w_hat, b)  # the bias QLinear / QConv2d compute
-        yq = self._output(fake_quant(xt, fit.act_scale, fit.zero_point, self.bits[1]), w_hat, b)
+        yq = self._output(self._fake_quant(xt, fit), w_hat, b)
         return float((yq - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)), ws
 
+    def _fake_quant(self, xt: torch.Tensor, fit: "Fit") -> torch.Tensor:
+        """The rows quantized as the layer runs them: each with its timestep bucket's quantizer."""
+        if self.row_bucket is None:
+            return fake_quant(xt, fit.act_scales[0], fit.zero_points[0], self.bits[1])
+        scale = torch.tensor(fit.act_scales)[self.row_bucket, None]
+        zp = torch.tensor(fit.zero_points, dtype=torch.float32)[self.row_bucket, None]
+        return fake_quant(xt, scale, zp, self.bits[1])
+
     def _transform(self, alpha: float | None):
-        """(SCRI transform, its per-column form, transformed rows, transformed input range)."""
+        """(SCRI transform, its per-column form, transformed rows, the transformed input range of a channel range)."""
         if alpha is None:
-            return None, None, self.rows, (float(self.ch_min.min()), float(self.ch_max.max()))
+            return None, None, self.rows, lambda mn, mx: (float(mn.min()), float(mx.max()))
         scri = ScriTransform.from_range(self.ch_min, self.ch_max, alpha, self.cfg.scri_max_gain)
         cols = scri.columns(self.channel)
-        return scri, cols, cols.apply(self.rows), (float(scri.apply(self.ch_min).min()),
-                                                    float(scri.apply(self.ch_max).max()))
+        return scri, cols, cols.apply(self.rows), lambda mn, mx: (float(scri.apply(mn).min()),
+                                                                   float(scri.apply(mx).max()))
 
     def fit(self, alpha: float | None) -> Fit:
-        """The activation quantizer for one SCRI choice and its output error on the search channels (``finish``
-        adds the whole layer's codes)."""
-        scri, cols, xt, (lo, hi) = self._transform(alpha)
-        act_scale, zero_point = activation_qparams(xt, self.bits[1], self.cfg.act_range, lo, hi, self.cfg.percentile)
-        fit = Fit(float("nan"), self.w_sub.shape[0], alpha, scri, None, None, act_scale, zero_point, float("nan"))
+        """The activation quantizers (one per timestep bucket) for one SCRI choice and their output error on the
+        search channels (``finish`` adds the whole layer's codes).
+
+        The range search (``act_range``) runs on all the rows; each bucket then covers that range narrowed to its
+        own exact input range, so it clips nothing its timesteps showed that one scale would not (measured worse:
+        a search on one bucket's share of the rows, a few dozen, which misses the tails it clips; the bucket's range
+        shrunk by the whole range's clip factor, which clips timesteps between the calibrated ones)."""
+        scri, cols, xt, span = self._transform(alpha)
+        lo, hi = span(self.ch_min, self.ch_max)
+        clip_lo, clip_hi = activation_range(xt, self.bits[1], self.cfg.act_range, lo, hi, self.cfg.percentile)
+        if not self.buckets:
+            params = [affine_params(clip_lo, clip_hi, self.bits[1])]
+        else:
+            params = [affine_params(max(clip_lo, b_lo), min(clip_hi, b_hi), self.bits[1])
+                      for b_lo, b_hi in (span(mn, mx) for mn, mx in self.buckets)]
+        fit = Fit(float("nan"), self.w_sub.shape[0], alpha, scri, None, None, tuple(p[0] for p in params),
+                  tuple(p[1] for p in params), float("nan"))
         err, _ = self._error(fit, self.w_sub, self.buf, self.b_sub, self.y_sub, xt, cols)
         return dataclasses.replace(fit, err=err)
 
@@ -277,25 +319,32 @@ def _plan_hiditq(name: str, module: nn.Module, calibration: Calibration, cfg: QV
                     extra={"role": _role(name, calibration, cfg)})
 
 
-def _uniform_tdscore(calibration: Calibration, name: str, fit: Fit, cfg: QVDConfig) -> float | None:
-    """TDScore of a temporal layer quantized with the uniform quantizer (for the ablation report)."""
-    if not calibration.layers[name].temporal_vectors:
+def _uniform_tdscore(calibration: Calibration, name: str, fit: Fit, cfg: QVDConfig,
+                     edges: list[float]) -> float | None:
+    """TDScore of a temporal layer quantized with the uniform quantizer, each timestep's features with its bucket's
+    (for the ablation report)."""
+    vec = calibration.layers[name].temporal_vectors
+    if not vec:
         return None
     f = calibration.temporal_features(name)
+    b = torch.tensor([bucket_of(t, edges) for t in sorted(vec, reverse=True)])  # temporal_features' row order
+    scale = torch.tensor(fit.act_scales)[b, None]
+    zp = torch.tensor(fit.zero_points, dtype=torch.float32)[b, None]
     if fit.scri is None:
-        f_hat = fake_quant(f, fit.act_scale, fit.zero_point, cfg.a_bits)
+        f_hat = fake_quant(f, scale, zp, cfg.a_bits)
     else:  # the quantizer sees SCRI's (f - z) / s
-        f_hat = fit.scri.unapply(fake_quant(fit.scri.apply(f), fit.act_scale, fit.zero_point, cfg.a_bits))
+        f_hat = fit.scri.unapply(fake_quant(fit.scri.apply(f), scale, zp, cfg.a_bits))
     return k_metric(f, f_hat, cfg.htdq_lambda, cfg.htdq_window)[2]
 
 
-def _plan_layer(name: str, module: nn.Module, calibration: Calibration, cfg: QVDConfig) -> Decision:
+def _plan_layer(name: str, module: nn.Module, calibration: Calibration, cfg: QVDConfig,
+                edges: list[float]) -> Decision:
     bits = cfg.layer_bits(name, _is_end(name, calibration))
-    rows = _Rows(module, calibration.layers[name], cfg, bits)
+    rows = _Rows(module, calibration.layers[name], cfg, bits, edges)
     fit = rows.finish(min((rows.fit(a) for a in _alphas(cfg, [name], calibration)), key=lambda f: f.err))
     extra = {"role": _role(name, calibration, cfg)}
     if calibration.layers[name].temporal:
-        extra["tdscore"] = _uniform_tdscore(calibration, name, fit, cfg)
+        extra["tdscore"] = _uniform_tdscore(calibration, name, fit, cfg, edges)
     if calibration.layers[name].conditioning_only:
         extra["conditioning"] = CONDITIONING
     handler, why = ("uniform", "no SCRI alpha lowers the output error") if fit.alpha is None else \
@@ -318,9 +367,9 @@ def norm_group_folds(norm: nn.Module | None, names: list[str], layers: dict[str,
 
 
 def _plan_norm_group(norm_name: str, names: list[str], layers: dict[str, nn.Module], calibration: Calibration,
-                     cfg: QVDConfig) -> tuple[list[Decision], ScriTransform | None]:
+                     cfg: QVDConfig, edges: list[float]) -> tuple[list[Decision], ScriTransform | None]:
     bits = [cfg.layer_bits(n, _is_end(n, calibration)) for n in names]
-    rows = [_Rows(layers[n], calibration.layers[n], cfg, b) for n, b in zip(names, bits)]
+    rows = [_Rows(layers[n], calibration.layers[n], cfg, b, edges) for n, b in zip(names, bits)]
     best = None
     for alpha in _alphas(cfg, names, calibration):
         fits = [r.fit(alpha) for r in rows]
@@ -345,6 +394,7 @@ def plan(root: nn.Module, calibration: Calibration, config: QVDConfig | None = N
     every_layer = find_layers(root, QVDConfig())  # layers the user skips still count as the model's own
     check_layers(calibration.signatures, {n: layer_signature(m) for n, m in every_layer.items()}, "the calibration")
     targets = find_layers(root, cfg)
+    edges = bucket_edges(calibration.timesteps, cfg.timestep_buckets)
     decided: dict[str, Decision] = {}
     report = (lambda: progress(len(decided), len(targets))) if progress else (lambda: None)
     for name, module in targets.items():
@@ -361,14 +411,14 @@ def plan(root: nn.Module, calibration: Calibration, config: QVDConfig | None = N
         for norm_name, names in calibration.norm_groups.items():
             temporal = {n for n in names if n in calibration.layers and calibration.layers[n].temporal}
             if norm_group_folds(named.get(norm_name), names, layers, temporal):
-                group, scri = _plan_norm_group(norm_name, names, layers, calibration, cfg)
+                group, scri = _plan_norm_group(norm_name, names, layers, calibration, cfg, edges)
                 decided.update((d.name, d) for d in group)
                 if scri is not None:
                     norms[norm_name] = scri
                 report()
     for name, module in layers.items():
         if name not in decided:
-            decided[name] = _plan_layer(name, module, calibration, cfg)
+            decided[name] = _plan_layer(name, module, calibration, cfg, edges)
             report()
     calibrated = {"timesteps": list(calibration.timesteps), "layers": len(calibration.layers)}
     if calibration.patches is not None:
@@ -379,7 +429,7 @@ def plan(root: nn.Module, calibration: Calibration, config: QVDConfig | None = N
         calibrated["settings"] = dict(calibration.settings)
     if any(calibration.roles.values()):
         calibrated["roles"] = {r: list(v) for r, v in calibration.roles.items()}
-    return Plan([decided[n] for n in targets], norms, cfg, calibrated)
+    return Plan([decided[n] for n in targets], norms, cfg, calibrated, edges)
 
 
 def _module(d: Decision) -> nn.Module:
@@ -392,8 +442,8 @@ def _module(d: Decision) -> nn.Module:
     if f.scri is not None:
         scri = {"scri_shift": f.scri.shift, "scri_inv_scale": f.scri.inv_scale, "scri_in_norm": d.norm is not None}
     kw = dict(weight_q=f.weight_q, weight_scale=f.weight_scale,
-              bias=None if m.bias is None else m.bias.detach().float().cpu(), act_scale=f.act_scale,
-              zero_point=f.zero_point, w_bits=d.bits[0], a_bits=d.bits[1], **scri)
+              bias=None if m.bias is None else m.bias.detach().float().cpu(), act_scale=f.act_scales,
+              zero_point=f.zero_points, w_bits=d.bits[0], a_bits=d.bits[1], **scri)
     if isinstance(m, nn.Linear):
         q = QLinear(m.in_features, m.out_features, **kw)
     else:
@@ -408,7 +458,7 @@ def build(root: nn.Module, p: Plan) -> QuantizeResult:
     for norm_name, scri in p.norms.items():
         modules[norm_name] = scri.fold_norm(named[norm_name])
     signatures = {d.name: layer_signature(d.module) for d in p.decisions if d.handler != "float"}
-    return QuantizeResult(modules, p.report, p.config, signatures, p.calibrated)
+    return QuantizeResult(modules, p.report, p.config, signatures, p.calibrated, TimestepClock(p.edges))
 
 
 def quantize_model(root: nn.Module, calibration: Calibration, config: QVDConfig | None = None,
@@ -418,10 +468,12 @@ def quantize_model(root: nn.Module, calibration: Calibration, config: QVDConfig 
     The report has one entry per layer: its handler, ``out_rel_err`` and ``w_rel_err`` (``||y_q - y||^2 / ||y||^2``
     of the layer output on its calibration rows, and the relative L2 error of the weights), ``tdscore`` for temporal
     layers, ``skipped`` (why) for layers kept in float. With ``apply=True`` the modules are installed in ``root``;
-    with ``apply=False`` ``root`` is left untouched (hosts such as ComfyUI install them as object patches).
+    with ``apply=False`` ``root`` is left untouched (hosts such as ComfyUI install them as object patches and set
+    ``result.clock`` themselves). ``apply=True`` also makes ``root``'s calls set the clock (``follow_timesteps``).
     ``progress(done, total)``: see ``plan``.
     """
     result = build(root, plan(root, calibration, config, progress))
     if apply:
         install(root, result.modules)
+        follow_timesteps(root, result.clock)
     return result

@@ -55,7 +55,7 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q * scale.float().view(-1, *([1] * (q.dim() - 1)))
 
 
-def _affine_params(lo: float, hi: float, bits: int) -> tuple[float, int]:
+def affine_params(lo: float, hi: float, bits: int) -> tuple[float, int]:
     """Scale and zero point mapping ``[lo, hi]`` (which must contain 0) onto the int code range."""
     qmin, qmax = act_qrange(bits)
     lo, hi = min(lo, 0.0), max(hi, 0.0)
@@ -72,23 +72,31 @@ def fake_quant(x: torch.Tensor, scale: float, zero_point: int, bits: int) -> tor
 
 def activation_qparams(values: torch.Tensor, bits: int, method: str, lo: float, hi: float,
                        percentile: float = 99.99) -> tuple[float, int]:
-    """Static (scale, zero point) for one tensor.
+    """Static (scale, zero point) for one tensor: ``affine_params`` of ``activation_range``."""
+    return affine_params(*activation_range(values, bits, method, lo, hi, percentile), bits)
+
+
+def activation_range(values: torch.Tensor, bits: int, method: str, lo: float, hi: float,
+                     percentile: float = 99.99) -> tuple[float, float]:
+    """The range one static quantizer covers.
 
     ``lo`` / ``hi`` are the exact calibration extremes; ``values`` a representative sample used by the
     percentile and MSE searches (the MSE search shrinks ``[lo, hi]`` by a common factor).
     """
     if method == "minmax" or values.numel() == 0:
-        return _affine_params(lo, hi, bits)
+        return lo, hi
     v = values.detach().float().flatten()
     if v.numel() > _MAX_SEARCH_VALUES:
         idx = torch.randint(0, v.numel(), (_MAX_SEARCH_VALUES,), generator=torch.Generator().manual_seed(0))
         v = v[idx]
     if method == "percentile":
         q = torch.quantile(v.double(), torch.tensor([1 - percentile / 100, percentile / 100], dtype=torch.float64))
-        return _affine_params(float(q[0]), float(q[1]), bits)
-    cands = [_affine_params(lo * c, hi * c, bits) for c in _MSE_GRID.tolist()]
+        return float(q[0]), float(q[1])
+    clips = _MSE_GRID.tolist()
+    cands = [affine_params(lo * c, hi * c, bits) for c in clips]
     scale = torch.tensor([c[0] for c in cands])[:, None]
     zp = torch.tensor([float(c[1]) for c in cands])[:, None]
     qmin, qmax = act_qrange(bits)
     err = (((v[None] / scale).round_().add_(zp).clamp_(qmin, qmax).sub_(zp).mul_(scale) - v[None]) ** 2).mean(1)
-    return cands[int(err.argmin())]
+    c = clips[int(err.argmin())]
+    return lo * c, hi * c

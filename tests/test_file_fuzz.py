@@ -19,6 +19,7 @@ from qvd import (Calibrator, QVDConfig, QVDError, load_calibration, load_quantiz
                  save_quantized)
 from qvd.io import CALIBRATION_KEY, KEY
 from qvd.identity import install
+from qvd.timesteps import follow_timesteps
 
 import file_mutations as fm
 from unet_fixtures import TIMESTEPS
@@ -32,26 +33,29 @@ SKIP = ("down_blocks.1.*", "up_blocks.*", "mid_block.*", "conv_in", "conv_out")
 
 @pytest.fixture(scope="module")
 def small(unet, inputs):
-    """(calibration, quantize result) of the UNet's first down block; 16 rows per layer."""
+    """(calibration, quantize result) of the UNet's first down block; 16 rows per layer, 3 timestep buckets."""
     with Calibrator(unet, QVDConfig(calib_rows=16, skip=SKIP)) as cal:
         for t in TIMESTEPS[:3]:
             inputs.run(unet, t)
     calibration = cal.result()
-    return calibration, quantize_model(copy.deepcopy(unet), calibration, QVDConfig(skip=SKIP), apply=False)
+    return calibration, quantize_model(copy.deepcopy(unet), calibration, QVDConfig(skip=SKIP, timestep_buckets=3),
+                                       apply=False)
 
 
 # What a re-signed file may change and still load: the values calibration decides (the model determines the rest,
 # and the loader recomputes it from the model: qvd/verify.py).
-CALIBRATED = {"act_scale", "zero_point", "scri_shift", "scri_inv_scale", "levels", "config"}
+CALIBRATED = {"act_scale", "zero_points", "timestep_edges", "scri_shift", "scri_inv_scale", "levels", "config"}
 
 
 def _quantized_differences(a, b) -> set[str]:
     """The fields in which two loaded quantize results differ (empty: the same model)."""
     if set(a.modules) != set(b.modules):
         return {"the set of layers"}
-    attrs = ("zero_point", "w_bits", "a_bits", "scri_in_norm", "stride", "padding", "kernel_size", "in_features",
+    attrs = ("zero_points", "w_bits", "a_bits", "scri_in_norm", "stride", "padding", "kernel_size", "in_features",
              "out_features", "in_channels", "out_channels")
     found = set() if a.config == b.config else {"config"}
+    if a.clock.edges != b.clock.edges:
+        found.add("timestep_edges")
     for n, ma in a.modules.items():
         mb = b.modules[n]
         sa, sb = ma.state_dict(), mb.state_dict()
@@ -70,11 +74,13 @@ def _calibration_differences(a, b) -> set[str]:
         return {"statistics"}
     for n, sa in a.layers.items():
         sb = b.layers[n]
-        if (sa.signature, sa.temporal, sa.calls, set(sa.temporal_vectors)) != (
-                sb.signature, sb.temporal, sb.calls, set(sb.temporal_vectors)):
+        if (sa.signature, sa.temporal, sa.calls, set(sa.temporal_vectors), sa.times) != (
+                sb.signature, sb.temporal, sb.calls, set(sb.temporal_vectors), sb.times):
             return {"statistics"}
-        if not all(torch.equal(x, y) for x, y in [(sa.ch_min, sb.ch_min), (sa.ch_max, sb.ch_max), (sa.rows, sb.rows)]
-                   + [(sa.temporal_vectors[t], sb.temporal_vectors[t]) for t in sa.temporal_vectors]):
+        if not all(torch.equal(x, y) for x, y in [(sa.ch_min, sb.ch_min), (sa.ch_max, sb.ch_max), (sa.rows, sb.rows),
+                                                  (sa.row_times, sb.row_times)]
+                   + [(sa.temporal_vectors[t], sb.temporal_vectors[t]) for t in sa.temporal_vectors]
+                   + [(x, y) for ra, rb in zip(sa.ranges_at, sb.ranges_at) for x, y in zip(ra, rb)]):
             return {"statistics"}
     return set()
 
@@ -146,6 +152,7 @@ def test_fuzz_quantized_files(unet, inputs, small, tmp_path):
     def runs(result):
         model = copy.deepcopy(unet)
         install(model, result.modules)
+        follow_timesteps(model, result.clock)
         try:
             y = inputs.run(model, 600)
         except QVDError:

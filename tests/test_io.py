@@ -125,7 +125,7 @@ def test_metadata_edits_without_a_new_checksum_are_refused(unet, saved, tmp_path
     with safe_open(str(saved), "pt") as f:
         stored = f.metadata()[KEY + "_sha256"]
     name = _first(meta, "conv")
-    for field, value in (("zero_point", meta["layers"][name]["zero_point"] + 1), ("a_bits", 4)):
+    for field, value in (("zero_point", [z + 1 for z in meta["layers"][name]["zero_point"]]), ("a_bits", 4)):
         edited = copy.deepcopy(meta)
         edited["layers"][name][field] = value
         save_file(tensors, str(tmp_path / "z.safetensors"), metadata={KEY: json.dumps(edited), KEY + "_sha256": stored})
@@ -156,8 +156,8 @@ def test_stride_or_padding_other_than_the_models_is_refused(unet, saved, tmp_pat
 
 def test_zero_point_and_bits_are_checked_against_their_ranges_and_the_config(unet, saved, tmp_path):
     def zp(meta):
-        meta["layers"][_first(meta, "linear")]["zero_point"] = 128
-    _refused(_edited(saved, tmp_path, zp), unet, r"zero_point is 128, expected an integer in \[-128, 127\]")
+        meta["layers"][_first(meta, "linear")]["zero_point"][-1] = 128
+    _refused(_edited(saved, tmp_path, zp), unet, r"zero_point\[\d\] is 128, expected an integer in \[-128, 127\]")
 
     def bits(meta):
         meta["layers"][_first(meta, "linear")]["a_bits"] = 4
@@ -216,8 +216,8 @@ def test_deeply_nested_metadata_is_refused(unet, saved, tmp_path):
 
 
 def test_format_version_is_compared_with_its_type(unet, saved, tmp_path):
-    msg = _refused(_edited(saved, tmp_path, lambda m: m.update(format_version="2")), unet, "format version '2'")
-    assert "reads version 2" in msg
+    msg = _refused(_edited(saved, tmp_path, lambda m: m.update(format_version="3")), unet, "format version '3'")
+    assert "reads versions 2 and 3" in msg
     _refused(_edited(saved, tmp_path, lambda m: m.update(format_version=99)), unet, "format version 99")
 
 

@@ -64,7 +64,7 @@ class Simulated(nn.Module):
             view = (1, -1, 1, 1) if conv else (-1,)
             x = (x - q.scri_shift.view(view)) * q.scri_inv_scale.view(view)
         if self.acts == "static":
-            x = fake_quant(x, float(q.act_scale), q.zero_point, q.a_bits)
+            x = fake_quant(x, float(q.act_scale_now("cpu")), q.zero_point, q.a_bits)
         elif self.acts == "per-call":
             x = fake_quant(x, *activation_qparams(x, q.a_bits, "mse", float(x.min()), float(x.max())), q.a_bits)
         y = F.conv2d(x, self.weight, self.bias, q.stride) if conv else F.linear(x, self.weight, self.bias)
