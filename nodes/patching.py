@@ -31,6 +31,7 @@ from ..qvd.calibrate import coverage_timesteps
 from ..qvd.identity import content_key, install as install_modules
 from ..qvd.modules import kept_float_bytes
 from ..qvd.scri import folded_output_transform
+from ..qvd.timesteps import follow_timesteps
 from . import weight_patches
 
 ADE_KEY = "ADE"
@@ -418,6 +419,7 @@ def quantize_controlnet(control_net, build, compute: str = "auto") -> tuple:
            control_net.manual_cast_dtype or getattr(base, "dtype", None) or torch.float32)
     model = _structure_copy(base)
     install_modules(model, {name.partition(".")[2]: m for name, m in result.modules.items()})
+    follow_timesteps(model, result.clock)  # the copy's own hooks: the ControlNet's call gives its timesteps
     model.qvd_result = result  # QVD Save Quantized ControlNet reads it (copies of the ControlNet share the model)
     out = control_net.copy()
     out.control_model = model
@@ -463,6 +465,9 @@ def install(clone, result: QuantizeResult, sizes: dict[str, int]):
         weight_patches.attach(p, sizes[key])
     import comfy.patcher_extension
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "qvd_compute", _sampling(result))
+    if result.clock.buckets > 1:
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "qvd_timestep",
+                                   _follow_timestep(result.clock))
     for i, p in enumerate(patched_motions):
         p.patches_uuid = uuid.uuid4()
         p.size = sizes[f"motion_{i}"]
@@ -473,6 +478,17 @@ def install(clone, result: QuantizeResult, sizes: dict[str, int]):
     clone.size = sizes[UNET]
     clone.set_attachments(ATTACHMENT, QVDAttachment(result))
     return clone
+
+
+def _follow_timestep(clock):
+    """A DIFFUSION_MODEL wrapper setting ``clock`` (the quantized layers' timestep bucket) from each call's timesteps
+    (the UNet's and the motion modules' layers run inside that call)."""
+    def wrapper(executor, *args, **kwargs):
+        t = args[1] if len(args) > 1 else kwargs.get("timesteps", kwargs.get("timestep"))
+        if t is not None:
+            clock.set(t)
+        return executor(*args, **kwargs)
+    return wrapper
 
 
 def attached_result(model) -> QuantizeResult:

@@ -386,6 +386,10 @@ def describe(result) -> str:
                      + f"{len(covered)} of the timesteps added to cover the noise schedule"
                      + ("" if covered else " (a file of the sampled timesteps only: other step counts / samplers see "
                                            "activations it was not fit to)"))
+    edges = result.clock.edges
+    if edges:
+        lines.append(f"{len(edges) + 1} activation scales per W8A8 layer, one per timestep interval (edges "
+                     f"{', '.join(f'{e:g}' for e in edges)}), picked from each model call's timestep")
     cond = [r["name"] for r in result.report if r.get("conditioning")]
     if cond:
         lines.append(f"conditioning path (input the same at every calibrated timestep, e.g. {cond[0]}): {len(cond)} "

@@ -175,7 +175,7 @@ def test_damaged_files_give_a_node_error_and_the_server_stays_up(core_runs, comf
         meta["layers"][next(n for n, i in sorted(meta["layers"].items()) if i["kind"] == "conv")]["stride"] = 0
     fm.resign(good, folder / "stride0.safetensors", KEY, edit_meta=stride0)
     raw = good.read_bytes()
-    digit = re.search(rb'zero_point\\": -?(\d)', raw)
+    digit = re.search(rb'zero_point\\": \[-?(\d)', raw)
     (folder / "zeropoint.safetensors").write_bytes(
         raw[:digit.start(1)] + str((int(digit[1]) + 1) % 10).encode() + raw[digit.end(1):])
 
