@@ -135,19 +135,21 @@ def test_error_budget_measures_noise_scaling_and_renders_it(tmp_path):
 
 
 def test_generalisation_section_is_replaced_in_results(tmp_path, monkeypatch):
-    """``--generalisation`` (issue 29): one calibration per timestep coverage, sampled in other settings; its section
-    replaces the old one in results.md and leaves the rest."""
+    """``--generalisation`` (issue 29): one calibration per timestep coverage, quantized with each bucket count,
+    sampled in other settings; its section replaces the old one in results.md and leaves the rest."""
     torch.set_num_threads(1)
-    res = A.generalisation(n=1, settings=("(c) DPM-Solver++ 10",), coverages=(0, 20), mode="fake")
+    res = A.generalisation(n=2, settings=("(c) DPM-Solver++ 10",), variants=((0, 1), (20, 1), (20, 2)), mode="fake")
     held = res.pop("timesteps")
     assert held[0] == {"timesteps": 10, "added": 0} and held[20]["added"] >= 5
     assert held[20]["timesteps"] == 10 + held[20]["added"]
     row = res["(c) DPM-Solver++ 10"]
-    assert set(row) == {0, 20} and all(0 < r["psnr_db"] < float("inf") for r in row.values())
+    assert set(row) == {(0, 1), (20, 1), (20, 2)} and all(0 < r["psnr_db"] < float("inf") for r in row.values())
+    assert row[(20, 1)]["psnr_clips"] != row[(20, 2)]["psnr_clips"]  # the buckets run: another model
     md = tmp_path / "results.md"
     md.write_text("# earlier\n\n" + A.SECTION + "\n\nstale\n")
     monkeypatch.setattr(A, "generalisation", lambda **kw: {**res, "timesteps": held})
-    A.main(["--generalisation", "--n", "1", "--out", str(tmp_path)])
+    A.main(["--generalisation", "--n", "2", "--out", str(tmp_path)])
     text = md.read_text()
     assert text.startswith("# earlier") and "stale" not in text and text.count(A.SECTION) == 1
-    assert "| (c) DPM-Solver++ 10 (FP " in text and "coverage 20 - 0, dB" in text
+    assert "| (c) DPM-Solver++ 10 (FP " in text and "coverage 20 - coverage 0, dB" in text
+    assert "2 buckets - 1 bucket, dB" in text and "2 buckets gain in " in text and "the default stays at 1" in text
