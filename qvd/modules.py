@@ -165,9 +165,7 @@ class _QuantizedBase(_HostHooks):
         self.weight = _param(weight_q.to(torch.int8))
         self.weight_scale = _param(weight_scale.float())
         self.bias = _param(None if bias is None else bias.float())
-        scales = act_scale.tolist() if torch.is_tensor(act_scale) else act_scale
-        self.act_scale = _param(torch.tensor([float(v) for v in (scales if isinstance(scales, (list, tuple))
-                                                                    else [scales])]))
+        self.act_scale = _param(torch.as_tensor(act_scale, dtype=torch.float32).detach().reshape(-1).clone())
         self.scri_shift = _param(None if scri_shift is None else scri_shift.float())
         self.scri_inv_scale = _param(None if scri_inv_scale is None else scri_inv_scale.float())
         self.scri_in_norm = bool(scri_in_norm)
