@@ -12,8 +12,8 @@
   (``uniform``), with the lowest W8A8 output error on its rows; the quantize kernel does the transform.
 
 Weights are per-output-channel symmetric, activations static per tensor (range by ``act_range``), one quantizer per
-timestep bucket (``qvd/timesteps.py``: the calibrated timesteps in ``cfg.timestep_buckets`` intervals, each fit on
-its own rows and ranges; the SCRI transform and the weights are shared by all). ``build`` makes the modules (and the
+timestep bucket (``qvd/timesteps.py``: the calibrated timesteps in ``cfg.timestep_buckets`` intervals, each the
+whole layer's range narrowed to its own calls' range, ``_Rows.fit``; the SCRI transform and the weights are shared). ``build`` makes the modules (and the
 folded norm copies) and the clock that picks their bucket; the per-layer report comes from the plan.
 """
 from __future__ import annotations
@@ -199,9 +199,7 @@ class _Rows:
         """The rows quantized as the layer runs them: each with its timestep bucket's quantizer."""
         if self.row_bucket is None:
             return fake_quant(xt, fit.act_scales[0], fit.zero_points[0], self.bits[1])
-        scale = torch.tensor(fit.act_scales)[self.row_bucket, None]
-        zp = torch.tensor(fit.zero_points, dtype=torch.float32)[self.row_bucket, None]
-        return fake_quant(xt, scale, zp, self.bits[1])
+        return _bucket_fake_quant(xt, fit, self.row_bucket, self.bits[1])
 
     def _transform(self, alpha: float | None):
         """(SCRI transform, its per-column form, transformed rows, the transformed input range of a channel range)."""
@@ -319,6 +317,13 @@ def _plan_hiditq(name: str, module: nn.Module, calibration: Calibration, cfg: QV
                     extra={"role": _role(name, calibration, cfg)})
 
 
+def _bucket_fake_quant(x: torch.Tensor, fit: Fit, bucket: torch.Tensor, bits: int) -> torch.Tensor:
+    """Rows ``x`` quantized each with the quantizer of its timestep bucket (``bucket``: one index per row)."""
+    scale = torch.tensor(fit.act_scales)[bucket, None]
+    zp = torch.tensor(fit.zero_points, dtype=torch.float32)[bucket, None]
+    return fake_quant(x, scale, zp, bits)
+
+
 def _uniform_tdscore(calibration: Calibration, name: str, fit: Fit, cfg: QVDConfig,
                      edges: list[float]) -> float | None:
     """TDScore of a temporal layer quantized with the uniform quantizer, each timestep's features with its bucket's
@@ -328,12 +333,10 @@ def _uniform_tdscore(calibration: Calibration, name: str, fit: Fit, cfg: QVDConf
         return None
     f = calibration.temporal_features(name)
     b = torch.tensor([bucket_of(t, edges) for t in sorted(vec, reverse=True)])  # temporal_features' row order
-    scale = torch.tensor(fit.act_scales)[b, None]
-    zp = torch.tensor(fit.zero_points, dtype=torch.float32)[b, None]
     if fit.scri is None:
-        f_hat = fake_quant(f, scale, zp, cfg.a_bits)
+        f_hat = _bucket_fake_quant(f, fit, b, cfg.a_bits)
     else:  # the quantizer sees SCRI's (f - z) / s
-        f_hat = fit.scri.unapply(fake_quant(fit.scri.apply(f), scale, zp, cfg.a_bits))
+        f_hat = fit.scri.unapply(_bucket_fake_quant(fit.scri.apply(f), fit, b, cfg.a_bits))
     return k_metric(f, f_hat, cfg.htdq_lambda, cfg.htdq_window)[2]
 
 

@@ -2,8 +2,8 @@
 
 A calibration that covers the model's noise schedule is split into ``QVDConfig.timestep_buckets`` intervals of
 equal width in the model's own timestep (what its forward receives: 0..999 for SD / AnimateDiff, ``1000 sigma`` for
-Wan), and each W8A8 layer gets one (scale, zero point) per interval, fit on the calibration rows of that interval's
-timesteps (``quantize.py``). At run time a ``TimestepClock`` shared by one quantized model's layers holds the bucket
+Wan), and each W8A8 layer gets one (scale, zero point) per interval: its whole range narrowed to the input range of
+that interval's calls (``quantize.py``). At run time a ``TimestepClock`` shared by one quantized model's layers holds the bucket
 of the model call in progress: ``follow_timesteps`` sets it from each call's ``timestep(s)`` argument (plain torch,
 a quantized ControlNet's own copy), or the host glue sets it (ComfyUI: a DIFFUSION_MODEL wrapper).
 """
