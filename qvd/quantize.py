@@ -340,16 +340,22 @@ def _uniform_tdscore(calibration: Calibration, name: str, fit: Fit, cfg: QVDConf
     return k_metric(f, f_hat, cfg.htdq_lambda, cfg.htdq_window)[2]
 
 
+def _extra(name: str, calibration: Calibration, cfg: QVDConfig) -> dict:
+    """A quantized layer's report notes: its role, and why it has no SCRI if it is on the conditioning path."""
+    extra = {"role": _role(name, calibration, cfg)}
+    if calibration.layers[name].conditioning_only:
+        extra["conditioning"] = CONDITIONING
+    return extra
+
+
 def _plan_layer(name: str, module: nn.Module, calibration: Calibration, cfg: QVDConfig,
                 edges: list[float]) -> Decision:
     bits = cfg.layer_bits(name, _is_end(name, calibration))
     rows = _Rows(module, calibration.layers[name], cfg, bits, edges)
     fit = rows.finish(min((rows.fit(a) for a in _alphas(cfg, [name], calibration)), key=lambda f: f.err))
-    extra = {"role": _role(name, calibration, cfg)}
+    extra = _extra(name, calibration, cfg)
     if calibration.layers[name].temporal:
         extra["tdscore"] = _uniform_tdscore(calibration, name, fit, cfg, edges)
-    if calibration.layers[name].conditioning_only:
-        extra["conditioning"] = CONDITIONING
     handler, why = ("uniform", "no SCRI alpha lowers the output error") if fit.alpha is None else \
         ("scri-kernel", "lowest output error; the quantize kernel does the transform")
     return Decision(name, module, handler, why, bits, fit, extra=extra)
@@ -381,9 +387,10 @@ def _plan_norm_group(norm_name: str, names: list[str], layers: dict[str, nn.Modu
     best = [r.finish(f) for r, f in zip(rows, best)]
     if best[0].alpha is None:
         return [Decision(n, layers[n], "uniform", f"no SCRI alpha lowers the error of the layers fed by {norm_name}",
-                         b, f) for n, b, f in zip(names, bits, best)], None
+                         b, f, extra=_extra(n, calibration, cfg))
+                for n, b, f in zip(names, bits, best)], None
     why = f"one alpha for the layers fed by {norm_name}, folded into it"
-    return [Decision(n, layers[n], "scri-norm", why, b, f, norm=norm_name, extra={"role": _role(n, calibration, cfg)})
+    return [Decision(n, layers[n], "scri-norm", why, b, f, norm=norm_name, extra=_extra(n, calibration, cfg))
             for n, b, f in zip(names, bits, best)], best[0].scri
 
 

@@ -199,14 +199,49 @@ def test_one_timestep_shows_no_temporal_layer():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_broadcast_rows_are_counted_exactly_in_every_float_dtype(dtype):
-    """Counting distinct rows compares bit patterns (torch.unique runs on integers everywhere): a time vector
-    repeated over 64 frames is one row, one token that differs makes two, tokens are many."""
+def test_broadcast_rows_are_counted_up_to_rounding_in_every_float_dtype(dtype):
+    """A time vector repeated over 64 frames is one row, also when some copies differ in their last bits (a GEMM
+    rounds identical rows differently by their place in the batch: ComfyUI's Wan 2.2 TI2V calls did); one token that
+    differs by more makes two; tokens are many."""
     from qvd.calibrate import _distinct_rows_at_most
 
     g = torch.Generator().manual_seed(0)
     vector = torch.randn(1, 48, generator=g).to(dtype).expand(64, 48)
     assert _distinct_rows_at_most(vector, 1)
-    assert not _distinct_rows_at_most(torch.cat([vector, vector[:1] + 1]), 1)
-    assert _distinct_rows_at_most(torch.cat([vector, vector[:1] + 1]), 2)
+    rounded = vector.clone()
+    rounded[5:9, ::3] = torch.nextafter(rounded[5:9, ::3], torch.full_like(rounded[5:9, ::3], 9.0))  # 1 ulp
+    assert not torch.equal(rounded, vector) and _distinct_rows_at_most(rounded, 1)
+    assert not _distinct_rows_at_most(torch.cat([vector, vector[:1] + 0.05]), 1)
+    assert _distinct_rows_at_most(torch.cat([vector, vector[:1] + 0.05]), 2)
     assert not _distinct_rows_at_most(torch.randn(64, 48, generator=g).to(dtype), 8)
+
+
+class MiniWanI2V(MiniWan):
+    """Wan 2.1 I2V's image path: CLIP vision features through ``img_emb`` (a LayerNorm, then a Linear) joined to the
+    text context, the same at every timestep of a clip."""
+
+    def __init__(self):
+        super().__init__()
+        self.img_emb = nn.Sequential(nn.LayerNorm(TEXT_DIM), nn.Linear(TEXT_DIM, TEXT_DIM))
+
+    def forward(self, x, timestep, context, clip_fea):
+        return super().forward(x, timestep, torch.cat([self.img_emb(clip_fea), context], 1))
+
+
+def test_image_path_behind_a_norm_is_conditioning_and_the_report_says_so():
+    """``img_emb.1`` reads a LayerNorm that feeds nothing else (a norm group SCRI could fold into): found on the
+    conditioning path, it gets no image-specific SCRI and its report entry says why, as a layer without a norm."""
+    torch.manual_seed(0)
+    model = MiniWanI2V().eval()
+    g = torch.Generator().manual_seed(3)
+    clip = torch.randn(1, 5, TEXT_DIM, generator=g) * (1 + 4 * torch.rand(TEXT_DIM, generator=g))
+    context = torch.randn(2, 7, TEXT_DIM, generator=g)
+    with torch.no_grad(), Calibrator(model, QVDConfig()) as cal:
+        for t in TIMESTEPS:
+            model(torch.randn(2, IN_DIM, 2, 8, 8, generator=g), torch.full((2,), t), context, clip.expand(2, -1, -1))
+    calibration = cal.result()
+    assert "img_emb.0" in calibration.norm_groups and calibration.layers["img_emb.1"].conditioning_only
+    report = {r["name"]: r for r in quantize_model(model, calibration, QVDConfig(), apply=False).report}
+    entry = report["img_emb.1"]
+    assert entry["handler"] == "uniform" and entry["scri_alpha"] is None, entry
+    assert entry["conditioning"] == report["text_embedding.0"]["conditioning"], entry
