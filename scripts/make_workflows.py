@@ -59,6 +59,16 @@ NODE_TYPES = {
                          ["add_noise", "noise_seed", "control_after_generate", "steps", "cfg", "sampler_name",
                           "scheduler", "start_at_step", "end_at_step", "return_with_leftover_noise"],
                          [("LATENT", "LATENT")]),
+    "LoadImage": ([], ["image", "upload"], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+    "CLIPVisionLoader": ([], ["clip_name"], [("CLIP_VISION", "CLIP_VISION")]),
+    "CLIPVisionEncode": ([("clip_vision", "CLIP_VISION"), ("image", "IMAGE")], ["crop"],
+                         [("CLIP_VISION_OUTPUT", "CLIP_VISION_OUTPUT")]),
+    "WanImageToVideo": ([("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "VAE"),
+                         ("clip_vision_output", "CLIP_VISION_OUTPUT"), ("start_image", "IMAGE")],
+                        ["width", "height", "length", "batch_size"],
+                        [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")]),
+    "Wan22ImageToVideoLatent": ([("vae", "VAE"), ("start_image", "IMAGE")], ["width", "height", "length", "batch_size"],
+                                [("LATENT", "LATENT")]),
     "ADE_LoadAnimateDiffModel": ([("ad_settings", "AD_SETTINGS")], ["model_name"],
                                  [("MOTION_MODEL", "MOTION_MODEL_ADE")]),
     "ADE_ApplyAnimateDiffModelSimple": ([("motion_model", "MOTION_MODEL_ADE"), ("motion_lora", "MOTION_LORA"),
@@ -157,6 +167,43 @@ def _wan22_a14b():
     return spec
 
 
+def _wan21_i2v():
+    """Wan 2.1 I2V 14B 480p: the start image through the Wan VAE (WanImageToVideo) and CLIP vision (clip_vision_h),
+    33 frames at 832 x 480, calibrated on that image's conditioning and quantized in the graph."""
+    spec = _wan21()
+    spec[1] = ("UNETLoader", {"unet_name": "wan2.1_i2v_480p_14B_fp16.safetensors", "weight_dtype": "default"})
+    del spec[4]
+    spec[30] = ("LoadImage", {"image": "start_image.png", "upload": "image"})
+    spec[31] = ("CLIPVisionLoader", {"clip_name": "clip_vision_h.safetensors"})
+    spec[32] = ("CLIPVisionEncode", {"clip_vision": (31, 0), "image": (30, 0), "crop": "none"})
+    spec[33] = ("WanImageToVideo", {"positive": (2, 0), "negative": (3, 0), "vae": (7, 0), "clip_vision_output": (32, 0),
+                                    "start_image": (30, 0), "width": 832, "height": 480, "length": 33,
+                                    "batch_size": 1})
+    conditioned = {"positive": (33, 0), "negative": (33, 1), "latent_image": (33, 2)}
+    spec[10] = ("QVDCalibrate", {**spec[10][1], **conditioned})
+    spec[12] = ("QVDSaveQuantized", {"model": (11, 0), "filename": "qvd_w8a8_wan21_i2v"})
+    spec[20] = ("KSampler", {**spec[20][1], **conditioned})
+    spec[22] = ("SaveAnimatedWEBP", {**spec[22][1], "filename_prefix": "qvd/wan21_i2v"})
+    return spec
+
+
+def _wan22_ti2v_5b():
+    """Wan 2.2 TI2V-5B image-to-video: the start image through the Wan 2.2 VAE into the first latent frame
+    (Wan22ImageToVideoLatent; its noise mask gives that frame timestep 0), 121 frames at 1280 x 704."""
+    spec = _wan21()
+    spec[1] = ("UNETLoader", {"unet_name": "wan2.2_ti2v_5B_fp16.safetensors", "weight_dtype": "default"})
+    spec[7] = ("VAELoader", {"vae_name": "wan2.2_vae.safetensors"})
+    spec[30] = ("LoadImage", {"image": "start_image.png", "upload": "image"})
+    spec[4] = ("Wan22ImageToVideoLatent", {"vae": (7, 0), "start_image": (30, 0), "width": 1280, "height": 704,
+                                           "length": 121, "batch_size": 1})
+    sampling = {"cfg": 5.0}
+    spec[10] = ("QVDCalibrate", {**spec[10][1], **sampling})
+    spec[12] = ("QVDSaveQuantized", {"model": (11, 0), "filename": "qvd_w8a8_wan22_ti2v_5b"})
+    spec[20] = ("KSampler", {**spec[20][1], **sampling})
+    spec[22] = ("SaveAnimatedWEBP", {**spec[22][1], "filename_prefix": "qvd/wan22_ti2v", "fps": 24.0})
+    return spec
+
+
 def _ade(model_ref, motion_model="mm_sd_v15_v2.ckpt"):
     return {
         5: ("ADE_LoadAnimateDiffModel", {"model_name": motion_model}),
@@ -224,6 +271,10 @@ WORKFLOWS = {
     "qvd_wan21_t2v_calibrate_quantize": _wan21(),
     # (g) Wan 2.2 T2V A14B: its two experts, each calibrated and quantized, in two KSamplerAdvanced.
     "qvd_wan22_t2v_a14b_calibrate_quantize": _wan22_a14b(),
+    # (h) Wan 2.1 I2V: a start image through WanImageToVideo (Wan VAE + CLIP vision), calibrated and quantized.
+    "qvd_wan21_i2v_calibrate_quantize": _wan21_i2v(),
+    # (i) Wan 2.2 TI2V-5B from a start image (per-frame timesteps), calibrated and quantized.
+    "qvd_wan22_ti2v_5b_calibrate_quantize": _wan22_ti2v_5b(),
 }
 FRONTEND_ONLY = ("control_after_generate", "upload")  # widgets the frontend keeps out of the API prompt
 

@@ -5,15 +5,17 @@
 - ``build_sdxl_checkpoint``: the same for an SDXL-family checkpoint (SDXL's UNet at Segmind Vega's depth).
 - ``build_motion_model``: an AnimateDiff motion model (plain torch): ``mm_sd_v15_v2`` (588 keys), the SDXL
   ``mm_sdxl_v10_beta`` layout or HotShotXL's.
-- ``build_wan_model``: a Wan 2.1 T2V diffusion model (ComfyUI's ``WanModel``, what ``UNETLoader`` reads) at toy
-  width and depth (``WAN_CONFIG``); its text embedding keeps Wan's 4096-wide input (umt5-xxl's, fixed by ComfyUI).
+- ``build_wan_model``: a Wan diffusion model (ComfyUI's ``WanModel``, what ``UNETLoader`` reads) at toy width and
+  depth: Wan 2.1 T2V (``WAN_CONFIG``), I2V, Wan 2.2 TI2V-5B; its text embedding keeps Wan's 4096-wide input
+  (umt5-xxl's, fixed by ComfyUI). ``build_wan_vae``: the Wan 2.1 / 2.2 VAE.
 - ``write_lora``: a seeded rank-4 LoRA for the SD1.5 checkpoint's spatial transformers.
 
 ComfyUI builds layers uninitialised, so every parameter is filled explicitly from one seeded generator:
 norm weights 1 / biases 0, other weights N(0, 0.02), other biases N(0, 0.01).
 Run as a script to write a file: ``python synthetic_models.py KIND OUT.safetensors``, KIND one of sd15, sdxl,
 motion, motion_sdxl, motion_hotshotxl, wan21, wan21_low (another seed: a Wan 2.2 A14B-style expert pair),
-wan21_1_3b_width (for speed; the checkpoints and the Wan models with ComfyUI on ``sys.path``, e.g. from its directory).
+wan21_1_3b_width (for speed), wan21_i2v, wan22_ti2v, wan21_vae, wan22_vae (the checkpoints and the Wan models with
+ComfyUI on ``sys.path``, e.g. from its directory).
 """
 from __future__ import annotations
 
@@ -126,9 +128,16 @@ WAN_CONFIG = {"model_type": "t2v", "dim": 256, "ffn_dim": 512, "num_heads": 2, "
 WAN_1_3B_WIDTH = {**WAN_CONFIG, "dim": 1536, "ffn_dim": 8960, "num_heads": 12}
 
 
-def build_wan_model(path: str, seed: int = SEED, config: dict = WAN_CONFIG) -> None:
-    """Write a seeded fp16 Wan 2.1 T2V diffusion model (ComfyUI's key layout, no prefix) to ``path``; checks that
-    ComfyUI detects it as Wan 2.1 T2V."""
+# Wan 2.1 I2V (14B: 36 input channels, the image latent and its mask beside the noise; CLIP vision's 1280-wide
+# penultimate features through ``img_emb``) and Wan 2.2 TI2V-5B (the Wan 2.2 VAE's 48 latent channels in and out,
+# per-frame timesteps when it starts from an image) at the same toy width.
+WAN_I2V_CONFIG = {**WAN_CONFIG, "model_type": "i2v", "in_dim": 36}
+WAN_TI2V_CONFIG = {**WAN_CONFIG, "in_dim": 48, "out_dim": 48}
+
+
+def build_wan_model(path: str, seed: int = SEED, config: dict = WAN_CONFIG, expect: str = "WAN21_T2V") -> None:
+    """Write a seeded fp16 Wan diffusion model (ComfyUI's key layout, no prefix) to ``path``; checks that ComfyUI
+    detects it as ``expect`` (a ``comfy.supported_models`` class name)."""
     from comfy.cli_args import args
     args.cpu = True
     import comfy.model_detection
@@ -144,10 +153,29 @@ def build_wan_model(path: str, seed: int = SEED, config: dict = WAN_CONFIG) -> N
             elif name.endswith("weight") and p.ndim > 1:
                 p.mul_(1 / (0.02 * p[0].numel() ** 0.5))
     sd = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
-    config = comfy.model_detection.model_config_from_unet(sd, "")
-    if type(config).__name__ != "WAN21_T2V":
-        raise RuntimeError(f"ComfyUI detected {type(config).__name__} for the synthetic Wan 2.1 T2V model")
-    _save_atomic(sd, path, {"qvd_synthetic": f"wan21_t2v seed={seed}"})
+    detected = type(comfy.model_detection.model_config_from_unet(sd, "")).__name__
+    if detected != expect:
+        raise RuntimeError(f"ComfyUI detected {detected} for the synthetic {expect} model")
+    _save_atomic(sd, path, {"qvd_synthetic": f"{expect.lower()} seed={seed}"})
+
+
+def build_wan_vae(path: str, wan22: bool = False, seed: int = SEED + 9) -> None:
+    """Write a seeded fp16 Wan VAE (ComfyUI's ``VAELoader`` layout): Wan 2.1's at ``dim`` 16 (ComfyUI reads its
+    width from the weights; the real one is 96) or Wan 2.2's (48 latent channels), which ComfyUI builds at its full
+    width whatever a file holds (705 M parameters, 1.4 GB in fp16)."""
+    from comfy.cli_args import args
+    args.cpu = True
+    import comfy.ldm.wan.vae
+    import comfy.ldm.wan.vae2_2
+
+    ddconfig = {"dim": 160 if wan22 else 16, "z_dim": 48 if wan22 else 16, "dim_mult": [1, 2, 4, 4],
+                "num_res_blocks": 2, "attn_scales": [], "temperal_downsample": [False, True, True], "dropout": 0.0}
+    vae = (comfy.ldm.wan.vae2_2 if wan22 else comfy.ldm.wan.vae).WanVAE(**ddconfig)
+    init_seeded_([vae], seed)
+    sd = {k: v.to(torch.float16) for k, v in vae.state_dict().items()}
+    if ("decoder.upsamples.0.upsamples.0.residual.2.weight" in sd) != wan22:
+        raise RuntimeError("the synthetic Wan VAE would not be detected as the Wan VAE it stands for")
+    _save_atomic(sd, path, {"qvd_synthetic": f"wan{'22' if wan22 else '21'}_vae seed={seed}"})
 
 
 def motion_module_shapes(sdxl: bool = False, hotshot: bool = False) -> dict[str, tuple[int, ...]]:
@@ -320,7 +348,10 @@ if __name__ == "__main__":
      "motion_sdxl": lambda p: build_motion_model(p, sdxl=True),
      "motion_hotshotxl": lambda p: build_motion_model(p, sdxl=True, hotshot=True), "wan21": build_wan_model,
      "wan21_low": lambda p: build_wan_model(p, seed=SEED + 7),
-     "wan21_1_3b_width": lambda p: build_wan_model(p, config=WAN_1_3B_WIDTH)}[kind](out)
+     "wan21_1_3b_width": lambda p: build_wan_model(p, config=WAN_1_3B_WIDTH),
+     "wan21_i2v": lambda p: build_wan_model(p, seed=SEED + 8, config=WAN_I2V_CONFIG, expect="WAN21_I2V"),
+     "wan22_ti2v": lambda p: build_wan_model(p, seed=SEED + 10, config=WAN_TI2V_CONFIG, expect="WAN22_T2V"),
+     "wan21_vae": build_wan_vae, "wan22_vae": lambda p: build_wan_vae(p, wan22=True)}[kind](out)
 
 
 def write_hypernetwork(path, dims=(320, 640, 1280, 768), std: float = 0.02) -> None:

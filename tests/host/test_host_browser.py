@@ -44,7 +44,7 @@ def test_frontend_loads_every_workflow_without_missing_nodes(frontend_server):
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"{CHROMIUM} missing: `make host` installs Debian's chromium")
     workflows = sorted((REPO / "workflows").glob("*.json"))
-    assert len(workflows) == 7
+    assert len(workflows) == 9
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
         try:
