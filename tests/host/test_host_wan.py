@@ -353,3 +353,26 @@ def test_wan_at_1_3b_block_width_samples_at_least_as_fast_as_fp():
     assert statistics.median(fp[1:]) / statistics.median(q[1:]) >= 0.9, (f["seconds"], f["routes"])
     assert 0 < f["rel_err"] < 0.1, f["rel_err"]
 
+
+
+def test_wan_error_by_layer_group_tool_runs_every_variant_and_group():
+    """``python -m tools.wan_groups`` (``wan_groups_probe.py``) at 2 steps, one seed: every method variant and every
+    group alone samples finite and near FP from one calibration, the table names each, the time path kept float
+    leaves its 3 layers out, and the groups alone add up to the whole quantized model."""
+    import argparse
+
+    from comfy_host import REPO, run_probe
+    from tools.wan_groups import render
+    from wan_groups_probe import GROUPS, VARIANTS
+
+    f = run_probe("wan_groups_probe.py", "wan", build_model("wan21", WAN_NAME), REPO, 2, 64, 9, 1, timeout=1800)
+    table = render(f, "synthetic Wan", "this machine")
+    print("\n" + table)
+    assert list(f["variants"]) == [label for label, _ in VARIANTS] and list(f["alone"]) == list(GROUPS)
+    for row in (*f["variants"].values(), *f["alone"].values()):
+        assert all(0 < e < BOUND for e in row["calibrated"] + row["other_prompt"]), row
+        assert row["w8a8_layers"] > 0
+    qvd, float_time = (f["variants"][label] for label, _ in VARIANTS[:3:2])
+    assert qvd["w8a8_layers"] - float_time["w8a8_layers"] == 3  # time MLP x 2, time_projection
+    assert sum(v["w8a8_layers"] for v in f["alone"].values()) == qvd["w8a8_layers"]
+    assert all(label in table for label in (*f["variants"], *f["alone"]))
