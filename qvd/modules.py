@@ -312,6 +312,10 @@ class _QuantizedBase(_HostHooks):
         self._cache.pop("float_weight", None)
 
     def _route(self, x: torch.Tensor, channel_dim: int, int8_fn, float_fn) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():  # the integer kernels have no gradient
+            raise QVDError(f"{type(self).__name__} got an input that needs a gradient: QVD's quantized layers run "
+                           "inference only. Call the model under torch.no_grad() or torch.inference_mode() (ComfyUI "
+                           "and diffusers pipelines do).")
         key = (type(self).__name__, tuple(x.shape), tuple(self.weight.shape), self.scri_shift is not None, x.dtype)
         y, route = kernels.run_route(self.compute, key, x.device, int8_fn, float_fn)
         if route == "int8":
