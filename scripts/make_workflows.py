@@ -176,9 +176,9 @@ def _wan21_i2v():
     spec[30] = ("LoadImage", {"image": "start_image.png", "upload": "image"})
     spec[31] = ("CLIPVisionLoader", {"clip_name": "clip_vision_h.safetensors"})
     spec[32] = ("CLIPVisionEncode", {"clip_vision": (31, 0), "image": (30, 0), "crop": "none"})
-    spec[33] = ("WanImageToVideo", {"positive": (2, 0), "negative": (3, 0), "vae": (7, 0), "clip_vision_output": (32, 0),
-                                    "start_image": (30, 0), "width": 832, "height": 480, "length": 33,
-                                    "batch_size": 1})
+    spec[33] = ("WanImageToVideo", {"positive": (2, 0), "negative": (3, 0), "vae": (7, 0),
+                                    "clip_vision_output": (32, 0), "start_image": (30, 0), "width": 832, "height": 480,
+                                    "length": 33, "batch_size": 1})
     conditioned = {"positive": (33, 0), "negative": (33, 1), "latent_image": (33, 2)}
     spec[10] = ("QVDCalibrate", {**spec[10][1], **conditioned})
     spec[12] = ("QVDSaveQuantized", {"model": (11, 0), "filename": "qvd_w8a8_wan21_i2v"})

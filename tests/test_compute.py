@@ -94,6 +94,7 @@ def _fake_clock(monkeypatch, int8_ms: float, float_ms: float) -> list:
 
 @pytest.mark.parametrize("int8_ms,float_ms,route", [(1.0, 2.0, "int8"), (3.0, 2.0, "weight-only")])
 def test_auto_keeps_the_faster_route_per_shape(monkeypatch, int8_ms, float_ms, route):
+    monkeypatch.setattr(K, "auto_skips_int8", lambda device: None)  # the timing, also on CPUs that skip it
     g = torch.Generator().manual_seed(3)
     a = _qlinear(g)
     set_compute(a, "auto")
@@ -116,6 +117,22 @@ def test_auto_keeps_the_faster_route_per_shape(monkeypatch, int8_ms, float_ms, r
     assert ("int8 kernels on 1 of 1" if route == "int8" else "weight-only on 1") in line
 
 
+def test_auto_runs_weight_only_untimed_where_onednn_int8_is_inexact(monkeypatch):
+    """On a CPU without VNNI (AVX2) the exact integer routes are slower than its float GEMM: ``auto`` runs weight-only
+    there without timing, and says why; ``int8`` still runs the (exact) integer kernels."""
+    monkeypatch.setattr(cpu, "_onednn_ok", lambda: False)
+    monkeypatch.setattr(K, "_DECIDED", {})
+    g = torch.Generator().manual_seed(7)
+    m, x = _qlinear(g), torch.randn(3, 40, generator=g)
+    set_compute(m, "weight-only")
+    want = m(x)
+    set_compute(m, "auto")
+    assert torch.equal(m(x), want) and not K.decisions()
+    assert "no VNNI" in K.auto_skips_int8(torch.device("cpu"))
+    set_compute(m, "int8")
+    assert not torch.equal(m(x), want)
+
+
 def test_devices_without_int8_kernels_run_weight_only(monkeypatch):
     g = torch.Generator().manual_seed(4)
     m = _qlinear(g)
@@ -133,6 +150,22 @@ def test_devices_without_int8_kernels_run_weight_only(monkeypatch):
     assert K.int8_unavailable(torch.device("cpu")) is None
     for dev in ("mps", "xpu", "privateuseone"):
         assert dev in K.int8_unavailable(torch.device(dev))
+
+
+@pytest.mark.parametrize("compute", ["int8", "weight-only"])
+def test_an_input_that_needs_a_gradient_is_refused_with_the_fix(compute):
+    """A plain-torch model called without torch.no_grad(): its float layers' parameters make the quantized layer's
+    input need a gradient, which the integer kernels cannot give. Every route says so (not the kernels' autograd
+    error), and the same call under no_grad runs."""
+    g = torch.Generator().manual_seed(6)
+    for layer, x in ((_qlinear(g), torch.randn(3, 40, generator=g)),
+                     (_qconv(g), torch.randn(1, 16, 6, 6, generator=g))):
+        set_compute(layer, compute)
+        upstream = torch.nn.Parameter(torch.ones(()))
+        with pytest.raises(QVDError, match=r"torch\.no_grad\(\) or torch\.inference_mode\(\)"):
+            layer(x * upstream)
+        with torch.no_grad():
+            assert torch.isfinite(layer(x * upstream)).all()
 
 
 def test_bad_compute_is_named():
