@@ -58,15 +58,24 @@ def wan_server(tmp_path_factory):
         server.stop()
 
 
-def wan_graph(prefix: str, prompt: str = "a red fox running through fresh snow") -> dict:
-    """Workflow (f) at test size: the synthetic model, the fixture text embedding for CLIPLoader + CLIPTextEncode,
-    the latent saved instead of decoded (no Wan VAE)."""
-    wf = without(tiny(load_api("qvd_wan21_t2v_calibrate_quantize"), **SIZES), "5", "7", "21", "22")
-    wf["1"]["inputs"]["unet_name"] = WAN_NAME
+def wan_graph(prefix: str, prompt: str = "a red fox running through fresh snow",
+              workflow: str = "qvd_wan21_t2v_calibrate_quantize", unet: str = WAN_NAME, sizes: dict = SIZES,
+              drop: tuple = ("7",)) -> dict:
+    """A Wan workflow at test size: the synthetic model, the fixture text embedding for CLIPLoader + CLIPTextEncode,
+    the latent saved instead of decoded (node ids ``drop`` also removed: the T2V graph's VAE), compute ``COMPUTE``."""
+    wf = without(tiny(load_api(workflow), **sizes), "5", "21", "22", *drop)
+    wf["1"]["inputs"]["unet_name"] = unet
     for nid, text in (("2", prompt), ("3", "blurry, low quality")):
         wf[nid] = {"class_type": "QVDTestTextEmbedding", "inputs": {"text": text, "tokens": 24, "width": 4096}}
     wf["12"]["inputs"]["filename"], wf["11"]["inputs"]["compute"] = prefix, COMPUTE
     return wf
+
+
+def fp_and_quantized(server, wf: dict, tag: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(FP latent, quantized latent, QVD Quantize Model's report) of ``wf`` (FP: the same graph on the FP MODEL)."""
+    fp = read_latent(server, server.run(fp_graph(wf, f"{tag}_fp")), f"save_{tag}_fp")
+    entry = server.run(with_latent_output(wf, "20", f"{tag}_q"))
+    return fp, read_latent(server, entry, f"save_{tag}_q"), entry["outputs"]["11"]["text"][0]
 
 
 def fp_graph(wf: dict, prefix: str) -> dict:
@@ -77,10 +86,7 @@ def fp_graph(wf: dict, prefix: str) -> dict:
 
 def test_wan21_t2v_calibrated_quantized_saved_and_loaded(wan_server):
     wf = wan_graph("wan21")
-    fp = read_latent(wan_server, wan_server.run(fp_graph(wf, "wan_fp")), "save_wan_fp")
-    entry = wan_server.run(with_latent_output(wf, "20", "wan_q"))
-    q = read_latent(wan_server, entry, "save_wan_q")
-    report = entry["outputs"]["11"]["text"][0]
+    fp, q, report = fp_and_quantized(wan_server, wf, "wan")
     rel = float((q - fp).norm() / fp.norm())
     print(f"\nWan 2.1 T2V: W8A8 vs FP {rel:.4f}\n{report}")
     assert q.shape == (1, 16, 3, 8, 8) and torch.isfinite(q).all() and 0 < rel < BOUND, rel
@@ -90,10 +96,8 @@ def test_wan21_t2v_calibrated_quantized_saved_and_loaded(wan_server):
            "(float)" in report, report
     assert re.search(r"first layers \(reading the model's input.*diffusion_model\.patch_embedding \(not a Linear / "
                      r"Conv2d", report), report
-    temporal = re.search(r"^temporal \(.*; observed\): (\d+) layers, .* (\d+) on HiDi-TQ$", report, re.M)
-    assert temporal and int(temporal.group(1)) == int(temporal.group(2)) == 3, report  # time MLP x 2, time_projection
-    cond = re.search(r"^conditioning path .*: (\d+) layers without prompt-specific SCRI$", report, re.M)
-    assert cond and int(cond.group(1)) == 2 + 2 * 2, report  # text embedding x 2, cross_attn.k / v per block
+    # time MLP x 2 + time_projection, all on HiDi-TQ; text embedding x 2 and cross_attn.k / v per block.
+    assert _report_roles(report) == (3, 3, 2 + 2 * WAN_CONFIG["num_layers"]), report
 
     path = wan_server.base / "models" / "qvd" / "wan21.safetensors"
     with safe_open(str(path), "pt") as f:
@@ -105,11 +109,7 @@ def test_wan21_t2v_calibrated_quantized_saved_and_loaded(wan_server):
     assert levels == {f"diffusion_model.{n}.levels" for n in ("time_embedding.0", "time_embedding.2",
                                                                "time_projection.1")}
 
-    loaded = without(copy.deepcopy(wf), "10", "11", "12")
-    loaded["13"] = {"class_type": "QVDLoadQuantized",
-                    "inputs": {"model": ["6", 0], "qvd_name": "wan21.safetensors", "compute": COMPUTE}}
-    loaded["20"]["inputs"]["model"] = ["13", 0]
-    entry = wan_server.run(with_latent_output(loaded, "20", "wan_loaded"))
+    entry = wan_server.run(with_latent_output(_loaded(wf, "wan21.safetensors"), "20", "wan_loaded"))
     assert torch.equal(read_latent(wan_server, entry, "save_wan_loaded"), q)
     assert "head.head (float)" in entry["outputs"]["13"]["text"][0]
 
@@ -119,11 +119,8 @@ def test_wan21_another_prompt_in_the_same_server_stays_close_to_fp(wan_server):
     first: the text path carries no prompt-specific SCRI, so the error stays at the calibrated prompt's level."""
     wf = wan_graph("wan21_other", prompt="a lighthouse in a storm at night, waves")
     fp = read_latent(wan_server, wan_server.run(fp_graph(wf, "wan_other_fp")), "save_wan_other_fp")
-    loaded = without(copy.deepcopy(wf), "10", "11", "12")
-    loaded["13"] = {"class_type": "QVDLoadQuantized",
-                    "inputs": {"model": ["6", 0], "qvd_name": "wan21.safetensors", "compute": COMPUTE}}
-    loaded["20"]["inputs"]["model"] = ["13", 0]
-    q = read_latent(wan_server, wan_server.run(with_latent_output(loaded, "20", "wan_other_q")), "save_wan_other_q")
+    loaded = with_latent_output(_loaded(wf, "wan21.safetensors"), "20", "wan_other_q")
+    q = read_latent(wan_server, wan_server.run(loaded), "save_wan_other_q")
     rel = float((q - fp).norm() / fp.norm())
     print(f"\nWan 2.1 T2V, a prompt never calibrated: W8A8 vs FP {rel:.4f}")
     assert torch.isfinite(q).all() and 0 < rel < BOUND, rel
@@ -174,13 +171,10 @@ def test_wan22_expert_pair_each_quantized_in_a_ksampler_advanced_split(wan_serve
     each through its own QVD Calibrate -> QVD Quantize Model, sampled by two KSamplerAdvanced (steps 0-2 with the
     high-noise expert, leftover noise returned; 2-4 with the low-noise one); the two quantized models in one graph
     stay apart."""
-    wf = without(tiny(load_api("qvd_wan22_t2v_a14b_calibrate_quantize"), **SIZES), "5", "7", "21", "22")
-    wf["1"]["inputs"]["unet_name"], wf["41"]["inputs"]["unet_name"] = WAN_NAME, WAN_LOW_NAME
-    for nid, text in (("2", "a red fox running through fresh snow"), ("3", "blurry, low quality")):
-        wf[nid] = {"class_type": "QVDTestTextEmbedding", "inputs": {"text": text, "tokens": 24, "width": 4096}}
+    wf = wan_graph("wan22_high", workflow="qvd_wan22_t2v_a14b_calibrate_quantize")
+    wf["41"]["inputs"]["unet_name"] = WAN_LOW_NAME
     wf["60"]["inputs"]["end_at_step"] = wf["61"]["inputs"]["start_at_step"] = SIZES["steps"] // 2
-    wf["12"]["inputs"]["filename"], wf["52"]["inputs"]["filename"] = "wan22_high", "wan22_low"
-    wf["11"]["inputs"]["compute"] = wf["51"]["inputs"]["compute"] = COMPUTE
+    wf["52"]["inputs"]["filename"], wf["51"]["inputs"]["compute"] = "wan22_low", COMPUTE
     fp = with_latent_output(without(copy.deepcopy(wf), "10", "11", "12", "50", "51", "52"), "61", "wan22_fp")
     fp["60"]["inputs"]["model"], fp["61"]["inputs"]["model"] = ["6", 0], ["46", 0]
     fp = read_latent(wan_server, wan_server.run(fp), "save_wan22_fp")
@@ -240,17 +234,11 @@ def test_wan21_i2v_start_image_through_the_wan_vae_and_clip_vision(wan_server):
     and loaded; then another start image with the same file. The image path is found by calibration like the text
     path: ``img_emb`` and each block's ``k_img`` / ``v_img`` get no image-specific SCRI."""
     _link_models(wan_server, diffusion_models=("wan21_i2v", WAN_I2V_NAME), vae=("wan21_vae", WAN21_VAE_NAME))
-    wf = without(tiny(load_api("qvd_wan21_i2v_calibrate_quantize"), **SIZES), "5", "21", "22", "31")
-    wf["1"]["inputs"]["unet_name"], wf["7"]["inputs"]["vae_name"] = WAN_I2V_NAME, WAN21_VAE_NAME
+    wf = wan_graph("wan21_i2v", workflow="qvd_wan21_i2v_calibrate_quantize", unet=WAN_I2V_NAME, drop=("31",))
+    wf["7"]["inputs"]["vae_name"] = WAN21_VAE_NAME
     wf["30"]["inputs"]["image"] = _start_image(wan_server, "qvd_i2v_start.png", 0)
-    for nid, text in (("2", "a red fox running through fresh snow"), ("3", "blurry, low quality")):
-        wf[nid] = {"class_type": "QVDTestTextEmbedding", "inputs": {"text": text, "tokens": 24, "width": 4096}}
     wf["32"] = {"class_type": "QVDTestClipVisionEncode", "inputs": {"image": ["30", 0]}}
-    wf["12"]["inputs"]["filename"], wf["11"]["inputs"]["compute"] = "wan21_i2v", COMPUTE
-    fp = read_latent(wan_server, wan_server.run(fp_graph(wf, "i2v_fp")), "save_i2v_fp")
-    entry = wan_server.run(with_latent_output(wf, "20", "i2v_q"))
-    q = read_latent(wan_server, entry, "save_i2v_q")
-    report = entry["outputs"]["11"]["text"][0]
+    fp, q, report = fp_and_quantized(wan_server, wf, "i2v")
     rel = float((q - fp).norm() / fp.norm())
     print(f"\nWan 2.1 I2V: W8A8 vs FP {rel:.4f}\n{report}")
     assert q.shape == (1, 16, 3, 8, 8) and torch.isfinite(q).all() and 0 < rel < BOUND, rel
@@ -288,17 +276,12 @@ def test_wan22_ti2v_5b_image_to_video_with_per_frame_timesteps(wan_server):
 
     _link_models(wan_server, diffusion_models=("wan22_ti2v", WAN_TI2V_NAME), vae=("wan22_vae", WAN22_VAE_NAME))
     sizes = {**SIZES, "width": 128, "height": 128}  # the Wan 2.2 VAE's 16x: 8 x 8 latent frames
-    wf = without(tiny(load_api("qvd_wan22_ti2v_5b_calibrate_quantize"), **sizes), "5", "21", "22")
-    wf["1"]["inputs"]["unet_name"], wf["7"]["inputs"]["vae_name"] = WAN_TI2V_NAME, WAN22_VAE_NAME
+    wf = wan_graph("wan22_ti2v", workflow="qvd_wan22_ti2v_5b_calibrate_quantize", unet=WAN_TI2V_NAME, sizes=sizes,
+                   drop=())
+    wf["7"]["inputs"]["vae_name"] = WAN22_VAE_NAME
     wf["30"]["inputs"]["image"] = _start_image(wan_server, "qvd_ti2v_start.png", 2)
-    for nid, text in (("2", "a red fox running through fresh snow"), ("3", "blurry, low quality")):
-        wf[nid] = {"class_type": "QVDTestTextEmbedding", "inputs": {"text": text, "tokens": 24, "width": 4096}}
     wf["10"]["inputs"]["save_name"] = "wan22_ti2v"
-    wf["12"]["inputs"]["filename"], wf["11"]["inputs"]["compute"] = "wan22_ti2v", COMPUTE
-    fp = read_latent(wan_server, wan_server.run(fp_graph(wf, "ti2v_fp")), "save_ti2v_fp")
-    entry = wan_server.run(with_latent_output(wf, "20", "ti2v_q"))
-    q = read_latent(wan_server, entry, "save_ti2v_q")
-    report = entry["outputs"]["11"]["text"][0]
+    fp, q, report = fp_and_quantized(wan_server, wf, "ti2v")
     rel = float((q[:, :, 1:] - fp[:, :, 1:]).norm() / fp[:, :, 1:].norm())
     print(f"\nWan 2.2 TI2V-5B image-to-video: W8A8 vs FP on the generated frames {rel:.4f}\n{report}")
     assert q.shape == (1, 48, 3, 8, 8) and torch.isfinite(q).all() and 0 < rel < BOUND, rel
