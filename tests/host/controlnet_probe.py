@@ -102,6 +102,7 @@ def main(checkpoint: str, pack_dir: str, files: str) -> dict:
              "control_share_fp": share(model, control, (pos_cn, neg_cn)),
              "control_share_q": share(quantized, control, (pos_cn, neg_cn)),
              "control_share_q_qcn": share(quantized, q_control, (pos_qcn, neg_qcn)),
+             "int8_skipped_by_auto": sys.modules["qvd_pack_probe.qvd.kernels"].auto_skips_int8(torch.device("cpu")),
              "quantized_layers": len(sys.modules["qvd_pack_probe.nodes.patching"].attached_result(quantized).modules),
              "cn_report": cn_report,
              "cn_told_mib": q_control.control_model_wrapped.model_size() / 2**20,

@@ -28,9 +28,16 @@ def test_the_controlnets_effect_on_the_quantized_model_follows_fp(probe):
 
 
 def test_the_controlnets_share_of_a_step_is_measured(probe):
-    """Its share of a vid2vid step, FP, beside a W8A8 UNet, and quantized too (stated in the README)."""
-    assert 0 < probe["control_share_fp"] < probe["control_share_q"] < 1, probe
-    assert probe["control_share_q_qcn"] < probe["control_share_q"], probe
+    """Its share of a vid2vid step, FP, beside a W8A8 UNet, and quantized too (stated in the README). The probe runs
+    compute int8: where the integer kernels are the fast route the W8A8 UNet leaves the FP ControlNet a larger share
+    and quantizing it lowers that; on a CPU where they are slower than its float GEMM (no VNNI: ``auto`` runs
+    weight-only there) only the measurement is checked."""
+    shares = [probe[k] for k in ("control_share_fp", "control_share_q", "control_share_q_qcn")]
+    assert all(0 < s < 1 for s in shares), probe
+    if probe["int8_skipped_by_auto"] is None:
+        assert shares[0] < shares[1] and shares[2] < shares[1], probe
+    else:
+        print(f"shares {shares} not compared: {probe['int8_skipped_by_auto']}")
 
 
 def test_a_quantized_controlnet_keeps_the_output_and_its_effect(probe):
