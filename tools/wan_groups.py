@@ -30,7 +30,8 @@ def _against_qvd(variants: dict) -> list[str]:
         a, b = v["calibrated"], qvd["calibrated"]
         diff = statistics.fmean(a) - statistics.fmean(b)
         spread = sum(statistics.stdev(x) if len(x) > 1 else 0.0 for x in (a, b))
-        verdict = "within the seed spread" if abs(diff) <= spread else "worse" if diff > 0 else "better"
+        verdict = ("one seed: no spread to compare with" if len(a) < 2 else "within the seed spread"
+                   if abs(diff) <= spread else "worse" if diff > 0 else "better")
         lines.append(f"- {label}: {diff * 100:+.2f} pp ({verdict})")
     return lines
 
