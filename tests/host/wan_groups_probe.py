@@ -10,6 +10,7 @@ each, on the W8A8 integer kernels; prints one JSON line: each variant's relative
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -47,11 +48,15 @@ VARIANTS = (
 PROMPTS = ("a red fox running through fresh snow", "a lighthouse in a storm at night, waves")
 
 
+@functools.cache
+def _text_node():
+    return load_pack(Path(__file__).with_name("fixture_nodes"), "qvd_fixture_nodes")["QVDTestTextEmbedding"]()
+
+
 def text(prompt: str) -> list:
     """A CONDITIONING of umt5's shape as the host tests' ``QVDTestTextEmbedding`` gives it (one encoder's channel
     ranges, the values seeded by the text)."""
-    return load_pack(Path(__file__).with_name("fixture_nodes"), "qvd_fixture_nodes")["QVDTestTextEmbedding"]().encode(
-        prompt, 24, 4096)[0]
+    return _text_node().encode(prompt, 24, 4096)[0]
 
 
 def main(model_path: str, pack_dir: str, steps: int, size: int, frames: int, seeds: int) -> dict:
