@@ -309,14 +309,16 @@ class _QuantizedBase(_HostHooks):
 
     def drop_float_weight(self) -> None:
         """Free the weight-only route's kept float weight (``auto`` chose the integer kernels)."""
-        self._cache.pop("float_weight", None)
+        for k in [k for k in self._cache if k[0] == "float_weight"]:
+            del self._cache[k]
 
     def _route(self, x: torch.Tensor, channel_dim: int, int8_fn, float_fn) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():  # the integer kernels have no gradient
             raise QVDError(f"{type(self).__name__} got an input that needs a gradient: QVD's quantized layers run "
                            "inference only. Call the model under torch.no_grad() or torch.inference_mode() (ComfyUI "
                            "and diffusers pipelines do).")
-        key = (type(self).__name__, tuple(x.shape), tuple(self.weight.shape), self.scri_shift is not None, x.dtype)
+        key = (type(self).__name__, tuple(x.shape), x.stride(), tuple(self.weight.shape), getattr(self, "stride", None),
+               getattr(self, "padding", None), self.scri_shift is not None and not self.scri_in_norm, x.dtype)
         y, route = kernels.run_route(self.compute, key, x.device, int8_fn, float_fn)
         if route == "int8":
             self.drop_float_weight()

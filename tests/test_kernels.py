@@ -153,7 +153,7 @@ def test_missing_triton_logs_once(monkeypatch, caplog):
 
 
 def test_triton_failure_switches_that_kernel_off_and_python_errors_propagate(monkeypatch, caplog):
-    """A kernel error (Triton, CUDA launch) switches the kernels of that call off for the arch, whatever the shape
+    """A kernel error (Triton, CUDA launch) switches the kernels of that call off on that device, whatever the shape
     (one log line, the torch route from then on); CUDA out-of-memory and Python errors are the user's to see."""
     calls = []
 
@@ -164,27 +164,31 @@ def test_triton_failure_switches_that_kernel_off_and_python_errors_propagate(mon
         def _bucket(m):
             return 16
 
+        @staticmethod
+        def units_per_launch(x, out_unit, w_k):
+            return x.shape[0]
+
         def quantize(self, x, *a):
             calls.append(("quantize", tuple(x.shape)))
             if self.fail_with is not None:
                 raise self.fail_with
             return ref.quantize_activation(x, *a)
 
-        def linear_fused(self, x, w_k, w_scale, bias, act_scale, *a):
+        def linear_fused(self, x, w_k, w_scale, bias, act_scale, *a, out):
             calls.append(("linear_fused", tuple(x.shape)))
             if self.fail_with is not None:
                 raise self.fail_with
-            return ref.linear_w8a8(x, w_k, w_scale, bias, act_scale, *a)
+            return out.copy_(ref.linear_w8a8(x, w_k, w_scale, bias, act_scale, *a))
 
-        def linear(self, q, w_k, w_scale, bias, act_scale, dtype):
-            return ref.int8_linear(q, w_k, act_scale, w_scale, bias, dtype)
+        def linear(self, q, w_k, w_scale, bias, act_scale, dtype, out):
+            return out.copy_(ref.int8_linear(q, w_k, act_scale, w_scale, bias, dtype))
 
     flaky = FlakyTriton()
     monkeypatch.setattr(K, "_TRITON", flaky)
     monkeypatch.setattr(K, "_TRITON_DEVICES", ("cpu",))
     monkeypatch.setattr(K, "_OFF", set())
     monkeypatch.setattr(K, "_CHECKED", {("quantize", "cpu"), ("linear", "cpu"), ("linear_fused", "cpu")})
-    monkeypatch.setattr(K, "_VARIANT", {})
+    monkeypatch.setattr(K, "_CHOSEN", {})
     g = torch.Generator().manual_seed(13)
     w_q, w_scale, b, _, _ = _layer(g, 8, 16, affine=False)
     w = K.PackedWeight(w_q, w_scale)
@@ -203,7 +207,7 @@ def test_triton_failure_switches_that_kernel_off_and_python_errors_propagate(mon
     # each variant tried once after the kernel error (the fused kernel, then the quantize + GEMM pair): shape 5 never
     # reaches Triton
     assert calls == [("linear_fused", (3, 16))] * 3 + [("quantize", (3, 16))]
-    assert K._OFF == {("quantize", "cpu"), ("linear", "cpu"), ("linear_fused", "cpu")}
+    assert K._OFF == {("quantize", "cpu", "cpu"), ("linear", "cpu", "cpu"), ("linear_fused", "cpu", "cpu")}
     assert len([r for r in caplog.records if "failed on cpu" in r.message]) == 2
 
 
@@ -219,7 +223,8 @@ def test_cuda_triton_linear(dtype, m):
     x = torch.randn(m, 96, generator=g).to(dtype)
     want = ref.linear_w8a8(x, w_q, w_scale, b, 0.02, 3, -128, 127, shift, inv)
     args = [t.cuda() for t in (x, w_q, w_scale, b)]
-    got = K.linear_w8a8(args[0], K.PackedWeight(args[1], args[2]), args[3], 0.02, 3, -128, 127, shift.cuda(), inv.cuda())
+    got = K.linear_w8a8(args[0], K.PackedWeight(args[1], args[2]), args[3], 0.02, 3, -128, 127, shift.cuda(),
+                        inv.cuda())
     assert K.triton_available(), "Triton fell back to the torch route on this GPU"
     torch.testing.assert_close(got.cpu(), want, **TOL[dtype])
     q = K._TRITON.quantize(args[0], 0.02, 3, -128, 127, shift.cuda(), inv.cuda())
@@ -234,8 +239,8 @@ def test_cuda_triton_conv(dtype, stride):
     w_q, w_scale, b, shift, inv = _layer(g, 96, 72, 3, 3)
     x = (torch.randn(2, 72, 13, 11, generator=g) * 2).to(dtype)
     want = ref.conv2d_w8a8(x, w_q, w_scale, b, 0.03, 4, -128, 127, shift, inv, stride, 1)
-    got = K.conv2d_w8a8(x.cuda(), K.PackedWeight(w_q.cuda(), w_scale.cuda()), b.cuda(), torch.tensor(0.03).cuda(), 4, -128, 127,
-                        shift.cuda(), inv.cuda(), stride, 1)
+    got = K.conv2d_w8a8(x.cuda(), K.PackedWeight(w_q.cuda(), w_scale.cuda()), b.cuda(), torch.tensor(0.03).cuda(), 4,
+                        -128, 127, shift.cuda(), inv.cuda(), stride, 1)
     assert K.triton_available(), "Triton fell back to the torch route on this GPU"
     torch.testing.assert_close(got.cpu(), want, **TOL[dtype])
 
@@ -250,19 +255,94 @@ def test_cuda_triton_hiditq():
 
 
 def test_auto_route_times_both_once_and_stays_exact(monkeypatch):
+    """``QVD_CPU_ROUTE=auto``: the first call of a shape times the exact CPU routes (oneDNN and ``_int_mm`` where
+    oneDNN int8 is exact, else ``_int_mm`` and the float GEMM) once each and keeps the faster; later calls run it."""
     monkeypatch.setattr(cpu, "ROUTE", "auto")
-    monkeypatch.setattr(cpu, "_CHOICE", {})
+    monkeypatch.setattr(K, "_CHOSEN", {})
+    timed = []
+    real = K._timed
+    monkeypatch.setattr(K, "_timed", lambda fn, device: timed.append(fn) or real(fn, device))
     g = torch.Generator().manual_seed(12)
     w_q, w_scale, b, shift, inv = _layer(g, 24, 40)
     x = torch.randn(9, 40, generator=g)
     want = ref.linear_w8a8(x, w_q, w_scale, b, 0.02, 1, -128, 127, shift, inv)
     for _ in range(2):
-        torch.testing.assert_close(K.linear_w8a8(x, K.PackedWeight(w_q, w_scale), b, 0.02, 1, -128, 127, shift, inv), want,
-                                   **TOL[torch.float32])
-    assert list(cpu._CHOICE) == [("linear", 9, 40, 24, torch.float32)] or not cpu._onednn_ok()
+        torch.testing.assert_close(K.linear_w8a8(x, K.PackedWeight(w_q, w_scale), b, 0.02, 1, -128, 127, shift, inv),
+                                   want, **TOL[torch.float32])
+    assert len(timed) == 2
+    (key, d), = K._CHOSEN.items()
+    assert key == ("cpu", "linear", (9, 40), (40, 1), (24, 40), torch.float32, True, "cpu")
+    assert d.route in (("onednn", "int_mm") if cpu._onednn_ok() else ("int_mm", "float"))
 
 
 def test_bad_route_is_named(monkeypatch):
     monkeypatch.setattr(cpu, "ROUTE", "fast")
     with pytest.raises(ValueError, match="QVD_CPU_ROUTE"):
-        K.linear_w8a8(torch.randn(2, 8), K.PackedWeight(torch.zeros(4, 8, dtype=torch.int8), torch.ones(4)), None, 1.0, 0, -128, 127)
+        K.linear_w8a8(torch.randn(2, 8), K.PackedWeight(torch.zeros(4, 8, dtype=torch.int8), torch.ones(4)), None,
+                      1.0, 0, -128, 127)
+
+
+def test_one_decision_cache_times_each_candidate_once_and_passes_over_declining_ones(monkeypatch):
+    """``decide`` (``run_route``'s, the Triton variants' and the CPU routes' one time-it-once choice): at the first
+    call of a key each candidate runs once, then once timed, and the fastest is kept; later calls run it alone. A
+    candidate giving None (a Triton kernel switched off, a problem it declines) is passed over, then and later."""
+    clock = iter([3.0, 1.0, 2.0])
+    monkeypatch.setattr(K, "_timed", lambda fn, device: (next(clock), fn()))
+    runs, cache, cpu_dev = [], {}, torch.device("cpu")
+    cands = {name: (lambda name=name: runs.append(name) or name) for name in ("a", "b", "c")}
+    cands["off"] = lambda: runs.append("off")
+    assert K.decide(cache, ("k",), cands, cpu_dev) == ("b", "b")
+    assert runs == ["a", "b", "c", "off", "a", "b", "c"] and cache == {("k",): K.Decision("b")}
+    runs.clear()
+    assert K.decide(cache, ("k",), cands, cpu_dev) == ("b", "b") and runs == ["b"]
+    cands["b"] = lambda: None  # the kept one is switched off since: the next in order runs
+    assert K.decide(cache, ("k",), cands, cpu_dev) == ("a", "a")
+    assert K.decide(cache, ("k2",), {"off": lambda: None}, cpu_dev) == (None, None) and ("k2",) not in cache
+
+
+def test_timing_waits_for_the_tensors_own_gpu(monkeypatch):
+    """Issue 40.6a: ``auto`` timing a layer on cuda:1 synchronizes cuda:1, not the current device."""
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    ms, out = K._timed(lambda: 7, torch.device("cuda", 1))
+    assert out == 7 and ms >= 0 and synced == [torch.device("cuda", 1)] * 2
+
+
+def test_a_kernel_error_switches_the_kernel_off_on_that_gpu_only(monkeypatch):
+    """Issue 40.6c: a kernel error on cuda:0 switches that kernel off for (kernel, cuda:0, arch), not for every GPU of
+    the arch: cuda:1 (same arch) keeps running it."""
+    import types
+
+    monkeypatch.setattr(K, "_TRITON", types.SimpleNamespace())
+    monkeypatch.setattr(K, "_OFF", set())
+    monkeypatch.setattr(K, "_CHECKED", {("linear_fused", "sm_86")})
+    monkeypatch.setattr(K, "_arch", lambda device: "sm_86")
+    on = lambda i: types.SimpleNamespace(device=torch.device("cuda", i))  # noqa: E731
+
+    def broken(tk):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    assert K._on_triton(on(0), ("linear_fused",), broken) is None
+    assert K._OFF == {("linear_fused", "cuda:0", "sm_86")}
+    assert K._on_triton(on(1), ("linear_fused",), lambda tk: "ran") == "ran"
+    assert K._on_triton(on(0), ("linear_fused",), lambda tk: "ran") is None
+
+
+def test_auto_decides_each_stride_padding_and_layout_apart(monkeypatch):
+    """Issue 40.6b: a stride-2 downsample and a stride-1 conv of the same weight and input shapes do different work
+    (as do padding 0 / 1, an NCHW / channels-last input): ``auto`` times and keeps a route for each."""
+    from qvd import QConv2d, set_compute
+
+    monkeypatch.setattr(K, "auto_skips_int8", lambda device: None)  # the timing, also on CPUs that skip it
+    monkeypatch.setattr(K, "_DECIDED", {})
+    g = torch.Generator().manual_seed(14)
+    w_q, w_scale, b, _, _ = _layer(g, 8, 6, 3, 3, affine=False)
+    x = torch.randn(2, 6, 9, 9, generator=g)
+    with torch.no_grad():
+        for stride, padding in ((1, 1), (2, 1), (1, 0)):
+            layer = QConv2d(6, 8, (3, 3), stride, padding, weight_q=w_q, weight_scale=w_scale, bias=b,
+                            act_scale=0.03, zero_point=0, w_bits=8, a_bits=8)
+            set_compute(layer, "auto")
+            layer(x)
+        layer(x.contiguous(memory_format=torch.channels_last))
+    assert len(K.decisions()) == 4

@@ -7,24 +7,31 @@ per-channel affine), run an int8 x int8 -> int32 GEMM / convolution and apply th
 Weights travel as a ``PackedWeight``: the int8 codes in the one layout every route reads (K-major
 ``[N, K]``, ``k = (tap, channel)`` for convs), built once by the layer and kept as its state.
 
+Every time-it-once choice goes through ``decide``: at the first call of a key (shapes, strides, stride / padding,
+dtype, device) each candidate runs once (compile, tune, pack, self-check), then once timed, and the fastest is kept
+as a ``Decision`` for every later call of that key.
+
 Compute routes (a layer's ``compute``: ``auto`` / ``int8`` / ``weight-only``, ``run_route``): ``int8`` is the W8A8
 kernels below; ``weight-only`` dequantizes the codes into the activation dtype (``dequantize``) and runs the
-float op on the unquantized input (activations are not rounded). ``auto`` times both at the first call of each shape on each device and keeps the faster; devices with no
-int8 kernels here (Apple MPS, ROCm, Intel XPU, DirectML), ``QVD_INT8=off`` and CPUs without VNNI
-(``auto_skips_int8``) get ``weight-only``.
+float op on the unquantized input (activations are not rounded). ``auto`` decides between the two per layer shape
+and device (``decisions``); devices with no int8 kernels here (Apple MPS, ROCm, Intel XPU, DirectML),
+``QVD_INT8=off`` and CPUs without VNNI (``auto_skips_int8``) get ``weight-only``.
 
 Integer routes: CUDA tensors -> Triton (``triton_kernels.py``: GEMM / implicit-GEMM conv with the epilogue
-in-kernel, after a separate quantize pass or with the quantization fused into the A-tile load; the first call of each
-shape class times both variants and keeps the faster, ``_fastest_on_triton``). Each Triton kernel is checked against
-``reference.py`` on a small problem the first time it runs on a GPU arch (``_self_check``); a kernel that disagrees,
-or that fails with a CUDA / Triton / compile error, is switched off for that arch with one log line, and its calls
-take the other variant or the torch route (``cpu.py``: cuBLAS ``_int_mm``). If Triton is missing: one log line and
-the torch route for everything. CUDA out-of-memory, Python errors and interrupts propagate. CPU -> ``cpu.py``
-(oneDNN int8 ops, ``torch._int_mm`` or integer codes in fp32 GEMMs, the fastest exact one).
+in-kernel, after a separate quantize pass or with the quantization fused into the A-tile load; ``decide`` keeps the
+faster per shape class and device, ``variants_chosen``). A GEMM / conv beyond the kernels' 32-bit offsets is split into
+launches of fewer rows (linear) or images (conv), bit for bit the same; a conv whose single image is too big takes the
+torch route. Each Triton kernel is checked against ``reference.py`` on a small problem the first time it runs on a GPU
+arch (``_self_check``); a kernel that disagrees, or that fails with a CUDA / Triton / compile error, is switched off
+for that GPU (device and arch) with one log line, and its calls take the other variant or the torch route
+(``cpu.py``: cuBLAS ``_int_mm``). If Triton is missing: one log line and the torch route for everything. CUDA
+out-of-memory, Python errors and interrupts propagate. CPU -> ``cpu.py`` (oneDNN int8 ops, ``torch._int_mm`` or
+integer codes in fp32 GEMMs: the fastest exact one, or the one ``QVD_CPU_ROUTE`` pins).
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -41,9 +48,8 @@ __all__ = ["PackedWeight", "linear_w8a8", "conv2d_w8a8", "dequantize", "run_rout
 
 log = logging.getLogger("qvd")
 _TRITON = None  # the triton_kernels module, False once unavailable
-_OFF: set[tuple] = set()  # (kernel, arch) switched off (self-check mismatch or a kernel error): torch route
+_OFF: set[tuple] = set()  # (kernel, device, arch) switched off (self-check mismatch or a kernel error): torch route
 _CHECKED: set[tuple] = set()  # (kernel, arch) that passed the self-check
-_VARIANT: dict[tuple, str] = {}  # (shape class, arch) -> the faster Triton variant ("fused" / "separate")
 _TRITON_DEVICES = ("cuda",)  # tensors on these devices go to Triton
 
 
@@ -162,12 +168,12 @@ def _self_check(name: str, tk, device: torch.device) -> str | None:
 
 def _on_triton(t: torch.Tensor, names: tuple[str, ...], fn):
     """Run ``fn(triton_kernels)``, which launches the Triton kernels ``names``, for a tensor on a Triton device; None
-    means 'use the torch route' (one of them is off on this arch: it failed its self-check or raised a kernel
-    error, which switches off every kernel of the call)."""
+    means 'use the torch route' (one of them is off on this device: it failed its self-check or raised a kernel error,
+    which switches off every kernel of the call there; or ``fn`` declined the problem, which switches nothing off)."""
     if t.device.type not in _TRITON_DEVICES or not _triton():
         return None
-    arch = _arch(t.device)
-    if any((n, arch) in _OFF for n in names):
+    dev, arch = str(t.device), _arch(t.device)
+    if any((n, dev, arch) in _OFF for n in names):
         return None
     try:
         for name in names:
@@ -175,49 +181,59 @@ def _on_triton(t: torch.Tensor, names: tuple[str, ...], fn):
                 continue
             wrong = _self_check(name, _TRITON, t.device)
             if wrong:
-                _OFF.add((name, arch))
-                log.warning("qvd: Triton %s disagrees with the reference on %s (%s); it is off, the torch int8 route "
-                            "runs instead", name, arch, wrong)
+                _OFF.add((name, dev, arch))
+                log.warning("qvd: Triton %s disagrees with the reference on %s (%s: %s); it is off there, the torch "
+                            "int8 route runs instead", name, dev, arch, wrong)
                 return None
             _CHECKED.add((name, arch))
         return fn(_TRITON)
     except Exception as e:
         if not _kernel_error(e):
             raise
-        _OFF.update((n, arch) for n in names)
-        log.warning("qvd: Triton %s failed on %s (%s: %s); off from now on, the torch int8 route runs instead",
-                    " + ".join(names), arch, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        _OFF.update((n, dev, arch) for n in names)
+        log.warning("qvd: Triton %s failed on %s (%s: %s: %s); off there from now on, the torch int8 route runs "
+                    "instead", " + ".join(names), dev, arch, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return None
 
 
-def _fastest_on_triton(t: torch.Tensor, rows: int, key: tuple, variants: dict):
-    """Run the faster of ``variants`` (name -> (Triton kernel names, fn(triton_kernels))) for ``t``; None: the torch
-    route (every variant is off on this arch). The first call of a shape class (``key``, the M bucket of ``rows``, the
-    arch) runs each variant once to compile / tune / self-check it, times each once more and keeps the faster."""
+def _triton_route(t: torch.Tensor, rows: int, key: tuple, variants: dict):
+    """The output of the Triton variant ``decide`` keeps for ``t`` (``variants``: name -> (Triton kernel names,
+    fn(triton_kernels))), per shape class (``key``, the M bucket of ``rows``) and device; None: the torch route (not a
+    Triton device, or no variant runs)."""
     if t.device.type not in _TRITON_DEVICES or not _triton():
         return None
-    key = key + (_TRITON._bucket(rows), _arch(t.device))
-    if key not in _VARIANT:
-        times = {}
-        for name, (names, fn) in variants.items():
-            if _on_triton(t, names, fn) is not None:
-                times[name], _ = _timed(lambda: _on_triton(t, names, fn), t.device)
-        if not times:
-            return None
-        _VARIANT[key] = min(times, key=times.get)
-        log.debug("qvd: Triton %s -> %s (%s)", key, _VARIANT[key],
-                  ", ".join(f"{n} {ms:.3f} ms" for n, ms in times.items()))
-    first = _VARIANT[key]
-    for name in [first] + [n for n in variants if n != first]:  # the other variant if the kept one was switched off
-        y = _on_triton(t, *variants[name])
-        if y is not None:
-            return y
-    return None
+    key = ("triton",) + key + (_TRITON._bucket(rows), str(t.device), _arch(t.device))
+    runs = {name: (lambda names=names, fn=fn: _on_triton(t, names, fn)) for name, (names, fn) in variants.items()}
+    return decide(_CHOSEN, key, runs, t.device)[1]
+
+
+def _in_launches(tk, x: torch.Tensor, out_shape: tuple, w_k: torch.Tensor, kernel):
+    """A new ``out_shape`` tensor in x's dtype filled by ``kernel(x[i:j], out[i:j])`` over runs of x's leading
+    dimension (rows, images) that each fit the GEMM kernels' 32-bit offsets (``triton_kernels.units_per_launch``): one
+    launch unless the problem is that large. None (the torch route) when a single row / image does not fit."""
+    step = tk.units_per_launch(x, math.prod(out_shape[1:]), w_k)
+    if not step:
+        return None
+    out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    for i in range(0, x.shape[0], step):
+        kernel(x[i:i + step], out[i:i + step])
+    return out
 
 
 def variants_chosen() -> dict[tuple, str]:
-    """The Triton variant kept per (shape class, arch): ``fused`` or ``separate`` (quantize pass + GEMM)."""
-    return dict(_VARIANT)
+    """The Triton variant kept per (shape class, device, arch): ``fused`` or ``separate`` (quantize pass + GEMM)."""
+    return {key[1:]: d.route for key, d in _CHOSEN.items() if key[0] == "triton"}
+
+
+def _torch_route(x: torch.Tensor, key: tuple, routes: dict):
+    """Run a torch route (``cpu.py``, ``routes``: name -> fn): on CUDA cuBLAS ``_int_mm``; on the CPU the one
+    ``QVD_CPU_ROUTE`` pins, else the fastest ``decide`` keeps for ``key`` there."""
+    if x.device.type != "cpu":
+        return routes["int_mm"]()
+    runs = cpu.candidates(routes)
+    if len(runs) == 1:
+        return next(iter(runs.values()))()
+    return decide(_CHOSEN, ("cpu",) + key + (str(x.device),), runs, x.device)[1]
 
 
 def _check(x, weight: PackedWeight, conv: bool, kind: str):
@@ -248,21 +264,24 @@ def linear_w8a8(x, weight: PackedWeight, bias, act_scale, zero_point, qmin, qmax
     """W8A8 linear on ``x [..., K]``."""
     _check(x, weight, False, "linear_w8a8")
     lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    n = weight.shape[0]
     act = (act_scale, zero_point, qmin, qmax)
 
     def separate(tk):
-        q = tk.quantize(x2, *act, shift, inv_scale)
-        return tk.linear(q, weight.mat, weight.scale, bias, act_scale, x.dtype)
+        return _in_launches(tk, x2, (x2.shape[0], n), weight.mat, lambda xs, out: tk.linear(
+            tk.quantize(xs, *act, shift, inv_scale), weight.mat, weight.scale, bias, act_scale, x.dtype, out=out))
 
     def fused(tk):
-        return tk.linear_fused(x2, weight.mat, weight.scale, bias, *act, shift, inv_scale)
+        return _in_launches(tk, x2, (x2.shape[0], n), weight.mat, lambda xs, out: tk.linear_fused(
+            xs, weight.mat, weight.scale, bias, *act, shift, inv_scale, out=out))
 
-    key = ("linear", weight.shape, x.dtype, shift is not None)
-    y = _fastest_on_triton(x, x2.shape[0], key, {"fused": (("linear_fused",), fused),
-                                                 "separate": (("quantize", "linear"), separate)})
+    key = ("linear", weight.shape, x2.stride(1) == 1, x.dtype, shift is not None)
+    y = _triton_route(x, x2.shape[0], key, {"fused": (("linear_fused",), fused),
+                                            "separate": (("quantize", "linear"), separate)})
     if y is None:
-        return cpu.linear_w8a8(x, weight, bias, act_scale, zero_point, qmin, qmax, shift, inv_scale)
-    return y.reshape(*lead, weight.shape[0])
+        y = _torch_route(x, ("linear", tuple(x2.shape), x2.stride(), weight.shape, x.dtype, shift is not None),
+                         cpu.linear_routes(x2, weight, bias, *act, shift, inv_scale))
+    return y.reshape(*lead, n)
 
 
 def pad_codes(channels: int, act_scale, zero_point, qmin, qmax, shift=None, inv_scale=None,
@@ -277,27 +296,33 @@ def conv2d_w8a8(x, weight: PackedWeight, bias, act_scale, zero_point, qmin, qmax
     """W8A8 conv2d on NCHW ``x``. The output is NCHW-shaped and stored channels-last (the layout the next
     int8 conv reads fastest). ``pad``: ``pad_codes`` when the layer keeps them (made here otherwise)."""
     _check(x, weight, True, "conv2d_w8a8")
-    _, c, kh, kw = weight.shape
+    n, c, kh, kw = weight.shape
     act = (act_scale, zero_point, qmin, qmax)
     if pad is None and padding:
         pad = pad_codes(c, *act, shift, inv_scale, x.device)
+    out_h, out_w = ((size + 2 * padding - k) // stride + 1 for size, k in ((x.shape[2], kh), (x.shape[3], kw)))
+    out_shape = (x.shape[0], out_h, out_w, n)  # NHWC
 
     def separate(tk):
-        q = tk.quantize(x, *act, shift, inv_scale)
         codes = pad if pad is not None else torch.zeros(c, dtype=torch.int8, device=x.device)  # unread: no padding
-        return tk.conv2d(q, codes, weight.mat, kh, kw, weight.scale, bias, act_scale, stride, padding, x.dtype)
+        y = _in_launches(tk, x, out_shape, weight.mat, lambda xs, out: tk.conv2d(
+            tk.quantize(xs, *act, shift, inv_scale), codes, weight.mat, kh, kw, weight.scale, bias, act_scale, stride,
+            padding, x.dtype, out=out))
+        return None if y is None else y.permute(0, 3, 1, 2)
 
     def fused(tk):
-        return tk.conv2d_fused(x, weight.mat, kh, kw, weight.scale, bias, *act, shift, inv_scale, stride, padding)
+        y = _in_launches(tk, x, out_shape, weight.mat, lambda xs, out: tk.conv2d_fused(
+            xs, weight.mat, kh, kw, weight.scale, bias, *act, shift, inv_scale, stride, padding, out=out))
+        return None if y is None else y.permute(0, 3, 1, 2)
 
-    out_h, out_w = ((size + 2 * padding - k) // stride + 1 for size, k in ((x.shape[2], kh), (x.shape[3], kw)))
-    rows = x.shape[0] * out_h * out_w
-    key = ("conv", weight.shape, stride, padding, x.dtype, shift is not None)
-    y = _fastest_on_triton(x, rows, key, {"fused": (("conv2d_fused",), fused),
-                                          "separate": (("quantize", "conv2d"), separate)})
+    channels_last = x.is_contiguous(memory_format=torch.channels_last)
+    key = ("conv", weight.shape, stride, padding, channels_last, x.dtype, shift is not None)
+    y = _triton_route(x, x.shape[0] * out_h * out_w, key, {"fused": (("conv2d_fused",), fused),
+                                                           "separate": (("quantize", "conv2d"), separate)})
     if y is None:
-        y = cpu.conv2d_w8a8(x, weight, bias, act_scale, zero_point, qmin, qmax, shift, inv_scale, stride, padding,
-                            pad)
+        y = _torch_route(x, ("conv", tuple(x.shape), x.stride(), weight.shape, stride, padding, x.dtype,
+                             shift is not None),
+                         cpu.conv2d_routes(x, weight, bias, *act, shift, inv_scale, stride, padding, pad))
     return y
 
 
@@ -331,17 +356,19 @@ COMPUTE = ("auto", "int8", "weight-only")
 
 @dataclass(frozen=True)
 class Decision:
-    """The route ``auto`` keeps for one layer shape on one device, and the times it measured (ms)."""
+    """What ``decide`` kept for one key: the fastest candidate (``route``) and, for a compute route, the ms its timed
+    ``int8`` and ``weight-only`` calls took (None for the kernel choices: Triton variant, CPU route)."""
     route: str
     int8_ms: float | None = None
     float_ms: float | None = None
 
 
-_DECIDED: dict[tuple, Decision] = {}
+_DECIDED: dict[tuple, Decision] = {}  # compute routes (``auto``), by layer shape and device
+_CHOSEN: dict[tuple, Decision] = {}  # kernel choices: ("triton", shape class, device, arch), ("cpu", shape, device)
 
 
 def decisions() -> dict[tuple, Decision]:
-    """Every shape ``auto`` has decided, keyed ``(kind, input shape, weight shape, ..., dtype, device)``."""
+    """Every layer shape ``auto`` has decided, keyed ``(layer kind, input shape, ..., dtype, device)``."""
     return dict(_DECIDED)
 
 
@@ -385,8 +412,8 @@ def fixed_route(compute: str, device: torch.device) -> str | None:
     return "int8" if compute == "int8" else None
 
 
-def _timed(fn, device) -> tuple[float, torch.Tensor]:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def _timed(fn, device) -> tuple[float, object]:
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     out = fn()
@@ -394,20 +421,38 @@ def _timed(fn, device) -> tuple[float, torch.Tensor]:
     return (time.perf_counter() - t0) * 1e3, out
 
 
+def decide(cache: dict, key: tuple, candidates: dict, device: torch.device) -> tuple[str | None, object]:
+    """(name, output) of the candidate (name -> fn) kept in ``cache`` for ``key``. At the first call of ``key`` each
+    runs once (warm-up: compile, tune, pack, self-check), then once timed on ``device``, and the fastest is kept. A
+    candidate that gives None (a Triton kernel switched off, a problem it declines) is passed over, then and later,
+    for the next in order; (None, None) when every one does (nothing is kept then)."""
+    kept = cache.get(key)
+    if kept is not None:
+        for name in sorted(candidates, key=lambda n: n != kept.route):  # the kept one first
+            out = candidates[name]()
+            if out is not None:
+                return name, out
+        return None, None
+    live = [name for name, fn in candidates.items() if fn() is not None]
+    times, outs = {}, {}
+    for name in live:
+        ms, out = _timed(candidates[name], device)
+        if out is not None:
+            times[name], outs[name] = ms, out
+    if not times:
+        return None, None
+    best = min(times, key=times.get)
+    cache[key] = Decision(best, times.get("int8"), times.get("weight-only"))
+    log.debug("qvd: %s -> %s (%s)", key, best, ", ".join(f"{n} {ms:.3f} ms" for n, ms in times.items()))
+    return best, outs[best]
+
+
 def run_route(compute: str, key: tuple, device: torch.device, int8_fn, float_fn) -> tuple[torch.Tensor, str]:
-    """(output, route) of ``int8_fn`` or ``float_fn`` (weight-only) per ``compute``; ``auto`` times both (after a
-    warm-up call each) at the first call of ``key`` on ``device`` and keeps the faster for every later call."""
+    """(output, route) of ``int8_fn`` or ``float_fn`` (weight-only) per ``compute``; ``auto``: the one ``decide`` keeps
+    for ``key`` (everything that changes either route's work: shapes, strides, a conv's stride / padding, dtype) on
+    ``device``."""
     fixed = fixed_route(compute, device)
     if fixed:
         return (int8_fn if fixed == "int8" else float_fn)(), fixed
-    key = key + (str(device),)
-    hit = _DECIDED.get(key)
-    if hit is not None:
-        return (int8_fn if hit.route == "int8" else float_fn)(), hit.route
-    int8_fn(), float_fn()  # warm-up: kernel tuning, oneDNN packing, the CPU route's own choice
-    t_int, y_int = _timed(int8_fn, device)
-    t_float, y_float = _timed(float_fn, device)
-    route = "int8" if t_int <= t_float else "weight-only"
-    _DECIDED[key] = Decision(route, t_int, t_float)
-    log.debug("qvd: %s -> %s (int8 %.2f ms, weight-only %.2f ms)", key, route, t_int, t_float)
-    return (y_int if route == "int8" else y_float), route
+    route, y = decide(_DECIDED, key + (str(device),), {"int8": int8_fn, "weight-only": float_fn}, device)
+    return y, route

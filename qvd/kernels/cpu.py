@@ -9,9 +9,11 @@ CPU routes, all exact (the int32 accumulator of the reference, bit for bit):
   whatever the summation order; chunks are added in float64. On CPUs without VNNI (AVX2: many desktop, AMD Zen 2/3
   and laptop CPUs), where oneDNN int8 is inexact and ``_int_mm`` is many times slower than fp32, this is the fast one.
 None wins everywhere (docs/benchmarks.md), so by default (``QVD_CPU_ROUTE=auto``) the first call of each shape times
-them (``float`` only where oneDNN int8 is inexact) and keeps the fastest; ``QVD_CPU_ROUTE=onednn`` / ``int_mm`` / ``float`` pins one. For oneDNN codes are stored
-+128 as uint8 with oneDNN zero point 128, so the int32 accumulator is over the raw codes exactly as in the reference
-(the code zero point is folded into the effective bias). int8 (s8) activations are avoided: oneDNN runs them on a reference path, 10-1000x slower.
+them (``candidates``: ``float`` only where oneDNN int8 is inexact; ``qvd.kernels.decide``) and keeps the fastest;
+``QVD_CPU_ROUTE=onednn`` / ``int_mm`` / ``float`` pins one. For oneDNN codes are stored +128 as uint8 with oneDNN
+zero point 128, so the int32 accumulator is over the raw codes exactly as in the reference (the code zero point is
+folded into the effective bias). int8 (s8) activations are avoided: oneDNN runs them on a reference path, 10-1000x
+slower.
 oneDNN's prepacked weights are kept on the layer's ``PackedWeight``. Before first use a probe checks that the
 oneDNN route is exact (no int16 saturation on CPUs without VNNI); otherwise ``torch._int_mm`` is used.
 On CUDA (Triton unavailable) the epilogue stays on the device: no host sync per layer.
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -30,33 +31,23 @@ log = logging.getLogger("qvd")
 _ONEDNN_OK: bool | None = None
 ROUTES = ("auto", "onednn", "int_mm", "float")
 ROUTE = os.environ.get("QVD_CPU_ROUTE", "auto")
-_CHOICE: dict[tuple, str] = {}  # shape key -> the fastest route's name
 # |activation code| <= 128 and |weight code| <= 128: a product is at most 2**14, a sum of 2**10 of them below 2**24
 EXACT_TERMS = 1 << 10
 
 
-def _run(key: tuple, routes: dict):
-    """Run the pinned route, or (auto) the fastest for this shape, timing each on first sight."""
+def candidates(routes: dict) -> dict:
+    """The CPU routes (name -> fn) to time among ``routes``, or the one ``QVD_CPU_ROUTE`` pins (``int_mm`` where the
+    pinned one is left out): oneDNN only where its int8 is exact, and then (VNNI) not the float GEMM, never faster."""
     if ROUTE not in ROUTES:
         raise ValueError(f"QVD_CPU_ROUTE={ROUTE!r}: use one of {ROUTES}")
     if not _onednn_ok():
         routes = {k: v for k, v in routes.items() if k != "onednn"}
-    elif ROUTE == "auto":  # with exact oneDNN int8 (VNNI) the float GEMM is never the fastest integer route
+    elif ROUTE == "auto":
         routes = {k: v for k, v in routes.items() if k != "float"}
-    if ROUTE != "auto":
-        return routes.get(ROUTE, routes["int_mm"])()
-    if key in _CHOICE:
-        return routes[_CHOICE[key]]()
-    best = None
-    for name, fn in routes.items():
-        fn()  # warm-up: oneDNN packs weights and creates primitives on first use
-        t0 = time.perf_counter()
-        out = fn()
-        t = time.perf_counter() - t0
-        if best is None or t < best[0]:
-            best = (t, name, out)
-    _CHOICE[key] = best[1]
-    return best[2]
+    if ROUTE == "auto":
+        return routes
+    name = ROUTE if ROUTE in routes else "int_mm"
+    return {name: routes[name]}
 
 
 def float_mm_exact(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -145,8 +136,9 @@ def _onednn_ok() -> bool:
             w[::2] = -128
             x = torch.full((8, 64), 255, dtype=torch.uint8)
             packed = torch.ops.onednn.qlinear_prepack(w, None)
-            y = torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, torch.ones(16), torch.zeros(16, dtype=torch.int32),
-                                                   None, 1.0, 0, torch.float32, "none", [], "")
+            y = torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, torch.ones(16),
+                                                   torch.zeros(16, dtype=torch.int32), None, 1.0, 0, torch.float32,
+                                                   "none", [], "")
             _ONEDNN_OK = bool(torch.equal(y.double(), x.double() @ w.double().t()))
             if not _ONEDNN_OK:
                 log.info("qvd: oneDNN int8 ops are inexact on this CPU; using torch._int_mm")
@@ -173,10 +165,9 @@ def _onednn_dtype(out_dtype: torch.dtype, conv: bool) -> torch.dtype:
     return torch.float32 if (conv and out_dtype == torch.float16) else out_dtype
 
 
-def linear_w8a8(x, weight, bias, act_scale, zero_point, qmin, qmax, shift=None, inv_scale=None):
-    """W8A8 linear on ``x [..., K]`` (torch route); ``weight`` a ``PackedWeight``."""
-    lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k)
+def linear_routes(x2, weight, bias, act_scale, zero_point, qmin, qmax, shift=None, inv_scale=None) -> dict:
+    """The torch routes (name -> fn) of a W8A8 linear on ``x2 [M, K]``, each giving ``[M, N]`` in x2's dtype;
+    ``weight`` a ``PackedWeight``. ``onednn`` / ``float`` run on the CPU only."""
     n = weight.shape[0]
 
     def onednn():
@@ -185,24 +176,19 @@ def linear_w8a8(x, weight, bias, act_scale, zero_point, qmin, qmax, shift=None, 
         zeros = torch.zeros(n, dtype=torch.int32)
         b = None if bias is None else bias.float()
         return torch.ops.onednn.qlinear_pointwise(q, float(act_scale), 128, _packed(weight, None), weight.scale,
-                                                  zeros, b, 1.0, 0, x.dtype, "none", [], "")
+                                                  zeros, b, 1.0, 0, x2.dtype, "none", [], "")
 
     def int_mm_route():
-        q = quantize_into(torch.empty(x2.shape, dtype=torch.int8, device=x.device), x2, act_scale, zero_point,
+        q = quantize_into(torch.empty(x2.shape, dtype=torch.int8, device=x2.device), x2, act_scale, zero_point,
                           qmin, qmax, shift, inv_scale)
-        return _epilogue(int_mm(q, weight.mat.t()), act_scale, weight.scale, bias, x.dtype)
+        return _epilogue(int_mm(q, weight.mat.t()), act_scale, weight.scale, bias, x2.dtype)
 
     def float_route():
         q = quantize_into(torch.empty(x2.shape, dtype=torch.float32), x2, act_scale, zero_point, qmin, qmax,
                           shift, inv_scale)
-        return _epilogue(float_mm_exact(q, weight.mat), act_scale, weight.scale, bias, x.dtype)
+        return _epilogue(float_mm_exact(q, weight.mat), act_scale, weight.scale, bias, x2.dtype)
 
-    if x.device.type == "cpu":
-        y = _run(("linear", x2.shape[0], k, n, x.dtype), {"onednn": onednn, "int_mm": int_mm_route,
-                                                           "float": float_route})
-    else:
-        y = int_mm_route()
-    return y.reshape(*lead, n)
+    return {"onednn": onednn, "int_mm": int_mm_route, "float": float_route}
 
 
 def quantize_padded_nhwc(x: torch.Tensor, act_scale, zero_point: int, qmin: int, qmax: int, shift, inv_scale,
@@ -228,10 +214,10 @@ def quantize_padded_nhwc(x: torch.Tensor, act_scale, zero_point: int, qmin: int,
     return out
 
 
-def conv2d_w8a8(x, weight, bias, act_scale, zero_point, qmin, qmax, shift=None, inv_scale=None,
-                stride: int = 1, padding: int = 0, pad: torch.Tensor | None = None):
-    """W8A8 conv2d on NCHW ``x`` (torch route); ``weight`` a ``PackedWeight``; ``pad``: the int8 codes of 0.0 per
-    channel (``qvd.kernels.pad_codes``) or None; output NCHW-shaped, stored channels-last."""
+def conv2d_routes(x, weight, bias, act_scale, zero_point, qmin, qmax, shift=None, inv_scale=None,
+                  stride: int = 1, padding: int = 0, pad: torch.Tensor | None = None) -> dict:
+    """The torch routes (name -> fn) of a W8A8 conv2d on NCHW ``x``, as ``linear_routes``; ``pad``: the int8 codes of
+    0.0 per channel (``qvd.kernels.pad_codes``) or None; output NCHW-shaped, stored channels-last."""
     n, c, h, w = x.shape
     cout, _, kh, kw = weight.shape
 
@@ -266,7 +252,4 @@ def conv2d_w8a8(x, weight, bias, act_scale, zero_point, qmin, qmax, shift=None, 
         view = (1, -1, 1, 1)
         return _epilogue(acc, act_scale, weight.scale.view(view), None if bias is None else bias.view(view), x.dtype)
 
-    if x.device.type == "cpu":
-        return _run(("conv", tuple(x.shape), weight.shape, stride, padding, x.dtype),
-                    {"onednn": onednn, "int_mm": int_mm_route, "float": float_route})
-    return int_mm_route()
+    return {"onednn": onednn, "int_mm": int_mm_route, "float": float_route}

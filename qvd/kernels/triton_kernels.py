@@ -21,6 +21,11 @@ buffer the size of the GPU's L2 allocated once (``_bench``; Triton's own allocat
 timed runs per tile, and a budget (``QVD_TUNE_BUDGET_S``, 120 s a process): past it new shapes take their class's
 first tile untimed. The seconds spent are logged.
 
+The GEMM kernels address with 32-bit offsets: every tensor a launch reads or writes spans fewer than
+``OFFSET_LIMIT`` elements (checked at launch); ``units_per_launch`` says how many rows / images of a larger problem
+one launch may take (the dispatcher splits it). Every launch runs with the input's CUDA device current
+(``_on_device``), so a tensor on cuda:1 launches on cuda:1 whatever the process's current device.
+
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the same kernels run on CPU tensors with one
 real GPU tile (``INTERP_CONFIG``, or the caller's ``config``) instead of autotuning; that is how the tests
 check them. The kernels use only core ``tl`` builtins (``tl.full``, not the ``triton.language.standard``
@@ -29,8 +34,10 @@ variable was set.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import math
 import os
 import time
 
@@ -357,10 +364,11 @@ def quantize(x: torch.Tensor, act_scale, zero_point: int, qmin: int, qmax: int,
     sp, sv, is_ptr = _scale_args(act_scale, x.device)
     bp, bc = _Q_BLOCK
     grid = (triton.cdiv(p, bp), triton.cdiv(c, bc))
-    _quant_kernel[grid](x, out, shift, inv_scale, sp, sv, p, c, h, w, s_n, s_c, s_h, s_w,
-                        int(zero_point), int(qmin), int(qmax),
-                        HAS_SHIFT=shift is not None, HAS_SMOOTH=inv_scale is not None,
-                        SCALE_PTR=is_ptr, BP=bp, BC=bc)
+    with _on_device(x):
+        _quant_kernel[grid](x, out, shift, inv_scale, sp, sv, p, c, h, w, s_n, s_c, s_h, s_w,
+                            int(zero_point), int(qmin), int(qmax),
+                            HAS_SHIFT=shift is not None, HAS_SMOOTH=inv_scale is not None,
+                            SCALE_PTR=is_ptr, BP=bp, BC=bc)
     return out
 
 
@@ -405,12 +413,42 @@ class _FirstRuns:
 first_runs = _FirstRuns()
 
 
+OFFSET_LIMIT = 2**31  # the GEMM kernels' 32-bit offsets (64-bit ones cost registers and spill): spans stay below
+
+
+def _span(shape, strides) -> int:
+    """Elements from a tensor's first to its last addressed one, inclusive."""
+    return 1 + sum((n - 1) * abs(st) for n, st in zip(shape, strides))
+
+
 def _offsets_fit(*tensors):
-    """The GEMM kernels address with 32-bit offsets (64-bit ones cost registers and spill)."""
+    """A launch's guard: its tensors within ``OFFSET_LIMIT`` (the dispatcher splits larger problems)."""
     for t in tensors:
-        span = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
-        if max(t.numel(), span) >= 2**31:
-            raise ValueError(f"a tensor spanning {span} elements is beyond the int8 GEMM's 32-bit offsets")
+        span = _span(t.shape, t.stride())
+        if span >= OFFSET_LIMIT:
+            raise ValueError(f"a tensor spanning {span} elements is beyond the int8 GEMM's 32-bit offsets; "
+                             "split it (units_per_launch)")
+
+
+def units_per_launch(x: torch.Tensor, out_unit: int, w_k: torch.Tensor) -> int:
+    """How many of ``x``'s leading units (rows of a linear's ``[M, K]`` input, images of a conv's) one GEMM launch may
+    take with every tensor it touches within ``OFFSET_LIMIT``: the slice of ``x`` (any strides), its int8 codes
+    (contiguous), the output slice (``out_unit`` elements a unit) and the weights. 0 when not even one unit fits."""
+    first = _span(x.shape[1:], x.stride()[1:])  # one unit of x
+    if max(first, _span(w_k.shape, w_k.stride())) >= OFFSET_LIMIT:
+        return 0
+    units = max(x.shape[0], 1)
+    if x.stride(0):
+        units = min(units, (OFFSET_LIMIT - 1 - first) // abs(x.stride(0)) + 1)
+    for per_unit in (math.prod(x.shape[1:]), out_unit):
+        units = min(units, (OFFSET_LIMIT - 1) // max(per_unit, 1))
+    return units
+
+
+def _on_device(t: torch.Tensor):
+    """Triton compiles for and launches on the current CUDA device: make it ``t``'s for the launch (without this a
+    tensor on cuda:1 is read at cuda:0, an illegal address). A no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _unit_k_stride(w_k):
@@ -421,7 +459,8 @@ def _unit_k_stride(w_k):
 def _mm_launch(run, key, m, n, args, kwargs, config):
     meta = {} if not INTERPRET else dict(config or INTERP_CONFIG)
     grid = lambda meta_: (triton.cdiv(m, meta_["BM"]) * triton.cdiv(n, meta_["BN"]),)  # noqa: E731
-    first_runs.launch(key, lambda: run[grid](*args, **kwargs, **meta))
+    with _on_device(args[0]):
+        first_runs.launch(key, lambda: run[grid](*args, **kwargs, **meta))
 
 
 _UNFUSED = dict(FUSED=False, HAS_SHIFT=False, HAS_SMOOTH=False)
@@ -429,15 +468,16 @@ _UNUSED_ACT = (0, -128, 127)  # zero point and clamp bounds the unfused kernels 
 
 
 def linear(q: torch.Tensor, w_k: torch.Tensor, w_scale: torch.Tensor, bias, act_scale,
-           out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+           out_dtype: torch.dtype, config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Fused int8 GEMM + epilogue: q int8 [M, K], w_k int8 [N, K] (K-major) -> [M, N] out_dtype.
 
-    ``config``: the tile to run under the interpreter (a GPU picks among its shape class's tiles)."""
+    ``config``: the tile to run under the interpreter (a GPU picks among its shape class's tiles); ``out``: an
+    ``[M, N]`` out_dtype tensor to write (e.g. rows of a larger one), else a new one."""
     q = q if q.stride(1) == 1 else q.contiguous()
     _unit_k_stride(w_k)
     m, k = q.shape
     n = w_k.shape[0]
-    out = torch.empty((m, n), device=q.device, dtype=out_dtype)
+    out = torch.empty((m, n), device=q.device, dtype=out_dtype) if out is None else out
     _offsets_fit(q, w_k, out)
     sp, sv, is_ptr = _scale_args(act_scale, q.device)
     bias = _channel(bias, q.device)
@@ -450,10 +490,11 @@ def linear(q: torch.Tensor, w_k: torch.Tensor, w_scale: torch.Tensor, bias, act_
 
 def conv2d(q_nhwc: torch.Tensor, pad_codes: torch.Tensor, w_k: torch.Tensor, kh: int, kw: int,
            w_scale: torch.Tensor, bias, act_scale, stride: int, padding: int,
-           out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+           out_dtype: torch.dtype, config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Implicit-GEMM int8 conv: q_nhwc [Nb, H, W, C] int8 contiguous, w_k [N, kh*kw*C] (K-major, k = tap, channel).
 
-    Returns NCHW-shaped output stored channels-last."""
+    Returns NCHW-shaped output stored channels-last: ``out`` (a contiguous NHWC ``[Nb, OH, OW, N]`` tensor, e.g.
+    images of a larger one) permuted, or a new one."""
     _unit_k_stride(w_k)
     q_nhwc = q_nhwc.contiguous()
     nb, h, w, c = q_nhwc.shape
@@ -461,7 +502,7 @@ def conv2d(q_nhwc: torch.Tensor, pad_codes: torch.Tensor, w_k: torch.Tensor, kh:
     oh = (h + 2 * padding - kh) // stride + 1
     ow = (w + 2 * padding - kw) // stride + 1
     m = nb * oh * ow
-    out = torch.empty((nb, oh, ow, n), device=q_nhwc.device, dtype=out_dtype)
+    out = torch.empty((nb, oh, ow, n), device=q_nhwc.device, dtype=out_dtype) if out is None else out
     _offsets_fit(q_nhwc, w_k, out)
     sp, sv, is_ptr = _scale_args(act_scale, q_nhwc.device)
     bias = _channel(bias, q_nhwc.device)
@@ -483,12 +524,14 @@ def _act_args(x, act_scale, zero_point, qmin, qmax, shift, inv_scale):
 
 
 def linear_fused(x: torch.Tensor, w_k: torch.Tensor, w_scale: torch.Tensor, bias, act_scale, zero_point: int,
-                 qmin: int, qmax: int, shift=None, inv_scale=None, config: dict | None = None) -> torch.Tensor:
-    """``quantize`` + ``linear`` in one kernel: float x [M, K] (any strides) -> [M, N] in x's dtype."""
+                 qmin: int, qmax: int, shift=None, inv_scale=None, config: dict | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """``quantize`` + ``linear`` in one kernel: float x [M, K] (any strides) -> [M, N] in x's dtype (``out`` as
+    ``linear``'s)."""
     _unit_k_stride(w_k)
     m, k = x.shape
     n = w_k.shape[0]
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype) if out is None else out
     _offsets_fit(x, w_k, out)
     (sp, sv, shift, inv), ints, flags = _act_args(x, act_scale, zero_point, qmin, qmax, shift, inv_scale)
     bias = _channel(bias, x.device)
@@ -501,16 +544,16 @@ def linear_fused(x: torch.Tensor, w_k: torch.Tensor, w_scale: torch.Tensor, bias
 
 def conv2d_fused(x: torch.Tensor, w_k: torch.Tensor, kh: int, kw: int, w_scale: torch.Tensor, bias, act_scale,
                  zero_point: int, qmin: int, qmax: int, shift, inv_scale, stride: int, padding: int,
-                 config: dict | None = None) -> torch.Tensor:
+                 config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``quantize`` + ``conv2d`` in one kernel: float NCHW x (any strides) -> NCHW-shaped output in x's dtype,
-    stored channels-last."""
+    stored channels-last (``out`` as ``conv2d``'s)."""
     _unit_k_stride(w_k)
     nb, c, h, w = x.shape
     n = w_k.shape[0]
     oh = (h + 2 * padding - kh) // stride + 1
     ow = (w + 2 * padding - kw) // stride + 1
     m = nb * oh * ow
-    out = torch.empty((nb, oh, ow, n), device=x.device, dtype=x.dtype)
+    out = torch.empty((nb, oh, ow, n), device=x.device, dtype=x.dtype) if out is None else out
     _offsets_fit(x, w_k, out)
     (sp, sv, shift, inv), ints, flags = _act_args(x, act_scale, zero_point, qmin, qmax, shift, inv_scale)
     bias = _channel(bias, x.device)
@@ -532,8 +575,9 @@ def hiditq_encode(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape, device=x.device, dtype=torch.uint8)
     numel = xc.numel()
     steps = max(mid.numel(), 1).bit_length()
-    _encode_kernel[(triton.cdiv(numel, _LUT_BLOCK),)](xc, mid, out, numel, mid.numel(),
-                                                       STEPS=steps, BLOCK=_LUT_BLOCK)
+    with _on_device(x):
+        _encode_kernel[(triton.cdiv(numel, _LUT_BLOCK),)](xc, mid, out, numel, mid.numel(),
+                                                           STEPS=steps, BLOCK=_LUT_BLOCK)
     return out
 
 
@@ -542,5 +586,6 @@ def hiditq_decode(codes: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     cc = codes.contiguous()
     out = torch.empty(codes.shape, device=codes.device, dtype=levels.dtype)
     numel = cc.numel()
-    _decode_kernel[(triton.cdiv(numel, _LUT_BLOCK),)](cc, levels.contiguous(), out, numel, BLOCK=_LUT_BLOCK)
+    with _on_device(codes):
+        _decode_kernel[(triton.cdiv(numel, _LUT_BLOCK),)](cc, levels.contiguous(), out, numel, BLOCK=_LUT_BLOCK)
     return out
