@@ -177,7 +177,7 @@ def call_time_delta(module, functions: list) -> WeightDelta | None:
     return _cached(module, lists[0][1], lists[0][0], module.delta_dtype)
 
 
-def _cached(module, patches: list, key: str, dtype: torch.dtype | None) -> WeightDelta:
+def _cached(module, patches: list, key: str, dtype: torch.dtype | None) -> WeightDelta | None:
     module.delta_dtype = dtype
     delta = module.delta
     if delta is not None and delta.same_source(tuple(patches)) and dtype in (None, delta.dtype):
@@ -185,22 +185,28 @@ def _cached(module, patches: list, key: str, dtype: torch.dtype | None) -> Weigh
     return delta_for(module, patches, key, dtype)
 
 
-def delta_for(module, patches: list, key: str, dtype: torch.dtype | None = None) -> WeightDelta:
+def delta_for(module, patches: list, key: str, dtype: torch.dtype | None = None) -> WeightDelta | None:
     """The ``WeightDelta`` of ComfyUI ``patches`` (entries ``(strength, adapter, strength_model, offset, function)``)
     for the quantized layer ``module`` (its weight patch key ``key``), in ``dtype`` (None: the adapters'); see the
-    module docstring."""
+    module docstring. An additive patch that adds nothing (strength 0, or factors that are all zero: a zero-strength
+    or empty motion LoRA that AnimateDiff-Evolved merged into an all-zero difference) gets no branch; None where no
+    patch adds anything (the layer runs as if unpatched)."""
     import comfy.lora
 
     shape, device = tuple(module.weight.shape), module.weight.device
     ups, downs, dense_patches = [], [], []
     additive = all(_additive(p) for p in patches)
     for p in patches if additive else ():
+        if p[0] == 0:
+            continue  # strength 0 (ComfyUI's calculate_weight skips such a diff too)
         factors = _low_rank(p[1], p[0], shape, key)
         if factors is None:
             dense_patches.append(p)
-        else:
+        elif not _adds_nothing(*factors):
             ups.append(factors[0].to(device))
             downs.append(factors[1].to(device))
+    if additive and not ups and not dense_patches:
+        return None
     dtype = dtype or _dtype(patches)
     dense = None
     if not additive:
@@ -216,6 +222,12 @@ def delta_for(module, patches: list, key: str, dtype: torch.dtype | None = None)
     up = torch.cat(ups, 1).to(dtype) if ups else None
     down = torch.cat(downs, 0).to(dtype) if downs else None
     return WeightDelta(down, up, None if dense is None else dense.to(dtype), tuple(patches))
+
+
+def _adds_nothing(up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Low-rank factors whose product is zero: rank 0 (``_factored`` of an all-zero difference) or a factor of zeros
+    (a branch for them would cost its GEMMs, and a rank-0 one cannot run as a conv or be SCRI-folded)."""
+    return up.shape[1] == 0 or not up.any() or not down.any()
 
 
 def _additive(patch) -> bool:
@@ -298,43 +310,73 @@ def _plain_diff(adapter) -> torch.Tensor | None:
 
 
 _FACTORED: dict[int, tuple] = {}  # id of a plain difference -> (weak reference to it, its _factored result)
-_EXACT = 1e-5  # a recovered factorization reproduces the difference to this relative (Frobenius) error
+_EXACT = 1e-5  # the tolerance of _factored's own float32 work: the least relative error a factorization is held to
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """The relative (Frobenius) error to which factors must reproduce a plain difference stored in ``dtype``.
+
+    A product ``up @ down`` rounded to ``dtype`` is off by at most u = eps / 2 of each element, so by at most
+    u ||D|| in Frobenius norm, per rounding (a float32 accumulation adds nothing at this scale); 2 eps = 4 u allows
+    four roundings (the product, its strength scale, a sum with another LoRA, a cast), so a low-rank difference
+    stored in fp16 (2 eps ~ 2e-3) or bf16 (~ 1.6e-2) factors, while one that is not low rank stays far outside (its
+    best rank-R error is a large share of it: about 30 % for a Gaussian one at the largest R that pays). float32 /
+    float64: ``_EXACT``. Capped at bf16's (fp8 and coarser: a difference that rounding blurs that much stays dense)."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    return max(_EXACT, 2 * min(eps, torch.finfo(torch.bfloat16).eps))
 
 
 def _factored_once(diff: torch.Tensor, n: int, k: int):
-    """``_factored`` of a difference tensor, computed once while it lives: every load of every MODEL holding it (the
-    motion patchers of one ADE graph, loaded again for each prompt) reuses the factors."""
+    """``_factored`` of a difference tensor (to its dtype's ``_tolerance``), computed once while it lives: every load
+    of every MODEL holding it (the motion patchers of one ADE graph, loaded again for each prompt) reuses the
+    factors."""
     hit = _FACTORED.get(id(diff))
     if hit is None or hit[0]() is not diff:
-        hit = (weakref.ref(diff), _factored(diff.float().reshape(n, k)))
+        hit = (weakref.ref(diff), _factored(diff.float().reshape(n, k), _tolerance(diff.dtype)))
         _FACTORED[id(diff)] = hit
         weakref.finalize(diff, _FACTORED.pop, id(diff), None)
     return hit[1]
 
 
-def _factored(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(up [N, R], down [R, K])`` with ``up @ down == d`` (to ``_EXACT``) and the smallest such R that pays
-    (``R (K + N) < K N``), or None when ``d`` has no such rank. A seeded range finder of growing width (``d`` times
-    a Gaussian K x m, orthonormalized) finds range(d) when rank(d) <= m; the SVD of the m x K projection gives the
-    rank and the factors, which are then checked against ``d``."""
+def _factored(d: torch.Tensor, tol: float = _EXACT) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(up [N, R], down [R, K])`` with ``||d - up @ down|| <= tol ||d||`` (Frobenius) and the smallest such R, when
+    that R pays (``R (K + N) < K N``); else None. An all-zero ``d`` has rank 0 (``up`` [N, 0], ``down`` [0, K]).
+
+    An adaptive seeded range finder: the part of ``d`` outside the basis found so far, times a Gaussian of the next
+    width, is orthonormalized and appended to the basis, until the part left outside is within ``tol`` (the basis
+    spans d's numerical range: a low-rank ``d`` stops at the first width, 64) or the basis is as wide as a rank that
+    no longer pays (refused). Each QR takes only the new columns, so the widths tried cost no more QR than the last
+    one. The SVD of the projection gives the smallest rank within ``tol``; the factors are then checked on ``d``."""
     n, k = d.shape
     pays = (n * k) // (n + k)
-    norm = d.norm()
+    norm = float(d.norm())
     if norm == 0:
         return d.new_zeros(n, 0), d.new_zeros(0, k)
+    if pays < 2:  # rank 1 does not pay either
+        return None
+    bound = (tol * norm) ** 2
     gen = torch.Generator(device=d.device).manual_seed(0)
-    m = min(64, pays)
+    q, b, rest = d.new_zeros(n, 0), d.new_zeros(0, k), d  # d = q b + rest, q orthonormal, rest orthogonal to q
+    width = min(64, pays)
     while True:
-        q = torch.linalg.qr(d @ torch.randn(k, m, generator=gen, device=d.device)).Q
-        b = q.t() @ d
-        if (d - q @ b).norm() <= _EXACT * norm:
-            u, sv, vh = torch.linalg.svd(b, full_matrices=False)
-            r = int((sv > sv[0] * _EXACT).sum())
-            up, down = q @ (u[:, :r] * sv[:r]), vh[:r]
-            return (up, down) if r < pays and (d - up @ down).norm() <= _EXACT * norm else None
-        if m >= pays:
+        y = rest @ torch.randn(k, width - q.shape[1], generator=gen, device=d.device)
+        y = y - q @ (q.t() @ y)  # orthogonal to q in exact arithmetic already: keep it so in float32
+        new = torch.linalg.qr(y).Q
+        part = new.t() @ rest
+        q, b, rest = torch.cat([q, new], 1), torch.cat([b, part], 0), rest - new @ part
+        left = float(rest.norm()) ** 2
+        if left <= bound:
+            break
+        if width >= pays:
             return None
-        m = min(4 * m, pays)
+        width = min(4 * width, pays)
+    u, sv, vh = torch.linalg.svd(b, full_matrices=False)
+    dropped = (sv.flip(0) ** 2).cumsum(0).flip(0)  # dropped[i]: what keeping only the first i values leaves out
+    r = int((left + dropped > bound).sum())  # the fewest values that keep the error within tol
+    if r >= pays:
+        return None
+    up, down = q @ (u[:, :r] * sv[:r]), vh[:r]
+    return (up, down) if float((d - up @ down).norm()) <= tol * norm else None
 
 
 def _factors(full, a, b) -> tuple[torch.Tensor, torch.Tensor]:

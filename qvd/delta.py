@@ -49,13 +49,17 @@ class WeightDelta:
         """The same delta for a Linear / 1x1 conv whose input is ``x' = (x - z) / s``: ``dW x = (dW s)
         (x' + z / s)``, so ``down`` and ``dense`` are folded like the layer's weight; the caller passes ``z / s``
         as the call's ``offset``."""
-        if self.down is not None and self.down[0, 0].numel() != 1:
+        if self.down is not None and self.down.shape[2:].numel() != 1:  # a k x k kernel (rank 0 too)
             raise ValueError("a SCRI input transform folds only into Linear / 1x1-conv deltas")
         scaled = lambda t: None if t is None else scri.fold_weight(t).to(t.dtype)
         return WeightDelta(scaled(self.down), self.up, scaled(self.dense), self.source)
 
     def to(self, device) -> "WeightDelta":
-        move = lambda t: None if t is None else t.to(device)
+        return self.map(lambda t: t.to(device))
+
+    def map(self, fn) -> "WeightDelta":
+        """The same delta with ``fn`` applied to each of its tensors (a host moving or casting the layer)."""
+        move = lambda t: None if t is None else fn(t)
         return WeightDelta(move(self.down), move(self.up), move(self.dense), self.source)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, stride: int | None = None, padding: int = 0,
@@ -71,7 +75,7 @@ class WeightDelta:
     def _apply(self, x: torch.Tensor, stride: int | None, padding: int) -> torch.Tensor:
         cast = lambda t: t.to(device=x.device, dtype=x.dtype)
         out = 0
-        if self.down is not None:
+        if self.down is not None and self.down.shape[0]:  # rank 0 adds nothing (a conv with 0 channels would fail)
             if stride is None:
                 out = F.linear(F.linear(x, cast(self.down)), cast(self.up))
             else:
