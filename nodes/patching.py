@@ -31,8 +31,8 @@ from ..qvd.calibrate import coverage_timesteps
 from ..qvd.identity import content_key, install as install_modules
 from ..qvd.modules import kept_float_bytes
 from ..qvd.scri import folded_output_transform
-from ..qvd.timesteps import follow_timesteps
-from . import weight_patches
+from ..qvd.timesteps import follow_timesteps, timestep_argument
+from . import loading, weight_patches
 
 ADE_KEY = "ADE"
 ATTACHMENT = "qvd"
@@ -52,11 +52,20 @@ def motion_patchers(model) -> list:
 
 @contextlib.contextmanager
 def ejected(model):
-    """Model with ADE's motion-module injections removed (also those of the patcher loaded last)."""
+    """Model with ADE's motion-module injections removed: its own and those of every patcher of the same network
+    that ComfyUI keeps loaded (under the default cache the quantized MODEL that sampled last stays loaded with its
+    motion modules in the shared UNet; its sampling's cleanup already cleared ``current_patcher``)."""
+    import comfy.model_management
+
+    loaded = [lm.model for lm in comfy.model_management.current_loaded_models if lm.model is not None]
+    current = getattr(model.model, "current_patcher", None)
     with contextlib.ExitStack() as stack:
-        current = getattr(model.model, "current_patcher", None)
-        for patcher in (current, model):
-            if patcher is not None and patcher.is_injected:
+        seen = set()
+        for patcher in (*loaded, current, model):
+            if patcher is None or id(patcher) in seen or patcher.model is not model.model:
+                continue
+            seen.add(id(patcher))
+            if patcher.is_injected:
                 stack.enter_context(patcher.use_ejected())
         yield
 
@@ -155,8 +164,8 @@ def calibrate(model, config: QVDConfig, seeds, sample_fn, controlnets: dict[str,
                                "(before QVD Quantize Model / QVD Load Quantized / QVD Quantize ControlNet)")
             calibrator = hooked.enter_context(Calibrator(tree, config))
 
-        def control_timestep(_module, args, kwargs):
-            t = kwargs.get("timesteps", args[2] if len(args) > 2 else None)
+        def control_timestep(module, args, kwargs):
+            t = timestep_argument(module, args, kwargs)
             if t is not None:
                 calibrator.set_timestep(t)
 
@@ -164,7 +173,7 @@ def calibrate(model, config: QVDConfig, seeds, sample_fn, controlnets: dict[str,
             hooked.callback(control_model(c).register_forward_pre_hook(control_timestep, with_kwargs=True).remove)
 
         def record_timestep(executor, *args, **kwargs):
-            t = args[1] if len(args) > 1 else kwargs.get("timesteps")
+            t = timestep_argument(executor.class_obj, args, kwargs)
             if t is not None:
                 calibrator.set_timestep(t)
             return executor(*args, **kwargs)
@@ -388,12 +397,17 @@ class _Unfolded:
 
 
 def _structure_copy(module: nn.Module, memo: dict | None = None) -> nn.Module:
-    """A new module tree over the same parameters and buffers (no tensor is copied), with its own module, parameter
-    and hook dicts: layers can be replaced in it without touching ``module``."""
+    """A new module tree over the same tensors (none is copied) with its own modules, parameter objects (a host moving
+    the copy's parameters, ``param.data = ...``, leaves the original's where they are), hook dicts and none of the
+    state ComfyUI's loaders attached to the original's modules (``loading.fresh``): layers can be replaced in it and
+    it can be loaded and freed without touching ``module``."""
     memo = {} if memo is None else memo
     if id(module) not in memo:
         new = copy.copy(module)
         new.__dict__ = {k: copy.copy(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()}
+        new._parameters = {k: None if p is None else nn.Parameter(p.data, requires_grad=p.requires_grad)
+                           for k, p in module._parameters.items()}
+        loading.fresh(new)
         memo[id(module)] = new
         for name, child in module._modules.items():
             new._modules[name] = None if child is None else _structure_copy(child, memo)
@@ -405,7 +419,6 @@ def quantize_controlnet(control_net, build, compute: str = "auto") -> tuple:
     ``{"controlnet": its model}``, on the ``compute`` route; ``control_net`` and its model are left unchanged (the
     copy's model shares their float tensors). Its patcher tells ComfyUI's planner the bytes the copy holds."""
     import comfy.model_management
-    import comfy.model_patcher
 
     base = control_model(control_net)
     if base is None:
@@ -424,8 +437,9 @@ def quantize_controlnet(control_net, build, compute: str = "auto") -> tuple:
     out = control_net.copy()
     out.control_model = model
     size = comfy.model_management.module_size(model) + kept_float_bytes(result.modules.values())
-    out.control_model_wrapped = comfy.model_patcher.ModelPatcher(model, load_device=wrapped.load_device,
-                                                                 offload_device=wrapped.offload_device, size=size)
+    out.control_model_wrapped = loading.make_qvd_patcher(type(wrapped)(model, load_device=wrapped.load_device,
+                                                                       offload_device=wrapped.offload_device,
+                                                                       size=size))
     weight_patches.attach(out.control_model_wrapped, size)
     return out, result
 
@@ -462,6 +476,7 @@ def install(clone, result: QuantizeResult, sizes: dict[str, int]):
         for name, module in group.items():
             target.add_object_patch(name, module)
     for p, key in zip((clone, *patched_motions), (UNET, *(f"motion_{i}" for i in range(len(patched_motions))))):
+        loading.make_qvd_patcher(p)
         weight_patches.attach(p, sizes[key])
     import comfy.patcher_extension
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "qvd_compute", _sampling(result))
@@ -484,7 +499,7 @@ def _follow_timestep(clock):
     """A DIFFUSION_MODEL wrapper setting ``clock`` (the quantized layers' timestep bucket) from each call's timesteps
     (the UNet's and the motion modules' layers run inside that call)."""
     def wrapper(executor, *args, **kwargs):
-        t = args[1] if len(args) > 1 else kwargs.get("timesteps", kwargs.get("timestep"))
+        t = timestep_argument(executor.class_obj, args, kwargs)
         if t is not None:
             clock.set(t)
         return executor(*args, **kwargs)

@@ -32,6 +32,7 @@ import torch
 
 from ..qvd import QVDError
 from ..qvd.delta import WeightDelta
+from . import loading
 
 CALLBACK_KEY = "qvd"
 
@@ -69,11 +70,12 @@ def on_load(patcher, base: int, device_to=None) -> None:
     exactly its weight patches, as branches in the activation dtype on the layer's device, and the patcher tells
     the planner ``base`` plus their bytes (``model_size()``, and the loaded bytes of this load).
 
-    0.33's dynamic-VRAM loader (CUDA) streams weights through ComfyUI's own ops, which QVD layers are not: their
-    tensors are force-loaded to the device the way that loader force-loads small weights (backed up, counted,
-    given back when it frees memory). An offloaded (low-VRAM) conv's channels-last codes, which ComfyUI's pinning
+    Under 0.33's dynamic-VRAM loader QVD's modules are placed by ``loading.place`` first (kept on the device or
+    streamed). Under the classic loader an offloaded (low-VRAM) conv's channels-last codes, which ComfyUI's pinning
     refuses as non-contiguous, are pinned through a contiguous view of the same bytes (ComfyUI unpins them)."""
-    dynamic = getattr(patcher, "is_dynamic", lambda: False)()
+    dynamic = loading.dynamic(patcher)
+    if device_to is not None and dynamic:
+        loading.place(patcher, device_to)
     dtype = _activation_dtype(patcher.model)
     held = loaded = 0
     for name, module in patcher.object_patches.items():  # QVD's layers and folded norms: also before the load
@@ -84,9 +86,7 @@ def on_load(patcher, base: int, device_to=None) -> None:
                            f"norm's consumers in QVD Quantize Model's skip list, or use a LoRA without norm weights")
         if not getattr(module, "qvd_quantized", False):
             continue
-        if device_to is not None and dynamic:
-            _force_load(patcher, name, module, device_to)
-        elif device_to is not None and module.comfy_cast_weights:
+        if device_to is not None and not dynamic and module.comfy_cast_weights:
             _pin_codes(patcher, keys[0], module.weight)
         patches = patcher.patches.get(keys[0])
         module.set_delta(_cached(module, patches, keys[0], dtype) if patches else None,
@@ -117,24 +117,6 @@ def _activation_dtype(model) -> torch.dtype:
                         counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
         dtype = max(counts, key=counts.get) if counts else torch.float32
     return dtype
-
-
-def _force_load(patcher, name: str, module, device) -> None:
-    import collections
-
-    import comfy.utils
-
-    backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])
-    for pname, p in list(module.named_parameters(recurse=False)):
-        key = f"{name}.{pname}"
-        if p.device == torch.device(device):
-            continue
-        if key not in patcher.backup:
-            patcher.backup[key] = backup(p, False)
-        moved = p.detach().to(device)
-        comfy.utils.set_attr_param(patcher.model, key, moved)
-        patcher.model.model_loaded_weight_memory += moved.numel() * moved.element_size()
-    module.comfy_cast_weights = False
 
 
 def _pin_codes(patcher, key: str, weight: torch.Tensor) -> None:

@@ -7,9 +7,13 @@ kernels from ``qvd.kernels`` on the layer's compute route (``compute``: ``auto``
 ``kernels.run_route``; ``set_compute``); ``mode = "fake"`` simulates the W8A8 rounding in floating point.
 ``HiDiTQLinear``: the time-projection layers; HiDi-TQ look-up-table activations, int8 weights.
 All tensors are ``nn.Parameter(requires_grad=False)`` so hosts that move / offload parameters see them;
-``forward`` brings them to the input's device when a host left them elsewhere (low-VRAM offloading). The int8
-codes never change after quantization: a host's weight patches (LoRA) run beside the kernel as a
-``qvd.delta.WeightDelta`` (see ``_HostHooks``).
+``forward`` brings them to the input's device when a host left them elsewhere (low-VRAM offloading, streaming).
+Device rules, in one place: what a layer derives from its stored tensors (packed codes, epilogue biases, pad codes,
+a weight-only route's float weight) is kept in one cache (``_cached``), per kind and device, only for the device the
+stored tensors are on, and emptied whenever the layer moves (``_apply``: a host's ``.to()``; ``make_resident`` /
+``release``: a host keeping a device copy while the stored tensors stay home). The int8 codes never change after
+quantization: a host's weight patches (LoRA) run beside the kernel as a ``qvd.delta.WeightDelta`` (see
+``_HostHooks``), which follows the layer when it moves.
 ``forward`` takes ``input`` like ``nn.Linear`` / ``nn.Conv2d`` (callers such as diffusers pass it by name).
 """
 from __future__ import annotations
@@ -81,6 +85,19 @@ class _HostHooks(nn.Module):
     def comfy_patched_weights(self) -> None:
         pass
 
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.moved(fn)
+        return out
+
+    def moved(self, fn=None) -> None:
+        """The layer's tensors moved (``fn``: what moved them, applied to its branch too): nothing derived on the old
+        device stays reachable from it."""
+        self.__dict__.get("_cache", {}).clear()
+        if fn is not None:
+            self.delta = None if self.delta is None else self.delta.map(fn)
+            self.patched_bias = None if self.patched_bias is None else fn(self.patched_bias)
+
     def set_delta(self, delta: WeightDelta | None, bias: torch.Tensor | None = None) -> None:
         """Add ``delta`` (host weight patches in the layer's own input domain) to every call and use ``bias`` (the
         host's patched float bias) for the stored one; None removes either."""
@@ -138,12 +155,12 @@ def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
     return t.to(device, non_blocking=torch.device(device).type != "cpu")
 
 
-def _key(t: torch.Tensor | None, device) -> tuple:
+def _key(t: torch.Tensor | None) -> tuple:
     """Cache key that changes when a tensor is replaced or modified in place (inference tensors have no
     version counter; ComfyUI replaces them rather than writing into them)."""
     if t is None:
         return (None,)
-    return id(t), t.data_ptr(), str(device), -1 if t.is_inference() else t._version
+    return id(t), t.data_ptr(), -1 if t.is_inference() else t._version
 
 
 class _QuantizedBase(_HostHooks):
@@ -194,20 +211,21 @@ class _QuantizedBase(_HostHooks):
         return _to(self.act_scale[self._bucket()], device)
 
     def _cached(self, kind: str, device, deps, build, extra: tuple = ()):
-        """``build()``, kept per ``kind`` while ``deps`` (tensors) and ``extra`` are unchanged; only what is made on
-        the layer's own device is kept (never copies made for another device: offloading)."""
-        key = (kind, str(device)) + extra + tuple(k for t in deps for k in _key(t, device))
-        hit = self._cache.get(kind)
+        """``build()`` for ``device``, kept per (``kind``, device) while ``deps`` (tensors) and ``extra`` are unchanged;
+        kept only where the stored codes are (a call on another device, e.g. an offloaded or streamed layer's, builds
+        it again); the cache empties when the layer moves (``moved``)."""
+        device = torch.device(device)
+        key = extra + tuple(k for t in deps for k in _key(t))
+        hit = self._cache.get((kind, device))
         if hit is None or hit[0] != key:
             hit = (key, build())
             if device == self.weight.device:
-                self._cache[kind] = hit
+                self._cache[(kind, device)] = hit
         return hit[1]
 
     def float_weight_bytes(self) -> int:
-        """Bytes of the float weight this layer keeps on the CPU (0 when none; see ``prepare``)."""
-        hit = self._cache.get("float_weight")
-        return 0 if hit is None else hit[1].numel() * hit[1].element_size()
+        """Bytes of the float weights this layer keeps (0 when none; see ``prepare``)."""
+        return sum(v.numel() * v.element_size() for (kind, _), (_, v) in self._cache.items() if kind == "float_weight")
 
     @property
     def scri(self) -> ScriTransform | None:
@@ -488,6 +506,43 @@ class HiDiTQLinear(_HostHooks):
 
     def extra_repr(self) -> str:
         return f"w_bits={self.w_bits}, levels={self.levels.numel()}"
+
+
+def make_resident(module: nn.Module, device) -> int:
+    """Put a copy of ``module``'s own parameters on ``device`` in their place; the stored ones stay where they are as
+    its home (``release`` gives them back: nothing is copied back, int8 codes never change). For a host that keeps a
+    layer on an accelerator while its stored tensors stay in (pinned) host memory. Returns the bytes held on
+    ``device``."""
+    device = torch.device(device)
+    home = module.__dict__.setdefault("qvd_home", {})
+    for name, p in module._parameters.items():
+        if p is not None and p.device != device:
+            home.setdefault(name, p)
+            module._parameters[name] = nn.Parameter(p.detach().to(device, non_blocking=True), requires_grad=False)
+    _moved(module, device)
+    return resident_bytes(module)
+
+
+def release(module: nn.Module) -> int:
+    """Give ``module`` back its stored parameters (undo ``make_resident``); returns the bytes freed on the device."""
+    home = module.__dict__.pop("qvd_home", {})
+    freed = resident_bytes(module, home)
+    for name, p in home.items():
+        module._parameters[name] = p
+    if home:
+        _moved(module, next(iter(home.values())).device)
+    return freed
+
+
+def resident_bytes(module: nn.Module, home: dict | None = None) -> int:
+    """Bytes of the device copies ``make_resident`` put in ``module`` (0 when it holds its stored tensors)."""
+    home = module.__dict__.get("qvd_home", {}) if home is None else home
+    return sum(p.numel() * p.element_size() for n, p in module._parameters.items() if n in home and p is not None)
+
+
+def _moved(module: nn.Module, device: torch.device) -> None:
+    if isinstance(module, _HostHooks):
+        module.moved(lambda t: t.to(device))
 
 
 def kept_float_bytes(modules) -> int:

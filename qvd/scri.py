@@ -15,7 +15,6 @@ which makes the compensation exact at the borders too.
 """
 from __future__ import annotations
 
-import copy
 import weakref
 from dataclasses import dataclass
 
@@ -107,15 +106,24 @@ class ScriTransform:
         return folded_norm(norm, norm.weight.float() / s, (norm.bias.float() - z) / s, self)
 
 
+_NORM_SETTINGS = {nn.LayerNorm: ("normalized_shape", "eps", "elementwise_affine"),
+                  nn.GroupNorm: ("num_groups", "num_channels", "eps", "affine")}
+
+
 def folded_norm(norm: nn.Module, weight: torch.Tensor, bias: torch.Tensor, scri: ScriTransform) -> nn.Module:
-    """A copy of ``norm`` with the folded affine ``weight`` / ``bias`` (its output is ``scri.apply`` of the original's),
-    marked ``qvd_scri_norm`` (a host must not patch its affine as the original's). It keeps ``qvd_scri`` and a weak
-    reference to its last output (``folded_output_transform``), so a host hook handed that output can read it in the
-    original's domain."""
-    new = copy.deepcopy(norm)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        new.bias.copy_(bias)
+    """A new module of ``norm``'s class and settings with the folded affine ``weight`` / ``bias`` (in ``norm``'s dtype
+    and device; its output is ``scri.apply`` of the original's), marked ``qvd_scri_norm`` (a host must not patch its
+    affine as the original's). Nothing else of ``norm``'s instance is carried over (no hooks, no state a host's loader
+    attached to it). It keeps ``qvd_scri`` and a weak reference to its last output (``folded_output_transform``), so a
+    host hook handed that output can read it in the original's domain."""
+    base = nn.GroupNorm if isinstance(norm, nn.GroupNorm) else nn.LayerNorm
+    new = type(norm).__new__(type(norm))
+    nn.Module.__init__(new)
+    for name in _NORM_SETTINGS[base]:
+        setattr(new, name, getattr(norm, name))
+    new.train(norm.training)
+    new.weight = nn.Parameter(weight.detach().to(norm.weight).clone(), requires_grad=False)
+    new.bias = nn.Parameter(bias.detach().to(norm.bias).clone(), requires_grad=False)
     new.qvd_scri_norm = True
     new.qvd_scri = scri
     new.qvd_last_output = None

@@ -10,6 +10,7 @@ a quantized ControlNet's own copy), or the host glue sets it (ComfyUI: a DIFFUSI
 from __future__ import annotations
 
 import bisect
+import functools
 import inspect
 
 import torch
@@ -19,16 +20,25 @@ from .errors import QVDError
 
 
 def timestep_argument(model: nn.Module, args, kwargs):
-    """The ``timestep`` / ``timesteps`` argument of a call of ``model`` (diffusers / ComfyUI models), or None."""
+    """The ``timestep`` / ``timesteps`` argument of a call of ``model``'s forward (diffusers / ComfyUI models, a ComfyUI
+    ControlNet; a host wrapper around the forward passes the same arguments), or None: the one place a model call's
+    timestep is read."""
+    found = _timestep_position(type(model))
+    if found is None:
+        return None
+    name, pos = found
+    return kwargs.get(name, args[pos] if len(args) > pos else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _timestep_position(cls: type) -> tuple[str, int] | None:
+    """(name, position among the call's arguments) of ``cls.forward``'s timestep parameter, or None."""
     try:
-        params = list(inspect.signature(model.forward).parameters)
+        params = list(inspect.signature(cls.forward).parameters)[1:]  # without self
     except (TypeError, ValueError):
         return None
-    arg = next((p for p in ("timestep", "timesteps") if p in params), None)
-    if arg is None:
-        return None
-    pos = params.index(arg)
-    return kwargs.get(arg, args[pos] if len(args) > pos else None)
+    name = next((p for p in ("timestep", "timesteps") if p in params), None)
+    return None if name is None else (name, params.index(name))
 
 
 def as_timestep(t) -> float:

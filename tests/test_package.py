@@ -165,7 +165,8 @@ def test_a_controlnets_quantized_copy_leaves_the_original_module_tree_alone(pack
     net.add_module("again", shared)  # one module under two names stays one module in the copy
     copy = patching._structure_copy(net)
     assert copy is not net and copy[1] is not net[1] and copy.again is copy[1]
-    assert copy[0].weight is net[0].weight  # no tensor copied
+    assert copy[0].weight.data_ptr() == net[0].weight.data_ptr()  # no tensor copied (own parameter objects: a host
+    assert copy[0].weight is not net[0].weight  # moving the copy, param.data = ..., leaves the original where it is)
     copy[1][0] = nn.Identity()
     copy[0].register_forward_hook(lambda *_: None)
     copy[0].extra = nn.Parameter(torch.zeros(1))

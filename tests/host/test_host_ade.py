@@ -1,4 +1,5 @@
-"""Workflow (a): AnimateDiff-Evolved txt2vid with QVD Calibrate -> Quantize -> KSampler, in ComfyUI.
+"""Workflow (a): AnimateDiff-Evolved txt2vid with QVD Calibrate -> Quantize -> KSampler, in ComfyUI with its default
+cache (node outputs and loaded models kept across prompts, as artists run it).
 
 Needs ComfyUI-AnimateDiff-Evolved: $ADE_PATH, ComfyUI's custom_nodes, or .cache/ComfyUI-AnimateDiff-Evolved.
 """
@@ -29,7 +30,7 @@ def ade_server(tmp_path_factory, sd15_checkpoint):
     base = make_base_dir(tmp_path_factory.mktemp("comfy_ade"), sd15_checkpoint, motion, ade)
     (base / "models" / "loras").mkdir(parents=True)
     write_lora(sd15_checkpoint, base / "models" / "loras" / LCM_LORA)
-    server = ComfyServer(base, ("--cache-none",))
+    server = ComfyServer(base)  # ComfyUI's default cache: a quantized MODEL stays loaded (and injected) across prompts
     try:
         yield server
     finally:
@@ -178,3 +179,23 @@ def test_animatelcm_lcm_sampler_and_lcm_lora(ade_server):
     assert all(torch.isfinite(t).all() for t in out.values())
     assert all(0 < e < 0.2 for e in errors.values()), errors
     assert size > 0.05 and cos > 0.8, (size, cos)
+
+
+def test_two_files_on_one_ade_model_in_one_graph_while_a_quantized_clone_stays_loaded(ade_server):
+    """Under the default cache the quantized MODEL that sampled last stays loaded with ADE's motion modules injected
+    into the shared UNet: QVD Load Quantized reads the ADE MODEL through that, and two files (quantized apart) loaded
+    onto the same ADE MODEL in one graph each sample what they sampled alone."""
+    skip = TINY["skip"] + ", down_blocks.[1-3].*, up_blocks.[0-2].*"
+    alone = {}
+    for tag, extra in (("two_a", ""), ("two_b", ", middle_block.*, mid_block.*")):
+        wf = tiny(load_api("qvd_ade_txt2vid_calibrate_quantize"), model_name=MOTION_NAME, skip=skip + extra)
+        wf["12"]["inputs"]["filename"] = tag
+        alone[tag] = read_latent(ade_server, ade_server.run(with_latent_output(wf, "20", tag)), f"save_{tag}")
+    both = tiny(load_api("qvd_ade_txt2vid_load_quantized"), model_name=MOTION_NAME, qvd_name="two_a.safetensors")
+    both["13b"] = {"class_type": "QVDLoadQuantized", "inputs": {"model": ["7", 0], "qvd_name": "two_b.safetensors"}}
+    both["20b"] = copy.deepcopy(both["20"])
+    both["20b"]["inputs"]["model"] = ["13b", 0]
+    both = with_latent_output(with_latent_output(both, "20", "both_a"), "20b", "both_b")
+    entry = ade_server.run(both)
+    got = {tag: read_latent(ade_server, entry, f"save_both_{tag[-1]}") for tag in alone}
+    assert all(torch.equal(got[t], alone[t]) for t in alone), {t: float((got[t] - alone[t]).norm()) for t in alone}
