@@ -29,7 +29,8 @@ tinyvdm: venv
 	$(VPY) tools/train_tiny_vdm.py --max-minutes $(MINUTES)
 
 # On a CUDA machine: kernel correctness vs reference.py, per-layer and whole-UNet-step times, compile + tune
-# seconds, peak VRAM -> docs/gpu-check.md + docs/gpu-check.json (bench/gpu_check.py).
+# seconds, peak VRAM, residency as ComfyUI loads / frees layers, and (COMFYUI_PATH=a ComfyUI >= 0.33 with
+# comfy-aimdo) the dynamic-VRAM graphs of tests/host/test_host_dynamic.py -> docs/gpu-check.md + .json.
 gpu-check: venv
 	$(VPY) -m bench.gpu_check --out docs
 

@@ -14,11 +14,17 @@
    512x512, 16 frames, CFG (batch 2), W8A8 from ``quantize_model`` on a real calibration, against fp16 and
    bf16 (torchao int8 dynamic when installed); the first W8A8 step's compile + tune seconds; peak VRAM.
 
-Writes ``<out>/gpu-check.md`` and ``<out>/gpu-check.json``; exits 1 when a correctness check fails.
-``--smoke`` runs the same code on the CPU, the Triton kernels under the interpreter, at tiny shapes (CI's
-end-to-end test of this script; its times are not speeds).
+4. Residency: the device memory a quantized layer holds streamed, as a device copy (QVD under ComfyUI's dynamic
+   VRAM) and after ComfyUI's classic load / unload, freed to 0; the three give bit-identical outputs; with two GPUs
+   the same layer on the second one.
+5. ComfyUI's dynamic-VRAM loader on this GPU, with ``--comfyui PATH`` (or ``COMFYUI_PATH``; a ComfyUI >= 0.33 with
+   comfy-aimdo): ``tests/host/dynamic_probe.py --device cuda``, the graphs of ``tests/host/test_host_dynamic.py``.
 
-    python -m bench.gpu_check [--out docs] [--smoke]
+Writes ``<out>/gpu-check.md`` and ``<out>/gpu-check.json``; exits 1 when a correctness or residency check fails.
+``--smoke`` runs the same code on the CPU, the Triton kernels under the interpreter, at tiny shapes (CI's
+end-to-end test of this script; its times are not speeds; no ComfyUI section).
+
+    python -m bench.gpu_check [--out docs] [--smoke] [--comfyui PATH]
 """
 from __future__ import annotations
 
@@ -40,6 +46,8 @@ import torch.nn.functional as F  # noqa: E402
 import qvd.kernels as K  # noqa: E402
 from bench._common import machine, median_ms, table  # noqa: E402
 from qvd.kernels import reference as ref  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative L2 error of the output vs the reference
 
@@ -234,6 +242,84 @@ def unet_step(device, smoke: bool, samples: int) -> dict:
     return out
 
 
+def residency(device, smoke: bool) -> dict:
+    """Where quantized layers' memory goes as ComfyUI loads and frees them (``qvd.modules`` device rules): per layer
+    kind, the device memory a streamed call, a device copy (``make_resident``, what QVD keeps under ComfyUI 0.33's
+    dynamic VRAM) and ComfyUI's classic ``.to(device)`` / ``.to(offload)`` hold before and after they are freed, and
+    whether the three routes give bit-identical outputs. With two GPUs, a layer on the second one against the first."""
+    from qvd import QConv2d, QLinear, set_compute
+    from qvd.modules import make_resident, release
+
+    g = torch.Generator().manual_seed(4)
+    c, n, s = (24, 32, 6) if smoke else (640, 1280, 32)
+    kw = lambda: dict(weight_scale=torch.rand(n, generator=g) * 1e-3 + 1e-4, bias=torch.randn(n, generator=g),  # noqa
+                      act_scale=0.03, zero_point=3, w_bits=8, a_bits=8, scri_shift=torch.randn(c, generator=g) * 0.3,
+                      scri_inv_scale=torch.rand(c, generator=g) + 0.5)
+    layers = {"linear": (QLinear(c, n, weight_q=torch.randint(-127, 128, (n, c), generator=g, dtype=torch.int8), **kw()),
+                         torch.randn(2 * s * s, c, generator=g)),
+              "conv3x3": (QConv2d(c, n, (3, 3), 1, 1, weight_q=torch.randint(-127, 128, (n, c, 3, 3), generator=g,
+                                                                              dtype=torch.int8), **kw()),
+                          torch.randn(2, c, s, s, generator=g))}
+    cuda = device.type == "cuda"
+    mem = (lambda: torch.cuda.memory_allocated(device)) if cuda else (lambda: 0)
+    rows = []
+    for name, (layer, x) in layers.items():
+        set_compute(layer, "int8")
+        if cuda:
+            layer.weight.data = layer.weight.data.pin_memory()
+        xd = x.to(device).half() if cuda else x
+        stored = sum(p.numel() * p.element_size() for p in layer.parameters())
+        with torch.no_grad():
+            m0 = mem()
+            streamed = layer(xd).float().cpu()
+            make_resident(layer, device)
+            m1 = mem()
+            resident = layer(xd).float().cpu()
+            release(layer)
+            m2 = mem()
+            layer.to(device)
+            classic = layer(xd).float().cpu()
+            layer.to("cpu")
+            m3 = mem()
+        rows.append(dict(layer=name, stored_mib=stored / 2**20, resident_mib=(m1 - m0) / 2**20,
+                         after_release_mib=(m2 - m0) / 2**20, after_classic_unload_mib=(m3 - m0) / 2**20,
+                         identical=bool(torch.equal(streamed, resident) and torch.equal(streamed, classic))))
+    out = {"rows": rows}
+    if cuda and torch.cuda.device_count() > 1:
+        layer, x = layers["linear"]
+        with torch.no_grad():
+            ys = [layer.to(f"cuda:{i}")(x.to(f"cuda:{i}").half()).float().cpu() for i in (0, 1)]
+        layer.to("cpu")
+        out["second_gpu_identical"] = bool(torch.equal(*ys))
+    return out
+
+
+def comfyui_scenarios(comfyui: Path | None) -> dict:
+    """The pack's graphs under ComfyUI's own dynamic-VRAM loader on this GPU (``tests/host/dynamic_probe.py --device
+    cuda``: Calibrate -> Quantize -> KSampler, FP and quantized in turn, two quantized MODELs, a quantized ControlNet,
+    ComfyUI's partial unload and eviction, a model larger than the memory given), in the ComfyUI at ``comfyui`` (with
+    comfy-aimdo installed), on the synthetic SD1.5 checkpoint built there by that ComfyUI's code."""
+    import subprocess
+
+    if comfyui is None or not (comfyui / "main.py").is_file():
+        return {"skipped": "no ComfyUI given (--comfyui PATH or COMFYUI_PATH, a ComfyUI >= 0.33 with comfy-aimdo)"}
+    host = ROOT / "tests" / "host"
+    env = dict(os.environ, PYTHONPATH=f"{comfyui}{os.pathsep}{host}", PYTHONDONTWRITEBYTECODE="1")
+    checkpoint = ROOT / ".cache" / "gpu-check" / "qvd_synth_sd15.safetensors"
+    if not checkpoint.is_file():
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, str(host / "synthetic_models.py"), "sd15", str(checkpoint)], cwd=comfyui,
+                       env=env, check=True, timeout=1800)
+    run = subprocess.run([sys.executable, str(host / "dynamic_probe.py"), str(checkpoint), str(ROOT), "--device",
+                          "cuda"], cwd=comfyui, env=env, capture_output=True, text=True, timeout=3600)
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("QVD_PROBE")]
+    if not lines:
+        return {"failed": (run.stdout[-2000:] + run.stderr[-4000:]).strip()}
+    facts = json.loads(lines[-1].split(" ", 1)[1])
+    facts["completed"] = run.returncode == 0 and lines[-1].startswith("QVD_PROBE ")
+    return facts
+
+
 def _ms(v) -> str:
     return "" if v is None else f"{v:.3f}"
 
@@ -271,6 +357,31 @@ def report(res: dict) -> str:
                      for k, x in v.items()]),
               f"\nCalibrate + quantize: {u['calibrate_quantize_s']:.1f} s; first W8A8 step's Triton compile + tune: "
               f"{u['compile_tune_s']:.1f} s (kept in Triton's cache dir for later processes)."]
+    r = res["residency"]
+    lines += ["\n## Residency (MiB of device memory over the layer's; `torch.cuda.memory_allocated`)\n",
+              "streamed: stored tensors on the CPU (pinned), copied per call; resident: `make_resident` (QVD under "
+              "ComfyUI's dynamic VRAM); classic: ComfyUI's `.to(device)` then `.to(offload)`.\n",
+              table(["layer", "stored", "resident copy", "after release", "after classic unload",
+                     "streamed = resident = classic"],
+                    [[x["layer"], f"{x['stored_mib']:.2f}", f"{x['resident_mib']:.2f}", f"{x['after_release_mib']:.2f}",
+                      f"{x['after_classic_unload_mib']:.2f}", "yes" if x["identical"] else "**NO**"]
+                     for x in r["rows"]])]
+    c = res.get("comfyui", {})
+    lines.append("\n## ComfyUI's dynamic-VRAM loader on this GPU (`tests/host/dynamic_probe.py --device cuda`)\n")
+    if "checks" in c:
+        lines.append(table(["step", "FP changed", "ControlNet changed", "QVD changed", "outputs differ"],
+                           [[x["step"], len(x["fp_changed"]), len(x["controlnet_changed"]), len(x["qvd_changed"]),
+                             ", ".join(x["outputs_differ"]) or "none"] for x in c["checks"]]))
+        st = c.get("streaming", {})
+        lines.append(f"\nA model larger than the memory given ({st.get('budget', 0) / 2**20:.0f} MiB for "
+                     f"{st.get('quantized_bytes', 0) / 2**20:.0f} MiB of quantized layers): {st.get('resident_layers')} of "
+                     f"{st.get('layers')} layers kept on the GPU, {st.get('allocated_loaded', 0) / 2**20:.0f} MiB "
+                     f"allocated; after detach {st.get('allocated_after_detach', 0) / 2**20:.1f} MiB. "
+                     f"{'Completed.' if c.get('completed') else '**Did not complete.**'}")
+    else:
+        lines.append(c.get("skipped") or f"**Failed:**\n```\n{c.get('failed')}\n```")
+    if "second_gpu_identical" in r:
+        lines.append(f"\nThe same layer on cuda:1 and cuda:0: {'identical' if r['second_gpu_identical'] else '**differs**'}.")
     return "\n".join(lines) + "\n"
 
 
@@ -279,6 +390,8 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("docs"))
     p.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes")
     p.add_argument("--samples", type=int, default=5)
+    p.add_argument("--comfyui", type=Path, default=os.environ.get("COMFYUI_PATH") or None,
+                   help="a ComfyUI >= 0.33 (with comfy-aimdo) to run the dynamic-VRAM scenarios in")
     a = p.parse_args(argv)
     if a.smoke != SMOKE:
         raise SystemExit("--smoke must be given on the command line (it sets TRITON_INTERPRET before import)")
@@ -300,12 +413,24 @@ def main(argv=None):
     res["hiditq"] = time_hiditq(device, a.smoke, 1 if a.smoke else a.samples)
     print("whole UNet step ...", flush=True)
     res["unet"] = unet_step(device, a.smoke, 1 if a.smoke else a.samples)
+    print("residency ...", flush=True)
+    res["residency"] = residency(device, a.smoke)
+    if not a.smoke:
+        print("ComfyUI dynamic-VRAM scenarios ...", flush=True)
+        res["comfyui"] = comfyui_scenarios(a.comfyui)
     res["seconds"] = time.time() - t0
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "gpu-check.json").write_text(json.dumps(res, indent=1, default=str))
     (a.out / "gpu-check.md").write_text(report(res))
     print(report(res))
     failed = [r["case"] for r in res["correctness"] if not r["ok"]]
+    failed += [f"residency {r['layer']}" for r in res["residency"]["rows"]
+               if not r["identical"] or r["after_release_mib"] > 0.01 or r["after_classic_unload_mib"] > 0.01]
+    failed += ["second GPU"] if res["residency"].get("second_gpu_identical") is False else []
+    c = res.get("comfyui", {})
+    failed += ["ComfyUI scenarios"] if "failed" in c or (
+        "checks" in c and (not c["completed"] or any(x["fp_changed"] or x["controlnet_changed"] or x["qvd_changed"]
+                                                      or x["outputs_differ"] for x in c["checks"]))) else []
     if failed:
         print(f"FAILED: {failed}")
         raise SystemExit(1)

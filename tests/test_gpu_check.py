@@ -26,6 +26,8 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     assert res["hiditq"]["per_call"] > 0 and res["hiditq"]["kept"] > 0
     unet = res["unet"]
     assert unet["w8a8_layers"] > 0 and {"fp16", "bf16", "W8A8 (QVD, rest fp16)"} <= set(unet["variants"])
+    assert [r["layer"] for r in res["residency"]["rows"]] == ["linear", "conv3x3"]
+    assert all(r["identical"] and r["stored_mib"] > 0 for r in res["residency"]["rows"])
     md = (tmp_path / "gpu-check.md").read_text()
-    assert "smoke run" in md and "Whole UNet step" in md and "**NO**" not in md
+    assert "smoke run" in md and "Whole UNet step" in md and "Residency" in md and "**NO**" not in md
     assert "quantize pass (share of pair)" in md and "| fused |" in md and "HiDi-TQ" in md
