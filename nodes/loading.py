@@ -15,20 +15,27 @@ copies. Under that loader a ``QVDPatcher`` therefore:
   moves, casts, backs up or patches them;
 - restores the shared backups before its own object patches go in (``partially_load``), while the modules they were
   taken from still hold their paths;
-- keeps QVD's modules on the device while they fit (``place``: the free memory less ComfyUI's inference reserve and
-  the model's own float weights), streams the others from pinned memory at each call, counts what it keeps in
-  ``loaded_size``, and frees it first when ComfyUI frees memory (``partially_unload``) and when it detaches the
-  patcher (ON_DETACH). The stored tensors never move: a device copy is dropped, never copied back.
+- keeps QVD's layers on the device while they fit (``place``: within the weight memory ComfyUI planned for the load,
+  less its inference reserve and the model's float weights), streams the others from RAM at each call, counts what
+  it keeps in ``loaded_size``, frees it first when ComfyUI asks this patcher for memory (``partially_unload``), drops
+  it when ComfyUI detaches the patcher (ON_DETACH: before every load of a clone of its network, the FP MODEL's
+  included; a reload of the same MODEL copies its layers over again) and when another sampling run places its own
+  (``sampling_run``: copies ComfyUI cannot reclaim on demand, unlike its own). The stored tensors never move: a
+  device copy is dropped, never copied back.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
+import weakref
 
 import torch
 
 from ..qvd.modules import make_resident, release, resident_bytes
 
 DETACH_KEY = "qvd"
+TREE = "qvd_owns_tree"  # attachment: the patcher's model is QVD's own copy (a quantized ControlNet)
 _CLASSES: dict[type, type] = {}
 
 
@@ -59,10 +66,12 @@ def is_qvd(module) -> bool:
 
 
 def qvd_modules(patcher) -> list[torch.nn.Module]:
-    """QVD's modules ``patcher`` runs: its object patches (MODEL, motion models) and those in its own model (a
-    quantized ControlNet's copy)."""
+    """QVD's modules of ``patcher`` itself: its object patches (MODEL, motion models), or the modules of its own model
+    (a quantized ControlNet's copy, marked by the ``TREE`` attachment). Never those another patcher put in a shared
+    tree."""
     found = {id(m): m for m in patcher.object_patches.values() if is_qvd(m)}
-    found.update((id(m), m) for m in patcher.model.modules() if is_qvd(m))
+    if patcher.get_attachment(TREE):
+        found.update((id(m), m) for m in patcher.model.modules() if is_qvd(m))
     return list(found.values())
 
 
@@ -80,6 +89,7 @@ class QVDPatcher:
         if dynamic(self):
             with self.use_ejected():  # the tree state ComfyUI's own load() restores in
                 self.restore_loaded_backups()
+            self.qvd_extra_memory = extra_memory  # the weight memory ComfyUI planned for this load (``place``)
         return super().partially_load(device_to, extra_memory, force_patch_weights=force_patch_weights)
 
     def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
@@ -92,17 +102,20 @@ class QVDPatcher:
         return freed
 
     def loaded_size(self):
-        held = sum(resident_bytes(m) for m in qvd_modules(self)) if dynamic(self) else 0
+        held = sum(_held_on(m, self.load_device) for m in qvd_modules(self)) if dynamic(self) else 0
         return super().loaded_size() + held
 
 
-def make_qvd_patcher(patcher):
-    """Make ``patcher`` (and every clone ComfyUI makes of it: ``clone`` builds ``self.__class__``) a ``QVDPatcher``."""
+def make_qvd_patcher(patcher, owns_tree: bool = False):
+    """Make ``patcher`` (and every clone ComfyUI makes of it: ``clone`` builds ``self.__class__``) a ``QVDPatcher``;
+    ``owns_tree``: its model is QVD's own copy (a quantized ControlNet), whose QVD modules are all its own."""
     cls = type(patcher)
     if not issubclass(cls, QVDPatcher):
         if cls not in _CLASSES:
             _CLASSES[cls] = type(f"QVD{cls.__name__}", (QVDPatcher, cls), {"__module__": __name__})
         patcher.__class__ = _CLASSES[cls]
+    if owns_tree:
+        patcher.set_attachments(TREE, True)
     patcher.remove_callbacks_with_key(_detach_callback_type(), DETACH_KEY)
     patcher.add_callback_with_key(_detach_callback_type(), DETACH_KEY, on_detach)
     return patcher
@@ -113,11 +126,37 @@ def _detach_callback_type():
     return CallbacksMP.ON_DETACH
 
 
+_RUN = {"token": None, "depth": 0}  # the sampling run in progress (``sampling_run``)
+_PLACED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> QVD module holding a device copy
+
+
+@contextlib.contextmanager
+def sampling_run():
+    """One sampling run of a quantized MODEL (its OUTER_SAMPLE wrapper): the QVD modules ``place`` puts on a device
+    inside it (the MODEL's, its motion models', its quantized ControlNets') stay there together; a later run's
+    ``place`` drops those of models it does not use (e.g. the other expert of a Wan 2.2 pair, still loaded)."""
+    if _RUN["depth"] == 0:
+        _RUN["token"] = object()
+    _RUN["depth"] += 1
+    try:
+        yield
+    finally:
+        _RUN["depth"] -= 1
+        if _RUN["depth"] == 0:
+            _RUN["token"] = None
+
+
 def place(patcher, device) -> None:
-    """Under the dynamic loader, called when ComfyUI loads ``patcher`` to ``device``: QVD's layers, smallest first, get
-    a device copy while it fits ``budget`` (folded norms, a few KB, always); the others stream from their stored
-    tensors, pinned."""
+    """Under the dynamic loader, called when ComfyUI loads ``patcher`` to ``device``: QVD's device copies that no model
+    of this sampling run holds are dropped first; then ``patcher``'s quantized layers, smallest first, get a device
+    copy while they fit its ``budget`` (folded norms, a few KB, always); the others stream from their stored tensors
+    in RAM at each call."""
+    run = _RUN["token"] or object()
     modules = sorted(qvd_modules(patcher), key=_stored_bytes)
+    own = {id(m) for m in modules}
+    for m in list(_PLACED.values()):
+        if id(m) not in own and m.__dict__.get("qvd_run") is not run and _held_on(m, device):
+            release(m)
     left = budget(patcher, device, modules)
     kept = streamed = 0
     for m in modules:
@@ -126,32 +165,38 @@ def place(patcher, device) -> None:
         else:  # a folded norm, a ComfyUI op: it casts its weights to the input's dtype, as the loader has every op do
             m.comfy_cast_weights = True
         size = _stored_bytes(m)
-        if size <= left or torch.device(device).type == "cpu" or not getattr(m, "qvd_quantized", False):
-            left -= size - resident_bytes(m)
+        if size <= left or not getattr(m, "qvd_quantized", False):
+            left -= size
             kept += make_resident(m, device)
+            m.qvd_run = run
+            _PLACED[id(m)] = m
         else:
             release(m)
             streamed += size
-            _pin(m)
     if streamed:
-        logging.info("QVD: %.0f MiB of quantized weights kept on %s, %.0f MiB streamed from pinned memory at each "
-                     "call (they do not fit beside what ComfyUI needs)", kept / 2**20, device, streamed / 2**20)
+        logging.info("QVD: %.0f MiB of quantized weights kept on %s, %.0f MiB streamed from RAM at each call (they do "
+                     "not fit beside what ComfyUI needs)", kept / 2**20, device, streamed / 2**20)
 
 
 def budget(patcher, device, modules) -> int:
-    """Bytes QVD's ``modules`` may keep on ``device``: ComfyUI's free memory (0.33: its own, reclaimable cast buffers
-    included) plus what they hold there already, less its minimum inference reserve and the model's float weights
-    that its loader keeps or streams beside them."""
+    """Bytes ``patcher``'s QVD ``modules`` may keep on ``device``: ComfyUI's free memory (0.33: its own reclaimable cast
+    buffers included) plus what they hold there already, less its minimum inference reserve and the model's float
+    weights (which its loader streams beside them), and within the weight memory ComfyUI planned for this load (the
+    sampling's own memory already set aside)."""
     import comfy.model_management as mm
 
     free_memory = getattr(patcher, "get_free_memory", mm.get_free_memory)(device)
-    held = sum(resident_bytes(m) for m in modules)
+    held = sum(_held_on(m, device) for m in modules)
     floats = max(0, patcher.model_size() - sum(_stored_bytes(m) for m in modules))
-    return int(free_memory + held - mm.minimum_inference_memory() - floats)
+    room = free_memory + held - mm.minimum_inference_memory()
+    planned = getattr(patcher, "qvd_extra_memory", 0)
+    if 0 < planned < 1e30:  # 0 or 1e32: ComfyUI set no limit
+        room = min(room, planned + held)
+    return int(room - floats)
 
 
 def free(patcher, memory_to_free: float) -> int:
-    """Drop QVD's device copies of ``patcher``'s modules, largest first, until ``memory_to_free`` bytes are freed;
+    """Drop the device copies of ``patcher``'s QVD modules, largest first, until ``memory_to_free`` bytes are freed;
     returns the bytes freed."""
     freed = 0
     for m in sorted(qvd_modules(patcher), key=resident_bytes, reverse=True):
@@ -162,35 +207,28 @@ def free(patcher, memory_to_free: float) -> int:
 
 
 def on_detach(patcher, unpatch_all=True) -> None:
-    """ComfyUI detached ``patcher`` (evicted it, or loads another clone of its model): under the dynamic loader, QVD's
-    device copies and pins go, since the next clone's load swaps the modules out of the tree without unloading them."""
-    if dynamic(patcher):
-        free(patcher, float("inf"))
-        for m in qvd_modules(patcher):
-            _unpin(m)
+    """ComfyUI detached ``patcher``: it evicts it, it loads a clone of its network (another MODEL of the checkpoint, or
+    this one again: ``load_models_gpu`` detaches every loaded clone first), or the patcher is garbage collected. Under
+    the dynamic loader the device copies of its QVD modules go, but for those a patcher still loaded shares (a clone
+    with a LoRA): the next load swaps its modules out of the tree without unloading them, and copies ComfyUI does not
+    see would squeeze the next model (a reload of the same MODEL places them again)."""
+    if not dynamic(patcher):
+        return
+    mm = sys.modules.get("comfy.model_management")  # not imported here: this also runs from ``__del__`` at exit
+    loaded = [lm.model for lm in mm.current_loaded_models] if mm is not None else []
+    in_use = {id(m) for p in loaded if p is not None and p is not patcher and isinstance(p, QVDPatcher)
+              for m in qvd_modules(p)}
+    for m in qvd_modules(patcher):
+        if id(m) not in in_use:
+            release(m)
+
+
+def _held_on(module, device) -> int:
+    """Bytes of ``module``'s device copies on ``device``."""
+    return resident_bytes(module) if any(p.device == torch.device(device) for p in module.parameters()) else 0
 
 
 def _stored_bytes(module) -> int:
     home = module.__dict__.get("qvd_home", {})
     return sum(home.get(n, p).numel() * home.get(n, p).element_size() for n, p in module._parameters.items()
                if p is not None)
-
-
-def _pin(module) -> None:
-    """Pin a streamed module's stored codes (through a contiguous view: a conv's codes are channels-last)."""
-    import comfy.model_management as mm
-
-    w = module._parameters.get("weight")
-    if w is None or w.device.type != "cpu" or "qvd_pinned" in module.__dict__:
-        return
-    view = w.detach().permute(0, 2, 3, 1) if w.dim() == 4 and not w.is_contiguous() else w.detach()
-    if view.is_contiguous() and mm.pin_memory(view):
-        module.qvd_pinned = view
-
-
-def _unpin(module) -> None:
-    import comfy.model_management as mm
-
-    view = module.__dict__.pop("qvd_pinned", None)
-    if view is not None:
-        mm.unpin_memory(view)

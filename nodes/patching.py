@@ -173,7 +173,7 @@ def calibrate(model, config: QVDConfig, seeds, sample_fn, controlnets: dict[str,
             hooked.callback(control_model(c).register_forward_pre_hook(control_timestep, with_kwargs=True).remove)
 
         def record_timestep(executor, *args, **kwargs):
-            t = timestep_argument(executor.class_obj, args, kwargs)
+            t = timestep_argument(executor.class_obj, args, kwargs, position=1)
             if t is not None:
                 calibrator.set_timestep(t)
             return executor(*args, **kwargs)
@@ -321,7 +321,7 @@ def _sampling(result: QuantizeResult):
             if norms:
                 _unfold_for_patches(guider.model_options, norms)  # this run's copy of the MODEL's options
         before = len(kernels.decisions())
-        with _clipping_counted(result):
+        with loading.sampling_run(), _clipping_counted(result):
             out = executor(*args, **kwargs)
         made = list(kernels.decisions().values())[before:]
         if made:
@@ -396,21 +396,24 @@ class _Unfolded:
                      for t, f, g in zip(args, folded, given))
 
 
-def _structure_copy(module: nn.Module, memo: dict | None = None) -> nn.Module:
-    """A new module tree over the same tensors (none is copied) with its own modules, parameter objects (a host moving
-    the copy's parameters, ``param.data = ...``, leaves the original's where they are), hook dicts and none of the
-    state ComfyUI's loaders attached to the original's modules (``loading.fresh``): layers can be replaced in it and
-    it can be loaded and freed without touching ``module``."""
+def _structure_copy(module: nn.Module, offload_device, memo: dict | None = None) -> nn.Module:
+    """A new module tree over the same tensors on ``offload_device`` (none is copied there; one a loaded original holds
+    on its load device is copied to it) with its own modules, parameter objects (a host moving the copy's parameters,
+    ``param.data = ...``, leaves the original's where they are), hook dicts and none of the state ComfyUI's loaders
+    attached to the original's modules (``loading.fresh``): layers can be replaced in it and it can be loaded and freed
+    without touching ``module``."""
     memo = {} if memo is None else memo
     if id(module) not in memo:
         new = copy.copy(module)
         new.__dict__ = {k: copy.copy(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()}
-        new._parameters = {k: None if p is None else nn.Parameter(p.data, requires_grad=p.requires_grad)
+        new._parameters = {k: None if p is None else nn.Parameter(p.data.to(offload_device),
+                                                                  requires_grad=p.requires_grad)
                            for k, p in module._parameters.items()}
+        new._buffers = {k: None if b is None else b.to(offload_device) for k, b in module._buffers.items()}
         loading.fresh(new)
         memo[id(module)] = new
         for name, child in module._modules.items():
-            new._modules[name] = None if child is None else _structure_copy(child, memo)
+            new._modules[name] = None if child is None else _structure_copy(child, offload_device, memo)
     return memo[id(module)]
 
 
@@ -430,7 +433,8 @@ def quantize_controlnet(control_net, build, compute: str = "auto") -> tuple:
     result = build(nn.ModuleDict({CONTROLNET: base}))
     _ready(result.modules, wrapped.offload_device, compute,
            control_net.manual_cast_dtype or getattr(base, "dtype", None) or torch.float32)
-    model = _structure_copy(base)
+    with _viewed(wrapped):  # the ControlNet's stored tensors, where a dynamic-VRAM load replaced small ones
+        model = _structure_copy(base, wrapped.offload_device)
     install_modules(model, {name.partition(".")[2]: m for name, m in result.modules.items()})
     follow_timesteps(model, result.clock)  # the copy's own hooks: the ControlNet's call gives its timesteps
     model.qvd_result = result  # QVD Save Quantized ControlNet reads it (copies of the ControlNet share the model)
@@ -439,7 +443,7 @@ def quantize_controlnet(control_net, build, compute: str = "auto") -> tuple:
     size = comfy.model_management.module_size(model) + kept_float_bytes(result.modules.values())
     out.control_model_wrapped = loading.make_qvd_patcher(type(wrapped)(model, load_device=wrapped.load_device,
                                                                        offload_device=wrapped.offload_device,
-                                                                       size=size))
+                                                                       size=size), owns_tree=True)
     weight_patches.attach(out.control_model_wrapped, size)
     return out, result
 
@@ -499,7 +503,7 @@ def _follow_timestep(clock):
     """A DIFFUSION_MODEL wrapper setting ``clock`` (the quantized layers' timestep bucket) from each call's timesteps
     (the UNet's and the motion modules' layers run inside that call)."""
     def wrapper(executor, *args, **kwargs):
-        t = timestep_argument(executor.class_obj, args, kwargs)
+        t = timestep_argument(executor.class_obj, args, kwargs, position=1)
         if t is not None:
             clock.set(t)
         return executor(*args, **kwargs)

@@ -86,17 +86,21 @@ class _HostHooks(nn.Module):
         pass
 
     def _apply(self, fn, recurse=True):
+        where = lambda: [(t.device, t.dtype, t.data_ptr()) for t in (*self._parameters.values(),  # noqa: E731
+                                                                      *self._buffers.values()) if t is not None]
+        before = where()
         out = super()._apply(fn, recurse)
-        self.moved(fn)
+        self.moved(fn, changed=where() != before)
         return out
 
-    def moved(self, fn=None) -> None:
+    def moved(self, fn, changed: bool = True) -> None:
         """The layer's tensors moved (``fn``: what moved them, applied to its branch too): nothing derived on the old
-        device stays reachable from it."""
-        self.__dict__.get("_cache", {}).clear()
-        if fn is not None:
-            self.delta = None if self.delta is None else self.delta.map(fn)
-            self.patched_bias = None if self.patched_bias is None else fn(self.patched_bias)
+        device stays reachable from it. ``changed`` False: they already were where ``fn`` puts them (a ``.to()`` of a
+        loaded model), and what was derived from them stays."""
+        if changed:
+            self.__dict__.get("_cache", {}).clear()
+        self.delta = None if self.delta is None else self.delta.map(fn)
+        self.patched_bias = None if self.patched_bias is None else fn(self.patched_bias)
 
     def set_delta(self, delta: WeightDelta | None, bias: torch.Tensor | None = None) -> None:
         """Add ``delta`` (host weight patches in the layer's own input domain) to every call and use ``bias`` (the
@@ -515,11 +519,14 @@ def make_resident(module: nn.Module, device) -> int:
     ``device``."""
     device = torch.device(device)
     home = module.__dict__.setdefault("qvd_home", {})
+    copied = False
     for name, p in module._parameters.items():
         if p is not None and p.device != device:
             home.setdefault(name, p)
             module._parameters[name] = nn.Parameter(p.detach().to(device, non_blocking=True), requires_grad=False)
-    _moved(module, device)
+            copied = True
+    if copied:
+        _moved(module, device)
     return resident_bytes(module)
 
 
@@ -535,9 +542,11 @@ def release(module: nn.Module) -> int:
 
 
 def resident_bytes(module: nn.Module, home: dict | None = None) -> int:
-    """Bytes of the device copies ``make_resident`` put in ``module`` (0 when it holds its stored tensors)."""
+    """Bytes of the device copies ``make_resident`` put in ``module`` (0 when it holds its stored tensors; a copy a
+    host moved back to the stored tensors' device counts as none)."""
     home = module.__dict__.get("qvd_home", {}) if home is None else home
-    return sum(p.numel() * p.element_size() for n, p in module._parameters.items() if n in home and p is not None)
+    return sum(p.numel() * p.element_size() for n, p in module._parameters.items()
+               if n in home and p is not None and p.device != home[n].device)
 
 
 def _moved(module: nn.Module, device: torch.device) -> None:

@@ -19,13 +19,14 @@ from torch import nn
 from .errors import QVDError
 
 
-def timestep_argument(model: nn.Module, args, kwargs):
+def timestep_argument(model: nn.Module, args, kwargs, position: int | None = None):
     """The ``timestep`` / ``timesteps`` argument of a call of ``model``'s forward (diffusers / ComfyUI models, a ComfyUI
     ControlNet; a host wrapper around the forward passes the same arguments), or None: the one place a model call's
-    timestep is read."""
+    timestep is read. ``position``: where the host's convention puts it when the forward names it otherwise (ComfyUI's
+    diffusion models: ``(x, t, ...)``)."""
     found = _timestep_position(type(model))
     if found is None:
-        return None
+        return args[position] if position is not None and len(args) > position else None
     name, pos = found
     return kwargs.get(name, args[pos] if len(args) > pos else None)
 

@@ -163,7 +163,7 @@ def test_a_controlnets_quantized_copy_leaves_the_original_module_tree_alone(pack
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
     shared = net[1]
     net.add_module("again", shared)  # one module under two names stays one module in the copy
-    copy = patching._structure_copy(net)
+    copy = patching._structure_copy(net, torch.device("cpu"))
     assert copy is not net and copy[1] is not net[1] and copy.again is copy[1]
     assert copy[0].weight.data_ptr() == net[0].weight.data_ptr()  # no tensor copied (own parameter objects: a host
     assert copy[0].weight is not net[0].weight  # moving the copy, param.data = ..., leaves the original where it is)

@@ -142,7 +142,7 @@ def test_a_copied_controlnet_tree_moves_without_moving_the_original(patching):
     original = nn.Sequential(nn.Conv2d(4, 8, 3), nn.GroupNorm(2, 8), nn.Linear(8, 8))
     original[0].comfy_cast_weights = True  # state a host's loader left on the original's layers
     original[0]._v = ("slot",)
-    copy = patching._structure_copy(original)
+    copy = patching._structure_copy(original, torch.device("cpu"))
     stored = {n: (p, p.data_ptr()) for n, p in original.named_parameters()}
     assert all(copy.get_parameter(n).data_ptr() == ptr for n, (_, ptr) in stored.items())  # no tensor copied
     assert not hasattr(copy[0], "_v") and "comfy_cast_weights" not in vars(copy[0])
@@ -150,3 +150,14 @@ def test_a_copied_controlnet_tree_moves_without_moving_the_original(patching):
     assert all(original.get_parameter(n) is p and p.device.type == "cpu" and p.data_ptr() == ptr
                for n, (p, ptr) in stored.items())
     assert {p.device.type for p in copy.parameters()} == {"meta"}
+
+
+def test_a_controlnet_copy_holds_its_tensors_on_the_offload_device_whatever_the_original_is_loaded_on(patching):
+    """A ControlNet quantized while the original is loaded (it calibrated in the same prompt): the copy's float layers
+    are on the offload device (``meta`` stands for it here), not views of the original's loaded tensors, which the
+    original's unload would leave allocated for the copy."""
+    original = nn.Sequential(nn.Conv2d(4, 8, 3), nn.GroupNorm(2, 8))
+    original.register_buffer("table", torch.arange(4.0))
+    copy = patching._structure_copy(original, torch.device("meta"))
+    assert {t.device.type for t in [*copy.parameters(), *copy.buffers()]} == {"meta"}
+    assert {t.device.type for t in [*original.parameters(), *original.buffers()]} == {"cpu"}

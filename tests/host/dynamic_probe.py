@@ -283,16 +283,20 @@ def main(checkpoint: str, pack_dir: str, device: str = "cpu") -> dict:
     facts["after_unloading"] = {"backups": len(model.backup), "quantized_in_place": sum(
         is_qvd(m) for m in model.model.modules())}
     check("after every model was unloaded", {"q_cn": sample(quantized, q_cn), "fp": sample(model)})
-    facts["streaming"] = streaming(quantized, sys.modules["qvd_pack_probe.nodes.loading"], device)
+    facts["streaming"] = streaming(quantized, other, sys.modules["qvd_pack_probe.nodes.loading"], device)
     check("after the streaming load on another device", {"q": sample(quantized), "fp": sample(model)})
     return facts
 
 
-def streaming(quantized, loading, device: str) -> dict:
+def streaming(quantized, other, loading, device: str) -> dict:
     """The quantized MODEL loaded by the dynamic loader with a budget that holds half of its quantized layers: which
-    stay on the device, which stream, what the loader is told, what ComfyUI's partial unload and detach give back.
-    On a CPU the device is ``meta`` (tensors move, no memory is used; comfy-aimdo's arena stood in), so this runs last:
-    ComfyUI's own modules keep the stand-in's cast slots afterwards. On a GPU, also the memory allocated."""
+    stay on the device, which stream, what the loader is told; loaded again with a quarter; a clone of it garbage
+    collected meanwhile; another quantized MODEL placed by a later sampling run; what ComfyUI's partial unload and
+    detach give back. On a CPU the device is ``meta`` (tensors move, no memory is used; comfy-aimdo's arena stood in),
+    so this runs last: ComfyUI's own modules keep the stand-in's cast slots afterwards. On a GPU, also the memory
+    allocated."""
+    import gc
+
     import comfy.model_management as mm
 
     class VBAR:  # stands in for comfy-aimdo's virtual VRAM arena (CUDA): slots are (arena, offset, size)
@@ -312,35 +316,88 @@ def streaming(quantized, loading, device: str) -> dict:
             return 0
 
     mm.unload_all_models()
-    m = quantized.clone()
-    if device == "cpu":
-        if "comfy_aimdo.model_vbar" in sys.modules:  # the 0.33 loader's own arena; the replay has none
-            sys.modules["comfy_aimdo.model_vbar"].ModelVBAR = VBAR
-        m.load_device = torch.device("meta")
-        if hasattr(m, "register_load_device"):
-            m.register_load_device(m.load_device)
+    buffers = {n: b for n, b in quantized.model.named_buffers()}
+    if device == "cpu" and "comfy_aimdo.model_vbar" in sys.modules:  # the 0.33 loader's own arena; the replay has none
+        sys.modules["comfy_aimdo.model_vbar"].ModelVBAR = VBAR
+
+    def on_target(patcher, share: float):
+        p = patcher.clone()
+        if device == "cpu":
+            p.load_device = torch.device("meta")
+            if hasattr(p, "register_load_device"):
+                p.register_load_device(p.load_device)
+        qvd_bytes = sum(loading._stored_bytes(x) for x in loading.qvd_modules(p))
+        p.get_free_memory = lambda _device: (mm.minimum_inference_memory() + p.model_size() - qvd_bytes
+                                             + int(share * qvd_bytes))
+        return p, qvd_bytes
+
+    def load(p):  # what load_models_gpu does for one model (model_management.py: LoadedModel.model_load, then
+        lm = mm.LoadedModel(p)  # current_loaded_models.insert), without its free_memory for the device
+        lm.model_load()
+        mm.current_loaded_models.insert(0, lm)
+
+    m, qvd_bytes = on_target(quantized, 0.5)
     target = m.load_device
     allocated = (lambda: torch.cuda.memory_allocated(target)) if target.type == "cuda" else (lambda: 0)
+    held = lambda p: sum(loading.resident_bytes(x) for x in loading.qvd_modules(p))  # noqa: E731
     layers = [x for x in loading.qvd_modules(m) if getattr(x, "qvd_quantized", False)]
     stored = {id(x): dict(x.named_parameters()) for x in layers}
-    qvd_bytes = sum(loading._stored_bytes(x) for x in loading.qvd_modules(m))
-    given = qvd_bytes // 2
-    m.get_free_memory = lambda _device: mm.minimum_inference_memory() + m.model_size() - qvd_bytes + given
     before = allocated()
-    m.partially_load(target)
+    with loading.sampling_run():
+        load(m)
     on_device = [x for x in layers if x.weight.device == target]
-    held = sum(loading.resident_bytes(x) for x in loading.qvd_modules(m))
-    facts = {"device": str(target), "budget": given, "quantized_bytes": qvd_bytes, "held": held, "layers": len(layers),
-             "resident_layers": len(on_device), "loaded_size_counts_them": m.loaded_size() >= held > 0,
+    facts = {"device": str(target), "budget": qvd_bytes // 2, "quantized_bytes": qvd_bytes, "held": held(m),
+             "layers": len(layers), "resident_layers": len(on_device),
+             "loaded_size_counts_them": m.loaded_size() >= held(m) > 0,
              "streamed_stay_home": all(p.device.type == "cpu" for x in layers if x not in on_device
                                        for p in x.parameters()), "allocated_loaded": allocated() - before}
-    facts["partially_unloaded"] = int(m.partially_unload(target, held // 2))
-    facts["held_after_partial_unload"] = sum(loading.resident_bytes(x) for x in loading.qvd_modules(m))
-    m.detach()
-    facts["held_after_detach"] = sum(loading.resident_bytes(x) for x in loading.qvd_modules(m))
+    m.get_free_memory = lambda _device: (mm.minimum_inference_memory() + m.model_size() - qvd_bytes
+                                         - facts["held"] + qvd_bytes // 4)  # what the copies hold is not free
+    with loading.sampling_run():
+        m.partially_load(target)  # loaded again with a quarter (no detach between: the held copies count once)
+    facts["held_reloaded_with_a_quarter"] = held(m)
+    sibling = quantized.clone()
+    del sibling
+    gc.collect()
+    facts["held_after_a_clone_was_collected"] = held(m)
+    facts["partially_unloaded"] = int(m.partially_unload(target, held(m) // 2))
+    facts["held_after_partial_unload"] = held(m)
+    o, _ = on_target(other, 1.0)
+    with loading.sampling_run():  # a later sampling of another quantized MODEL
+        load(o)
+    facts["held_after_another_run_placed"] = {"first": held(m), "other": held(o)}
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):  # free_memory(1e30, target) (model_management.py):
+        if mm.current_loaded_models[i].device == target and mm.current_loaded_models[i].model_unload():  # each model
+            mm.current_loaded_models.pop(i)  # on the device unloaded (detached), then dropped from the loaded list
+    facts["held_after_detach"] = held(m) + held(o)
     facts["allocated_after_detach"] = allocated() - before
     facts["stored_tensors_back"] = all(p is stored[id(x)][n] for x in layers for n, p in x.named_parameters())
+    facts["device_tensors_reachable_after_detach"] = sum(t.device == target for x in loading.qvd_modules(m)
+                                                          for t in reachable_tensors(x))
+    if device == "cpu":  # the loader leaves the model's own buffers (the schedule's sigmas) on the load device: a GPU
+        for name, b in buffers.items():  # computes there, ``meta`` holds no data; put back for the checks after this
+            owner, _, leaf = name.rpartition(".")
+            quantized.model.get_submodule(owner)._buffers[leaf] = b
     return facts
+
+
+def reachable_tensors(obj, seen=None) -> list:
+    """Every tensor reachable from ``obj`` through attributes, containers and caches (a module's derived state)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None), torch.device, torch.dtype)):
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        items = [*obj.keys(), *obj.values()]
+    elif isinstance(obj, (list, tuple, set)):
+        items = list(obj)
+    elif isinstance(obj, torch.nn.Module) or hasattr(obj, "__dict__") and type(obj).__module__.startswith("qvd"):
+        items = list(vars(obj).values())
+    else:
+        return []
+    return [t for item in items for t in reachable_tensors(item, seen)]
 
 
 if __name__ == "__main__":

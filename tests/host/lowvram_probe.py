@@ -143,7 +143,6 @@ def partial_load_facts(quantized, with_lora, inputs: tuple, budget: int) -> dict
     """Whole, partial (``budget`` bytes) and partially unloaded loads of ``with_lora`` (the quantized MODEL with a LoRA)
     and of ``quantized`` again, one model call each on ``inputs`` = (x, sigma, text context): outputs and facts."""
     import comfy.model_management as mm
-    import comfy.model_patcher
 
     x, sigma, context = inputs
     cpu = torch.device("cpu")
@@ -185,11 +184,6 @@ def partial_load_facts(quantized, with_lora, inputs: tuple, budget: int) -> dict
     quantized.patch_model(device_to=cpu, lowvram_model_memory=0)  # the same layers, LoRA gone
     out["q_after"] = output(quantized)
     quantized.unpatch_model(cpu)
-
-    # ComfyUI >= 0.4 has a dynamic-VRAM patcher (comfy-aimdo, CUDA only): on a CPU load device it hands back the
-    # ordinary ModelPatcher, so every path this probe drives is the one a CPU user gets.
-    dynamic = getattr(comfy.model_patcher, "ModelPatcherDynamic", None)
-    facts["dynamic_on_cpu"] = None if dynamic is None else type(dynamic(quantized.model, cpu, cpu)).__name__
 
     ref = out["q_lora"]
     rel = lambda a, b: float((a - b).norm() / b.norm())

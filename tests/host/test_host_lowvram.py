@@ -11,6 +11,8 @@ import pytest
 from comfy_host import REPO, run_probe
 from synthetic_models import LORA_BLOCKS, LORA_LAYERS, write_lora
 
+pytestmark = pytest.mark.full
+
 
 @pytest.fixture(scope="module")
 def probe(sd15_checkpoint, tmp_path_factory):
@@ -42,9 +44,3 @@ def test_offloaded_quantized_layers_give_the_whole_load_output_with_the_lora(pro
     assert probe["freed_bytes"] > 0 and probe["offloaded_after_unload"] == probe["quantized_layers"], probe
     assert probe["unloaded_equal"], probe["unloaded_vs_whole"]
     assert probe["quantized_restored"], "the quantized MODEL without the LoRA changed after low-VRAM runs"
-
-
-@pytest.mark.slow
-def test_the_dynamic_vram_patcher_is_the_ordinary_one_on_a_cpu(probe):
-    """ComfyUI >= 0.4's ModelPatcherDynamic (CUDA only) reroutes CPU load devices to ModelPatcher; 0.3.75 has none."""
-    assert probe["dynamic_on_cpu"] in (None, "ModelPatcher"), probe["dynamic_on_cpu"]
