@@ -1,12 +1,13 @@
 # `make demo`: calibrate, quantize and render FP vs W8A8 clips with a report (out/demo/).
-# `make test`: the whole test suite, CPU only (Triton kernels run under TRITON_INTERPRET=1).
+# `make test`: the test suite CI runs, CPU only (Triton kernels run under TRITON_INTERPRET=1), <= 20 min on 2 cores;
+# `make test-full`: with the heavier checks (marker `full`), before an issue is resolved and on bigger machines.
 # Both build .venv themselves (torch/torchvision pinned by constraints.txt).
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.qvd-installed
 
-.PHONY: venv host demo test test-core test-host-git tinyvdm gpu-check clean
+.PHONY: venv host demo test test-full test-core test-host-git tinyvdm gpu-check clean
 
 venv: $(STAMP)
 $(STAMP): requirements-dev.txt constraints.txt
@@ -37,8 +38,12 @@ gpu-check: venv
 test-core: venv
 	$(VPY) -m pytest -q tests --ignore=tests/host
 
+# Both print the 25 slowest tests: every run shows where the time goes.
 test: host
-	$(VPY) -m pytest -q -rs tests
+	$(VPY) -m pytest -q -rs -m "not full" --durations=25 tests
+
+test-full: host
+	$(VPY) -m pytest -q -rs --durations=25 tests
 
 # tests/host against another ComfyUI, from a fetched git directory (e.g. 0.33.0: COMFYUI_GIT=/path/to/ComfyUI.git),
 # set up by scripts/setup_host_git.sh in its own venv under .cache/.

@@ -1,21 +1,38 @@
 """Session fixtures of the core tests (helpers in unet_fixtures.py)."""
 import copy
+import os
+import random
 
+import numpy as np
 import pytest
 import torch
 
 from qvd import Calibrator, QVDConfig
+from qvd.kernels import cpu
 from unet_fixtures import TIMESTEPS, Inputs, build_unet
+
+ENV_SWITCHES = ("QVD_INT8", "QVD_CPU_ROUTE")
 
 
 @pytest.fixture(autouse=True)
-def _torch_threads_restored():
-    """Tests (and the tools' main() they call in-process) may set torch's thread count: each test starts at the
-    session's, so a float result computed in one test equals its recomputation in another (matmul reductions
-    split by thread)."""
-    n = torch.get_num_threads()
+def _global_state_restored():
+    """Tests (and the tools' main() they call in-process) may set torch's thread count, switch autograd off, pin the
+    CPU route or set QVD's environment switches: each test starts with the session's, so a float result computed in
+    one test equals its recomputation in another (matmul reductions split by thread) and no test depends on the
+    order the suite runs in. The global RNGs (torch, numpy, random) are seeded per test: a test drawing from them
+    sees the same numbers alone, in its file or in the whole suite."""
+    n, grad, route = torch.get_num_threads(), torch.is_grad_enabled(), cpu.ROUTE
+    env = {k: os.environ.get(k) for k in ENV_SWITCHES}
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
     yield
     torch.set_num_threads(n)
+    torch.set_grad_enabled(grad)
+    cpu.ROUTE = route
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -29,11 +29,22 @@ def test_the_lora_branch_bench_puts_a_branch_of_the_loras_own_size_on_every_atte
     assert lora == 0 and held == sum(m.weight.numel() * 2 for m in layers.values())
 
 
-def test_the_quantize_time_bench_times_both_steps_of_quantize_model(unet, calibration, quantized):
+def test_the_quantize_time_bench_times_both_steps_of_quantize_model(unet, calibration, quantized, monkeypatch):
+    """The clock is read around each of ``quantize_model``'s two steps (a fake clock: the figures are exact)."""
+    import types
+
+    from bench import quantize_time
     from bench.quantize_time import SD15_MOTION, timed_quantize
     from qvd import QVDConfig
 
+    events, now = [], iter([10.0, 12.0, 17.0])
+    monkeypatch.setattr(quantize_time, "time", types.SimpleNamespace(
+        perf_counter=lambda: events.append("clock") or next(now)))
+    for step in ("plan", "build"):
+        real = getattr(quantize_time, step)
+        monkeypatch.setattr(quantize_time, step, lambda *a, step=step, real=real: events.append(step) or real(*a))
     result, t_plan, t_build, kinds = timed_quantize(unet, calibration, QVDConfig())
-    assert t_plan > 0 and t_build > 0 and sum(kinds.values()) == len(calibration.layers)
+    assert events == ["clock", "plan", "clock", "build", "clock"] and (t_plan, t_build) == (2.0, 5.0)
+    assert sum(kinds.values()) == len(calibration.layers)
     assert result.report == quantized[1].report
     assert SD15_MOTION["cross_attention_dim"] == 768 and SD15_MOTION["use_motion_mid_block"]  # mm_sd_v15_v2

@@ -153,16 +153,19 @@ def test_devices_without_int8_kernels_run_weight_only(monkeypatch):
 
 
 @pytest.mark.parametrize("compute", ["int8", "weight-only"])
-def test_an_input_that_needs_a_gradient_is_refused_with_the_fix(compute):
+def test_an_input_that_needs_a_gradient_is_refused_with_the_fix(monkeypatch, compute):
     """A plain-torch model called without torch.no_grad(): its float layers' parameters make the quantized layer's
     input need a gradient, which the integer kernels cannot give. Every route says so (not the kernels' autograd
-    error), and the same call under no_grad runs."""
+    error), and the same call under no_grad runs. It sets what it depends on: autograd on for the refused call, the
+    int8 kernels available (no ``QVD_INT8=off``), the default CPU route."""
+    monkeypatch.delenv("QVD_INT8", raising=False)
+    monkeypatch.setattr(cpu, "ROUTE", "auto")
     g = torch.Generator().manual_seed(6)
     for layer, x in ((_qlinear(g), torch.randn(3, 40, generator=g)),
                      (_qconv(g), torch.randn(1, 16, 6, 6, generator=g))):
         set_compute(layer, compute)
         upstream = torch.nn.Parameter(torch.ones(()))
-        with pytest.raises(QVDError, match=r"torch\.no_grad\(\) or torch\.inference_mode\(\)"):
+        with torch.enable_grad(), pytest.raises(QVDError, match=r"torch\.no_grad\(\) or torch\.inference_mode\(\)"):
             layer(x * upstream)
         with torch.no_grad():
             assert torch.isfinite(layer(x * upstream)).all()

@@ -1,4 +1,5 @@
 import math
+import types
 
 import torch
 
@@ -23,7 +24,7 @@ def test_known_noise_gives_expected_psnr():
     assert E.ssim(x, y) < 0.99
 
 
-def test_quantized_copy_runs_the_kernels_or_their_simulation_and_auto_picks_by_speed():
+def test_quantized_copy_runs_the_kernels_or_their_simulation_and_auto_picks_by_speed(monkeypatch):
     from qvd import QVDConfig
     from qvd.modules import QConv2d, QLinear
 
@@ -36,7 +37,14 @@ def test_quantized_copy_runs_the_kernels_or_their_simulation_and_auto_picks_by_s
     assert modes == {"fake"} and {m.mode for m in q_int.modules() if isinstance(m, (QLinear, QConv2d))} == {"int"}
     a, b = (T.sample(q, 1, seed=3, steps=2, embed=fp) for q in (q_int, q_fake))
     assert E.psnr(a, b) > 40  # the same codes and scales: they differ by float rounding only
-    times = E.step_times(fp, q_fake)
-    assert set(times) == {"fp32", "int", "fake"} and min(times.values()) > 0
+    # a fake clock that advances by what ran last: the float model 1 s, the W8A8 one by its layers' mode
+    cost, ran, now = {"fp32": 1.0, "fake": 3.0, "int": 2.0}, [], [0.0]
+    fp.unet.register_forward_hook(lambda *_: ran.append("fp32"))
+    q_fake.unet.register_forward_hook(lambda m, *_: ran.append(next(
+        x.mode for x in m.modules() if isinstance(x, (QLinear, QConv2d)))))
+    monkeypatch.setattr(E, "time", types.SimpleNamespace(
+        perf_counter=lambda: now.__setitem__(0, now[0] + cost[ran[-1]] if ran else 0.0) or now[0]))
+    assert E.step_times(fp, q_fake) == cost  # each timed in its own mode: the median of 5 calls, after a warm-up
+    assert ran == ["fp32"] * 6 + ["fake"] * 6 + ["int"] * 6
     assert {m.mode for m in q_fake.modules() if isinstance(m, (QLinear, QConv2d))} == {"int"}
-    assert E.auto_mode({"int": 2.0, "fake": 1.0}) == "int" and E.auto_mode({"int": 2.1, "fake": 1.0}) == "fake"
+    assert E.auto_mode({"int": 1.0, "fake": 1.0}) == "int" and E.auto_mode({"int": 1.01, "fake": 1.0}) == "fake"

@@ -26,6 +26,10 @@ from unet_fixtures import TIMESTEPS
 
 SEED = 20261201
 CASES = {"quantized": (1400, 500, 300), "calibration": (700, 300, 200)}  # raw, metadata, tensor edits
+# `make test` runs the first eighth of each kind's cases (the same seeds: a prefix of the whole run), `make test-full`
+# the whole fuzz.
+SHARE = pytest.mark.parametrize("share", [pytest.param(8, id="eighth"),
+                                          pytest.param(1, id="whole", marks=pytest.mark.full)])
 # Files of one down block (ResNets with their time projections, a transformer with norm-folded SCRI, a motion
 # module, the stride-2 downsampler): every layer kind and SCRI placement, small enough for thousands of loads.
 SKIP = ("down_blocks.1.*", "up_blocks.*", "mid_block.*", "conv_in", "conv_out")
@@ -145,7 +149,8 @@ def _report(kind: str, run: _Run, seconds: float) -> None:
 
 
 @pytest.mark.slow
-def test_fuzz_quantized_files(unet, inputs, small, tmp_path):
+@SHARE
+def test_fuzz_quantized_files(unet, inputs, small, tmp_path, share):
     src = tmp_path / "good.safetensors"
     save_quantized(src, small[1])
 
@@ -164,14 +169,15 @@ def test_fuzz_quantized_files(unet, inputs, small, tmp_path):
     run = _Run(tmp_path, lambda p: load_quantized(p, unet, apply=False), _quantized_differences, runs, CALIBRATED)
     run.baseline = load_quantized(src, unet, apply=False)
     rng, start = random.Random(SEED), time.monotonic()
-    raw_n, meta_n, tensor_n = CASES["quantized"]
+    raw_n, meta_n, tensor_n = (n // share for n in CASES["quantized"])
     run.raw(src.read_bytes(), raw_n, rng)
     run.resigned(src, KEY, (meta_n, tensor_n), rng)
     _report("quantized file", run, time.monotonic() - start)
 
 
 @pytest.mark.slow
-def test_fuzz_calibration_files(unet, small, tmp_path):
+@SHARE
+def test_fuzz_calibration_files(unet, small, tmp_path, share):
     src = tmp_path / "good.calibration.safetensors"
     save_calibration(src, small[0])
 
@@ -187,7 +193,7 @@ def test_fuzz_calibration_files(unet, small, tmp_path):
     run = _Run(tmp_path, load_calibration, _calibration_differences, runs)
     run.baseline = load_calibration(src)
     rng, start = random.Random(SEED + 1), time.monotonic()
-    raw_n, meta_n, tensor_n = CASES["calibration"]
+    raw_n, meta_n, tensor_n = (n // share for n in CASES["calibration"])
     run.raw(src.read_bytes(), raw_n, rng)
     run.resigned(src, CALIBRATION_KEY, (meta_n, tensor_n), rng)
     _report("calibration file", run, time.monotonic() - start)

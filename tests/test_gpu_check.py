@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.full  # 2.5 min under TRITON_INTERPRET on a 2-core CPU
 def test_gpu_check_smoke_runs_every_section(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=1200)

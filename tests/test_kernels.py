@@ -254,25 +254,43 @@ def test_cuda_triton_hiditq():
     assert torch.equal(K.hiditq_decode(codes, levels.cuda()).cpu(), ref.hiditq_decode(codes.cpu(), levels))
 
 
-def test_auto_route_times_both_once_and_stays_exact(monkeypatch):
-    """``QVD_CPU_ROUTE=auto``: the first call of a shape times the exact CPU routes (oneDNN and ``_int_mm`` where
-    oneDNN int8 is exact, else ``_int_mm`` and the float GEMM) once each and keeps the faster; later calls run it."""
+@pytest.mark.parametrize("fastest", [0, 1])
+@pytest.mark.parametrize("onednn", [False, True], ids=["int_mm-float", "onednn-int_mm"])
+def test_auto_route_times_both_once_and_stays_exact(monkeypatch, onednn, fastest):
+    """``QVD_CPU_ROUTE=auto``: the first call of a shape runs the exact CPU routes (oneDNN and ``_int_mm`` where
+    oneDNN int8 is exact, else ``_int_mm`` and the float GEMM) once, then once timed, and keeps the faster; later
+    calls run it alone. Every call gives the int32 accumulator bit for bit. The clock is faked: the choice is fixed."""
+    if onednn and not cpu._onednn_ok():
+        pytest.skip("oneDNN int8 ops unavailable or inexact on this CPU: never a candidate here")
+    if not onednn:
+        monkeypatch.setattr(cpu, "_onednn_ok", lambda: False)  # the candidates of CPUs without VNNI, on every CPU
+    names = ["onednn", "int_mm"] if onednn else ["int_mm", "float"]
+    ms = {name: 1.0 if i == fastest else 2.0 for i, name in enumerate(names)}
+    runs, timed = [], []
+    real = cpu.linear_routes
+    monkeypatch.setattr(cpu, "linear_routes", lambda *a: {
+        name: (lambda name=name, fn=fn: runs.append(name) or fn()) for name, fn in real(*a).items()})
+
+    def clock(fn, device):
+        out = fn()
+        timed.append(runs[-1])
+        return ms[runs[-1]], out
+    monkeypatch.setattr(K, "_timed", clock)
     monkeypatch.setattr(cpu, "ROUTE", "auto")
     monkeypatch.setattr(K, "_CHOSEN", {})
-    timed = []
-    real = K._timed
-    monkeypatch.setattr(K, "_timed", lambda fn, device: timed.append(fn) or real(fn, device))
     g = torch.Generator().manual_seed(12)
-    w_q, w_scale, b, shift, inv = _layer(g, 24, 40)
-    x = torch.randn(9, 40, generator=g)
-    want = ref.linear_w8a8(x, w_q, w_scale, b, 0.02, 1, -128, 127, shift, inv)
-    for _ in range(2):
-        torch.testing.assert_close(K.linear_w8a8(x, K.PackedWeight(w_q, w_scale), b, 0.02, 1, -128, 127, shift, inv),
-                                   want, **TOL[torch.float32])
-    assert len(timed) == 2
+    w_q = torch.randint(-128, 128, (24, 40), generator=g, dtype=torch.int8)
+    x = torch.randint(-128, 128, (9, 40), generator=g).float()  # codes at scale 1: the output is the accumulator
+    w = K.PackedWeight(w_q, torch.ones(24))
+    want = x.double() @ w_q.double().t()
+    assert torch.equal(K.linear_w8a8(x, w, None, 1.0, 0, -128, 127).double(), want)
+    assert runs == names * 2 and timed == names  # each run once, then once timed
     (key, d), = K._CHOSEN.items()
-    assert key == ("cpu", "linear", (9, 40), (40, 1), (24, 40), torch.float32, True, "cpu")
-    assert d.route in (("onednn", "int_mm") if cpu._onednn_ok() else ("int_mm", "float"))
+    assert key == ("cpu", "linear", (9, 40), (40, 1), (24, 40), torch.float32, False, "cpu")
+    assert d == K.Decision(names[fastest])
+    runs.clear()
+    assert torch.equal(K.linear_w8a8(x, w, None, 1.0, 0, -128, 127).double(), want)
+    assert runs == [names[fastest]] and timed == names
 
 
 def test_bad_route_is_named(monkeypatch):

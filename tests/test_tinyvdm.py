@@ -23,6 +23,7 @@ def test_shipped_weights_load(trained):
     assert T.DEFAULT_WEIGHTS.stat().st_size <= 5e6
 
 
+@pytest.mark.full
 def test_shipped_model_meets_the_quality_thresholds_on_the_demos_clips(trained):
     """The shipped model at make demo's settings (DDIM 10, CFG 2) on make demo's 48 clips (seed i, class i % 12):
     recognised, background, speed and size stability all meet quality.check (issue 16)."""
@@ -102,9 +103,14 @@ def test_a_new_run_starts_from_a_shipped_file_when_the_state_is_gone(tmp_path):
     assert not (tmp_path / "c.safetensors").exists()
 
 
-def test_quality_sweep_prints_a_row_per_setting_and_the_step_times(tmp_path, capsys):
+@pytest.mark.full
+def test_quality_sweep_prints_a_row_per_setting_and_the_step_times(tmp_path, capsys, monkeypatch):
+    """The step times are ``evaluate.step_times``'s (tested with a fake clock in test_evaluate), printed as measured."""
+    from qvd_demo import evaluate as E
     from tools import quality_sweep
 
+    timed = []
+    monkeypatch.setattr(E, "step_times", lambda model, q: timed.append(q) or {"fp32": 0.03, "int": 0.02, "fake": 0.06})
     path = tmp_path / "m.safetensors"
     T.save_weights(T.build_model(0, "v_prediction"), path, {"steps": 0})
     out = quality_sweep.main(["--weights", str(path), "--settings", "1:2,2:1", "--seeds", "5-6", "--step-times", "1",
@@ -112,7 +118,8 @@ def test_quality_sweep_prints_a_row_per_setting_and_the_step_times(tmp_path, cap
     rows = [line for line in out["table"] if line.startswith("| DDIM")]
     assert [r.split(" |")[0] for r in rows] == ["| DDIM 1, CFG 2 (2)", "| DDIM 2, CFG 1 (2)"]
     assert any(line.startswith("| data (2)") for line in out["table"])
-    assert len(out["step_times"]) == 1 and min(out["step_times"][0].values()) > 0
-    assert "x fp32" in capsys.readouterr().out
+    assert out["step_times"] == [{"fp32": 0.03, "int": 0.02, "fake": 0.06}] and len(timed) == 1
+    assert "fp32 30.0 ms, W8A8 integer kernels 20.0 ms (1.50x fp32), float simulation 60.0 ms" in \
+        capsys.readouterr().out
     with pytest.raises(SystemExit):
         quality_sweep.main(["--weights", str(path), "--seeds", "9-3"])

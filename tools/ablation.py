@@ -129,7 +129,7 @@ def run(n: int = 8, steps: int = demo.STEPS, configs=tuple(CONFIGS), out_md: Pat
     (with ``"sensitivity": {group key: {method: PSNR}}`` and ``"budget"`` if run, and ``"mode"``).
 
     ``mode``: the quantized copies run the integer kernels ("int") or their float simulation ("fake"); "auto"
-    times both on the QVD W8A8 copy and takes "int" unless it is over 2x slower (``evaluate.auto_mode``)."""
+    times both on the QVD W8A8 copy and takes the faster (``evaluate.auto_mode``)."""
     unknown = [k for k in configs if k not in CONFIGS] + [g for g in groups if g not in GROUP_KEYS]
     if unknown:
         raise ValueError(f"unknown configs / groups {unknown}: choose from {list(CONFIGS)} / {list(GROUP_KEYS)}")

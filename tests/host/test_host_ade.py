@@ -17,7 +17,7 @@ from synthetic_models import write_lora
 
 LCM_LORA = "lcm_lora_stand_in.safetensors"  # a seeded rank-4 LoRA in the place of AnimateLCM's LoRA
 
-pytestmark = [pytest.mark.slow, pytest.mark.ade]
+pytestmark = [pytest.mark.slow, pytest.mark.ade, pytest.mark.full]
 
 
 @pytest.fixture(scope="module")

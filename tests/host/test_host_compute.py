@@ -12,6 +12,8 @@ import torch
 
 from comfy_host import ComfyServer, load_and_sample, load_api, make_base_dir, read_latent, tiny, with_latent_output, without
 
+pytestmark = pytest.mark.full  # a server of its own (QVD_INT8=off) and 3 calibrations: ~2.5 min
+
 
 def _report(entry: dict, node_id: str) -> str:
     return "\n".join(entry["outputs"][node_id]["text"])

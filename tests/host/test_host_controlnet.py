@@ -7,7 +7,7 @@ import pytest
 
 from comfy_host import REPO, run_probe
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.full]
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +27,18 @@ def test_the_controlnets_effect_on_the_quantized_model_follows_fp(probe):
     assert probe["effect_cosine"] > 0.85 and abs(probe["effect_norm_ratio"] - 1) < 0.15, probe  # LoRA graph: 0.8
 
 
-def test_the_controlnets_share_of_a_step_is_measured(probe):
-    """Its share of a vid2vid step, FP, beside a W8A8 UNet, and quantized too (stated in the README). The probe runs
-    compute int8: where the integer kernels are the fast route the W8A8 UNet leaves the FP ControlNet a larger share
+def test_quantizing_the_controlnet_lowers_its_share_of_a_step_where_int8_is_the_fast_route(probe):
+    """Its share of a vid2vid step, FP, beside a W8A8 UNet, and quantized too (stated in the README; the probe runs
+    compute int8). Where the integer kernels are the fast route the W8A8 UNet leaves the FP ControlNet a larger share
     and quantizing it lowers that; on a CPU where they are slower than its float GEMM (no VNNI: ``auto`` runs
-    weight-only there) only the measurement is checked."""
+    weight-only there) there is nothing to compare, and the test says so."""
     shares = [probe[k] for k in ("control_share_fp", "control_share_q", "control_share_q_qcn")]
+    print(f"ControlNet's share of a step: FP {shares[0]:.2f}, beside the W8A8 UNet {shares[1]:.2f}, quantized "
+          f"{shares[2]:.2f}")
+    if probe["int8_skipped_by_auto"] is not None:
+        pytest.skip(f"the integer kernels are not the fast route on this CPU: {probe['int8_skipped_by_auto']}")
     assert all(0 < s < 1 for s in shares), probe
-    if probe["int8_skipped_by_auto"] is None:
-        assert shares[0] < shares[1] and shares[2] < shares[1], probe
-    else:
-        print(f"shares {shares} not compared: {probe['int8_skipped_by_auto']}")
+    assert shares[0] < shares[1] and shares[2] < shares[1], probe
 
 
 def test_a_quantized_controlnet_keeps_the_output_and_its_effect(probe):

@@ -9,7 +9,7 @@ import pytest
 from comfy_host import REPO, run_probe
 from synthetic_models import write_hypernetwork
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.full]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 
 from comfy_host import COMFYUI_PATH, REPO, run_probe
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.full]
 
 
 def ipadapter_path() -> Path | None:

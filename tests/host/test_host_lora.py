@@ -124,6 +124,7 @@ def ordinary_runs(comfy_server, lora_runs):
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_an_ordinary_lora_changes_the_sampled_output_as_on_fp(ordinary_runs):
     """The LoRA's change of the sampled latent on the quantized model, projected on its change on fp (kappa: 1 =
     all of the LoRA kept), and what is left over.
@@ -152,6 +153,7 @@ def layer_probe(sd15_checkpoint, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_every_adapter_adds_exactly_its_fp_effect_on_each_quantized_layer(layer_probe):
     """LoRA, LoCon (3x3, with and without mid), LoHa and LoKr at ||dW|| / ||W|| = 0.003 ... 0.3, loaded whole and
     partially, a LoRA and a LoHa stacked, a LoRA before QVD Quantize Model and before QVD Load Quantized: per
@@ -177,6 +179,7 @@ def test_every_adapter_adds_exactly_its_fp_effect_on_each_quantized_layer(layer_
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_what_cannot_be_applied_exactly_is_refused_naming_it(layer_probe):
     assert "only ComfyUI's own weight patches" in layer_probe["refused_function"], layer_probe
     assert "folded its SCRI" in layer_probe["refused_norm"], layer_probe

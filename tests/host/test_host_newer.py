@@ -12,6 +12,7 @@ from comfy_host import REPO
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_host_suite_on_a_newer_comfyui():
     git_dir = os.environ.get("QVD_COMFYUI_GIT")
     if not git_dir:

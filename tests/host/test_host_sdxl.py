@@ -18,7 +18,7 @@ from safetensors import safe_open
 from comfy_host import (SYNTH_VERSION, ComfyServer, ade_path, build_model, load_api, make_base_dir, read_latent,
                         tiny, with_latent_output, without)
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.full]
 
 SDXL_NAME = f"qvd_synth_sdxl_vega_{SYNTH_VERSION}.safetensors"
 MOTION = {"none": (None, None),

@@ -12,7 +12,7 @@ import pytest
 
 from comfy_host import COMFYUI_PATH, MODEL_CACHE, REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.full]
 
 
 def _manifest(root) -> dict:

@@ -15,6 +15,8 @@ import pytest
 from comfy_host import REPO, ade_path, run_probe
 from synthetic_models import write_lora
 
+pytestmark = pytest.mark.full
+
 
 def _close(a: int, b: int, share: float = 0.05) -> bool:
     return abs(a - b) <= share * b
