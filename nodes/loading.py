@@ -151,12 +151,12 @@ def place(patcher, device) -> None:
     of this sampling run holds are dropped first; then ``patcher``'s quantized layers, smallest first, get a device
     copy while they fit its ``budget`` (folded norms, a few KB, always); the others stream from their stored tensors
     in RAM at each call."""
-    run = _RUN["token"] or object()
+    run = _RUN["token"]
     modules = sorted(qvd_modules(patcher), key=_stored_bytes)
     own = {id(m) for m in modules}
-    for m in list(_PLACED.values()):
-        if id(m) not in own and m.__dict__.get("qvd_run") is not run and _held_on(m, device):
-            release(m)
+    for m in list(_PLACED.values()) if run is not None else ():  # outside a quantized MODEL's run (quantized
+        if id(m) not in own and m.__dict__.get("qvd_run") is not run and _held_on(m, device):  # ControlNets on an
+            release(m)  # FP MODEL) nothing is dropped: they sample together
     left = budget(patcher, device, modules)
     kept = streamed = 0
     for m in modules:
@@ -189,9 +189,11 @@ def budget(patcher, device, modules) -> int:
     held = sum(_held_on(m, device) for m in modules)
     floats = max(0, patcher.model_size() - sum(_stored_bytes(m) for m in modules))
     room = free_memory + held - mm.minimum_inference_memory()
-    planned = getattr(patcher, "qvd_extra_memory", 0)
-    if 0 < planned < 1e30:  # 0 or 1e32: ComfyUI set no limit
-        room = min(room, planned + held)
+    planned = patcher.__dict__.get("qvd_extra_memory")
+    if planned is not None and planned < 1e30:  # 1e32: no limit (LoadedModel.model_load); below 0: short of memory
+        # ComfyUI planned with its torch-free memory; the patcher's free memory adds what comfy-aimdo can reclaim
+        reclaimable = max(0, free_memory - mm.get_free_memory(device))
+        room = min(room, max(planned, 0) + reclaimable + held)
     return int(room - floats)
 
 

@@ -430,11 +430,11 @@ def quantize_controlnet(control_net, build, compute: str = "auto") -> tuple:
     if any(getattr(m, "qvd_quantized", False) for m in base.modules()):
         raise QVDError("this ControlNet is already quantized: connect the ControlNet from its loader")
     wrapped = control_net.control_model_wrapped
-    result = build(nn.ModuleDict({CONTROLNET: base}))
+    with _viewed(wrapped):  # the ControlNet's stored tensors, where a dynamic-VRAM load replaced small ones
+        result = build(nn.ModuleDict({CONTROLNET: base}))
+        model = _structure_copy(base, wrapped.offload_device)
     _ready(result.modules, wrapped.offload_device, compute,
            control_net.manual_cast_dtype or getattr(base, "dtype", None) or torch.float32)
-    with _viewed(wrapped):  # the ControlNet's stored tensors, where a dynamic-VRAM load replaced small ones
-        model = _structure_copy(base, wrapped.offload_device)
     install_modules(model, {name.partition(".")[2]: m for name, m in result.modules.items()})
     follow_timesteps(model, result.clock)  # the copy's own hooks: the ControlNet's call gives its timesteps
     model.qvd_result = result  # QVD Save Quantized ControlNet reads it (copies of the ControlNet share the model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,85 @@ def test_a_controlnet_copy_holds_its_tensors_on_the_offload_device_whatever_the_
     copy = patching._structure_copy(original, torch.device("meta"))
     assert {t.device.type for t in [*copy.parameters(), *copy.buffers()]} == {"meta"}
     assert {t.device.type for t in [*original.parameters(), *original.buffers()]} == {"cpu"}
+
+
+class _Patcher:
+    """What ``nodes/loading.py`` reads of a ComfyUI 0.33 dynamic patcher: its object patches (QVD's layers), its
+    sizes, its free-memory view (comfy-aimdo's reclaimable memory included) and the load's planned weight memory."""
+
+    def __init__(self, layers, free: int, planned=None):
+        self.object_patches = {f"layer{i}": m for i, m in enumerate(layers)}
+        self.free, self.load_device = free, torch.device("meta")
+        if planned is not None:
+            self.qvd_extra_memory = planned
+        self.model = nn.Module()
+
+    def is_dynamic(self):
+        return True
+
+    def get_attachment(self, _key):
+        return None
+
+    def model_size(self):  # QVD's layers only: no float weights beside them
+        return 0
+
+    def get_free_memory(self, _device):
+        return self.free
+
+
+@pytest.fixture
+def loading(patching, monkeypatch):
+    """nodes/loading.py with ``comfy.model_management`` stood in: torch-free memory, an inference reserve of 1000
+    bytes, no model loaded."""
+    mm = types.SimpleNamespace(torch_free=0, minimum_inference_memory=lambda: 1000, current_loaded_models=[])
+    mm.get_free_memory = lambda _device: mm.torch_free
+    monkeypatch.setitem(sys.modules, "comfy", types.ModuleType("comfy"))
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    module = sys.modules[patching.__name__.rpartition(".")[0] + ".loading"]
+    module.mm_stub = mm
+    yield module
+    for p in list(module._PLACED.values()):
+        release(p)
+
+
+def _quantized(n: int) -> list:
+    g = torch.Generator().manual_seed(5)
+    return [_layers(g)["linear"][0] for _ in range(n)]
+
+
+@pytest.mark.parametrize("planned, reclaimable, kept", [
+    (None, 0, 4), (1e32, 0, 4),  # no limit set (LoadedModel.model_load: 0 -> 1e32): all fit in the free memory
+    (-5e6, 0, 0),  # ComfyUI short of memory (extra_memory < 0): nothing beyond what is held (here none)
+    (2.5, 0, 2), (2.5, 1, 3),  # within the plan, plus what comfy-aimdo can reclaim beyond torch's free memory
+])
+def test_place_keeps_what_fits_the_load_comfyui_planned(loading, planned, reclaimable, kept):
+    layers = _quantized(4)
+    size = loading._stored_bytes(layers[0])
+    planned = planned * size if planned is not None and abs(planned) < 100 else planned
+    patcher = _Patcher(layers, free=1000 + 10 * size, planned=planned)
+    loading.mm_stub.torch_free = patcher.free - reclaimable * size
+    loading.place(patcher, "meta")
+    assert sum(m.weight.device.type == "meta" for m in layers) == kept
+    assert sum(resident_bytes(m) for m in layers) == kept * size
+
+
+def test_a_later_run_drops_copies_no_model_of_it_holds_and_detach_keeps_what_a_loaded_patcher_shares(loading):
+    a, b = _quantized(2), _quantized(2)
+    pa, pb = (_Patcher(x, free=10 ** 9) for x in (a, b))
+    with loading.sampling_run():
+        loading.place(pa, "meta")
+    loading.place(pb, "meta")  # outside a quantized MODEL's run (ControlNets on an FP MODEL): both stay
+    assert all(resident_bytes(m) for m in a + b)
+    with loading.sampling_run():  # a later run of ``b``'s model: ``a``'s copies go
+        loading.place(pb, "meta")
+    assert not any(resident_bytes(m) for m in a) and all(resident_bytes(m) for m in b)
+
+    class Loaded(loading.QVDPatcher, _Patcher):
+        pass
+    sharing = Loaded(b[:1], free=0)  # a loaded clone (a LoRA on it) that shares ``b``'s first layer
+    loading.mm_stub.current_loaded_models = [types.SimpleNamespace(model=sharing)]
+    loading.on_detach(pb)
+    assert resident_bytes(b[0]) and not resident_bytes(b[1])
+    loading.mm_stub.current_loaded_models = []
+    loading.on_detach(pb)
+    assert not any(resident_bytes(m) for m in b) and all(m.weight.device.type == "cpu" for m in a + b)
