@@ -320,6 +320,17 @@ def streaming(quantized, other, loading, device: str) -> dict:
     if device == "cpu" and "comfy_aimdo.model_vbar" in sys.modules:  # the 0.33 loader's own arena; the replay has none
         sys.modules["comfy_aimdo.model_vbar"].ModelVBAR = VBAR
 
+    free_now = {}  # what the device has free, as the patcher (comfy-aimdo) and ComfyUI's planner see it
+    real_free = mm.get_free_memory
+    if device == "cpu":  # ``meta`` has no allocator statistics: the planner's view stood in (nothing reclaimable)
+        mm.get_free_memory = lambda dev=None, torch_free_too=False: (  # noqa: E731
+            real_free(dev, torch_free_too) if dev is None or torch.device(dev).type != "meta"
+            else (free_now["bytes"], 0) if torch_free_too else free_now["bytes"])
+
+    def give(p, free_bytes: int) -> None:
+        free_now["bytes"] = free_bytes
+        p.get_free_memory = lambda _device: free_bytes
+
     def on_target(patcher, share: float):
         p = patcher.clone()
         if device == "cpu":
@@ -327,8 +338,7 @@ def streaming(quantized, other, loading, device: str) -> dict:
             if hasattr(p, "register_load_device"):
                 p.register_load_device(p.load_device)
         qvd_bytes = sum(loading._stored_bytes(x) for x in loading.qvd_modules(p))
-        p.get_free_memory = lambda _device: (mm.minimum_inference_memory() + p.model_size() - qvd_bytes
-                                             + int(share * qvd_bytes))
+        give(p, mm.minimum_inference_memory() + p.model_size() - qvd_bytes + int(share * qvd_bytes))
         return p, qvd_bytes
 
     def load(p):  # what load_models_gpu does for one model (model_management.py: LoadedModel.model_load, then
@@ -351,10 +361,11 @@ def streaming(quantized, other, loading, device: str) -> dict:
              "loaded_size_counts_them": m.loaded_size() >= held(m) > 0,
              "streamed_stay_home": all(p.device.type == "cpu" for x in layers if x not in on_device
                                        for p in x.parameters()), "allocated_loaded": allocated() - before}
-    m.get_free_memory = lambda _device: (mm.minimum_inference_memory() + m.model_size() - qvd_bytes
-                                         - facts["held"] + qvd_bytes // 4)  # what the copies hold is not free
+    give(m, mm.minimum_inference_memory() + m.model_size() - qvd_bytes - facts["held"]
+         + qvd_bytes // 4)  # what the copies hold is not free
     with loading.sampling_run():
-        m.partially_load(target)  # loaded again with a quarter (no detach between: the held copies count once)
+        # loaded again with a quarter free (no detach between: the held copies count once), with the extra memory
+        m.partially_load(target, 1e32)  # LoadedModel.model_load passes when ComfyUI sets no limit (0 -> 1e32)
     facts["held_reloaded_with_a_quarter"] = held(m)
     sibling = quantized.clone()
     del sibling
@@ -374,6 +385,7 @@ def streaming(quantized, other, loading, device: str) -> dict:
     facts["stored_tensors_back"] = all(p is stored[id(x)][n] for x in layers for n, p in x.named_parameters())
     facts["device_tensors_reachable_after_detach"] = sum(t.device == target for x in loading.qvd_modules(m)
                                                           for t in reachable_tensors(x))
+    mm.get_free_memory = real_free
     if device == "cpu":  # the loader leaves the model's own buffers (the schedule's sigmas) on the load device: a GPU
         for name, b in buffers.items():  # computes there, ``meta`` holds no data; put back for the checks after this
             owner, _, leaf = name.rpartition(".")
