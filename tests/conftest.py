@@ -1,7 +1,10 @@
 """Session fixtures of the core tests (helpers in unet_fixtures.py)."""
 import copy
+import importlib.util
 import os
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from qvd import Calibrator, QVDConfig
 from qvd.kernels import cpu
 from unet_fixtures import TIMESTEPS, Inputs, build_unet
 
+ROOT = Path(__file__).resolve().parents[1]
 ENV_SWITCHES = ("QVD_INT8", "QVD_CPU_ROUTE")
 
 
@@ -59,3 +63,18 @@ def quantized(unet, calibration):
     from qvd import quantize_model
     q = copy.deepcopy(unet)
     return q, quantize_model(q, calibration, QVDConfig())
+
+
+@pytest.fixture(scope="module")
+def pack():
+    """The repository root imported as ComfyUI imports a custom-node folder (a package)."""
+    spec = importlib.util.spec_from_file_location("comfyui_qvd_pack", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        for name in [n for n in sys.modules if n == spec.name or n.startswith(spec.name + ".")]:
+            del sys.modules[name]

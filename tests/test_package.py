@@ -1,5 +1,4 @@
 """The pack imports outside ComfyUI, registers its nodes, and its workflow files match their spec."""
-import importlib.util
 import json
 import runpy
 import sys
@@ -9,21 +8,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def pack():
-    """The repository root imported as ComfyUI imports a custom-node folder (a package)."""
-    spec = importlib.util.spec_from_file_location("comfyui_qvd_pack", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        for name in [n for n in sys.modules if n == spec.name or n.startswith(spec.name + ".")]:
-            del sys.modules[name]
 
 
 def test_imports_without_comfyui(pack):

@@ -7,10 +7,8 @@ home: released, the layer holds exactly its stored tensors again. ``meta`` stand
 no memory is used)."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +20,6 @@ from qvd.kernels import cpu
 from qvd.modules import make_resident, release, resident_bytes
 from qvd.scri import ScriTransform, folded_norm
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _layers(g):
@@ -126,17 +123,8 @@ def test_a_folded_norm_is_a_fresh_module_of_the_norms_class_without_the_hosts_st
 
 
 @pytest.fixture(scope="module")
-def patching():
-    spec = importlib.util.spec_from_file_location("qvd_pack_residency", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield sys.modules[f"{spec.name}.nodes.patching"]
-    finally:
-        for name in [n for n in sys.modules if n == spec.name or n.startswith(spec.name + ".")]:
-            del sys.modules[name]
+def patching(pack):
+    return sys.modules[f"{pack.__name__}.nodes.patching"]
 
 
 def test_a_copied_controlnet_tree_moves_without_moving_the_original(patching):
