@@ -9,7 +9,7 @@ them): a Linear is *temporal* (QVD's temporal features: HTDQ) when each call's i
 the call has distinct timesteps (one vector per sample, broadcast over its tokens / frames) and it changes with the
 timestep; it is on the *conditioning path* when its inputs are the same at every timestep; the *first* / *last* layers
 read the model's own input / give its output, found by following each tensor through the model call
-(``_Provenance``). Temporal layers keep their input vector at each timestep (HTDQ needs the per-step features).
+(``callgraph``). Temporal layers keep their input vector at each timestep (HTDQ needs the per-step features).
 LayerNorm / GroupNorm outputs fed unchanged to layers are recorded, so SCRI can fold into the norm: a norm
 forms a group only when its output reaches nothing but those layers (every other torch operation on it, such as
 another node's attention patch, is watched for), since folding changes the tensor every consumer sees.
@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import collections
 import copy
-import weakref
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
+from .callgraph import INPUT, METADATA, Following, Provenance, flat_tensors, tensors_in
 from .config import QVDConfig
 from .errors import CalibrationError, NonFiniteActivationError
 from .identity import find_layers, fingerprint, layer_signature
@@ -307,90 +306,23 @@ class Calibration:
         return torch.stack([vec[t] for t in sorted(vec, reverse=True)])
 
 
-# Reads of a tensor's description (``__get__``: .shape, .dtype, ...), not of its values.
-_METADATA = {"size", "dim", "numel", "stride", "is_contiguous", "element_size", "get_device", "is_floating_point",
-             "__len__", "__get__"}
-
-
-def _tensors(values):
-    """The tensors among ``values`` and in the lists / tuples among them (one level)."""
-    for a in values:
-        if torch.is_tensor(a):
-            yield a
-        elif isinstance(a, (list, tuple)):
-            yield from (t for t in a if torch.is_tensor(t))
-
-
-_INPUT = "<model input>"
-
-
-def _flat_tensors(value):
-    """Every tensor in a model's output (tensors, lists / tuples / dicts of them, nested)."""
-    if torch.is_tensor(value):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _flat_tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _flat_tensors(v)
-
-
-class _Provenance:
-    """Which weighted modules (or the model's input) each tensor of one model call was computed from, passing
-    through every operation that is not a weighted module: the calibrated call graph, enough to find the modules
-    that read the model's input and those whose output is its output."""
-
-    def __init__(self):
-        self.active = False
-        self._of: dict[int, tuple] = {}  # id(tensor) -> (weakref to it, frozenset of sources)
-
-    def start(self, inputs) -> None:
-        self.active, self._of = True, {}
-        for t in inputs:
-            self.set(t, frozenset((_INPUT,)))
-
-    def stop(self) -> None:
-        self.active, self._of = False, {}
-
-    def get(self, t) -> frozenset:
-        entry = self._of.get(id(t))
-        return entry[1] if entry is not None and entry[0]() is t else frozenset()
-
-    def set(self, t, sources: frozenset) -> None:
-        try:
-            self._of[id(t)] = (weakref.ref(t), sources)
-        except TypeError:  # a tensor subclass without weak references: not followed
-            pass
-
-    def flow(self, args, kwargs, out) -> None:
-        sources = frozenset().union(*(self.get(t) for t in _tensors((*args, *kwargs.values()))))
-        if sources:
-            for t in _tensors(out if isinstance(out, (list, tuple)) else (out,)):
-                self.set(t, sources)
-
-
-class _NormUseWatch(TorchFunctionMode):
+class _NormUseWatch(Following):
     """Names the norms whose recent output a torch operation reads outside the quantizable layers' forwards, and
-    carries the calibrated call graph (``_Provenance``) through every operation outside the weighted modules."""
+    carries the calibrated call graph (``callgraph.Following``) through every operation outside the weighted modules."""
 
     def __init__(self, calibrator: "Calibrator"):
-        super().__init__()
+        super().__init__(calibrator.provenance, lambda: calibrator._in_layer > 0)
         self.cal = calibrator
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         cal = self.cal
-        name = getattr(func, "__name__", "")
-        if cal._in_layer == 0 and cal._recent_norm_outputs and name not in _METADATA:
+        if cal._in_layer == 0 and cal._recent_norm_outputs and getattr(func, "__name__", "") not in METADATA:
             watched = {id(t): n for n, t in cal._recent_norm_outputs}
-            for t in _tensors((*args, *kwargs.values())):
+            for t in tensors_in((*args, *kwargs.values())):
                 if id(t) in watched:
-                    cal.norm_other_uses.setdefault(watched[id(t)], name or str(func))
-        out = func(*args, **kwargs)
-        if cal._in_layer == 0 and cal.provenance.active and name not in _METADATA:
-            cal.provenance.flow(args, kwargs, out)
-        return out
+                    cal.norm_other_uses.setdefault(watched[id(t)], getattr(func, "__name__", "") or str(func))
+        return super().__torch_function__(func, types, args, kwargs)
 
 
 class Calibrator:
@@ -417,9 +349,9 @@ class Calibrator:
         self._recent_norm_outputs = collections.deque(maxlen=4)
         self._norm_name = {}
         self._in_layer = 0  # depth of quantizable layers' forwards running now
-        self._watch = _NormUseWatch(self)
         self.norm_other_uses: dict[str, str] = {}  # norm -> an operation that read its output besides the layers
-        self.provenance = _Provenance()
+        self.provenance = Provenance()
+        self._watch = _NormUseWatch(self)
         self._distinct_timesteps = 1  # distinct timestep values of the current model call
         self._row_timesteps = None  # the call's timestep tensor, flattened
         self._model_depth = 0
@@ -480,11 +412,11 @@ class Calibrator:
     def _model_done(self, _module, _args, _kwargs, output):
         self._model_depth -= 1
         if self._model_depth == 0:
-            self.gives_output.update(n for t in _flat_tensors(output) for n in self.provenance.get(t) if n != _INPUT)
+            self.gives_output.update(n for t in flat_tensors(output) for n in self.provenance.get(t) if n != INPUT)
             self.provenance.stop()
 
     def _reads_input(self, name: str, x) -> None:
-        if self.provenance.active and _INPUT in self.provenance.get(x):
+        if self.provenance.active and INPUT in self.provenance.get(x):
             self.reads_input.add(name)
 
     def _graph_node(self, name):
@@ -495,7 +427,7 @@ class Calibrator:
     def _graph_node_done(self, name):
         def hook(_module, _args, output):
             if self.provenance.active:
-                for t in _tensors((output,)):
+                for t in tensors_in((output,)):
                     self.provenance.set(t, frozenset((name,)))
         return hook
 
