@@ -32,6 +32,7 @@ from ..qvd.identity import content_key, install as install_modules
 from ..qvd.modules import kept_float_bytes
 from ..qvd.scri import folded_output_transform
 from ..qvd.timesteps import follow_timesteps, timestep_argument
+from ..qvd.verify import follow_folds
 from . import loading, weight_patches
 
 ADE_KEY = "ADE"
@@ -241,7 +242,7 @@ def weight_patches_on(patcher, names) -> list[str]:
 
 
 def quantize(model, build, compute: str = "auto") -> tuple:
-    """Clone ``model`` and install ``build(tree) -> QuantizeResult`` (QVD Quantize Model's quantization, QVD Load
+    """Clone ``model`` and install ``build(tree, compute dtype) -> QuantizeResult`` (QVD Quantize Model's quantization, QVD Load
     Quantized's file), made from the checkpoint's own weights where they are (``own_view``): a file is checked
     against them. The quantized layers run on the ``compute`` route (``qvd.set_compute``) and are kept on ComfyUI's
     offload device, from which ComfyUI loads them like any other weights.
@@ -249,11 +250,11 @@ def quantize(model, build, compute: str = "auto") -> tuple:
     Weight patches already on the MODEL (a LoRA before the QVD node) stay on the clone and run beside the int8
     layers exactly, like a LoRA loaded after (rounding them into the int8 weights would lose most of an ordinary
     LoRA: ``docs/lora.md``)."""
+    dtype = model.model.manual_cast_dtype or model.model.get_dtype()
     with own_view(model):
         tree = model_tree(model)
-        result = build(tree)
-        _ready(result.modules, model.offload_device, compute,
-               model.model.manual_cast_dtype or model.model.get_dtype())
+        result = build(tree, dtype)
+        _ready(result.modules, model.offload_device, compute, dtype)
         sizes = _quantized_sizes(model, tree, result.modules)
     return install(model.clone(), result, sizes), result
 
@@ -418,7 +419,7 @@ def _structure_copy(module: nn.Module, offload_device, memo: dict | None = None)
 
 
 def quantize_controlnet(control_net, build, compute: str = "auto") -> tuple:
-    """A copy of ``control_net`` running the quantized layers ``build(tree) -> QuantizeResult`` makes for the tree
+    """A copy of ``control_net`` running the quantized layers ``build(tree, compute dtype) -> QuantizeResult`` makes for the tree
     ``{"controlnet": its model}``, on the ``compute`` route; ``control_net`` and its model are left unchanged (the
     copy's model shares their float tensors). Its patcher tells ComfyUI's planner the bytes the copy holds."""
     import comfy.model_management
@@ -430,13 +431,15 @@ def quantize_controlnet(control_net, build, compute: str = "auto") -> tuple:
     if any(getattr(m, "qvd_quantized", False) for m in base.modules()):
         raise QVDError("this ControlNet is already quantized: connect the ControlNet from its loader")
     wrapped = control_net.control_model_wrapped
+    dtype = control_net.manual_cast_dtype or getattr(base, "dtype", None) or torch.float32
     with _viewed(wrapped):  # the ControlNet's stored tensors, where a dynamic-VRAM load replaced small ones
-        result = build(nn.ModuleDict({CONTROLNET: base}))
+        result = build(nn.ModuleDict({CONTROLNET: base}), dtype)
         model = _structure_copy(base, wrapped.offload_device)
-    _ready(result.modules, wrapped.offload_device, compute,
-           control_net.manual_cast_dtype or getattr(base, "dtype", None) or torch.float32)
+    _ready(result.modules, wrapped.offload_device, compute, dtype)
     install_modules(model, {name.partition(".")[2]: m for name, m in result.modules.items()})
     follow_timesteps(model, result.clock)  # the copy's own hooks: the ControlNet's call gives its timesteps
+    if result.wiring is not None:
+        follow_folds(model, result.wiring)  # a loaded file's SCRI folds, proven on the copy's first call
     model.qvd_result = result  # QVD Save Quantized ControlNet reads it (copies of the ControlNet share the model)
     out = control_net.copy()
     out.control_model = model
@@ -468,7 +471,7 @@ def install(clone, result: QuantizeResult, sizes: dict[str, int]):
     Each patcher tells ComfyUI's memory planner the bytes its model holds quantized (``sizes``, from
     ``_quantized_sizes``: its ``model_size()``, which clones copy), not the float size it was cloned with.
     Every patcher gets the ON_LOAD callback that hands the quantized layers their weight patches as side branches
-    (``weight_patches``). ComfyUI's own model-saving nodes are refused on the result (they would save int8 codes
+    (``weight_patches``). A loaded file's SCRI folds are proven on the first calls (``_prove_folds``). ComfyUI's own model-saving nodes are refused on the result (they would save int8 codes
     as float weights)."""
     for module in result.modules.values():
         if getattr(module, "qvd_quantized", False):
@@ -487,6 +490,9 @@ def install(clone, result: QuantizeResult, sizes: dict[str, int]):
     if result.clock.buckets > 1:
         clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "qvd_timestep",
                                    _follow_timestep(result.clock))
+    if result.wiring is not None:
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "qvd_wiring",
+                                   _prove_folds(result.wiring))
     for i, p in enumerate(patched_motions):
         p.patches_uuid = uuid.uuid4()
         p.size = sizes[f"motion_{i}"]
@@ -507,6 +513,21 @@ def _follow_timestep(clock):
         if t is not None:
             clock.set(t)
         return executor(*args, **kwargs)
+    return wrapper
+
+
+def _prove_folds(wiring):
+    """A DIFFUSION_MODEL wrapper following the calls (the UNet's and the motion modules' layers run inside them) while
+    a loaded file's SCRI folds are unproven (``verify.FoldWiring``): a fold the model's wiring contradicts stops the
+    first call that runs it, with the file and layers named."""
+    def wrapper(executor, *args, **kwargs):
+        if not wiring:
+            return executor(*args, **kwargs)
+        wiring.begin(executor.class_obj, args, kwargs)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            wiring.end()
     return wrapper
 
 

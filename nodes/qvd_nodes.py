@@ -216,7 +216,8 @@ def _quantizer(calibration, weight_bits, activation_bits, htdq, scri, skip, head
             bar.append(comfy.utils.ProgressBar(total))
         bar[0].update_absolute(done, total)
 
-    return lambda tree: quantize_model(tree, calibration.subset(heads(tree)), config, apply=False, progress=progress)
+    return lambda tree, _dtype: quantize_model(tree, calibration.subset(heads(tree)), config, apply=False,
+                                               progress=progress)
 
 
 class QVDQuantizeModel:
@@ -287,8 +288,8 @@ class QVDLoadQuantized:
     def load(self, model, qvd_name, compute="auto"):
         compute_line = _compute_line(compute)
         path = _existing_file(qvd_name)
-        clone, result = patching.quantize(model, lambda tree: load_quantized(path, tree, apply=False), compute)
-        report = describe(result) + "\n" + compute_line + _kept(result)
+        clone, result = patching.quantize(model, lambda tree, dtype: load_quantized(path, tree, False, dtype), compute)
+        report = describe(result, recorded=True) + "\n" + compute_line + _kept(result)
         return {"ui": {"text": [report]}, "result": (clone, report)}
 
 
@@ -359,16 +360,17 @@ class QVDLoadQuantizedControlNet:
     def load(self, control_net, qvd_name, compute="auto"):
         compute_line = _compute_line(compute)
         path = _existing_file(qvd_name)
-        out, result = patching.quantize_controlnet(control_net, lambda tree: load_quantized(path, tree, apply=False),
-                                                   compute)
-        report = describe(result) + "\n" + compute_line + _kept(result)
+        out, result = patching.quantize_controlnet(control_net,
+                                                   lambda tree, dtype: load_quantized(path, tree, False, dtype), compute)
+        report = describe(result, recorded=True) + "\n" + compute_line + _kept(result)
         return {"ui": {"text": [report]}, "result": (out, report)}
 
 
-def describe(result) -> str:
+def describe(result, recorded: bool = False) -> str:
     """The node's report: ``summarize`` of the layers, then what the calibration covered and the precision the
-    quantized weights were taken at (a file's values checked against this model: ``qvd/verify.py``)."""
-    lines = [summarize(result.report)]
+    quantized weights were taken at (a file's values checked against this model: ``qvd/verify.py``; its errors
+    ``recorded`` when it was made, not measured here)."""
+    lines = [summarize(result.report, recorded)]
     ts = result.calibrated.get("timesteps") or []
     patches = result.calibrated.get("patches")
     covered = result.calibrated.get("coverage") or []
@@ -420,9 +422,9 @@ def _ends(result) -> list[str]:
     return lines
 
 
-def summarize(report: list[dict]) -> str:
+def summarize(report: list[dict], recorded: bool = False) -> str:
     """One line per (model, layer kind, bit widths): layer count, how many each handler took (for layers kept in
-    float: why) and the mean relative output error."""
+    float: why) and the mean relative output error (``recorded``: as a file recorded it when it was made)."""
     groups: dict[tuple, list] = {}
     for r in report:
         head = r["name"].partition(".")[0]
@@ -436,7 +438,8 @@ def summarize(report: list[dict]) -> str:
             key = r.get("skipped") or r.get("handler", "")
             how[key] = how.get(key, 0) + 1
         known = [r["out_rel_err"] for r in rows if r.get("out_rel_err") is not None]
-        err = f", mean rel. output error {sum(known) / len(known):.2e}" if known else ""
+        err = (f", mean rel. output error {sum(known) / len(known):.2e}"
+               + (" (recorded in the file when it was made)" if recorded else "")) if known else ""
         lines.append(f"{tree} {kind}: {len(rows)} x {bits} ({', '.join(f'{k} {v}' for k, v in how.items())}){err}")
     return "\n".join(lines)
 

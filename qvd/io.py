@@ -21,7 +21,7 @@ calibration file), ``layers``
 (``kind``, ``in``, ``out``, ``w_bits``; W8A8: ``a_bits``, ``zero_point`` (B integers),
 ``scri`` = "none" | "kernel" | "norm:<norm>"; convs: ``kernel``, ``stride``, ``padding``), ``norms`` (norm ->
 type name) and the per-layer ``report`` (``REPORT_FIELDS``; ``weight_dtype``: the precision the source model
-held the layer's weight at). Version 2 (one bucket: ``.act_scale`` F32 [], ``zero_point`` an integer, no
+held the layer's weight at; ``norm_dtype``: its folded norm's, where SCRI is folded into one). Version 2 (one bucket: ``.act_scale`` F32 [], ``zero_point`` an integer, no
 ``timestep_edges``) is read as one bucket.
 
 Calibration: metadata key ``qvd_calibration``, format ``qvd-calibration`` version 5. Tensors per layer:
@@ -52,7 +52,7 @@ from .quantize import QuantizeResult
 from .quantizers import act_qrange, weight_qmax
 from .scri import folded_norm
 from .timesteps import TimestepClock, follow_timesteps
-from .verify import DTYPES, check_against_model
+from .verify import DTYPES, FoldWiring, check_against_model, follow_folds
 
 FORMAT = "qvd-w8a8"
 FORMAT_VERSION = 3  # bump when the layout above changes; 3: timestep buckets
@@ -74,7 +74,7 @@ _NUMBER = "number"
 # required ones; fields not listed must be scalars.
 REPORT_FIELDS = {"name": str, "kind": ("linear", "conv", "temporal"), "w_bits": int, "a_bits": int,
                  "handler": ("float", "hiditq", "scri-norm", "scri-kernel", "uniform"), "skipped": str,
-                 "weight_dtype": tuple(DTYPES), "weight": str, "act_range": str, "scri_fold": str,
+                 "weight_dtype": tuple(DTYPES), "norm_dtype": tuple(DTYPES), "weight": str, "act_range": str, "scri_fold": str,
                  "out_err_channels": int, "timesteps": int, "out_rel_err": _NUMBER, "w_rel_err": _NUMBER,
                  "tdscore": _NUMBER, "k": _NUMBER, "hiditq_clip": _NUMBER, "hiditq_tau": _NUMBER,
                  "hiditq_neg_share": _NUMBER, "scri_alpha": _NUMBER, "conditioning": str, "role": str}
@@ -438,15 +438,20 @@ def _build(info: dict, t: dict) -> nn.Module:
     return QConv2d(info["in"], info["out"], info["kernel"], info["stride"], info["padding"], **kw)
 
 
-def load_quantized(path: str, root: nn.Module, apply: bool = True) -> QuantizeResult:
+def load_quantized(path: str, root: nn.Module, apply: bool = True,
+                   compute_dtype: torch.dtype | None = None) -> QuantizeResult:
     """Rebuild the quantized layers stored in ``path`` for the fp model ``root``, after verifying the file (format
-    2 or 3). ``apply=True`` installs them and makes ``root``'s calls set their timestep bucket (``follow_timesteps``)."""
+    2 or 3). ``apply=True`` installs them and makes ``root``'s calls set their timestep bucket (``follow_timesteps``)
+    and prove the file's SCRI folds (``follow_folds``: the first call that runs a folded layer fed by another norm
+    raises ``ModelMismatchError``); hosts installing them otherwise run ``result.wiring`` around their calls.
+    ``compute_dtype``: the dtype the host runs the model in (None: each layer's weight dtype), which bounds the file's
+    calibrated values (``verify.check_against_model``)."""
     tensors, meta = safefile.read(path, KEY, QuantizedFileError, "QVD quantized model")
     meta = _upgraded(meta, tensors)
     s = _Schema(path, QuantizedFileError, tensors, MAX_ABS)
     cfg, edges = _check_quantized(s, meta)
     named = dict(root.named_modules())
-    check_against_model(path, meta, tensors, named, cfg)
+    check_against_model(path, meta, tensors, named, cfg, compute_dtype)
     modules = {}
     for name, info in meta["layers"].items():
         fields = _TEMPORAL_FIELDS if info["kind"] == "temporal" else _W8A8_FIELDS
@@ -455,11 +460,13 @@ def load_quantized(path: str, root: nn.Module, apply: bool = True) -> QuantizeRe
     for name in meta["norms"]:  # one transform for all the layers a norm feeds (checked): any of them has it
         scri = next(modules[n].scri for n, info in meta["layers"].items() if info.get("scri") == f"norm:{name}")
         modules[name] = folded_norm(named[name], tensors[f"{name}.weight"], tensors[f"{name}.bias"], scri)
+    folds = {n: info["scri"][5:] for n, info in meta["layers"].items() if info.get("scri", "").startswith("norm:")}
     result = QuantizeResult(modules, meta["report"], cfg, meta["signatures"], meta.get("calibrated", {}),
-                            TimestepClock(edges))
+                            TimestepClock(edges), FoldWiring(path, modules, folds))
     if apply:
         install(root, modules)
         follow_timesteps(root, result.clock)
+        follow_folds(root, result.wiring)
     return result
 
 

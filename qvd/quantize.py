@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -36,18 +37,23 @@ from .safefile import DTYPE_NAMES
 from .scri import ScriTransform, foldable_norm
 from .timesteps import TimestepClock, bucket_edges, bucket_of, follow_timesteps
 
+if TYPE_CHECKING:
+    from .verify import FoldWiring
+
 
 @dataclass
 class QuantizeResult:
     """Replacement modules (name relative to the root -> module), the per-layer report, what the calibration
     covered (``calibrated``: its timesteps and layer count, and the host's attention patches applied while it ran when
-    known; empty when unknown) and the clock of the W8A8 layers' timestep buckets (``clock.edges``)."""
+    known; empty when unknown), the clock of the W8A8 layers' timestep buckets (``clock.edges``) and, for a loaded
+    file, the proof its SCRI folds still owe on the model's calls (``verify.FoldWiring``; None when made here)."""
     modules: dict[str, nn.Module]
     report: list[dict]
     config: QVDConfig
     signatures: dict[str, list] = field(default_factory=dict)
     calibrated: dict = field(default_factory=dict)
     clock: TimestepClock = field(default_factory=TimestepClock)
+    wiring: FoldWiring | None = None
 
     def __post_init__(self):
         for m in self.modules.values():
@@ -422,6 +428,8 @@ def plan(root: nn.Module, calibration: Calibration, config: QVDConfig | None = N
             temporal = {n for n in names if n in calibration.layers and calibration.layers[n].temporal}
             if norm_group_folds(named.get(norm_name), names, layers, temporal):
                 group, scri = _plan_norm_group(norm_name, names, layers, calibration, cfg, edges)
+                for d in group:  # what a file's folded norm is checked against (verify.py)
+                    d.extra["norm_dtype"] = DTYPE_NAMES[named[norm_name].weight.dtype] if d.norm else None
                 decided.update((d.name, d) for d in group)
                 if scri is not None:
                     norms[norm_name] = scri

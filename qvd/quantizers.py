@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 MSE_SMALLEST_CLIP = 0.3  # the MSE searches' smallest clip of the min-max range
+RANGE_FLOOR = 1e-8  # the narrowest range an activation quantizer covers (a constant input's)
 _MSE_GRID = torch.linspace(MSE_SMALLEST_CLIP, 1.0, 36)
 _MAX_SEARCH_VALUES = 1 << 15
 
@@ -59,7 +60,7 @@ def affine_params(lo: float, hi: float, bits: int) -> tuple[float, int]:
     """Scale and zero point mapping ``[lo, hi]`` (which must contain 0) onto the int code range."""
     qmin, qmax = act_qrange(bits)
     lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max(hi - lo, 1e-8) / (qmax - qmin)
+    scale = max(hi - lo, RANGE_FLOOR) / (qmax - qmin)
     zp = int(round(qmin - lo / scale))
     return scale, max(qmin, min(qmax, zp))
 

@@ -8,27 +8,32 @@ built, ``check_against_model`` recomputes from the model, in absolute terms, wha
   channel's ``max |W s| / qmax``; ``mse``: between the search's smallest clip and that);
 - int8 codes: the model's weight (``W s`` with SCRI) rounded on the file's scales, exactly up to ties;
 - biases: the model's own (the SCRI fold ``b + W z`` is recomputed at run time from it);
-- folded norms: the model's norm with the file's own SCRI transform folded in, each named norm feeding its layers
-  (a LayerNorm feeds Linears, a GroupNorm 1x1 convs, of the same width and in the same block), all of them taking
-  one transform.
+- folded norms: the model's norm with the file's own SCRI transform folded in (a LayerNorm feeding Linears, a
+  GroupNorm 1x1 convs, of the same width and in the same block), all of its layers taking one transform; which norm
+  feeds which layer is then proven on the model's own calls (``FoldWiring``): the first call that runs a folded layer
+  fed by anything but its named norm stops before it gives an output.
 
-Where the model is held at another precision than the file's source (``weight_dtype`` in its report, e.g. fp32
-quantized, fp16 loaded) the comparisons allow that precision's rounding and nothing more. What the model cannot
-determine (activation scales and zero points, SCRI shift and scale, HiDi-TQ levels, bit widths) comes from
-whoever calibrated the file and is checked for range and consistency only (``io.py``).
+Where the model holds a tensor at another precision than the file's source (``weight_dtype`` / ``norm_dtype`` in its
+report), the model's tensor is rounded to the source's precision and must then match exactly, or, where the model
+holds fewer bits than the source, match within the model's own rounding (``held``): the slack comes from the model,
+never from the file. What the model cannot determine (activation scales and zero points, SCRI shift and scale,
+HiDi-TQ levels, bit widths) comes from whoever calibrated the file: checked for consistency (``io.py``) and bounded by
+what a calibration of a model computing in the host's dtype gives (``_check_bounds``).
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from . import callgraph
 from .config import QVDConfig
 from .errors import ModelMismatchError, QuantizedFileError
 from .identity import check_layers, layer_signature
 from .quantize import norm_group_folds
-from .quantizers import MSE_SMALLEST_CLIP, weight_qmax
+from .quantizers import MSE_SMALLEST_CLIP, RANGE_FLOOR, act_qrange, dequantize_weight, weight_qmax
 from .safefile import DTYPES as _FILE_DTYPES
 from .scri import ScriTransform
 
@@ -36,20 +41,53 @@ DTYPES = {k: v for k, v in _FILE_DTYPES.items() if v.is_floating_point}  # a lay
 _ARITHMETIC = 2.0 ** -20  # relative slack for fp32 recomputation (an inverse stored as 1 / s, summation order)
 
 
-def precision_slack(file_dtype: str | None, model_dtype: torch.dtype) -> tuple[float, float]:
-    """(relative, absolute) difference allowed between a weight the file was made from and the model's: the
-    coarser precision's rounding (its spacing, and its subnormals' spacing near 0); none when the model holds the
-    weight at the file's precision (the same checkpoint gives the same values)."""
+@dataclass(frozen=True)
+class Held:
+    """How a model tensor compares with the one a file was made from (``held``): rounded to the file's source precision
+    (``round_to``, None: as it is), then equal within ``rel`` (relative) and ``tiny`` (absolute)."""
+    round_to: torch.dtype | None
+    rel: float
+    tiny: float
+
+    def source(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (the model's) as the file's source held it, as fp32 on the CPU."""
+        t = t.detach().cpu()
+        return (t if self.round_to is None else t.to(self.round_to)).float()
+
+
+def held(file_dtype: str | None, model_dtype: torch.dtype) -> Held:
+    """The comparison for a file made at ``file_dtype`` (its report's ``weight_dtype``; None: the model's own) of a
+    model holding the tensor at ``model_dtype``; what it allows comes from the model, never from the file's claim:
+
+    - the model holds at least the source's mantissa (fp32 held, fp32 / fp16 / bf16 claimed; fp16 held, bf16
+      claimed): the model's tensor rounded to the claimed precision must give the file's values exactly (a claim of a
+      coarser source buys no slack: it only names the rounding to recompute), but where the model's dtype flushes
+      small values the source kept (fp16's subnormals) within that flush;
+    - the model holds fewer mantissa bits than the source (fp16 or bf16 loaded from an fp32 file): within the model's
+      own rounding, the information the model no longer has."""
     src = DTYPES.get(file_dtype, model_dtype)
     if src == model_dtype:
-        return 0.0, 0.0
-    coarse = max(torch.finfo(src), torch.finfo(model_dtype), key=lambda f: f.eps)
-    return coarse.eps, coarse.eps * coarse.smallest_normal
+        return Held(None, 0.0, 0.0)
+    mine, theirs = torch.finfo(model_dtype), torch.finfo(src)
+    flush = mine.eps * mine.smallest_normal if mine.smallest_normal > theirs.smallest_normal else 0.0
+    if mine.eps > theirs.eps:
+        return Held(None, mine.eps, mine.eps * mine.smallest_normal)
+    return Held(src, 0.0, flush)
 
 
 class _Check:
     def __init__(self, path):
         self.path = os.fspath(path)
+
+    def unreachable(self, where: str, what: str, expected: str):
+        raise QuantizedFileError(f"{self.path}: {where} {what}, expected {expected}: no calibration gives it; the file "
+                                 f"is damaged or was edited: save or download it again, or quantize the model anew")
+
+    def bound(self, tensor: str, what: str, value: float, big: float, dtype: torch.dtype) -> None:
+        """``value`` (the largest magnitude of ``what`` the tensor gives) within ``big`` (what ``dtype`` holds)."""
+        if not value <= big:
+            self.unreachable(f"tensor '{tensor}'", f"gives a {what} of {value:.3g}",
+                             f"at most {big:.6g} where the layer computes in {str(dtype).removeprefix('torch.')}")
 
     def mismatch(self, where: str, what: str, expected: str):
         raise ModelMismatchError(f"{self.path}: {where}: {what}, expected {expected}. The file was edited or made from "
@@ -75,15 +113,16 @@ _CHUNK = 1 << 22  # values compared at a time: bounds the check's memory on the 
 
 
 def check_weights(c: _Check, name: str, w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int,
-                  clip: str, scri: ScriTransform | None, slack: tuple[float, float]) -> None:
-    """Scales within what ``w`` (the model's weight) allows for ``clip``; codes = ``w s`` rounded on them."""
+                  clip: str, scri: ScriTransform | None, how: Held) -> None:
+    """Scales within what ``w`` (the model's weight, compared as ``how`` says) allows for ``clip``; codes = ``w s``
+    rounded on them."""
     qmax = weight_qmax(bits)
-    rel, tiny = _ARITHMETIC + slack[0], slack[1] / qmax
+    rel, tiny = _ARITHMETIC + how.rel, how.tiny / qmax
     rows_w, rows_q = w.reshape(w.shape[0], -1), codes.reshape(w.shape[0], -1)
     col_scale = None if scri is None else scri.scale.view(-1, *([1] * (w.dim() - 2))).expand(w.shape[1:]).reshape(1, -1)
     step = max(1, _CHUNK // rows_w.shape[1])
     for r0 in range(0, rows_w.shape[0], step):
-        rows = rows_w[r0:r0 + step].float().cpu()
+        rows = how.source(rows_w[r0:r0 + step])
         if col_scale is not None:
             rows = rows * col_scale
         s = scale[r0:r0 + step]
@@ -97,21 +136,23 @@ def check_weights(c: _Check, name: str, w: torch.Tensor, codes: torch.Tensor, sc
                                                 if clip == "mse" else " (max |W| / qmax of this model's weight)"))
         v = (rows / s[:, None]).clamp_(-qmax, qmax)  # never in place: ``rows`` may be the model's own weight
         # a code is the rounding of v; a value within the slack of a midpoint may round either way
-        tol = v.abs().mul_(rel).add_(0.5 + 1e-6).add_(slack[1] / s[:, None])
+        tol = v.abs().mul_(rel).add_(0.5 + 1e-6).add_(how.tiny / s[:, None])
         c.close(name, "the int8 codes (weight)", rows_q[r0:r0 + step].float(), v, tol, r0,
                 None if step >= rows_w.shape[0] else codes.numel())
 
 
 def check_against_model(path, meta: dict, tensors: dict[str, torch.Tensor], named: dict[str, nn.Module],
-                        cfg: QVDConfig) -> None:
-    """Refuse (``ModelMismatchError``) a file whose model-determined values are not those of ``named``'s model;
-    ``meta`` and ``tensors`` already passed the file's schema (``io._check_quantized``)."""
+                        cfg: QVDConfig, compute_dtype: torch.dtype | None = None) -> None:
+    """Refuse (``ModelMismatchError``) a file whose model-determined values are not those of ``named``'s model, and
+    (``QuantizedFileError``) one whose calibrated values no calibration of it could give where it runs in
+    ``compute_dtype`` (None: each layer's weight dtype; ``_check_bounds``); ``meta`` and ``tensors`` already passed the
+    file's schema (``io._check_quantized``)."""
     c = _Check(path)
     if any(getattr(m, "qvd_quantized", False) for m in named.values()):
         raise QuantizedFileError("this model is already quantized: load the file onto the full-precision model")
     model_sigs = {n: layer_signature(m) for n, m in named.items() if isinstance(m, (nn.Linear, nn.Conv2d))}
     check_layers(meta["signatures"], model_sigs, f"the quantized file {os.path.basename(c.path)}")
-    dtypes = {r["name"]: r.get("weight_dtype") for r in meta["report"]}
+    reports = {r["name"]: r for r in meta["report"]}
     scri = {n: ScriTransform.stored(tensors.get(f"{n}.scri_shift"), tensors.get(f"{n}.scri_inv_scale"))
             for n in meta["layers"]}
     for n, info in meta["layers"].items():
@@ -121,21 +162,66 @@ def check_against_model(path, meta: dict, tensors: dict[str, torch.Tensor], name
             c.mismatch(f"layer {n}", f"stride {info['stride']} and padding {info['padding']} in the file",
                        f"stride {m.stride}, padding {m.padding} (dilation {m.dilation}, groups {m.groups}) as in "
                        f"this model")
-        slack = precision_slack(dtypes.get(n), m.weight.dtype)
-        check_weights(c, n, m.weight.detach(), tensors[f"{n}.weight"], tensors[f"{n}.weight_scale"], info["w_bits"],
-                      cfg.weight_clip, scri[n], slack)
+        claim = reports.get(n, {}).get("weight_dtype")  # the source's precision (the bias's too)
+        how = held(claim, m.weight.dtype)
+        check_weights(c, n, m.weight, tensors[f"{n}.weight"], tensors[f"{n}.weight_scale"], info["w_bits"],
+                      cfg.weight_clip, scri[n], how)
         b = tensors.get(f"{n}.bias")
         if (m.bias is None) != (b is None):
             c.mismatch(f"layer {n}", "the file has " + ("a bias" if b is not None else "no bias"),
                        "no bias (this model's layer has none)" if m.bias is None else "the model's bias")
         if b is not None:
-            own = m.bias.detach().float().cpu()
-            c.close(n, "bias", b, own, own.abs() * (_ARITHMETIC + slack[0]) + slack[1])
-    _check_norms(c, meta, tensors, named, cfg, scri, dtypes)
+            bias_how = held(claim, m.bias.dtype)
+            own = bias_how.source(m.bias)
+            c.close(n, "bias", b, own, own.abs() * (_ARITHMETIC + bias_how.rel) + bias_how.tiny)
+        _check_bounds(c, n, info, tensors, scri[n], _runs_in(m, compute_dtype))
+    _check_norms(c, meta, tensors, named, cfg, scri, reports)
+    for norm in meta["norms"]:
+        big = torch.finfo(_runs_in(named[norm], compute_dtype)).max
+        for field in ("weight", "bias"):
+            c.bound(f"{norm}.{field}", "the folded norm's affine", float(tensors[f"{norm}.{field}"].abs().max()), big,
+                    _runs_in(named[norm], compute_dtype))
+
+
+def _runs_in(m: nn.Module, compute_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype ``m`` computes in: the host's, else its weight's (fp32 for an 8-bit storage dtype)."""
+    dtype = compute_dtype or m.weight.dtype
+    return dtype if dtype.is_floating_point and dtype.itemsize >= 2 else torch.float32
+
+
+def _check_bounds(c: _Check, name: str, info: dict, tensors: dict, scri: ScriTransform | None,
+                  dtype: torch.dtype) -> None:
+    """The calibrated values of layer ``name`` (the model cannot recompute them) within what a calibration of a model
+    computing in ``dtype`` gives: activation ranges and SCRI shifts of values that dtype holds, a HiDi-TQ table of
+    such values holding 0, ranges no narrower than the quantizer's floor, and the bias ``b + W z`` the SCRI shift makes
+    representable (a larger one gives inf in fp16)."""
+    big = torch.finfo(dtype).max
+    if info["kind"] == "temporal":
+        levels = tensors[f"{name}.levels"]
+        c.bound(f"{name}.levels", "HiDi-TQ level", float(levels.abs().max()), big, dtype)
+        if not bool((levels == 0).any()):
+            c.unreachable(f"tensor '{name}.levels'", "has no level 0", "every HiDi-TQ table holds 0")
+        return
+    qmin, qmax = act_qrange(info["a_bits"])
+    s = tensors[f"{name}.act_scale"].double()
+    zp = torch.tensor(info["zero_point"], dtype=torch.float64)
+    span = torch.maximum((qmin - zp).abs(), (qmax - zp).abs()) * s  # the farthest value the range reaches
+    reach = big  # inputs the layer reads in ``dtype``; SCRI in the kernel reads (x - z) / s in fp32
+    if info["scri"] == "kernel":
+        reach = 2 * big * float(tensors[f"{name}.scri_inv_scale"].max())
+    c.bound(f"{name}.act_scale", "activation range end", float((span - s).max()), reach, dtype)
+    if float(s.min()) * (qmax - qmin) < RANGE_FLOOR * (1 - 1e-6):
+        c.unreachable(f"tensor '{name}.act_scale'", f"covers a range of {float(s.min()) * (qmax - qmin):.3g}",
+                      f"at least {RANGE_FLOOR:g}, the quantizer's floor")
+    if scri is not None:
+        c.bound(f"{name}.scri_shift", "SCRI shift", float(scri.shift.abs().max()), big, dtype)
+        bias = scri.folded_bias(dequantize_weight(tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"]),
+                                tensors.get(f"{name}.bias"))
+        c.bound(f"{name}.scri_shift", "bias b + W z it gives", float(bias.abs().max()), big, dtype)
 
 
 def _check_norms(c: _Check, meta: dict, tensors: dict, named: dict[str, nn.Module], cfg: QVDConfig,
-                 scri: dict[str, ScriTransform | None], dtypes: dict) -> None:
+                 scri: dict[str, ScriTransform | None], reports: dict) -> None:
     """Each folded norm is the model's norm feeding the layers that name it, folded with their one transform."""
     groups: dict[str, list[str]] = {}
     for n, info in meta["layers"].items():
@@ -161,14 +247,16 @@ def _check_norms(c: _Check, meta: dict, tensors: dict, named: dict[str, nn.Modul
             if not (torch.equal(scri[m].shift, first.shift) and torch.equal(scri[m].scale, first.scale)):
                 c.mismatch(f"layer {m}", f"a SCRI transform other than {members[0]}'s, both read from norm {norm_name}",
                            "one transform for every layer a norm feeds")
-        rel, tiny = max(precision_slack(dtypes.get(m), norm.weight.dtype) for m in members)
-        rel += _ARITHMETIC
-        gamma, beta = norm.weight.detach().float().cpu(), norm.bias.detach().float().cpu()
         z, s = first.shift, first.scale
-        c.close(f"{norm_name} (norm)", "the folded weight", tensors[f"{norm_name}.weight"], gamma / s,
-                (gamma.abs() * rel + tiny) / s)
-        c.close(f"{norm_name} (norm)", "the folded bias", tensors[f"{norm_name}.bias"], (beta - z) / s,
-                ((beta.abs() + z.abs()) * rel + tiny) / s)
+        claims = {r.get("norm_dtype", r.get("weight_dtype")) for m in members for r in (reports.get(m, {}),)}
+        for claim in sorted(claims, key=str):  # one, unless the file contradicts itself: then each must hold
+            how = held(claim, norm.weight.dtype)
+            rel, tiny = _ARITHMETIC + how.rel, how.tiny
+            gamma, beta = how.source(norm.weight), how.source(norm.bias)
+            c.close(f"{norm_name} (norm)", "the folded weight", tensors[f"{norm_name}.weight"], gamma / s,
+                    (gamma.abs() * rel + tiny) / s)
+            c.close(f"{norm_name} (norm)", "the folded bias", tensors[f"{norm_name}.bias"], (beta - z) / s,
+                    ((beta.abs() + z.abs()) * rel + tiny) / s)
 
 
 def _input_width(m: nn.Module) -> int:
@@ -181,3 +269,119 @@ def _enclosing_block(named: dict[str, nn.Module], name: str) -> str:
     while parent and isinstance(named.get(parent), (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
         parent = parent.rpartition(".")[0]
     return parent
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or type(m).__name__.endswith("Norm")
+
+
+def _is_weighted(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or getattr(m, "qvd_quantized", False)
+
+
+class FoldWiring:
+    """Proof, on the model's own calls, that each layer whose SCRI a loaded file folds into a norm reads that norm's
+    output: names, widths and blocks (``check_against_model``) cannot tell two norms of one block apart (norm2 feeding
+    cross-attention, norm3 the feed-forward), the call can. While layers are unproven, each model call is followed
+    (``callgraph``: norms, weighted layers and the model's input tag what they give; every other torch operation, a host
+    patch's or a reference attention's included, passes its inputs' tags on) and a folded layer whose input comes from
+    anything but its named norm stops the call with ``ModelMismatchError`` before it gives an output. Once every folded
+    layer has run, proven, nothing is followed any more."""
+
+    def __init__(self, path, modules: dict[str, nn.Module], folds: dict[str, str]):
+        self.path = os.fspath(path)
+        self.pending = {id(modules[layer]): (layer, norm) for layer, norm in folds.items()}
+        self._names = {id(m): n for n, m in modules.items()}  # the file's names for its own modules
+        self._depth = 0  # model calls in progress (a nested call is part of the outer one's graph)
+        self._layers = 0  # weighted layers' forwards in progress (their inner operations are not followed)
+        self._graph = self._mode = None
+        self._handles = []
+
+    def __bool__(self) -> bool:
+        """Whether some folded layer is still unproven."""
+        return bool(self.pending)
+
+    @property
+    def idle(self) -> bool:
+        """No model call is being followed."""
+        return self._depth == 0
+
+    def begin(self, root: nn.Module, args=(), kwargs=None) -> None:
+        """A model call of ``root`` (with these arguments) starts: follow it while layers are unproven."""
+        self._depth += 1
+        if self._depth > 1 or not self.pending:
+            return
+        self._graph = callgraph.Provenance()
+        self._graph.start(callgraph.tensors_in((*args, *(kwargs or {}).values())))
+        for name, m in root.named_modules():
+            label = self._names.get(id(m), name)
+            if _is_weighted(m):
+                self._handles.append(m.register_forward_pre_hook(self._layer_starts(label)))
+                self._handles.append(m.register_forward_hook(self._gives(label, layer=True), always_call=True))
+            elif _is_norm(m):
+                self._handles.append(m.register_forward_hook(self._gives(label)))
+        self._layers = 0
+        self._mode = callgraph.Following(self._graph, lambda: self._layers > 0)
+        self._mode.__enter__()
+
+    def end(self) -> None:
+        """The model call ends (also when it raised)."""
+        self._depth -= 1
+        if self._depth or self._mode is None:
+            return
+        self._mode.__exit__(None, None, None)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._graph.stop()
+        self._graph = self._mode = None
+
+    def _gives(self, label: str, layer: bool = False):
+        def hook(_module, _args, output):
+            if layer:
+                self._layers -= 1
+            if self._layers == 0 and self._graph is not None:
+                for t in callgraph.tensors_in((output,)):
+                    self._graph.set(t, frozenset((label,)))
+        return hook
+
+    def _layer_starts(self, label: str):
+        def hook(module, args):
+            self._layers += 1
+            fold = self.pending.get(id(module))
+            if fold is None or self._layers > 1 or not args:
+                return
+            layer, norm = fold
+            sources = self._graph.get(args[0])
+            if sources == {norm}:
+                del self.pending[id(module)]
+                return
+            other = sorted(sources - {norm})
+            reads = ("a value this call's graph does not lead to (computed outside torch)" if not sources else
+                     "the model's input" if other == [callgraph.INPUT] else
+                     " and ".join(f"the output of {o}" for o in other[:2] if o != callgraph.INPUT))
+            raise ModelMismatchError(
+                f"{self.path}: layer {layer}: the file folds its SCRI into norm {norm}, but in this model it reads "
+                f"{reads}{' (as well)' if norm in sources else ''}. The file was edited or made for a model wired "
+                f"otherwise: load it onto the model it was made from, or quantize this model anew")
+        return hook
+
+
+def follow_folds(root: nn.Module, wiring: FoldWiring) -> list:
+    """Forward hooks on ``root`` (each child of a ``ModuleDict`` / ``ModuleList`` root) proving ``wiring`` on its
+    calls; they remove themselves once it is proven. Returns the hook handles."""
+    models = list(root.children()) if isinstance(root, (nn.ModuleDict, nn.ModuleList)) else [root]
+    handles = []
+
+    def before(module, args, kwargs):
+        wiring.begin(module, args, kwargs)
+
+    def after(_module, _args, _kwargs, _output):
+        wiring.end()
+        if not wiring and wiring.idle:
+            for h in handles:
+                h.remove()
+    for m in models:
+        handles.append(m.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(m.register_forward_hook(after, with_kwargs=True, always_call=True))
+    return handles

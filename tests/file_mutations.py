@@ -8,8 +8,10 @@ import random
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from qvd import safefile
+from qvd.scri import ScriTransform
 
 
 def read(path, key: str) -> tuple[dict, dict]:
@@ -204,3 +206,80 @@ def tensor_edits(tensors: dict, rng: random.Random, count: int):
                         if v.dtype != torch.bool else True
                 ts[n] = v
             yield f"{name} {op}", values
+
+
+def model_affine(model: nn.Module):
+    """name -> (weight, bias) of ``model``'s norm of that name (``swap_folds``)."""
+    named = dict(model.named_modules())
+    return lambda name: (named[name].weight, named[name].bias)
+
+
+def swap_folds(affine, layer_a: str, layer_b: str):
+    """A re-signed rewiring: the norm-folded layers ``layer_a`` and ``layer_b`` (each the only layer its norm feeds)
+    name each other's norm, and each norm's folded affine is recomputed from the model's (``affine(norm name) ->
+    (weight, bias)``) with the transform of the layer now naming it, so every value agrees with the model and with the
+    layer's own transform."""
+    def edit(meta, tensors):
+        a, b = meta["layers"][layer_a], meta["layers"][layer_b]
+        a["scri"], b["scri"] = b["scri"], a["scri"]
+        for layer, info in ((layer_a, a), (layer_b, b)):
+            norm = info["scri"][5:]
+            s = ScriTransform.stored(tensors[f"{layer}.scri_shift"], tensors[f"{layer}.scri_inv_scale"])
+            gamma, beta = (t.detach().float() for t in affine(norm))
+            tensors[f"{norm}.weight"], tensors[f"{norm}.bias"] = gamma / s.scale, (beta - s.shift) / s.scale
+    return edit
+
+
+def _block(name: str) -> str:
+    """A layer's transformer block / motion module / resnet (the name up to its last two parts)."""
+    return name.rsplit(".", 2)[0]
+
+
+def rewirings(model: nn.Module, meta: dict, tensors: dict, rng: random.Random, count: int):
+    """``count`` (label, edit(meta, tensors)) re-signed rewirings whose every value agrees with ``model``: two single-layer
+    norm folds swapped within a block and across blocks (``swap_folds``), two layers of one signature swapping names,
+    and a layer given another layer's SCRI transform with its codes made again for it from the model's weight."""
+    layers = meta["layers"]
+    single = [n for n, i in sorted(layers.items()) if i.get("scri", "").startswith("norm:")
+              and sum(j.get("scri") == i["scri"] for j in layers.values()) == 1]
+    width = {n: meta["signatures"][n][1][1] for n in layers}
+    pairs = [(a, b) for a in single for b in single if a < b and width[a] == width[b]]
+    same_block = [p for p in pairs if _block(p[0]) == _block(p[1])]
+    across = [p for p in pairs if _block(p[0]) != _block(p[1])]
+    twins = [(a, b) for a in sorted(layers) for b in sorted(layers) if a < b
+             and meta["signatures"][a] == meta["signatures"][b] and layers[a]["kind"] == layers[b]["kind"]]
+    kernel = [n for n, i in sorted(layers.items()) if i.get("scri") == "kernel"]
+    moves = [(a, b) for a in kernel for b in sorted(layers) if a != b and width[a] == width[b]
+             and layers[b].get("scri") in ("kernel", "none")]
+    kinds = [(k, v) for k, v in (("swap folds in a block", same_block), ("swap folds across blocks", across),
+                                 ("swap names", twins), ("move a transform", moves)) if v]
+    for _ in range(count):
+        kind, choices = rng.choice(kinds)
+        a, b = rng.choice(choices)
+        label = f"{kind}: {a} <-> {b}"
+        if kind.startswith("swap folds"):
+            yield label, swap_folds(model_affine(model), a, b)
+        elif kind == "swap names":
+            yield label, lambda m, t, a=a, b=b: _swap_names(m, t, a, b)
+        else:
+            yield label, lambda m, t, a=a, b=b: _move_transform(model, m, t, a, b)
+
+
+def _swap_names(meta, tensors, a: str, b: str) -> None:
+    """Layers ``a`` and ``b`` (one signature) swap their entries and tensors."""
+    meta["layers"][a], meta["layers"][b] = meta["layers"][b], meta["layers"][a]
+    ours = [k for k in tensors if k.rpartition(".")[0] in (a, b)]
+    moved = {(b if k.rpartition(".")[0] == a else a) + "." + k.rpartition(".")[2]: tensors.pop(k) for k in ours}
+    tensors.update(moved)
+
+
+def _move_transform(model: nn.Module, meta, tensors, a: str, b: str) -> None:
+    """Layer ``b`` takes ``a``'s kernel SCRI transform, its codes and scales made again from the model's weight."""
+    from qvd.quantizers import quantize_weight
+
+    s = ScriTransform.stored(tensors[f"{a}.scri_shift"], tensors[f"{a}.scri_inv_scale"])
+    w = dict(model.named_modules())[b].weight.detach().float()
+    codes, scale = quantize_weight(s.fold_weight(w), meta["layers"][b]["w_bits"])
+    tensors[f"{b}.weight"], tensors[f"{b}.weight_scale"] = codes, scale
+    tensors[f"{b}.scri_shift"], tensors[f"{b}.scri_inv_scale"] = s.shift.clone(), s.inv_scale.clone()
+    meta["layers"][b]["scri"] = "kernel"

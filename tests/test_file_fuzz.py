@@ -6,8 +6,11 @@ load exactly what was saved. Re-signed edits (valid checksum: a buggy tool, a ha
 same way, or, where they change only values calibration decides (activation scales and zero points, SCRI
 shift / scale, HiDi-TQ levels, the recorded config; every value of a calibration file), load a model that runs
 and stays finite. An edit of anything the model determines (codes, weight scales, biases, folded norms, the
-structure) is refused: the loader recomputes those from the model."""
+structure, which norm feeds which layer) is refused: the loader recomputes those from the model, and a load ends
+with the first model call, which proves the SCRI folds. Rewirings re-signed with every value made to agree with the
+model (``file_mutations.rewirings``) are among the edits."""
 import copy
+import json
 import os
 import random
 import time
@@ -18,14 +21,16 @@ import torch
 from qvd import (Calibrator, QVDConfig, QVDError, load_calibration, load_quantized, quantize_model, save_calibration,
                  save_quantized)
 from qvd.io import CALIBRATION_KEY, KEY
+from qvd.quantizers import dequantize_weight
 from qvd.identity import install
 from qvd.timesteps import follow_timesteps
+from qvd.verify import follow_folds
 
 import file_mutations as fm
 from unet_fixtures import TIMESTEPS
 
 SEED = 20261201
-CASES = {"quantized": (1400, 500, 300), "calibration": (700, 300, 200)}  # raw, metadata, tensor edits
+CASES = {"quantized": (1400, 500, 300, 200), "calibration": (700, 300, 200, 0)}  # raw, metadata, tensor edits, rewirings
 # `make test` runs the first eighth of each kind's cases (the same seeds: a prefix of the whole run), `make test-full`
 # the whole fuzz.
 SHARE = pytest.mark.parametrize("share", [pytest.param(8, id="eighth"),
@@ -51,8 +56,18 @@ def small(unet, inputs):
 CALIBRATED = {"act_scale", "zero_points", "timestep_edges", "scri_shift", "scri_inv_scale", "levels", "config"}
 
 
-def _quantized_differences(a, b) -> set[str]:
-    """The fields in which two loaded quantize results differ (empty: the same model)."""
+def _codes_fit(module, model) -> bool:
+    """Whether ``module``'s codes, undone through its own SCRI transform, are its layer's weight in ``model`` within
+    half a quantization step (what codes made for that transform from the model's weight are)."""
+    w = model.get_submodule(module.qvd_name).weight.detach().float()
+    got = module.scri.unfold_weight(dequantize_weight(module.weight, module.weight_scale))
+    step = module.weight_scale.view(-1, *[1] * (w.dim() - 1)) * module.scri.inv_scale.view(1, -1, *[1] * (w.dim() - 2))
+    return bool(((got - w).abs() <= step * (0.5 + 1e-4) + 1e-7).all())
+
+
+def _quantized_differences(a, b, model=None) -> set[str]:
+    """The fields in which two loaded quantize results differ (empty: the same model); codes and scales made for
+    another SCRI transform count as unchanged where they are ``model``'s weight for it (``_codes_fit``)."""
     if set(a.modules) != set(b.modules):
         return {"the set of layers"}
     attrs = ("zero_points", "w_bits", "a_bits", "scri_in_norm", "stride", "padding", "kernel_size", "in_features",
@@ -66,8 +81,10 @@ def _quantized_differences(a, b) -> set[str]:
         if type(ma) is not type(mb) or sa.keys() != sb.keys():
             found.add(f"the kind or fields of {n}")
             continue
-        found.update(k if getattr(ma, "qvd_quantized", False) else f"norm {k}" for k in sa
-                     if sa[k].dtype != sb[k].dtype or not torch.equal(sa[k], sb[k]))
+        changed = {k for k in sa if sa[k].dtype != sb[k].dtype or not torch.equal(sa[k], sb[k])}
+        if {"scri_shift", "scri_inv_scale"} & changed and _codes_fit(ma, model):
+            changed -= {"weight", "weight_scale"}  # codes made for the file's own (calibrated) transform
+        found.update(k if getattr(ma, "qvd_quantized", False) else f"norm {k}" for k in changed)
         found.update(k for k in attrs if getattr(ma, k, None) != getattr(mb, k, None))
     return found
 
@@ -133,13 +150,18 @@ class _Run:
             self.path.write_bytes(data)
             self.case(label, resigned=False)
 
-    def resigned(self, src, key: str, counts: tuple, rng) -> None:
+    def resigned(self, src, key: str, counts: tuple, rng, model=None) -> None:
         tensors, meta = fm.read(src, key)
         for label, edit in fm.meta_edits(meta, rng, counts[0]):
             fm.resign(src, self.path, key, edit_meta=edit)
             self.case(label, resigned=True)
         for label, edit in fm.tensor_edits(tensors, rng, counts[1]):
             fm.resign(src, self.path, key, edit_tensors=edit)
+            self.case(label, resigned=True)
+        for label, edit in (fm.rewirings(model, meta, tensors, rng, counts[2]) if counts[2] else ()):
+            t, m = {k: v.clone() for k, v in tensors.items()}, copy.deepcopy(meta)
+            edit(m, t)
+            fm.write_text(self.path, t, key, json.dumps(m))
             self.case(label, resigned=True)
 
 
@@ -166,12 +188,24 @@ def test_fuzz_quantized_files(unet, inputs, small, tmp_path, share):
             return f"its forward raised {type(e).__name__}: {str(e)[:150]}"
         return None if bool(torch.isfinite(y).all()) else "its output is not finite"
 
-    run = _Run(tmp_path, lambda p: load_quantized(p, unet, apply=False), _quantized_differences, runs, CALIBRATED)
-    run.baseline = load_quantized(src, unet, apply=False)
+    def load(path):
+        """A user's load: the file checked against the model, then the first call, which proves its SCRI folds."""
+        result = load_quantized(path, unet, apply=False)
+        for name, module in result.modules.items():
+            module.qvd_name = name
+        model = copy.deepcopy(unet)
+        install(model, result.modules)
+        follow_timesteps(model, result.clock)
+        follow_folds(model, result.wiring)
+        inputs.run(model, 600)
+        return result
+
+    run = _Run(tmp_path, load, lambda a, b: _quantized_differences(a, b, unet), runs, CALIBRATED)
+    run.baseline = load(src)
     rng, start = random.Random(SEED), time.monotonic()
-    raw_n, meta_n, tensor_n = (n // share for n in CASES["quantized"])
+    raw_n, meta_n, tensor_n, rewire_n = (n // share for n in CASES["quantized"])
     run.raw(src.read_bytes(), raw_n, rng)
-    run.resigned(src, KEY, (meta_n, tensor_n), rng)
+    run.resigned(src, KEY, (meta_n, tensor_n, rewire_n), rng, unet)
     _report("quantized file", run, time.monotonic() - start)
 
 
@@ -193,7 +227,7 @@ def test_fuzz_calibration_files(unet, small, tmp_path, share):
     run = _Run(tmp_path, load_calibration, _calibration_differences, runs)
     run.baseline = load_calibration(src)
     rng, start = random.Random(SEED + 1), time.monotonic()
-    raw_n, meta_n, tensor_n = (n // share for n in CASES["calibration"])
+    raw_n, meta_n, tensor_n, _ = (n // share for n in CASES["calibration"])
     run.raw(src.read_bytes(), raw_n, rng)
-    run.resigned(src, CALIBRATION_KEY, (meta_n, tensor_n), rng)
+    run.resigned(src, CALIBRATION_KEY, (meta_n, tensor_n, 0), rng)
     _report("calibration file", run, time.monotonic() - start)

@@ -5,6 +5,7 @@ seeded fuzz over both file kinds is test_file_fuzz.py."""
 import copy
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -591,3 +592,84 @@ def test_coverage_timesteps_fill_what_the_sampler_skipped():
     assert coverage_timesteps({500.0}, 0, 999, 0) == [] and coverage_timesteps(set(), 5, 5, 10) == []
     flow = coverage_timesteps({1000.0, 750.0}, 1.0, 1000.0, 4)  # a flow model's t = 1000 sigma
     assert flow == [334.0, 1.0]
+
+
+BLOCK = "mid_block.attentions.0.transformer_blocks.0"
+
+
+def test_two_norms_of_one_block_swapped_are_refused_on_the_first_call(unet, inputs, quantized, saved, tmp_path):
+    """Found by review: cross-attention's q (fed by norm2) and the feed-forward (fed by norm3) naming each other's norm,
+    each folded affine recomputed from the model, passed every check (same block, width and type) and loaded as a worse
+    model. The model's own call shows which norm feeds which layer: the first call stops before giving an output."""
+    tensors, meta = fm.read(saved, KEY)
+    tensors, meta = {k: v.clone() for k, v in tensors.items()}, copy.deepcopy(meta)
+    fm.swap_folds(fm.model_affine(unet), f"{BLOCK}.attn2.to_q", f"{BLOCK}.ff.net.0.proj")(meta, tensors)
+    path = tmp_path / "swapped.safetensors"
+    fm.write_text(path, tensors, KEY, json.dumps(meta))
+    model = copy.deepcopy(unet)
+    load_quantized(path, model)  # what names and values can tell: all consistent
+    with pytest.raises(ModelMismatchError, match=rf"layer {BLOCK}.attn2.to_q: the file folds its SCRI into norm "
+                                                 rf"{BLOCK}.norm3, but in this model it reads the output of "
+                                                 rf"{BLOCK}.norm2") as e:
+        inputs.run(model, 999)
+    assert str(path) in str(e.value)
+    honest = copy.deepcopy(unet)
+    res = load_quantized(saved, honest)
+    hooks = len(honest._forward_pre_hooks)
+    assert torch.equal(inputs.run(honest, 999), inputs.run(quantized[0], 999))
+    assert not res.wiring and len(honest._forward_pre_hooks) == hooks - 1  # proven by one call, then not followed
+
+
+def _resigned(saved, tmp_path, kind: str, field: str, edit, scri: str | None = None):
+    """Re-signed: ``edit`` applied to ``field`` of the first layer of ``kind`` (with SCRI ``scri``, when given);
+    (file, layer)."""
+    tensors, meta = fm.read(saved, KEY)
+    tensors, meta = {k: v.clone() for k, v in tensors.items()}, copy.deepcopy(meta)
+    layer = next(n for n, i in sorted(meta["layers"].items())
+                 if i["kind"] == kind and (scri is None or i.get("scri") == scri))
+    edit(tensors[f"{layer}.{field}"])
+    fm.write_text(tmp_path / "bounded.safetensors", tensors, KEY, json.dumps(meta))
+    return tmp_path / "bounded.safetensors", layer
+
+
+@pytest.mark.parametrize("kind, field, scri, match", [
+    ("temporal", "levels", None, "HiDi-TQ level of 1e\\+05, expected at most 65504 where the layer computes in float16"),
+    ("conv", "scri_shift", "kernel", "SCRI shift of 1e\\+05"),
+    ("linear", "act_scale", "none", "activation range end of"),
+])
+def test_calibrated_values_a_half_precision_model_cannot_hold_are_refused(unet, saved, tmp_path, kind, field, scri,
+                                                                           match):
+    """Found by review: HiDi-TQ levels or a SCRI shift up to 1e6 loaded and gave inf in fp16. Values the model cannot
+    recompute are bounded by what a calibration of a model computing in its dtype gives (fp32 holds these)."""
+    path, layer = _resigned(saved, tmp_path, kind, field, lambda t: t.mul_(1e5 / float(t.abs().max())), scri)
+    with pytest.raises(QuantizedFileError, match=f"tensor '{re.escape(layer)}.{field}' gives a {match}"):
+        load_quantized(path, copy.deepcopy(unet).half(), apply=False)
+    load_quantized(path, copy.deepcopy(unet), apply=False)
+    with pytest.raises(QuantizedFileError, match=f"{re.escape(layer)}.{field}.*float16"):
+        load_quantized(path, copy.deepcopy(unet), apply=False, compute_dtype=torch.float16)  # the host's dtype counts
+
+
+def _without_zero(levels):
+    i = int((levels == 0).nonzero()[0])
+    levels[i] = levels[i + 1] / 2
+
+
+@pytest.mark.parametrize("kind, field, edit, match", [
+    ("temporal", "levels", _without_zero, "has no level 0, expected every HiDi-TQ table holds 0"),
+    ("linear", "act_scale", lambda t: t.fill_(1e-12), "covers a range of 2.55e-10, expected at least 1e-08"),
+])
+def test_calibrated_values_no_calibration_gives_are_refused(unet, saved, tmp_path, kind, field, edit, match):
+    path, layer = _resigned(saved, tmp_path, kind, field, edit)
+    with pytest.raises(QuantizedFileError, match=f"{re.escape(layer)}.{field}' {match}"):
+        load_quantized(path, copy.deepcopy(unet), apply=False)
+
+
+def test_a_claimed_coarser_source_buys_no_slack(unet, saved, tmp_path):
+    """Found by review: a file saying its source weights were BF16 was compared with about +-1 code and +-0.8 % on
+    biases on any model. The tolerance comes from the model as it is held: an fp32 model's weights are rounded to the
+    claimed precision and must then give the file's codes exactly, which codes made from fp32 weights do not."""
+    def claims_bf16(meta):
+        for r in meta["report"]:
+            if "weight_dtype" in r:
+                r["weight_dtype"] = "BF16"
+    _refused(_edited(saved, tmp_path, claims_bf16), unet, "this model.s", ModelMismatchError)

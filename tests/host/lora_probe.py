@@ -154,7 +154,7 @@ def main(checkpoint: str, pack_dir: str, work_dir: str) -> dict:
     for ratio in (0.01, 0.1):
         fp = comfy.sd.load_lora_for_models(model, None, sd, ratio, 0)[0]
         for where, q in (("before_quantize", quantize(fp)),
-                         ("before_load", patching.quantize(fp, lambda tree: pack.qvd.load_quantized(
+                         ("before_load", patching.quantize(fp, lambda tree, _dtype: pack.qvd.load_quantized(
                              path, tree, apply=False))[0])):
             mm.load_models_gpu([q])
             measure(q, fp, "lora", where, ratio)

@@ -175,7 +175,8 @@ def test_load_rejects_a_corrupt_or_truncated_file(core_runs, comfy_server):
 def test_damaged_files_give_a_node_error_and_the_server_stays_up(core_runs, comfy_server):
     """Found by the mutation runs (issues 13, 30): a file whose conv stride was 0 loaded, then the server died with
     SIGFPE in KSampler; a zero point edited in place sampled 8 % away; a re-signed code edit loaded; a report
-    field of the wrong type crashed the node. All are refused by name now."""
+    field of the wrong type crashed the node; two norms of one block swapped loaded (issue 42: refused by the first
+    model call, before any output). All are refused by name now."""
     folder = comfy_server.base / "models" / "qvd"
     good = folder / "core_w8a8.safetensors"
 
@@ -203,8 +204,33 @@ def test_damaged_files_give_a_node_error_and_the_server_stays_up(core_runs, comf
         err = comfy_server.run_failing(load_and_sample(name, "damaged"))
         assert err["node_type"] == "QVDLoadQuantized", err
         assert name in err["exception_message"] and why in err["exception_message"], err["exception_message"]
+    swapped, layer = _norms_swapped(comfy_server, good)
+    err = comfy_server.run_failing(load_and_sample(swapped.name, "swapped"))
+    assert err["node_type"] == "KSampler" and err["exception_type"].endswith("ModelMismatchError"), err
+    assert (swapped.name in err["exception_message"] and f"layer {layer}: the file folds its SCRI into norm"
+            in err["exception_message"] and "reads the output of" in err["exception_message"]), err["exception_message"]
+    err = comfy_server.run_failing(load_and_sample(swapped.name, "swapped_again"))  # the cached MODEL stays refused
+    assert err["node_type"] == "KSampler" and "reads the output of" in err["exception_message"], err
     entry = comfy_server.run(load_and_sample("core_w8a8.safetensors", "after_damaged"))
     assert torch.equal(read_latent(comfy_server, entry, "save_after_damaged"), core_runs["loaded"])
+
+
+def _norms_swapped(comfy_server, good):
+    """``good`` re-signed with cross-attention's q and the feed-forward of one transformer block naming each other's
+    norm, each folded affine recomputed from the checkpoint (every value agrees with the model): (file, layer)."""
+    from safetensors import safe_open
+
+    tensors, meta = fm.read(good, KEY)
+    tensors, meta = {k: v.clone() for k, v in tensors.items()}, copy.deepcopy(meta)
+    block = next(n.rpartition(".attn2.to_q")[0] for n, i in sorted(meta["layers"].items())
+                 if n.endswith(".attn2.to_q") and i.get("scri", "").startswith("norm:")
+                 and meta["layers"].get(n.replace("attn2.to_q", "ff.net.0.proj"), {}).get("scri", "").startswith("norm:"))
+    with safe_open(str(comfy_server.base / "models" / "checkpoints" / CKPT_NAME), "pt") as ckpt:
+        fm.swap_folds(lambda norm: (ckpt.get_tensor(f"model.{norm}.weight"), ckpt.get_tensor(f"model.{norm}.bias")),
+                      f"{block}.attn2.to_q", f"{block}.ff.net.0.proj")(meta, tensors)
+    path = good.with_name("swapped.safetensors")
+    fm.write_text(path, tensors, KEY, json.dumps(meta))
+    return path, f"{block}.attn2.to_q"
 
 
 def test_quantize_without_calibration_is_rejected(comfy_server):

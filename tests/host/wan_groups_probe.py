@@ -90,7 +90,7 @@ def main(model_path: str, pack_dir: str, steps: int, size: int, frames: int, see
         config = dataclasses.replace(default, **{k: default.scri_skip + v if k == "scri_skip" else v
                                                  for k, v in changes.items()})
         heads = {h: h for h in {n.partition(".")[0] for n in calibration.layers}}
-        quantized, result = patching.quantize(model, lambda tree: core.quantize_model(
+        quantized, result = patching.quantize(model, lambda tree, _dtype: core.quantize_model(
             tree, calibration.subset(heads), config, apply=False), "int8")
         rel = [float((sample(quantized, *run) - fp[run]).norm() / fp[run].norm()) for run in runs]
         w8a8 = sum(1 for r in result.report if "skipped" not in r and r.get("handler") != "float")
