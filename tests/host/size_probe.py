@@ -7,7 +7,8 @@ motion model) whole with the pack's nodes, then compares for each patcher: the s
 holds with QVD's object patches applied (every tensor of the state dict, as ComfyUI counts), and what a partial
 (low-VRAM) load counts as loaded plus offloaded. Then the work of a whole load with a LoRA (and a bias patch): the
 float work ComfyUI would merge and throw away (``convert_weight`` / ``set_weight`` calls on quantized layers), its
-time against the load without, and the bias patch's output whole against partial. Prints one JSON line.
+time against the load without, and the bias patch's output whole against partial; and the peak resident memory of
+QVD Load Quantized (under ``inference_mode``, as ComfyUI runs it) against the file's size. Prints one JSON line.
 
     python size_probe.py CHECKPOINT PACK_DIR LORA [ADE_DIR MOTION_FILE]   (cwd = ComfyUI's directory, on PYTHONPATH)
 """
@@ -84,7 +85,11 @@ def main(checkpoint: str, pack_dir: str, lora: str, ade_dir: str | None = None, 
         quantized = qvd["QVDQuantizeModel"]().quantize(model, calibration, 8, 8, True, True, "", "int8")["result"][0]
         with patching.result_to_save(quantized) as result:
             save_quantized(path, result)
-        loaded = patching.quantize(model, lambda tree: load_quantized(path, tree, apply=False), "int8")[0]
+        with _PeakRSS() as peak, torch.inference_mode():  # as ComfyUI runs QVD Load Quantized
+            loaded = patching.quantize(model, lambda tree, dtype: load_quantized(path, tree, False, dtype), "int8")[0]
+    largest = max(m.weight.numel() for m in patching.attached_result(loaded).modules.values()
+                  if getattr(m, "qvd_quantized", False))
+    load_memory = {"file": Path(path).stat().st_size, "peak": peak.peak, "largest_layer_fp32": largest * 4}
     still_loaded = any(m.model is model for m in mm.current_loaded_models)
     mm.unload_all_models()
     cpu = torch.device("cpu")
@@ -112,7 +117,8 @@ def main(checkpoint: str, pack_dir: str, lora: str, ade_dir: str | None = None, 
         finally:
             patcher.unpatch_model(cpu)
 
-    facts = {"float_told": model.model_size(), "motion": [], "reloads": reloads, "still_loaded": still_loaded}
+    facts = {"float_told": model.model_size(), "motion": [], "reloads": reloads, "still_loaded": still_loaded,
+             "load_memory": load_memory}
     for label, patcher in (("quantized", quantized), ("loaded", loaded)):
         facts[label] = {"told": patcher.model_size(), "clone_told": patcher.clone().model_size(),
                         "held": held(patcher), "partial": partial(patcher)}
@@ -193,6 +199,37 @@ def _motion_lora(qvd, patching, ade, motion_file: str, shapes: dict, checkpoint_
     finally:
         patcher.unpatch_model(cpu)
     return {"layers": layers, "load_seconds": seconds, "lora_file_bytes": (folder / "motion_lora.safetensors").stat().st_size}
+
+
+class _PeakRSS:
+    """Inside: the process's resident memory sampled every 2 ms; ``peak``: its highest value less the value on entry
+    (freed heap returned to the system first, so memory a load reuses is not hidden)."""
+
+    def __enter__(self):
+        import ctypes
+        import threading
+
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        self.base, self.peak, self._stop = self._rss(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss() - self.base)
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss() - self.base)
 
 
 @contextlib.contextmanager

@@ -37,6 +37,17 @@ def probe(sd15_checkpoint, motion_model, tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_a_load_holds_the_file_once(probe):
+    """Issue 42: ComfyUI runs nodes under ``inference_mode``, so the tensors read from a file were inference tensors
+    and every one was cloned (twice the file's RAM). QVD Load Quantized of the whole SD1.5 file now peaks at the file's
+    size plus the working memory of a few of its largest layers (the model check's fp32 copies)."""
+    f = probe["load_memory"]
+    print(f"\nQVD Load Quantized: peak {f['peak'] / 2**20:.0f} MiB above the start for a {f['file'] / 2**20:.0f} MiB "
+          f"file (largest layer in fp32 {f['largest_layer_fp32'] / 2**20:.0f} MiB)")
+    assert f["peak"] <= f["file"] + 4 * f["largest_layer_fp32"] + (32 << 20), f
+
+
+@pytest.mark.slow
 def test_the_qvd_nodes_never_reload_a_model_already_loaded(probe):
     """QVD Calibrate (its sampling included), Quantize Model, Save Quantized and the Load Quantized path on a MODEL
     ComfyUI has loaded: no load, no unpatch of its weights; it stays loaded."""
