@@ -30,7 +30,7 @@ from ..qvd import Calibrator, QuantizeResult, QVDConfig, QVDError, kernels, set_
 from ..qvd.calibrate import coverage_timesteps
 from ..qvd.identity import content_key, install as install_modules
 from ..qvd.modules import kept_float_bytes
-from ..qvd.scri import folded_output_transform
+from ..qvd.scri import folded_source, stand_for
 from ..qvd.timesteps import follow_timesteps, timestep_argument
 from ..qvd.verify import follow_folds
 from . import loading, weight_patches
@@ -385,7 +385,8 @@ class _Unfolded:
         self.patches, self.norms = patches, norms
 
     def __call__(self, n, context, value, extra_options):
-        scri = folded_output_transform(n, self.norms)
+        norm = folded_source(n, self.norms)
+        scri = None if norm is None else norm.qvd_scri
         given = (n, context, value)
         folded = [scri is not None and t is n for t in given]
         plain = scri.unapply(n).to(n.dtype) if scri is not None else None
@@ -393,8 +394,12 @@ class _Unfolded:
         for patch in self.patches:
             args = patch(*args, extra_options)
         # a value the patches passed through goes back as it came, bit for bit (no float round trip through x)
-        return tuple(g if f and t is plain else scri.apply(t).to(t.dtype) if f else t
-                     for t, f, g in zip(args, folded, given))
+        out = tuple(g if f and t is plain else scri.apply(t).to(t.dtype) if f else t
+                    for t, f, g in zip(args, folded, given))
+        for t, f in zip(out, folded):
+            if f:
+                stand_for(norm, t)  # what the folded layers read in the norm's output's place
+        return out
 
 
 def _structure_copy(module: nn.Module, offload_device, memo: dict | None = None) -> nn.Module:
@@ -523,8 +528,8 @@ def _prove_folds(wiring):
     def wrapper(executor, *args, **kwargs):
         if not wiring:
             return executor(*args, **kwargs)
-        wiring.begin(executor.class_obj, args, kwargs)
         try:
+            wiring.begin(executor.class_obj, args, kwargs)
             return executor(*args, **kwargs)
         finally:
             wiring.end()

@@ -311,7 +311,7 @@ class _NormUseWatch(Following):
     carries the calibrated call graph (``callgraph.Following``) through every operation outside the weighted modules."""
 
     def __init__(self, calibrator: "Calibrator"):
-        super().__init__(calibrator.provenance, lambda: calibrator._in_layer > 0)
+        super().__init__(calibrator.provenance, lambda: calibrator._in_layer > 0, METADATA | {"__setitem__"})
         self.cal = calibrator
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

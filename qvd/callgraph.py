@@ -74,16 +74,25 @@ class Provenance:
 
 
 class Following(TorchFunctionMode):
-    """Carries ``provenance`` through every torch operation while ``paused()`` is false (inside a tagged module's own
-    forward it is true: its output gets the module's tag)."""
+    """Carries ``provenance`` through every torch operation (but those named in ``skip``) while ``paused()`` is false
+    (inside a tagged module's own forward it is true: its output gets the module's tag). An in-place write
+    (``t[i] = v``, ``t.add_(v)``) adds what it writes to the written tensor's sources."""
 
-    def __init__(self, provenance: Provenance, paused):
+    def __init__(self, provenance: Provenance, paused, skip=frozenset()):
         super().__init__()
-        self.provenance, self.paused = provenance, paused
+        self.provenance, self.paused, self.skip = provenance, paused, skip
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.provenance.active and not self.paused() and getattr(func, "__name__", "") not in METADATA:
-            self.provenance.flow(args, kwargs, out)
+        name = getattr(func, "__name__", "")
+        if self.provenance.active and not self.paused() and name not in self.skip:
+            if name == "__setitem__" and args and torch.is_tensor(args[0]):
+                self.provenance.flow(args, kwargs, args[0])
+            else:
+                self.provenance.flow(args, kwargs, out)
+            self.followed(name, args, kwargs, out)
         return out
+
+    def followed(self, name: str, args, kwargs, out) -> None:
+        """Called after each followed operation (for subclasses)."""

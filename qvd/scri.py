@@ -114,8 +114,8 @@ def folded_norm(norm: nn.Module, weight: torch.Tensor, bias: torch.Tensor, scri:
     """A new module of ``norm``'s class and settings with the folded affine ``weight`` / ``bias`` (in ``norm``'s dtype
     and device; its output is ``scri.apply`` of the original's), marked ``qvd_scri_norm`` (a host must not patch its
     affine as the original's). Nothing else of ``norm``'s instance is carried over (no hooks, no state a host's loader
-    attached to it). It keeps ``qvd_scri`` and a weak reference to its last output (``folded_output_transform``), so a
-    host hook handed that output can read it in the original's domain."""
+    attached to it). It keeps ``qvd_scri`` and weak references to its outputs (``folded_source``), so a host hook
+    handed one can read it in the original's domain, and a loaded file's wiring can be proven (``verify.FoldWiring``)."""
     base = nn.GroupNorm if isinstance(norm, nn.GroupNorm) else nn.LayerNorm
     new = type(norm).__new__(type(norm))
     nn.Module.__init__(new)
@@ -126,21 +126,28 @@ def folded_norm(norm: nn.Module, weight: torch.Tensor, bias: torch.Tensor, scri:
     new.bias = nn.Parameter(bias.detach().to(norm.bias).clone(), requires_grad=False)
     new.qvd_scri_norm = True
     new.qvd_scri = scri
-    new.qvd_last_output = None
+    new.qvd_outputs = weakref.WeakValueDictionary()  # id -> the tensors standing for its output (``stand_for``)
     new.register_forward_hook(_remember_output)
     return new
 
 
 def _remember_output(module: nn.Module, _inputs, output) -> None:
-    module.qvd_last_output = weakref.ref(output) if torch.is_tensor(output) else None
+    if torch.is_tensor(output):
+        stand_for(module, output)
 
 
-def folded_output_transform(t: torch.Tensor, norms) -> ScriTransform | None:
-    """The SCRI transform of ``t`` when it is the last output of one of the folded ``norms`` (None otherwise)."""
+def stand_for(norm: nn.Module, t: torch.Tensor) -> None:
+    """Record that ``t`` stands for an output of the folded ``norm`` (its own output, or a value a host patch gave
+    back in its place, folded again)."""
+    norm.qvd_outputs[id(t)] = t
+
+
+def folded_source(t: torch.Tensor, norms) -> nn.Module | None:
+    """The folded norm among ``norms`` whose output ``t`` stands for (None: none of them)."""
     for norm in norms:
-        ref = getattr(norm, "qvd_last_output", None)
-        if ref is not None and ref() is t:
-            return norm.qvd_scri
+        outputs = getattr(norm, "qvd_outputs", None)
+        if outputs is not None and outputs.get(id(t)) is t:
+            return norm
     return None
 
 

@@ -35,7 +35,7 @@ from .identity import check_layers, layer_signature
 from .quantize import norm_group_folds
 from .quantizers import MSE_SMALLEST_CLIP, RANGE_FLOOR, act_qrange, dequantize_weight, weight_qmax
 from .safefile import DTYPES as _FILE_DTYPES
-from .scri import ScriTransform
+from .scri import ScriTransform, folded_source, stand_for
 
 DTYPES = {k: v for k, v in _FILE_DTYPES.items() if v.is_floating_point}  # a layer's source weight_dtype
 _ARITHMETIC = 2.0 ** -20  # relative slack for fp32 recomputation (an inverse stored as 1 / s, summation order)
@@ -55,24 +55,27 @@ class Held:
         return (t if self.round_to is None else t.to(self.round_to)).float()
 
 
-def held(file_dtype: str | None, model_dtype: torch.dtype) -> Held:
-    """The comparison for a file made at ``file_dtype`` (its report's ``weight_dtype``; None: the model's own) of a
-    model holding the tensor at ``model_dtype``; what it allows comes from the model, never from the file's claim:
+def held(file_dtype: str | None, model_dtype: torch.dtype, known: bool = True) -> Held:
+    """The comparison for a file made at ``file_dtype`` (its report's ``weight_dtype`` / ``norm_dtype``; None: the
+    model's own) of a model holding the tensor at ``model_dtype``; what it allows comes from the model:
 
-    - the model holds at least the source's mantissa (fp32 held, fp32 / fp16 / bf16 claimed; fp16 held, bf16
-      claimed): the model's tensor rounded to the claimed precision must give the file's values exactly (a claim of a
-      coarser source buys no slack: it only names the rounding to recompute), but where the model's dtype flushes
-      small values the source kept (fp16's subnormals) within that flush;
-    - the model holds fewer mantissa bits than the source (fp16 or bf16 loaded from an fp32 file): within the model's
-      own rounding, the information the model no longer has."""
+    - the model holds every value the source could (fp32 held; fp16 or bf16 claimed): the model's tensor rounded to
+      the claimed precision must give the file's values exactly (a claim of a coarser source buys no slack: it only
+      names the rounding to redo);
+    - the model lost some of what the source held (fp16 or bf16 loaded from an fp32 file, bf16 held for an fp16 one,
+      fp16's narrower range for a bf16 one): within the coarser of the two roundings, the information the model no
+      longer has (and the source's rounding of its subnormals).
+
+    ``known=False`` (a file from before ``norm_dtype`` was recorded, compared on a norm): the claim is the layers'
+    precision, not the norm's, so the two are compared within the coarser rounding whichever it is."""
     src = DTYPES.get(file_dtype, model_dtype)
     if src == model_dtype:
         return Held(None, 0.0, 0.0)
     mine, theirs = torch.finfo(model_dtype), torch.finfo(src)
-    flush = mine.eps * mine.smallest_normal if mine.smallest_normal > theirs.smallest_normal else 0.0
-    if mine.eps > theirs.eps:
-        return Held(None, mine.eps, mine.eps * mine.smallest_normal)
-    return Held(src, 0.0, flush)
+    if known and mine.eps < theirs.eps and mine.smallest_normal <= theirs.smallest_normal:
+        return Held(src, 0.0, 0.0)
+    return Held(src if mine.eps < theirs.eps else None, max(mine.eps, theirs.eps),
+                max(mine.eps * mine.smallest_normal, theirs.eps * theirs.smallest_normal))
 
 
 class _Check:
@@ -136,7 +139,8 @@ def check_weights(c: _Check, name: str, w: torch.Tensor, codes: torch.Tensor, sc
                                                 if clip == "mse" else " (max |W| / qmax of this model's weight)"))
         v = (rows / s[:, None]).clamp_(-qmax, qmax)  # never in place: ``rows`` may be the model's own weight
         # a code is the rounding of v; a value within the slack of a midpoint may round either way
-        tol = v.abs().mul_(rel).add_(0.5 + 1e-6).add_(how.tiny / s[:, None])
+        tiny_codes = how.tiny / s[:, None] * (1 if col_scale is None else col_scale)  # a weight's slack, in codes
+        tol = v.abs().mul_(rel).add_(0.5 + 1e-6).add_(tiny_codes)
         c.close(name, "the int8 codes (weight)", rows_q[r0:r0 + step].float(), v, tol, r0,
                 None if step >= rows_w.shape[0] else codes.numel())
 
@@ -191,10 +195,11 @@ def _runs_in(m: nn.Module, compute_dtype: torch.dtype | None) -> torch.dtype:
 
 def _check_bounds(c: _Check, name: str, info: dict, tensors: dict, scri: ScriTransform | None,
                   dtype: torch.dtype) -> None:
-    """The calibrated values of layer ``name`` (the model cannot recompute them) within what a calibration of a model
-    computing in ``dtype`` gives: activation ranges and SCRI shifts of values that dtype holds, a HiDi-TQ table of
-    such values holding 0, ranges no narrower than the quantizer's floor, and the bias ``b + W z`` the SCRI shift makes
-    representable (a larger one gives inf in fp16)."""
+    """The calibrated values of layer ``name`` (the model cannot recompute them) within what a calibration gives and
+    what the layer, computing in ``dtype``, can use without overflowing: HiDi-TQ levels (holding 0) and SCRI shifts of
+    values that dtype holds, the bias ``b + W z`` a shift makes within that dtype (a larger one gives inf in fp16), and
+    activation ranges no narrower than the quantizer's floor. (An activation range wider than the dtype only wastes
+    codes: the quantizer works in fp32.)"""
     big = torch.finfo(dtype).max
     if info["kind"] == "temporal":
         levels = tensors[f"{name}.levels"]
@@ -203,21 +208,15 @@ def _check_bounds(c: _Check, name: str, info: dict, tensors: dict, scri: ScriTra
             c.unreachable(f"tensor '{name}.levels'", "has no level 0", "every HiDi-TQ table holds 0")
         return
     qmin, qmax = act_qrange(info["a_bits"])
-    s = tensors[f"{name}.act_scale"].double()
-    zp = torch.tensor(info["zero_point"], dtype=torch.float64)
-    span = torch.maximum((qmin - zp).abs(), (qmax - zp).abs()) * s  # the farthest value the range reaches
-    reach = big  # inputs the layer reads in ``dtype``; SCRI in the kernel reads (x - z) / s in fp32
-    if info["scri"] == "kernel":
-        reach = 2 * big * float(tensors[f"{name}.scri_inv_scale"].max())
-    c.bound(f"{name}.act_scale", "activation range end", float((span - s).max()), reach, dtype)
-    if float(s.min()) * (qmax - qmin) < RANGE_FLOOR * (1 - 1e-6):
-        c.unreachable(f"tensor '{name}.act_scale'", f"covers a range of {float(s.min()) * (qmax - qmin):.3g}",
+    narrowest = float(tensors[f"{name}.act_scale"].min()) * (qmax - qmin)
+    if narrowest < RANGE_FLOOR * (1 - 1e-6):
+        c.unreachable(f"tensor '{name}.act_scale'", f"covers a range of {narrowest:.3g}",
                       f"at least {RANGE_FLOOR:g}, the quantizer's floor")
     if scri is not None:
         c.bound(f"{name}.scri_shift", "SCRI shift", float(scri.shift.abs().max()), big, dtype)
         bias = scri.folded_bias(dequantize_weight(tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"]),
                                 tensors.get(f"{name}.bias"))
-        c.bound(f"{name}.scri_shift", "bias b + W z it gives", float(bias.abs().max()), big, dtype)
+        c.bound(f"{name}.scri_shift", "bias b + W z", float(bias.abs().max()), big, dtype)
 
 
 def _check_norms(c: _Check, meta: dict, tensors: dict, named: dict[str, nn.Module], cfg: QVDConfig,
@@ -248,9 +247,10 @@ def _check_norms(c: _Check, meta: dict, tensors: dict, named: dict[str, nn.Modul
                 c.mismatch(f"layer {m}", f"a SCRI transform other than {members[0]}'s, both read from norm {norm_name}",
                            "one transform for every layer a norm feeds")
         z, s = first.shift, first.scale
-        claims = {r.get("norm_dtype", r.get("weight_dtype")) for m in members for r in (reports.get(m, {}),)}
-        for claim in sorted(claims, key=str):  # one, unless the file contradicts itself: then each must hold
-            how = held(claim, norm.weight.dtype)
+        claims = {(r.get("norm_dtype", r.get("weight_dtype")), "norm_dtype" in r)
+                  for m in members for r in (reports.get(m, {}),)}
+        for claim, known in sorted(claims, key=str):  # one, unless the file contradicts itself: then each must hold
+            how = held(claim, norm.weight.dtype, known)
             rel, tiny = _ARITHMETIC + how.rel, how.tiny
             gamma, beta = how.source(norm.weight), how.source(norm.bias)
             c.close(f"{norm_name} (norm)", "the folded weight", tensors[f"{norm_name}.weight"], gamma / s,
@@ -279,23 +279,65 @@ def _is_weighted(m: nn.Module) -> bool:
     return isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or getattr(m, "qvd_quantized", False)
 
 
+# Operations after which a value standing for a folded norm's output still does (each element keeps its channel):
+# the reshapes, casts and concatenations between a norm and the layers it feeds (a reference attention's bank).
+_KEEPS_CHANNELS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous", "clone", "to",
+                   "float", "half", "bfloat16", "detach", "cat", "concat", "concatenate", "stack", "__getitem__",
+                   "expand", "repeat", "squeeze", "unsqueeze", "movedim"}
+
+
+class _FollowingFolds(callgraph.Following):
+    """A followed call in which values made from a folded norm's outputs by ``_KEEPS_CHANNELS`` operations stand for
+    its output too."""
+
+    def __init__(self, wiring: "FoldWiring"):
+        super().__init__(wiring._graph, lambda: wiring._layers > 0)
+        self.wiring = wiring
+
+    def followed(self, name, args, kwargs, out) -> None:
+        if name not in _KEEPS_CHANNELS:
+            return
+        given = list(callgraph.tensors_in(args[:1] if name not in ("cat", "concat", "concatenate", "stack") else args))
+        norms = {folded_source(t, self.wiring._run_norms.values()) for t in given}
+        if len(norms) == 1 and None not in norms:
+            norm = norms.pop()
+            for t in callgraph.tensors_in(out if isinstance(out, (list, tuple)) else (out,)):
+                stand_for(norm, t)
+
+
 class FoldWiring:
     """Proof, on the model's own calls, that each layer whose SCRI a loaded file folds into a norm reads that norm's
     output: names, widths and blocks (``check_against_model``) cannot tell two norms of one block apart (norm2 feeding
-    cross-attention, norm3 the feed-forward), the call can. While layers are unproven, each model call is followed
-    (``callgraph``: norms, weighted layers and the model's input tag what they give; every other torch operation, a host
-    patch's or a reference attention's included, passes its inputs' tags on) and a folded layer whose input comes from
-    anything but its named norm stops the call with ``ModelMismatchError`` before it gives an output. Once every folded
-    layer has run, proven, nothing is followed any more."""
+    cross-attention, norm3 the feed-forward), the call can.
+
+    A folded layer must read its norm's output itself, as calibration saw it (or a value made from it by reshapes,
+    casts and concatenations, or given back by a host patch and folded again: ``scri.stand_for``). The first model
+    call after the load is followed whole (``callgraph``: norms, weighted layers and the model's input tag what they
+    give, every other torch operation passes the tags on), so a folded layer reading anything else, or a layer outside a
+    norm's group reading a norm the file folds, stops the call with ``ModelMismatchError`` naming the file, the layer,
+    the norm named and what feeds it, before any output. A folded layer that did not run in that call is checked when
+    it runs (its input stands for its norm: proven; for another folded norm: refused; neither: the next call is
+    followed). A proven layer is not looked at again; once all are, nothing is."""
 
     def __init__(self, path, modules: dict[str, nn.Module], folds: dict[str, str]):
         self.path = os.fspath(path)
-        self.pending = {id(modules[layer]): (layer, norm) for layer, norm in folds.items()}
-        self._names = {id(m): n for n, m in modules.items()}  # the file's names for its own modules
+        self.pending = dict(folds)  # folded layer -> the norm the file names
+        self.groups: dict[str, list[str]] = {}
+        for layer, norm in sorted(folds.items()):
+            self.groups.setdefault(norm, []).append(layer)
+        self._norms = {n: modules[n] for n in self.groups}
+        self._run_norms = self._norms  # the folded norms of the tree a followed call runs (a copy's, for a copy)
+        self._follow = bool(folds)  # the next model call is followed whole
+        self._root = None
         self._depth = 0  # model calls in progress (a nested call is part of the outer one's graph)
         self._layers = 0  # weighted layers' forwards in progress (their inner operations are not followed)
         self._graph = self._mode = None
         self._handles = []
+        for name, m in modules.items():
+            m.qvd_name = name  # the file's name: the tag of the module's output in a followed call
+        self._layer_handles = {layer: modules[layer].register_forward_pre_hook(self._layer_reads(layer, norm),
+                                                                               with_kwargs=True)
+                               for layer, norm in folds.items()}
 
     def __bool__(self) -> bool:
         """Whether some folded layer is still unproven."""
@@ -303,31 +345,46 @@ class FoldWiring:
 
     @property
     def idle(self) -> bool:
-        """No model call is being followed."""
+        """No model call is in progress."""
         return self._depth == 0
 
     def begin(self, root: nn.Module, args=(), kwargs=None) -> None:
-        """A model call of ``root`` (with these arguments) starts: follow it while layers are unproven."""
+        """A model call of ``root`` (with these arguments) starts: followed whole when due."""
+        if self._depth and root is self._root:  # a call of the same root cannot be nested: the last one never ended
+            self._depth = 1  # (interrupted: hooks run ``end`` on exceptions only): close it first
+            self.end()
         self._depth += 1
-        if self._depth > 1 or not self.pending:
+        if self._depth > 1:
             return
+        self._root = root
+        if not (self.pending and self._follow):
+            return
+        self._follow = False
         self._graph = callgraph.Provenance()
         self._graph.start(callgraph.tensors_in((*args, *(kwargs or {}).values())))
+        self._run_norms = {}
         for name, m in root.named_modules():
-            label = self._names.get(id(m), name)
+            label = getattr(m, "qvd_name", name)
             if _is_weighted(m):
-                self._handles.append(m.register_forward_pre_hook(self._layer_starts(label)))
+                self._handles.append(m.register_forward_pre_hook(self._enters(label), with_kwargs=True))
                 self._handles.append(m.register_forward_hook(self._gives(label, layer=True), always_call=True))
             elif _is_norm(m):
                 self._handles.append(m.register_forward_hook(self._gives(label)))
+                if getattr(m, "qvd_scri_norm", False) and label in self._norms:
+                    self._run_norms[label] = m
         self._layers = 0
-        self._mode = callgraph.Following(self._graph, lambda: self._layers > 0)
+        self._mode = _FollowingFolds(self)
         self._mode.__enter__()
 
     def end(self) -> None:
         """The model call ends (also when it raised)."""
+        if self._depth == 0:
+            return
         self._depth -= 1
-        if self._depth or self._mode is None:
+        if self._depth:
+            return
+        self._root = None
+        if self._mode is None:
             return
         self._mode.__exit__(None, None, None)
         for h in self._handles:
@@ -335,6 +392,22 @@ class FoldWiring:
         self._handles.clear()
         self._graph.stop()
         self._graph = self._mode = None
+        self._run_norms = self._norms
+
+    def _enters(self, label: str):
+        def hook(_module, args, kwargs):
+            if self._layers == 0 and label not in self.pending:  # a layer outside every group: reads no folded norm
+                x = args[0] if args else kwargs.get("input")
+                folded = sorted(self._graph.get(x) & set(self.groups)) if torch.is_tensor(x) else []
+                if folded and not any(label in members for members in self.groups.values()):
+                    group = self.groups[folded[0]]
+                    raise ModelMismatchError(
+                        f"{self.path}: layer {label} reads the output of norm {folded[0]}, into which the file folds "
+                        f"the SCRI of {group[0]}{f' and {len(group) - 1} more' if len(group) > 1 else ''}, but not "
+                        f"this layer's: a fold changes what every layer reading the norm sees. The file was edited: "
+                        f"load it as it was saved, or quantize this model anew")
+            self._layers += 1
+        return hook
 
     def _gives(self, label: str, layer: bool = False):
         def hook(_module, _args, output):
@@ -345,25 +418,30 @@ class FoldWiring:
                     self._graph.set(t, frozenset((label,)))
         return hook
 
-    def _layer_starts(self, label: str):
-        def hook(module, args):
-            self._layers += 1
-            fold = self.pending.get(id(module))
-            if fold is None or self._layers > 1 or not args:
+    def _layer_reads(self, layer: str, norm: str):
+        def hook(_module, args, kwargs):
+            x = args[0] if args else kwargs.get("input")
+            if layer not in self.pending or self._layers or not torch.is_tensor(x):
                 return
-            layer, norm = fold
-            sources = self._graph.get(args[0])
-            if sources == {norm}:
-                del self.pending[id(module)]
+            fed = folded_source(x, self._run_norms.values())
+            fed = None if fed is None else getattr(fed, "qvd_name", None)
+            if fed == norm:
+                del self.pending[layer]
+                self._layer_handles.pop(layer).remove()
                 return
-            other = sorted(sources - {norm})
-            reads = ("a value this call's graph does not lead to (computed outside torch)" if not sources else
-                     "the model's input" if other == [callgraph.INPUT] else
-                     " and ".join(f"the output of {o}" for o in other[:2] if o != callgraph.INPUT))
+            if fed is None and self._graph is None:  # not seen whole (a host patch's value?): follow the next call
+                self._follow = True
+                return
+            sources = self._graph.get(x) if fed is None else frozenset((fed,))
+            other = sorted(sources - {norm, callgraph.INPUT})
+            reads = (f"the output of {other[0]}" if other else "the model's input" if callgraph.INPUT in sources else
+                     "a value this call's graph does not lead to (computed outside torch)")
+            if norm in sources and not other:
+                reads = f"a value computed from norm {norm}'s output by operations a fold does not pass (an addition?)"
             raise ModelMismatchError(
                 f"{self.path}: layer {layer}: the file folds its SCRI into norm {norm}, but in this model it reads "
-                f"{reads}{' (as well)' if norm in sources else ''}. The file was edited or made for a model wired "
-                f"otherwise: load it onto the model it was made from, or quantize this model anew")
+                f"{reads}. The file was edited or made for a model wired otherwise: load it onto the model it was made "
+                f"from, or quantize this model anew")
         return hook
 
 

@@ -238,7 +238,9 @@ def _block(name: str) -> str:
 def rewirings(model: nn.Module, meta: dict, tensors: dict, rng: random.Random, count: int):
     """``count`` (label, edit(meta, tensors)) re-signed rewirings whose every value agrees with ``model``: two single-layer
     norm folds swapped within a block and across blocks (``swap_folds``), two layers of one signature swapping names,
-    and a layer given another layer's SCRI transform with its codes made again for it from the model's weight."""
+    a layer given another layer's SCRI transform with its codes made again for it from the model's weight, a layer
+    leaving its norm's group (``unfold``) and a Linear folded into an unfolded norm of its block and width
+    (``fold_into``: one that does not feed it, or feeds it through an addition)."""
     layers = meta["layers"]
     single = [n for n, i in sorted(layers.items()) if i.get("scri", "").startswith("norm:")
               and sum(j.get("scri") == i["scri"] for j in layers.values()) == 1]
@@ -251,13 +253,27 @@ def rewirings(model: nn.Module, meta: dict, tensors: dict, rng: random.Random, c
     kernel = [n for n, i in sorted(layers.items()) if i.get("scri") == "kernel"]
     moves = [(a, b) for a in kernel for b in sorted(layers) if a != b and width[a] == width[b]
              and layers[b].get("scri") in ("kernel", "none")]
+    grouped = [n for n, i in sorted(layers.items()) if i.get("scri", "").startswith("norm:") and n not in single]
+    named = dict(model.named_modules())
+    free_norms = [n for n, m in named.items() if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and n not in meta["norms"]
+                  and getattr(m, "weight", None) is not None]
+    refolds = [(layer, norm) for layer, i in sorted(layers.items()) if i.get("scri") in ("kernel", "none")
+               and i["kind"] == "linear" for norm in free_norms
+               if layer.startswith(_block(norm) + ".") and named[norm].weight.numel() == width[layer]]
     kinds = [(k, v) for k, v in (("swap folds in a block", same_block), ("swap folds across blocks", across),
-                                 ("swap names", twins), ("move a transform", moves)) if v]
+                                 ("swap names", twins), ("move a transform", moves), ("leave a group", grouped),
+                                 ("fold into an unfolded norm", refolds)) if v]
     for _ in range(count):
         kind, choices = rng.choice(kinds)
+        if kind == "leave a group":
+            layer = rng.choice(choices)
+            yield f"{kind}: {layer}", unfold(model, layer)
+            continue
         a, b = rng.choice(choices)
         label = f"{kind}: {a} <-> {b}"
-        if kind.startswith("swap folds"):
+        if kind == "fold into an unfolded norm":
+            yield label, fold_into(model, [a], b)
+        elif kind.startswith("swap folds"):
             yield label, swap_folds(model_affine(model), a, b)
         elif kind == "swap names":
             yield label, lambda m, t, a=a, b=b: _swap_names(m, t, a, b)
@@ -283,3 +299,42 @@ def _move_transform(model: nn.Module, meta, tensors, a: str, b: str) -> None:
     tensors[f"{b}.weight"], tensors[f"{b}.weight_scale"] = codes, scale
     tensors[f"{b}.scri_shift"], tensors[f"{b}.scri_inv_scale"] = s.shift.clone(), s.inv_scale.clone()
     meta["layers"][b]["scri"] = "kernel"
+
+
+def fold_into(model: nn.Module, layers: list[str], norm: str):
+    """A re-signed rewiring: ``layers`` (quantized, W8A8) say their SCRI is folded into ``norm``, all taking the first
+    one's transform (its kernel SCRI, or shift 0 and gains 1), codes and scales made again for it from ``model``'s
+    weights and the norm's folded affine from the model's norm: every value agrees with the model."""
+    from qvd.quantizers import quantize_weight
+
+    named = dict(model.named_modules())
+
+    def edit(meta, tensors):
+        first = layers[0]
+        shift = tensors.get(f"{first}.scri_shift")
+        width = meta["signatures"][first][1][1]
+        s = ScriTransform.stored(torch.zeros(width) if shift is None else shift,
+                                 torch.ones(width) if shift is None else tensors[f"{first}.scri_inv_scale"])
+        for layer in layers:
+            w = named[layer].weight.detach().float()
+            tensors[f"{layer}.weight"], tensors[f"{layer}.weight_scale"] = quantize_weight(
+                s.fold_weight(w), meta["layers"][layer]["w_bits"])
+            tensors[f"{layer}.scri_shift"], tensors[f"{layer}.scri_inv_scale"] = s.shift.clone(), s.inv_scale.clone()
+            meta["layers"][layer]["scri"] = f"norm:{norm}"
+        gamma, beta = named[norm].weight.detach().float(), named[norm].bias.detach().float()
+        tensors[f"{norm}.weight"], tensors[f"{norm}.bias"] = gamma / s.scale, (beta - s.shift) / s.scale
+        meta["norms"][norm] = type(named[norm]).__name__
+    return edit
+
+
+def unfold(model: nn.Module, layer: str):
+    """A re-signed rewiring: ``layer`` leaves its norm's group (SCRI none, codes made again from ``model``'s weight),
+    the rest of the group keeping the fold."""
+    from qvd.quantizers import quantize_weight
+
+    def edit(meta, tensors):
+        w = model.get_submodule(layer).weight.detach().float()
+        tensors[f"{layer}.weight"], tensors[f"{layer}.weight_scale"] = quantize_weight(w, meta["layers"][layer]["w_bits"])
+        del tensors[f"{layer}.scri_shift"], tensors[f"{layer}.scri_inv_scale"]
+        meta["layers"][layer]["scri"] = "none"
+    return edit

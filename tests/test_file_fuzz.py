@@ -58,7 +58,8 @@ CALIBRATED = {"act_scale", "zero_points", "timestep_edges", "scri_shift", "scri_
 
 def _codes_fit(module, model) -> bool:
     """Whether ``module``'s codes, undone through its own SCRI transform, are its layer's weight in ``model`` within
-    half a quantization step (what codes made for that transform from the model's weight are)."""
+    half a quantization step (what codes made for that transform from the model's weight are); ``qvd_name``: the
+    layer's name, which a loaded file's modules carry."""
     w = model.get_submodule(module.qvd_name).weight.detach().float()
     got = module.scri.unfold_weight(dequantize_weight(module.weight, module.weight_scale))
     step = module.weight_scale.view(-1, *[1] * (w.dim() - 1)) * module.scri.inv_scale.view(1, -1, *[1] * (w.dim() - 2))
@@ -191,8 +192,6 @@ def test_fuzz_quantized_files(unet, inputs, small, tmp_path, share):
     def load(path):
         """A user's load: the file checked against the model, then the first call, which proves its SCRI folds."""
         result = load_quantized(path, unet, apply=False)
-        for name, module in result.modules.items():
-            module.qvd_name = name
         model = copy.deepcopy(unet)
         install(model, result.modules)
         follow_timesteps(model, result.clock)

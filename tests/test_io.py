@@ -635,7 +635,6 @@ def _resigned(saved, tmp_path, kind: str, field: str, edit, scri: str | None = N
 @pytest.mark.parametrize("kind, field, scri, match", [
     ("temporal", "levels", None, "HiDi-TQ level of 1e\\+05, expected at most 65504 where the layer computes in float16"),
     ("conv", "scri_shift", "kernel", "SCRI shift of 1e\\+05"),
-    ("linear", "act_scale", "none", "activation range end of"),
 ])
 def test_calibrated_values_a_half_precision_model_cannot_hold_are_refused(unet, saved, tmp_path, kind, field, scri,
                                                                            match):
@@ -673,3 +672,38 @@ def test_a_claimed_coarser_source_buys_no_slack(unet, saved, tmp_path):
             if "weight_dtype" in r:
                 r["weight_dtype"] = "BF16"
     _refused(_edited(saved, tmp_path, claims_bf16), unet, "this model.s", ModelMismatchError)
+
+
+def _rewired(saved, tmp_path, edit):
+    tensors, meta = fm.read(saved, KEY)
+    tensors, meta = {k: v.clone() for k, v in tensors.items()}, copy.deepcopy(meta)
+    edit(meta, tensors)
+    path = tmp_path / "rewired.safetensors"
+    fm.write_text(path, tensors, KEY, json.dumps(meta))
+    return path
+
+
+MOTION = "down_blocks.0.motion_modules.0.transformer_blocks.0"
+
+
+@pytest.mark.parametrize("edit, layer, match", [
+    # norm1 feeds q / k / v; v leaves the group (its codes made from its plain weight): it would read (x - z) / s
+    (lambda unet: fm.unfold(unet, f"{BLOCK}.attn1.to_v"), f"{BLOCK}.attn1.to_v",
+     rf"layer {BLOCK}.attn1.to_v reads the output of norm {BLOCK}.norm1, into which the file folds the SCRI of "
+     rf"{BLOCK}.attn1.to_k and 1 more, but not this layer's"),
+    # a motion block adds its positional embedding between norm1 and attention: no fold passes an addition
+    (lambda unet: fm.fold_into(unet, [f"{MOTION}.attn1.to_q", f"{MOTION}.attn1.to_k", f"{MOTION}.attn1.to_v"],
+                               f"{MOTION}.norm1"), f"{MOTION}.attn1.to_",
+     rf"the file folds its SCRI into norm {MOTION}.norm1, but in this model it reads a value computed from norm "
+     rf"{MOTION}.norm1's output by operations a fold does not pass"),
+], ids=["a layer left out of its norm's group", "a fold across a positional embedding"])
+def test_folds_the_call_contradicts_are_refused(unet, inputs, saved, tmp_path, edit, layer, match):
+    """Found by review: a group with one of its layers left out (it then reads the transformed norm output through its
+    plain weight), and layers said folded into a norm whose output reaches them only through an addition (a motion
+    block's positional embedding), passed the first version of the wiring proof, which followed any path from the norm.
+    Calibration folds only a norm's very output into layers that are all of its readers; the proof asks the same."""
+    path = _rewired(saved, tmp_path, edit(unet))
+    model = copy.deepcopy(unet)
+    load_quantized(path, model)
+    with pytest.raises(ModelMismatchError, match=match):
+        inputs.run(model, 999)
