@@ -351,7 +351,8 @@ class FoldWiring:
     def begin(self, root: nn.Module, args=(), kwargs=None) -> None:
         """A model call of ``root`` (with these arguments) starts: followed whole when due."""
         if self._depth and root is self._root:  # a call of the same root cannot be nested: the last one never ended
-            self._depth = 1  # (interrupted: hooks run ``end`` on exceptions only): close it first
+            self._follow |= self._mode is not None  # (interrupted: hooks run ``end`` on exceptions only): close it,
+            self._depth = 1  # and follow this call in its place
             self.end()
         self._depth += 1
         if self._depth > 1:
