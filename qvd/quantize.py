@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -37,9 +36,6 @@ from .safefile import DTYPE_NAMES
 from .scri import ScriTransform, foldable_norm
 from .timesteps import TimestepClock, bucket_edges, bucket_of, follow_timesteps
 
-if TYPE_CHECKING:
-    from .verify import FoldWiring
-
 
 @dataclass
 class QuantizeResult:
@@ -53,7 +49,7 @@ class QuantizeResult:
     signatures: dict[str, list] = field(default_factory=dict)
     calibrated: dict = field(default_factory=dict)
     clock: TimestepClock = field(default_factory=TimestepClock)
-    wiring: FoldWiring | None = None
+    wiring: object | None = None  # verify.FoldWiring (a layer above this one)
 
     def __post_init__(self):
         for m in self.modules.values():

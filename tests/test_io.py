@@ -415,6 +415,25 @@ def test_a_layer_naming_a_norm_that_does_not_feed_it_is_refused(unet, saved, tmp
     _refused(path, unet, match, ModelMismatchError)
 
 
+def _claims(dtype: str):
+    """A metadata edit: every layer's report says its source weight was held at ``dtype``."""
+    def edit(meta):
+        for r in meta["report"]:
+            if "weight_dtype" in r:
+                r["weight_dtype"] = dtype
+    return edit
+
+
+def _rewired(saved, tmp_path, edit):
+    """A re-signed copy of ``saved`` with ``edit(meta, tensors)`` applied."""
+    tensors, meta = fm.read(saved, KEY)
+    tensors, meta = {k: v.clone() for k, v in tensors.items()}, copy.deepcopy(meta)
+    edit(meta, tensors)
+    path = tmp_path / "rewired.safetensors"
+    fm.write_text(path, tensors, KEY, json.dumps(meta))
+    return path
+
+
 def test_a_model_held_at_lower_precision_takes_a_file_made_at_fp32(unet, quantized, saved, tmp_path):
     """ComfyUI may hold the checkpoint in fp16 where the file was made in fp32: the codes then agree up to fp16's
     rounding, which the check allows (the file records the source precision); a file that claims the model's own
@@ -423,11 +442,7 @@ def test_a_model_held_at_lower_precision_takes_a_file_made_at_fp32(unet, quantiz
     res = load_quantized(saved, half, apply=False)
     assert set(res.modules) == set(quantized[1].modules)
 
-    def claims_f16(meta):
-        for r in meta["report"]:
-            if "weight_dtype" in r:
-                r["weight_dtype"] = "F16"
-    _refused(_edited(saved, tmp_path, claims_f16), half, "this model.s", ModelMismatchError)
+    _refused(_edited(saved, tmp_path, _claims("F16")), half, "this model.s", ModelMismatchError)
 
 
 def test_the_reader_builds_no_tensor_from_an_unbounded_header(unet, saved, tmp_path):
@@ -601,11 +616,8 @@ def test_two_norms_of_one_block_swapped_are_refused_on_the_first_call(unet, inpu
     """Found by review: cross-attention's q (fed by norm2) and the feed-forward (fed by norm3) naming each other's norm,
     each folded affine recomputed from the model, passed every check (same block, width and type) and loaded as a worse
     model. The model's own call shows which norm feeds which layer: the first call stops before giving an output."""
-    tensors, meta = fm.read(saved, KEY)
-    tensors, meta = {k: v.clone() for k, v in tensors.items()}, copy.deepcopy(meta)
-    fm.swap_folds(fm.model_affine(unet), f"{BLOCK}.attn2.to_q", f"{BLOCK}.ff.net.0.proj")(meta, tensors)
-    path = tmp_path / "swapped.safetensors"
-    fm.write_text(path, tensors, KEY, json.dumps(meta))
+    path = _rewired(saved, tmp_path, fm.swap_folds(fm.model_affine(unet), f"{BLOCK}.attn2.to_q",
+                                                   f"{BLOCK}.ff.net.0.proj"))
     model = copy.deepcopy(unet)
     load_quantized(path, model)  # what names and values can tell: all consistent
     with pytest.raises(ModelMismatchError, match=rf"layer {BLOCK}.attn2.to_q: the file folds its SCRI into norm "
@@ -623,13 +635,13 @@ def test_two_norms_of_one_block_swapped_are_refused_on_the_first_call(unet, inpu
 def _resigned(saved, tmp_path, kind: str, field: str, edit, scri: str | None = None):
     """Re-signed: ``edit`` applied to ``field`` of the first layer of ``kind`` (with SCRI ``scri``, when given);
     (file, layer)."""
-    tensors, meta = fm.read(saved, KEY)
-    tensors, meta = {k: v.clone() for k, v in tensors.items()}, copy.deepcopy(meta)
-    layer = next(n for n, i in sorted(meta["layers"].items())
-                 if i["kind"] == kind and (scri is None or i.get("scri") == scri))
-    edit(tensors[f"{layer}.{field}"])
-    fm.write_text(tmp_path / "bounded.safetensors", tensors, KEY, json.dumps(meta))
-    return tmp_path / "bounded.safetensors", layer
+    found = []
+
+    def apply(meta, tensors):
+        found.append(next(n for n, i in sorted(meta["layers"].items())
+                          if i["kind"] == kind and (scri is None or i.get("scri") == scri)))
+        edit(tensors[f"{found[0]}.{field}"])
+    return _rewired(saved, tmp_path, apply), found[0]
 
 
 @pytest.mark.parametrize("kind, field, scri, match", [
@@ -667,20 +679,7 @@ def test_a_claimed_coarser_source_buys_no_slack(unet, saved, tmp_path):
     """Found by review: a file saying its source weights were BF16 was compared with about +-1 code and +-0.8 % on
     biases on any model. The tolerance comes from the model as it is held: an fp32 model's weights are rounded to the
     claimed precision and must then give the file's codes exactly, which codes made from fp32 weights do not."""
-    def claims_bf16(meta):
-        for r in meta["report"]:
-            if "weight_dtype" in r:
-                r["weight_dtype"] = "BF16"
-    _refused(_edited(saved, tmp_path, claims_bf16), unet, "this model.s", ModelMismatchError)
-
-
-def _rewired(saved, tmp_path, edit):
-    tensors, meta = fm.read(saved, KEY)
-    tensors, meta = {k: v.clone() for k, v in tensors.items()}, copy.deepcopy(meta)
-    edit(meta, tensors)
-    path = tmp_path / "rewired.safetensors"
-    fm.write_text(path, tensors, KEY, json.dumps(meta))
-    return path
+    _refused(_edited(saved, tmp_path, _claims("BF16")), unet, "this model.s", ModelMismatchError)
 
 
 MOTION = "down_blocks.0.motion_modules.0.transformer_blocks.0"

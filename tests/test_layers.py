@@ -5,7 +5,7 @@ from pathlib import Path
 
 QVD = Path(__file__).resolve().parent.parent / "qvd"
 # Bottom to top, as in the README's "Where things are" table.
-LAYERS = (("errors",), ("config",), ("identity", "safefile", "kernels", "timesteps"), ("quantizers",), ("scri", "htdq"),
+LAYERS = (("errors",), ("config",), ("identity", "safefile", "kernels", "timesteps", "callgraph"), ("quantizers",), ("scri", "htdq"),
           ("calibrate",), ("delta",), ("modules",), ("quantize",), ("verify",), ("io",), ("__init__",))
 
 

@@ -39,12 +39,14 @@ def probe(sd15_checkpoint, motion_model, tmp_path_factory):
 @pytest.mark.slow
 def test_a_load_holds_the_file_once(probe):
     """Issue 42: ComfyUI runs nodes under ``inference_mode``, so the tensors read from a file were inference tensors
-    and every one was cloned (twice the file's RAM). QVD Load Quantized of the whole SD1.5 file now peaks at the file's
-    size plus the working memory of a few of its largest layers (the model check's fp32 copies)."""
+    and every one was cloned: a load held the file twice, plus its working memory. Measured on the whole SD1.5 +
+    mm_sd_v15_v2 file (1,260 MiB) on 0.3.75: a peak of 1,852 MiB above the start (1.47x the file; the model check's
+    and the bounds' fp32 copies of a layer at a time, and the allocator's high-water mark), asserted below 1.6x: a
+    second copy of the file would be 2x."""
     f = probe["load_memory"]
     print(f"\nQVD Load Quantized: peak {f['peak'] / 2**20:.0f} MiB above the start for a {f['file'] / 2**20:.0f} MiB "
           f"file (largest layer in fp32 {f['largest_layer_fp32'] / 2**20:.0f} MiB)")
-    assert f["peak"] <= f["file"] + 4 * f["largest_layer_fp32"] + (32 << 20), f
+    assert f["peak"] <= 1.6 * f["file"], f
 
 
 @pytest.mark.slow
