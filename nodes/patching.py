@@ -242,10 +242,11 @@ def weight_patches_on(patcher, names) -> list[str]:
 
 
 def quantize(model, build, compute: str = "auto") -> tuple:
-    """Clone ``model`` and install ``build(tree, compute dtype) -> QuantizeResult`` (QVD Quantize Model's quantization, QVD Load
-    Quantized's file), made from the checkpoint's own weights where they are (``own_view``): a file is checked
-    against them. The quantized layers run on the ``compute`` route (``qvd.set_compute``) and are kept on ComfyUI's
-    offload device, from which ComfyUI loads them like any other weights.
+    """Clone ``model`` and install ``build(tree, compute dtype) -> QuantizeResult`` (QVD Quantize Model's quantization,
+    QVD Load Quantized's file), made from the checkpoint's own weights where they are (``own_view``): a file is checked
+    against them (and its calibrated values against the compute dtype). The quantized layers run on the ``compute``
+    route (``qvd.set_compute``) and are kept on ComfyUI's offload device, from which ComfyUI loads them like any other
+    weights.
 
     Weight patches already on the MODEL (a LoRA before the QVD node) stay on the clone and run beside the int8
     layers exactly, like a LoRA loaded after (rounding them into the int8 weights would lose most of an ordinary
@@ -424,9 +425,9 @@ def _structure_copy(module: nn.Module, offload_device, memo: dict | None = None)
 
 
 def quantize_controlnet(control_net, build, compute: str = "auto") -> tuple:
-    """A copy of ``control_net`` running the quantized layers ``build(tree, compute dtype) -> QuantizeResult`` makes for the tree
-    ``{"controlnet": its model}``, on the ``compute`` route; ``control_net`` and its model are left unchanged (the
-    copy's model shares their float tensors). Its patcher tells ComfyUI's planner the bytes the copy holds."""
+    """A copy of ``control_net`` running the quantized layers ``build(tree, compute dtype) -> QuantizeResult`` makes for
+    the tree ``{"controlnet": its model}``, on the ``compute`` route; ``control_net`` and its model are left unchanged
+    (the copy's model shares their float tensors). Its patcher tells ComfyUI's planner the bytes the copy holds."""
     import comfy.model_management
 
     base = control_model(control_net)
@@ -476,8 +477,8 @@ def install(clone, result: QuantizeResult, sizes: dict[str, int]):
     Each patcher tells ComfyUI's memory planner the bytes its model holds quantized (``sizes``, from
     ``_quantized_sizes``: its ``model_size()``, which clones copy), not the float size it was cloned with.
     Every patcher gets the ON_LOAD callback that hands the quantized layers their weight patches as side branches
-    (``weight_patches``). A loaded file's SCRI folds are proven on the first calls (``_prove_folds``). ComfyUI's own model-saving nodes are refused on the result (they would save int8 codes
-    as float weights)."""
+    (``weight_patches``). A loaded file's SCRI folds are proven on the first calls (``_prove_folds``). ComfyUI's own
+    model-saving nodes are refused on the result (they would save int8 codes as float weights)."""
     for module in result.modules.values():
         if getattr(module, "qvd_quantized", False):
             module.read_host_patches = weight_patches.call_time_delta

@@ -201,9 +201,9 @@ QUANTIZE_INPUTS = {
 
 
 def _quantizer(calibration, weight_bits, activation_bits, htdq, scri, skip, heads):
-    """``build(tree)`` for ``patching.quantize`` / ``quantize_controlnet``: QVD's quantization of the tree's models from
-    their statistics in ``calibration`` (``heads(tree)``: calibration name -> tree name of each model), with a
-    progress bar."""
+    """``build(tree, dtype)`` for ``patching.quantize`` / ``quantize_controlnet``: QVD's quantization of the tree's
+    models from their statistics in ``calibration`` (``heads(tree)``: calibration name -> tree name of each model),
+    with a progress bar."""
     import comfy.utils
 
     if not isinstance(calibration, Calibration):
@@ -361,7 +361,8 @@ class QVDLoadQuantizedControlNet:
         compute_line = _compute_line(compute)
         path = _existing_file(qvd_name)
         out, result = patching.quantize_controlnet(control_net,
-                                                   lambda tree, dtype: load_quantized(path, tree, False, dtype), compute)
+                                                   lambda tree, dtype: load_quantized(path, tree, False, dtype),
+                                                   compute)
         report = describe(result, recorded=True) + "\n" + compute_line + _kept(result)
         return {"ui": {"text": [report]}, "result": (out, report)}
 

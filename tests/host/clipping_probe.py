@@ -83,7 +83,8 @@ def _buckets(qvd, patching, model, calibration, one, runs, sample, fp) -> dict:
     from qvd_pack_probe.qvd.timesteps import bucket_of
 
     config = QVDConfig(timestep_buckets=4)
-    made = patching.quantize(model, lambda tree: quantize_model(tree, calibration, config, apply=False), "int8")[0]
+    made = patching.quantize(model, lambda tree, _dtype: quantize_model(tree, calibration, config, apply=False),
+                             "int8")[0]
     qvd["QVDSaveQuantized"]().save(made, "buckets")
     loaded, report = qvd["QVDLoadQuantized"]().load(model, "buckets.safetensors", "int8")["result"]
     result = patching.attached_result(loaded)
