@@ -21,8 +21,8 @@ calibration file), ``layers``
 (``kind``, ``in``, ``out``, ``w_bits``; W8A8: ``a_bits``, ``zero_point`` (B integers),
 ``scri`` = "none" | "kernel" | "norm:<norm>"; convs: ``kernel``, ``stride``, ``padding``), ``norms`` (norm ->
 type name) and the per-layer ``report`` (``REPORT_FIELDS``; ``weight_dtype``: the precision the source model
-held the layer's weight at; ``norm_dtype``: its folded norm's, where SCRI is folded into one). Version 2 (one bucket: ``.act_scale`` F32 [], ``zero_point`` an integer, no
-``timestep_edges``) is read as one bucket.
+held the layer's weight at; ``norm_dtype``: its folded norm's, where SCRI is folded into one). Version 2 (one
+bucket: ``.act_scale`` F32 [], ``zero_point`` an integer, no ``timestep_edges``) is read as one bucket.
 
 Calibration: metadata key ``qvd_calibration``, format ``qvd-calibration`` version 5. Tensors per layer:
 ``<name>::ch_min`` / ``::ch_max`` (F32 [C]), ``::rows`` (F32 [R, D], D = in features or C * kh * kw),

@@ -86,8 +86,9 @@ class _Check:
         raise QuantizedFileError(f"{self.path}: {where} {what}, expected {expected}: no calibration gives it; the file "
                                  f"is damaged or was edited: save or download it again, or quantize the model anew")
 
-    def bound(self, tensor: str, what: str, value: float, big: float, dtype: torch.dtype) -> None:
-        """``value`` (the largest magnitude of ``what`` the tensor gives) within ``big`` (what ``dtype`` holds)."""
+    def bound(self, tensor: str, what: str, value: float, dtype: torch.dtype) -> None:
+        """``value`` (the largest magnitude of ``what`` the tensor gives) within what ``dtype`` holds."""
+        big = torch.finfo(dtype).max
         if not value <= big:
             self.unreachable(f"tensor '{tensor}'", f"gives a {what} of {value:.3g}",
                              f"at most {big:.6g} where the layer computes in {str(dtype).removeprefix('torch.')}")
@@ -181,9 +182,8 @@ def check_against_model(path, meta: dict, tensors: dict[str, torch.Tensor], name
         _check_bounds(c, n, info, tensors, scri[n], _runs_in(m, compute_dtype))
     _check_norms(c, meta, tensors, named, cfg, scri, reports)
     for norm in meta["norms"]:
-        big = torch.finfo(_runs_in(named[norm], compute_dtype)).max
         for field in ("weight", "bias"):
-            c.bound(f"{norm}.{field}", "the folded norm's affine", float(tensors[f"{norm}.{field}"].abs().max()), big,
+            c.bound(f"{norm}.{field}", "the folded norm's affine", float(tensors[f"{norm}.{field}"].abs().max()),
                     _runs_in(named[norm], compute_dtype))
 
 
@@ -200,10 +200,9 @@ def _check_bounds(c: _Check, name: str, info: dict, tensors: dict, scri: ScriTra
     values that dtype holds, the bias ``b + W z`` a shift makes within that dtype (a larger one gives inf in fp16), and
     activation ranges no narrower than the quantizer's floor. (An activation range wider than the dtype only wastes
     codes: the quantizer works in fp32.)"""
-    big = torch.finfo(dtype).max
     if info["kind"] == "temporal":
         levels = tensors[f"{name}.levels"]
-        c.bound(f"{name}.levels", "HiDi-TQ level", float(levels.abs().max()), big, dtype)
+        c.bound(f"{name}.levels", "HiDi-TQ level", float(levels.abs().max()), dtype)
         if not bool((levels == 0).any()):
             c.unreachable(f"tensor '{name}.levels'", "has no level 0", "every HiDi-TQ table holds 0")
         return
@@ -213,10 +212,10 @@ def _check_bounds(c: _Check, name: str, info: dict, tensors: dict, scri: ScriTra
         c.unreachable(f"tensor '{name}.act_scale'", f"covers a range of {narrowest:.3g}",
                       f"at least {RANGE_FLOOR:g}, the quantizer's floor")
     if scri is not None:
-        c.bound(f"{name}.scri_shift", "SCRI shift", float(scri.shift.abs().max()), big, dtype)
+        c.bound(f"{name}.scri_shift", "SCRI shift", float(scri.shift.abs().max()), dtype)
         bias = scri.folded_bias(dequantize_weight(tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"]),
                                 tensors.get(f"{name}.bias"))
-        c.bound(f"{name}.scri_shift", "bias b + W z", float(bias.abs().max()), big, dtype)
+        c.bound(f"{name}.scri_shift", "bias b + W z", float(bias.abs().max()), dtype)
 
 
 def _check_norms(c: _Check, meta: dict, tensors: dict, named: dict[str, nn.Module], cfg: QVDConfig,
@@ -322,6 +321,7 @@ class FoldWiring:
     def __init__(self, path, modules: dict[str, nn.Module], folds: dict[str, str]):
         self.path = os.fspath(path)
         self.pending = dict(folds)  # folded layer -> the norm the file names
+        self._folded = frozenset(folds)
         self.groups: dict[str, list[str]] = {}
         for layer, norm in sorted(folds.items()):
             self.groups.setdefault(norm, []).append(layer)
@@ -397,10 +397,10 @@ class FoldWiring:
 
     def _enters(self, label: str):
         def hook(_module, args, kwargs):
-            if self._layers == 0 and label not in self.pending:  # a layer outside every group: reads no folded norm
+            if self._layers == 0 and label not in self._folded:  # a layer outside every group: reads no folded norm
                 x = args[0] if args else kwargs.get("input")
-                folded = sorted(self._graph.get(x) & set(self.groups)) if torch.is_tensor(x) else []
-                if folded and not any(label in members for members in self.groups.values()):
+                folded = sorted(self._graph.get(x) & self.groups.keys()) if torch.is_tensor(x) else []
+                if folded:
                     group = self.groups[folded[0]]
                     raise ModelMismatchError(
                         f"{self.path}: layer {label} reads the output of norm {folded[0]}, into which the file folds "
